@@ -1,0 +1,142 @@
+"""Reads and validates the dataset folder layout of the reference study.
+
+    root/images/                 every image, named <anything>_<stage>-<index>.<ext>
+    root/split_list/train.txt    one image file name per line (also validation.txt, test.txt)
+    root/label_list.txt          one stage name per line; class id = 0-based line position
+
+Everything that can be wrong with the input is checked here, before any cache is
+built or any step is trained, and reported as a `DatasetError` whose one-line
+message names the offending file: a run that fails after an hour because image
+#913 is truncated, or that silently skips it, costs far more than this check.
+"""
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+from absl import logging
+
+from stagejax.data.images import DatasetError, image_info
+
+__all__ = ["SPLITS", "DatasetError", "Example", "Layout", "read_layout", "stage_from_file_name"]
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    file_name: str  # as listed in the split file
+    path: Path
+    label: int  # 0-based line position in label_list.txt
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: Path
+    label_names: list[str]
+    splits: dict[str, list[Example]]  # keys: SPLITS, in that order
+
+
+def stage_from_file_name(name: str) -> str:
+    """The {stage} in `..._{stage}-{index}.ext`: text between the last '_' and the last '-'."""
+    base = Path(name).name
+    start, end = base.rfind("_"), base.rfind("-")
+    if start < 0 or end <= start + 1:
+        raise DatasetError(f"{name}: no stage in file name (expected ..._<stage>-<index>.<ext>)")
+    return base[start + 1 : end]
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Non-blank lines with surrounding whitespace removed (tolerates CRLF, trailing blanks)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read as UTF-8 text ({type(e).__name__})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _first_duplicate(items: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
+def read_layout(
+    root: str | Path, crop_size: int | None = None, check_images: bool = True
+) -> Layout:
+    """Parses and validates `root`; raises DatasetError at the first problem.
+
+    With `check_images` every listed image is fully decoded (finds zero-byte,
+    truncated, non-image and unsupported files) and, when `crop_size` is given,
+    must be at least crop_size x crop_size. Without it only names, labels and
+    file existence are checked, which is enough to compute a cache key.
+    """
+    root = Path(root)
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: missing images folder")
+
+    label_file = root / "label_list.txt"
+    label_names = _read_lines(label_file)
+    if not label_names:
+        raise DatasetError(f"{label_file}: no labels listed")
+    if (dup := _first_duplicate(label_names)) is not None:
+        raise DatasetError(f"{label_file}: label {dup!r} listed twice")
+    label_ids = {name: i for i, name in enumerate(label_names)}
+
+    splits: dict[str, list[Example]] = {}
+    split_of: dict[str, str] = {}
+    for split in SPLITS:
+        split_file = root / "split_list" / f"{split}.txt"
+        names = _read_lines(split_file)
+        if not names:
+            raise DatasetError(f"{split_file}: empty split")
+        examples = []
+        for name in names:
+            if name in split_of:
+                where = "twice in this split" if split_of[name] == split else (
+                    f"also in split {split_of[name]!r}")
+                raise DatasetError(f"{split_file}: {name} listed {where}")
+            split_of[name] = split
+            path = image_dir / name
+            stage = stage_from_file_name(str(path))
+            if stage not in label_ids:
+                raise DatasetError(f"{path}: stage {stage!r} is not in {label_file}")
+            if not path.is_file():
+                raise DatasetError(f"{path}: listed in {split_file} but missing")
+            examples.append(Example(name, path, label_ids[stage]))
+        splits[split] = examples
+
+    present = {ex.label for ex in splits["train"]}
+    if missing := [n for i, n in enumerate(label_names) if i not in present]:
+        raise DatasetError(
+            f"{root / 'split_list' / 'train.txt'}: no training image of stage {missing[0]!r}"
+            + (f" (nor of {missing[1:]})" if len(missing) > 1 else ""))
+
+    if check_images:
+        for examples in splits.values():
+            for ex in examples:
+                _check_image(ex.path, crop_size)
+        unused = sum(1 for p in image_dir.iterdir() if p.is_file()) - len(split_of)
+        if unused > 0:
+            logging.info("%s: %d file(s) are in no split and are not used.", image_dir, unused)
+    logging.info(
+        "%s: %d labels; %s.", root, len(label_names),
+        ", ".join(f"{s} {len(splits[s])} images" for s in SPLITS))
+    return Layout(root=root, label_names=label_names, splits=splits)
+
+
+def _check_image(path: Path, crop_size: int | None) -> None:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
+    height, width = image_info(data, str(path))
+    if crop_size is not None and min(height, width) < crop_size:
+        raise DatasetError(
+            f"{path}: image is {height}x{width}, smaller than crop_size {crop_size}")

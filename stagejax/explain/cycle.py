@@ -1,0 +1,339 @@
+"""Does the network's feature space reproduce the 12-stage cycle?
+
+The stages are not 12 unrelated classes: the epithelium moves I -> II -> ...
+-> XII -> I with small graded changes.  The study showed a t-SNE map of the
+penultimate features in which the stages line up along this cycle.  A map
+alone is easy to over-read, so besides the PCA and t-SNE pictures this module
+scores the ordering with numbers that also work in the full feature space:
+
+* ``score`` (circular rank correlation, 1 = perfect cycle).  Stage centroids
+  are projected on their own two main principal axes and sorted by angle
+  around their mean.  With r_k the angular rank and j_k the cycle position of
+  stage k (among the n stages present), the score is
+  ``max(|mean exp(i*2pi*(r_k - j_k)/n)|, |mean exp(i*2pi*(r_k + j_k)/n)|)``:
+  1.0 exactly when going round the centroids visits the stages in cycle order
+  (either direction, any starting stage); swapping two neighbouring stages of
+  12 costs only ~0.02, so the score degrades gracefully.
+* ``neighbour_fraction``: fraction of stages whose nearest other centroid
+  (Euclidean, in the given space, no projection) is one of its two
+  neighbours in the cycle (XII's neighbours are XI and I).
+
+Both come with a permutation baseline (labels shuffled over the images, the
+same statistic recomputed) so that, e.g., 0.9 can be read against the value
+random stage labels give on the same features.
+
+CLI: ``python -m stagejax.explain cycle --workdir W [--split test]`` reads
+``W/eval_<split>/features.npy`` and ``predictions.csv`` (written by the
+evaluation) and writes ``W/explain/cycle/{cycle.json,cycle_pca.png,cycle_tsne.png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stagejax.data.layout import DatasetError
+from stagejax.stages import NUM_STAGES, STAGES
+
+# --------------------------------------------------------------------------
+# Score
+
+
+def _centroids(features: np.ndarray, labels: np.ndarray, stages: np.ndarray) -> np.ndarray:
+    onehot = (labels[None, :] == stages[:, None]).astype(np.float64)
+    return (onehot @ features) / onehot.sum(axis=1, keepdims=True)
+
+
+def _angular_ranks(centroids: np.ndarray) -> np.ndarray:
+    """Rank (0..n-1) of each centroid's angle in the plane of its two main axes."""
+    centred = centroids - centroids.mean(axis=0)
+    if centred.shape[1] > 2:
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        centred = centred @ vt[:2].T
+    angles = np.arctan2(centred[:, 1], centred[:, 0])
+    ranks = np.empty(len(angles), np.int64)
+    ranks[np.argsort(angles, kind="stable")] = np.arange(len(angles))
+    return ranks
+
+
+def _rank_correlation(ranks: np.ndarray) -> tuple[float, int]:
+    """Circular rank correlation of angular ranks with cycle positions 0..n-1."""
+    n = len(ranks)
+    pos = np.arange(n)
+    forward = abs(np.exp(2j * np.pi * (ranks - pos) / n).mean())
+    backward = abs(np.exp(2j * np.pi * (ranks + pos) / n).mean())
+    return (float(forward), 1) if forward >= backward else (float(backward), -1)
+
+
+def _neighbour_fraction(centroids: np.ndarray) -> float:
+    n = len(centroids)
+    dist = np.linalg.norm(centroids[:, None] - centroids[None, :], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    nearest = dist.argmin(axis=1)
+    step = np.abs(nearest - np.arange(n))
+    return float(np.mean(np.minimum(step, n - step) == 1))
+
+
+def _statistics(features: np.ndarray, labels: np.ndarray, stages: np.ndarray):
+    centroids = _centroids(features, labels, stages)
+    ranks = _angular_ranks(centroids)
+    score, direction = _rank_correlation(ranks)
+    return score, direction, ranks, _neighbour_fraction(centroids)
+
+
+def cycle_score(
+    features: np.ndarray, labels: np.ndarray, num_permutations: int = 200, seed: int = 0
+) -> dict:
+    """How well stage centroids of ``features`` [N,D] follow the cycle I..XII -> I.
+
+    Args:
+      features: one row per image, any dimension D >= 2 (raw features, PCA or t-SNE).
+      labels: stage index 0..11 per row; at least 3 different stages present.
+      num_permutations: label shuffles for the random-labelling baseline.
+
+    Returns a dict with ``score`` (circular rank correlation, 1 = perfect
+    cyclic order) and ``random_mean``/``random_std``/``p_value`` from shuffled
+    labels; ``neighbour_fraction`` with its own ``neighbour_random_mean``/
+    ``neighbour_random_std``/``neighbour_p_value``; ``angular_order`` (stage
+    names going round the centroids from I, in the direction that fits best);
+    ``stages`` present and ``num_images``.
+    """
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if features.ndim != 2 or features.shape[1] < 2:
+        raise ValueError(f"features: expected [N, D>=2], got shape {features.shape}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"labels: expected shape ({features.shape[0]},), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_STAGES):
+        raise ValueError(f"labels: stage indices must be in 0..{NUM_STAGES - 1}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError("features: contain NaN or inf")
+    stages = np.unique(labels)
+    if len(stages) < 3:
+        raise ValueError(f"labels: need at least 3 different stages for a cycle, got {len(stages)}")
+
+    score, direction, ranks, neighbour = _statistics(features, labels, stages)
+    rng = np.random.default_rng(seed)
+    null = np.empty((num_permutations, 2))  # columns: score, neighbour_fraction
+    for i in range(num_permutations):
+        shuffled = _statistics(features, rng.permutation(labels), stages)
+        null[i] = shuffled[0], shuffled[3]
+
+    # Going round the circle from stage I (or the first stage present).
+    order = np.argsort(ranks)
+    order = np.roll(order, -int(np.flatnonzero(order == 0)[0]))
+    if direction < 0:
+        order = np.concatenate([order[:1], order[1:][::-1]])
+
+    def baseline(observed: float, samples: np.ndarray) -> tuple:
+        """mean, std and one-sided permutation p-value (None without permutations)."""
+        if not len(samples):
+            return None, None, None
+        p = (1 + np.sum(samples >= observed - 1e-12)) / (1 + len(samples))
+        return float(samples.mean()), float(samples.std()), float(p)
+
+    mean, std, p = baseline(score, null[:, 0])
+    n_mean, n_std, n_p = baseline(neighbour, null[:, 1])
+    return {
+        "score": score,
+        "random_mean": mean,
+        "random_std": std,
+        "p_value": p,
+        "neighbour_fraction": neighbour,
+        "neighbour_random_mean": n_mean,
+        "neighbour_random_std": n_std,
+        "neighbour_p_value": n_p,
+        "angular_order": [STAGES[stages[k]] for k in order],
+        "stages": [STAGES[s] for s in stages],
+        "num_images": int(features.shape[0]),
+        "num_permutations": int(num_permutations),
+    }
+
+
+# --------------------------------------------------------------------------
+# Embeddings and plots
+
+
+def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First two principal components and their explained-variance ratios."""
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=2, random_state=0)
+    return pca.fit_transform(features), pca.explained_variance_ratio_
+
+
+def tsne_perplexity(num_points: int) -> float:
+    """sklearn's default 30, lowered for small test sets (must stay below N)."""
+    return float(np.clip((num_points - 1) / 3.0, 2.0, 30.0))
+
+
+def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n, d = features.shape
+    if d > 50 and n > 50:  # usual denoising / speed-up before t-SNE
+        features = PCA(n_components=50, random_state=seed).fit_transform(features)
+    tsne = TSNE(n_components=2, perplexity=tsne_perplexity(n), init="pca",
+                learning_rate="auto", random_state=seed)
+    return tsne.fit_transform(features)
+
+
+def stage_colours() -> np.ndarray:
+    """Cyclic colours for the 12 stages: XII sits next to I on the colour wheel."""
+    import matplotlib
+
+    return matplotlib.colormaps["hsv"](np.arange(NUM_STAGES) / NUM_STAGES)
+
+
+def plot_embedding(path: Path, points: np.ndarray, labels: np.ndarray, title: str,
+                   xlabel: str, ylabel: str) -> None:
+    """Scatter coloured by stage, stage centroids joined in cycle order (XII -> I)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    colours = stage_colours()
+    fig = Figure(figsize=(10.5, 8), layout="constrained")
+    ax = fig.subplots()
+    stages = np.unique(labels)
+    for s in stages:
+        pts = points[labels == s]
+        ax.scatter(pts[:, 0], pts[:, 1], s=22, color=colours[s], edgecolors="0.25",
+                   linewidths=0.4, alpha=0.8, label=f"{STAGES[s]}  (n={len(pts)})")
+    centroids = np.stack([points[labels == s].mean(axis=0) for s in stages])
+    loop = np.concatenate([centroids, centroids[:1]])
+    ax.plot(loop[:, 0], loop[:, 1], color="black", lw=1.4, alpha=0.7, zorder=3)
+    for k, (s, c) in enumerate(zip(stages, centroids, strict=True)):
+        nxt = loop[k + 1]  # arrow at mid-segment: direction of the cycle
+        mid = (c + nxt) / 2
+        ax.annotate("", xy=mid, xytext=c + 0.45 * (nxt - c), zorder=3,
+                    arrowprops=dict(arrowstyle="-|>", color="black", lw=1.2, alpha=0.7))
+        ax.scatter(*c, s=420, color=colours[s], edgecolors="black", linewidths=1.5, zorder=4)
+        r, g, b = colours[s][:3]
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark markers
+        ax.text(*c, STAGES[s], ha="center", va="center", fontsize=8, fontweight="bold",
+                color="white" if dark else "black", zorder=5)
+    handles, names = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="white",
+                          markersize=11, lw=1.4))
+    names.append("stage centroid,\njoined I -> ... -> XII -> I")
+    ax.legend(handles, names, title="true stage", loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.savefig(path, dpi=110)
+
+
+def _score_text(name: str, stats: dict) -> str:
+    n = len(stats["stages"])
+    return (f"cycle score {name}: {stats['score']:.2f} "
+            f"(random labels: {stats['random_mean']:.2f} ± {stats['random_std']:.2f}); "
+            f"nearest centroid is a neighbouring stage for "
+            f"{round(stats['neighbour_fraction'] * n)}/{n} stages")
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, type=Path,
+                        help="run folder holding eval_<split>/features.npy, predictions.csv")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: WORKDIR/explain/cycle)")
+    parser.add_argument("--num_permutations", type=int, default=200,
+                        help="label shuffles for the random baseline (>= 1)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """features [N,D], true stage indices [N] and file names from an eval_<split> folder."""
+    features_path, csv_path = eval_dir / "features.npy", eval_dir / "predictions.csv"
+    for path in (features_path, csv_path):
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing (run the evaluation first)")
+    features = np.load(features_path)
+    if features.ndim != 2:
+        raise DatasetError(f"{features_path}: expected a 2-D array, got shape {features.shape}")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "true_stage" not in (reader.fieldnames or []):
+            raise DatasetError(f"{csv_path}: no 'true_stage' column")
+        rows = list(reader)
+    labels, names = [], []
+    for line, row in enumerate(rows, start=2):
+        stage = row["true_stage"].strip()
+        if stage in STAGES:
+            labels.append(STAGES.index(stage))
+        elif stage.isdigit() and 1 <= int(stage) <= NUM_STAGES:
+            labels.append(int(stage) - 1)
+        else:
+            raise DatasetError(f"{csv_path}: line {line}: unknown true_stage {stage!r}")
+        names.append(row.get("file_name", ""))
+    if len(labels) != features.shape[0]:
+        raise DatasetError(f"{features_path}: {features.shape[0]} rows but {csv_path.name} "
+                           f"has {len(labels)}")
+    files_txt = eval_dir / "features_files.txt"
+    if files_txt.is_file() and rows and "file_name" in rows[0]:
+        listed = [line.strip() for line in files_txt.read_text().splitlines() if line.strip()]
+        if listed != names:
+            raise DatasetError(f"{files_txt}: rows are not in predictions.csv order")
+    return features, np.asarray(labels, np.int64), names
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Score and plot the stage cycle of a run's evaluation features; returns the json path."""
+    if args.num_permutations < 1:
+        raise ValueError("--num_permutations: must be >= 1")
+    workdir = Path(args.workdir)
+    features, labels, _ = read_eval_outputs(workdir / f"eval_{args.split}")
+    out = Path(args.out) if args.out is not None else workdir / "explain" / "cycle"
+    out.mkdir(parents=True, exist_ok=True)
+
+    kw = dict(num_permutations=args.num_permutations, seed=args.seed)
+    pca_points, pca_var = pca_2d(features)
+    tsne_points = tsne_2d(features, seed=args.seed)
+    spaces = {
+        "features": cycle_score(features, labels, **kw),
+        "pca": cycle_score(pca_points, labels, **kw),
+        "tsne": cycle_score(tsne_points, labels, **kw),
+    }
+    n, d = features.shape
+    header = f"{args.split} split: {n} tubules, {d}-D penultimate features"
+    legend = "(cycle score 1 = stage centroids go round in the order I, II, ..., XII, I)"
+    plot_embedding(
+        out / "cycle_pca.png", pca_points, labels,
+        f"PCA of network features, {header}\n"
+        f"{_score_text('in the full feature space', spaces['features'])}\n"
+        f"{_score_text('in this PCA plane', spaces['pca'])}\n{legend}",
+        f"PC 1 ({pca_var[0]:.0%} of variance)", f"PC 2 ({pca_var[1]:.0%} of variance)")
+    plot_embedding(
+        out / "cycle_tsne.png", tsne_points, labels,
+        f"t-SNE of network features (perplexity {tsne_perplexity(n):.0f}), {header}\n"
+        f"{_score_text('in this t-SNE map', spaces['tsne'])}\n{legend}",
+        "t-SNE 1", "t-SNE 2")
+    result = {
+        "split": args.split,
+        "num_images": int(n),
+        "feature_dim": int(d),
+        "pca_explained_variance": [float(v) for v in pca_var],
+        "tsne_perplexity": tsne_perplexity(n),
+        "score_definition": (
+            "score: circular rank correlation between the angular order of stage "
+            "centroids (in the plane of their 2 main axes) and the cycle order I..XII->I, "
+            "1 = perfect cycle; neighbour_fraction: share of stages whose nearest centroid "
+            "is a cycle neighbour; random_*: same statistic with shuffled labels"),
+        "spaces": spaces,
+    }
+    json_path = out / "cycle.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    s = spaces["features"]
+    print(f"cycle score (features) {s['score']:.3f}, random {s['random_mean']:.3f} ± "
+          f"{s['random_std']:.3f}, p = {s['p_value']:.3g}; written to {out}")
+    return json_path

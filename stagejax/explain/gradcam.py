@@ -1,0 +1,359 @@
+"""Grad-CAM: where in a tubule does the network look when it calls a stage?
+
+Experts stage a tubule from a few structures (acrosome caps of round
+spermatids, position of elongated spermatid bundles, meiotic figures).  The
+study showed attention maps to argue that the network uses the same
+structures; this module computes the classic Grad-CAM map for that check.
+
+The map is taken on the output of the last convolutional stage
+(``model.backbone``), the deepest layer that still has a spatial layout:
+each channel is weighted by the spatial mean of the gradient of one stage's
+logit with respect to it, the weighted sum is rectified (only evidence *for*
+the stage is kept), bilinearly upsampled to the image and scaled so that
+each image's peak is 1.  Everything runs as one jitted function over a batch;
+in eval mode the images of a batch do not interact, so a batch gives the same
+maps as one image at a time.
+
+The CLI (``python -m stagejax.explain gradcam``) renders the maps of a trained
+run as PNGs; it imports the data and checkpoint packages lazily so that the
+core functions above can be used (and tested) with any small nnx model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stagejax.stages import NUM_STAGES, STAGES
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+GRID_MAX_PER_STAGE = 12  # examples shown in each grid_stage_<S>.png
+GRID_THUMB_SIZE = 256  # pixels, longest side of a grid cell
+
+_PREDICTED = -1  # internal target code: "explain the predicted stage"
+
+
+# --------------------------------------------------------------------------
+# Core
+
+
+def _normalise(cam: jax.Array, height: int, width: int) -> jax.Array:
+    """Upsample [B,h,w] maps to the image and scale each to peak 1 (all-zero stays 0)."""
+    cam = jax.image.resize(cam, (cam.shape[0], height, width), method="bilinear")
+    cam = jnp.maximum(cam, 0.0)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gradcam_jit(graphdef, state, images, target):
+    """Heatmaps [B,H,W] and logits [B,K] for one batch (one compiled function)."""
+    model = nnx.merge(graphdef, state)
+    model.eval()  # only the merged copy: the caller's module keeps its mode
+
+    fmap = model.backbone(images)
+
+    def target_logit(f):
+        logits = model.classify(model.embed(f))
+        chosen = jnp.where(target == _PREDICTED, jnp.argmax(logits, axis=-1), target)
+        picked = jnp.take_along_axis(logits, chosen[:, None], axis=-1)
+        # Summing over the batch is fine: in eval mode image b's logit depends
+        # only on fmap[b], so d(sum)/d fmap[b] is d(logit_b)/d fmap[b].
+        return picked.astype(jnp.float32).sum(), logits
+
+    # Only the head (embed + classify) is differentiated: the backbone runs forward once.
+    grads, logits = jax.grad(target_logit, has_aux=True)(fmap)
+    weights = grads.astype(jnp.float32).mean(axis=(1, 2))  # [B, C]
+    cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", fmap.astype(jnp.float32), weights))
+    return _normalise(cam, images.shape[1], images.shape[2]), logits.astype(jnp.float32)
+
+
+def gradcam_and_logits(
+    model: nnx.Module, images: jax.Array | np.ndarray, target: np.ndarray | int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heatmaps [B,H,W] in [0,1] and the logits [B,K] of the same pass.
+
+    Args:
+      model: nnx module with ``backbone``, ``embed`` and ``classify`` (see
+        CONTRACT.md); it is evaluated in eval mode whatever its current mode.
+      images: float [B,H,W,C], preprocessed exactly as for evaluation.
+      target: stage index per image ([B] ints, or one int for all); ``None``
+        explains each image's predicted stage.
+    """
+    images = jnp.asarray(images)
+    if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(
+            f"images: expected float [B,H,W,C], got {images.dtype} {tuple(images.shape)}"
+        )
+    batch = images.shape[0]
+    if target is None:
+        target_arr = np.full((batch,), _PREDICTED, np.int32)
+    else:
+        target_arr = np.broadcast_to(np.asarray(target, np.int32), (batch,)).copy()
+        if np.any(target_arr < 0):
+            raise ValueError(f"target: stage indices must be >= 0, got {target_arr.tolist()}")
+    graphdef, state = nnx.split(model)
+    heat, logits = _gradcam_jit(graphdef, state, images, jnp.asarray(target_arr))
+    if np.any(target_arr >= logits.shape[-1]):
+        raise ValueError(
+            f"target: stage indices must be < {logits.shape[-1]}, got {target_arr.tolist()}"
+        )
+    return np.asarray(heat), np.asarray(logits)
+
+
+def gradcam(
+    model: nnx.Module, images: jax.Array | np.ndarray, target: np.ndarray | int | None = None
+) -> np.ndarray:
+    """Grad-CAM heatmaps [B,H,W] in [0,1] (peak 1 per image, 0 = no evidence).
+
+    ``target=None`` explains the predicted stage of each image, otherwise the
+    given stage index (one per image).  See :func:`gradcam_and_logits`.
+    """
+    return gradcam_and_logits(model, images, target)[0]
+
+
+def overlay(
+    image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "turbo"
+) -> np.ndarray:
+    """Blend a [0,1] heatmap, coloured with ``cmap``, onto an image; uint8 RGB [H,W,3]."""
+    import matplotlib  # local: keeps `import stagejax.explain` light
+
+    image = np.asarray(image_uint8)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image: expected [H,W], [H,W,1] or [H,W,3], got {image.shape}")
+    heat = np.asarray(heatmap, np.float32)
+    if heat.shape != image.shape[:2]:
+        raise ValueError(f"heatmap: shape {heat.shape} does not match image {image.shape[:2]}")
+    colours = matplotlib.colormaps[cmap](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# CLI: render the maps of a trained run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, type=Path,
+                        help="training run: config.json and best_model/")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--split", default="test",
+                        help="dataset split to explain (default: test)")
+    source.add_argument("--images", type=Path, default=None,
+                        help="folder of image files to explain instead of a split")
+    parser.add_argument("--stage", default=None,
+                        help="explain this stage (I..XII or 1..12) instead of the prediction")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: WORKDIR/explain/gradcam)")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help="at most this many images, taken in turn from each true stage")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in overlays")
+    parser.add_argument("--data_dir", default=None,
+                        help="dataset root if it moved since training (default: the run's)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="dataset cache if it moved since training (default: the run's)")
+
+
+def stage_index(name: str) -> int | None:
+    """'VII' or '7' -> 6; anything else -> None."""
+    name = name.strip()
+    if name in STAGES:
+        return STAGES.index(name)
+    if name.isdigit() and 1 <= int(name) <= NUM_STAGES:
+        return int(name) - 1
+    return None
+
+
+def _select(labels: list[int | None], max_images: int | None) -> list[int]:
+    """All indices, or ``max_images`` of them taken in turn from each true stage."""
+    if max_images is None or max_images >= len(labels):
+        return list(range(len(labels)))
+    by_stage: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_stage.setdefault(-1 if label is None else label, []).append(i)
+    queues = [by_stage[k] for k in sorted(by_stage)]
+    chosen: list[int] = []
+    for depth in range(max(map(len, queues))):
+        chosen += [q[depth] for q in queues if depth < len(q)]
+    return sorted(chosen[:max_images])
+
+
+@dataclasses.dataclass
+class _Images:
+    """What to explain: file names, true stage indices (None: unknown), a loader."""
+
+    names: list[str]
+    labels: list[int | None]
+    load: Callable[[int], np.ndarray]  # index -> uint8 [H,W,3]
+
+
+def _split_images(config, split: str) -> _Images:
+    from stagejax import data
+    from stagejax.data.images import decode_image
+
+    prepared = data.load(config)
+    if split not in prepared.splits:
+        raise ValueError(f"--split: {split!r} is not one of {', '.join(prepared.splits)}")
+    source = prepared.splits[split]
+
+    def load(i: int) -> np.ndarray:
+        record = source.source[i]
+        return decode_image(record["image"], record["file_name"])
+
+    return _Images(list(source.file_names), [int(x) for x in source.labels], load)
+
+
+def _folder_images(folder: Path) -> _Images:
+    from stagejax.data.images import decode_image
+    from stagejax.data.layout import DatasetError, stage_from_file_name
+
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: --images is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    labels = []
+    for p in paths:  # a stage in the file name (study's naming) is shown as the true stage
+        try:
+            labels.append(stage_index(stage_from_file_name(p.name)))
+        except DatasetError:
+            labels.append(None)
+    return _Images([p.name for p in paths], labels,
+                   lambda i: decode_image(paths[i].read_bytes(), paths[i].name))
+
+
+def _explain_batch(model, crops: list[np.ndarray], config, target, batch_size: int):
+    """Heatmaps and stage probabilities for equal-sized uint8 crops.
+
+    The batch is padded (repeating the last crop) to ``batch_size`` so that a
+    whole split compiles once; preprocessing is the evaluation one.
+    """
+    from stagejax.data.augment import device_preprocess
+
+    n = len(crops)
+    batch = jnp.asarray(np.stack(crops + [crops[-1]] * (batch_size - n)))
+    x = device_preprocess(batch, None, config.augment, train=False,
+                          grayscale=bool(config.grayscale))
+    heat, logits = gradcam_and_logits(model, x, target)
+    return heat[:n], np.asarray(jax.nn.softmax(logits[:n], axis=-1))
+
+
+def _stage_text(index: int | None) -> str:
+    return "unknown" if index is None else STAGES[index]
+
+
+def _save_pair(path: Path, name: str, image, heat, true, pred, conf, target, alpha) -> None:
+    """Original | overlay with a colour bar; title: true / predicted stage, confidence."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 5.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.imshow(image)
+    left.set_title("H-PAS image (evaluation crop)")
+    right.imshow(overlay(image, heat, alpha=alpha))
+    right.set_title(f"Grad-CAM: evidence for stage {STAGES[target]}")
+    for ax in (left, right):
+        ax.set_axis_off()
+    mappable = matplotlib.cm.ScalarMappable(cmap="turbo", norm=matplotlib.colors.Normalize(0, 1))
+    bar = fig.colorbar(mappable, ax=right, fraction=0.046, pad=0.02)
+    bar.set_label("relative evidence (1 = strongest in this image)")
+    verdict = "" if true is None else ("  (correct)" if true == pred else "  (WRONG)")
+    fig.suptitle(f"{name}\ntrue stage {_stage_text(true)}, predicted {STAGES[pred]} "
+                 f"with probability {conf:.2f}{verdict}", fontsize=12)
+    fig.savefig(path, dpi=100)
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    pil.thumbnail((GRID_THUMB_SIZE, GRID_THUMB_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(pil)
+
+
+def _save_grid(path: Path, title: str, cells: list[tuple]) -> None:
+    """Overlays of one stage; each cell titled with its prediction, red when wrong."""
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(cells))
+    rows = -(-len(cells) // cols)
+    fig = Figure(figsize=(max(3.2 * cols, 7.0), 3.4 * rows + 0.9), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, (name, thumb, true, pred, conf) in zip(axes, cells, strict=False):
+        ax.imshow(thumb)
+        wrong = true is not None and true != pred
+        ax.set_title(f"{name if len(name) <= 30 else '...' + name[-27:]}\n"
+                     f"predicted {STAGES[pred]} ({conf:.2f})", fontsize=8,
+                     color="tab:red" if wrong else "black")
+    fig.suptitle(title, fontsize=12)
+    fig.savefig(path, dpi=90)
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Grad-CAM PNGs for a trained run (one per image, one grid per stage); returns the folder."""
+    from stagejax.checkpoint import load_model_weights
+    from stagejax.data.augment import CenterCrop
+    from stagejax.workdir import load_run_config
+
+    workdir = Path(args.workdir)
+    config = load_run_config(workdir)
+    for field in ("data_dir", "cache_dir"):
+        if getattr(args, field) is not None:
+            config[field] = getattr(args, field)
+    target = None if args.stage is None else stage_index(args.stage)
+    if args.stage is not None and target is None:
+        raise ValueError(f"--stage: {args.stage!r} is not a stage (I..XII or 1..12)")
+    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
+        raise ValueError("--batch_size and --max_images: must be >= 1")
+
+    model = load_model_weights(workdir / "best_model")  # float32, eval mode
+    images = (_folder_images(Path(args.images)) if args.images is not None
+              else _split_images(config, args.split))
+    crop = CenterCrop(int(config.crop_size))
+    out = Path(args.out) if args.out is not None else workdir / "explain" / "gradcam"
+    out.mkdir(parents=True, exist_ok=True)
+
+    indices = _select(images.labels, args.max_images)
+    by_true = all(images.labels[i] is not None for i in indices)  # else group by prediction
+    grids: dict[int, list[tuple]] = {}
+    for start in range(0, len(indices), args.batch_size):
+        chunk = indices[start:start + args.batch_size]
+        crops = [crop.map({"image": images.load(i), "file_name": images.names[i]})["image"]
+                 for i in chunk]
+        heats, probs = _explain_batch(model, crops, config, target, args.batch_size)
+        for i, image, heat, p in zip(chunk, crops, heats, probs, strict=True):
+            name, true, pred = images.names[i], images.labels[i], int(np.argmax(p))
+            _save_pair(out / f"{Path(name).stem}.png", name, image, heat, true, pred,
+                       float(p[pred]), pred if target is None else target, args.alpha)
+            cells = grids.setdefault(true if by_true else pred, [])
+            if len(cells) < GRID_MAX_PER_STAGE:
+                cells.append((name, _thumbnail(overlay(image, heat, alpha=args.alpha)),
+                              true, pred, float(p[pred])))
+        logging.info("Grad-CAM: %d / %d images", start + len(chunk), len(indices))
+
+    explained = "its predicted stage" if target is None else f"stage {STAGES[target]}"
+    for stage, cells in sorted(grids.items()):
+        group = "true" if by_true else "predicted"
+        _save_grid(out / f"grid_stage_{STAGES[stage]}.png",
+                   f"Tubules of {group} stage {STAGES[stage]}\nGrad-CAM evidence for "
+                   f"{explained}; red title = misclassified",
+                   cells)
+    print(f"Grad-CAM of {len(indices)} images written to {out}")
+    return out
