@@ -1,0 +1,9 @@
+"""ResNet-50 (torchvision v1.5 layout), the study's main model."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model = "resnet50"
+    return config

@@ -1,0 +1,9 @@
+"""Wide-ResNet-50-2, one of the study's four models."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model = "wide_resnet50_2"
+    return config

@@ -1,0 +1,74 @@
+"""Evaluation and prediction passes over a split or a folder of images.
+
+Each process evaluates its own part of the data; outputs are gathered to every
+host and put back in file order, so the report is the same whatever the
+number of devices or hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from stagejax import metrics as metrics_lib
+from stagejax.parallel import Parallel
+
+log = logging.getLogger(__name__)
+
+
+def _host_gather(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def run_inference(
+    parallel: Parallel,
+    eval_step: Callable,
+    state: Any,
+    batches: Iterator[dict],
+    num_examples: int,
+    desc: str = "eval",
+    log_every_s: float = 10.0,
+) -> dict[str, np.ndarray]:
+    """Run ``eval_step`` over ``batches`` and return per-example outputs in file order.
+
+    Batches carry ``index`` (position in the split, -1 for padding) and ``mask``.
+    """
+    out: dict[str, np.ndarray] = {}
+    seen = 0
+    t0 = last = time.time()
+    for batch in batches:
+        index, mask = _host_gather(batch["index"]), _host_gather(batch["mask"])
+        device_batch = parallel.put_batch({k: v for k, v in batch.items()
+                                           if k in ("image", "label")})
+        result = parallel.gather(eval_step(state, device_batch))
+        for k, v in result.items():
+            if k not in out:
+                out[k] = np.zeros((num_examples, *v.shape[1:]), v.dtype)
+            out[k][index[mask]] = v[mask]
+        seen += int(mask.sum())
+        now = time.time()
+        if now - last > log_every_s:
+            rate = seen / (now - t0)
+            log.info("%s: %d/%d images (%.1f images/s, ETA %.0fs)", desc, seen, num_examples,
+                     rate, (num_examples - seen) / max(rate, 1e-9))
+            last = now
+    if seen != num_examples:
+        raise RuntimeError(f"{desc}: evaluated {seen} images, expected {num_examples}")
+    log.info("%s: %d images in %.1fs", desc, seen, time.time() - t0)
+    return out
+
+
+def summarize(labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None) -> dict:
+    """Metrics of one pass, from the confusion matrix (clu metric, on device)."""
+    preds = probs.argmax(-1)
+    cm = metrics_lib.confusion_matrix(labels, preds, probs.shape[-1])
+    return metrics_lib.summarize(cm, None if loss is None else float(np.mean(loss)))

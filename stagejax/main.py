@@ -1,0 +1,96 @@
+r"""Train, evaluate or predict spermatogenic stages.
+
+  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50
+  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=eval
+  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=predict \
+      --config.predict_dir=/path/to/images
+
+Any config field can be overridden: ``--config.global_batch_size=48``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from stagejax import workdir as workdir_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                  "train: train, keep the best epoch, evaluate it on the test split. "
+                  "eval: evaluate the best checkpoint. predict: stage unlabeled images.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("stagejax")
+
+
+# Errors that are the user's to fix: shown as one line, no traceback
+# (set STAGEJAX_TRACEBACK=1 to see it).
+def _user_errors() -> tuple[type[Exception], ...]:
+    from stagejax.checkpoint import CheckpointError
+    from stagejax.data.layout import DatasetError
+    from stagejax.trainer import NonFiniteLossError
+    return (DatasetError, CheckpointError, workdir_lib.WorkdirError, NonFiniteLossError,
+            ValueError)
+
+
+def initialize_distributed() -> None:
+    """Join a multi-process run: explicit flags, or automatic on a multi-host TPU VM.
+
+    Must run before anything touches the devices.
+    """
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        jax.distributed.initialize()  # Cloud TPU VM slice: JAX finds its peers itself.
+
+
+def run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed()
+    from stagejax import data, trainer
+    from stagejax import predict as predict_lib
+
+    logging.getLogger().setLevel(logging.INFO)
+    config = data.resolve_config(FLAGS.config)
+    log.info("JAX %s: %d process(es), %d device(s) [%s]", jax.__version__, jax.process_count(),
+             jax.device_count(), jax.devices()[0].platform)
+    try:
+        if FLAGS.mode == "train":
+            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config,
+                                                  write=jax.process_index() == 0)
+            trainer.train_and_evaluate(config, workdir)
+        elif FLAGS.mode == "eval":
+            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
+            trainer.evaluate_workdir(config, workdir)
+        else:
+            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
+            predict_lib.predict_folder(config, workdir)
+    except _user_errors() as e:
+        if os.environ.get("STAGEJAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The training state, optimizer, and the jitted train and eval steps.
+
+The step is a pure function ``(state, batch) -> (state, metrics)``: the Flax
+NNX model is split once into a static graph definition and array state, and
+merged back inside the step, so the step compiles once and the state is a
+plain pytree that Orbax saves and ``jax.jit`` donates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from stagejax import models
+from stagejax.data import augment
+from stagejax.parallel import PMAP_AXIS, Parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data: checkpoints hold plain arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The static half of a split model, one graph for training and one for eval."""
+
+    train_graph: Any
+    eval_graph: Any
+    rest: Any  # Non-array state (e.g. RNG stream counters), constant across steps.
+
+    def merge(self, params: Any, batch_stats: Any, train: bool) -> nnx.Module:
+        graph = self.train_graph if train else self.eval_graph
+        return nnx.merge(graph, params, batch_stats, self.rest)
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+    if config.precision not in DTYPES:
+        raise ValueError(f"config.precision: {config.precision!r} is not one of {list(DTYPES)}")
+    return DTYPES[config.precision]
+
+
+def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None,
+                 seed: int | None = None) -> nnx.Module:
+    if config.model not in models.NAMES:
+        raise ValueError(f"config.model: {config.model!r} is not one of {list(models.NAMES)}")
+    return models.create(
+        config.model,
+        num_classes=config.num_classes,
+        in_channels=1 if config.grayscale else 3,
+        dtype=compute_dtype(config),
+        bn_axis_name=bn_axis_name,
+        seed=config.seed if seed is None else seed,
+    )
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, Any, Any]:
+    model.train()
+    train_graph, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    model.eval()
+    eval_graph, *_ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    return ModelDef(train_graph, eval_graph, rest), params, batch_stats
+
+
+def create_learning_rate(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    total = config.num_epochs * steps_per_epoch
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.schedule == "cosine":
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, warmup_steps=max(warmup, 0),
+            decay_steps=max(total, warmup + 1),
+        )
+    raise ValueError(f"config.schedule: {config.schedule!r} is not one of 'constant', 'cosine'")
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """Optax transform. ``adam`` adds the L2 term to the gradient before the
+    moments, as PyTorch's ``Adam(weight_decay=...)`` does (this is not AdamW)."""
+    lr = create_learning_rate(config, steps_per_epoch)
+    wd = config.weight_decay
+    if config.optimizer == "adam":
+        return optax.chain(optax.add_decayed_weights(wd), optax.adam(lr))
+    if config.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=wd)
+    if config.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=config.momentum))
+    raise ValueError(f"config.optimizer: {config.optimizer!r} is not one of 'adam', 'adamw', 'sgd'")
+
+
+def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,
+                       seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def _preprocess(images, rng_data, step, config, train: bool, example_offset):
+    """Per-example keys (fold in the global example index) so that jit and pmap,
+    with any number of devices, augment each example identically."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
+    idx = example_offset + jnp.arange(images.shape[0])
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+
+    def one(img, k):
+        return augment.device_preprocess(img[None], k, config.augment, train=train,
+                                         grayscale=config.grayscale)[0]
+
+    return jax.vmap(one)(images, keys)
+
+
+def _example_offset(parallel_mode: str, per_device: int):
+    if parallel_mode == "pmap":
+        return jax.lax.axis_index(PMAP_AXIS) * per_device
+    return 0
+
+
+def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, parallel: Parallel) -> Callable:
+    """A pure ``(state, batch) -> (state, metrics)`` to hand to ``parallel.compile_train_step``."""
+    dtype = compute_dtype(config)
+    pmap = parallel.mode == "pmap"
+    smoothing = config.label_smoothing
+    num_classes = config.num_classes
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_fn.traces += 1  # Python side effect: runs once per trace, not per step.
+        labels = batch["label"]
+        offset = _example_offset(parallel.mode, labels.shape[0])
+        images = _preprocess(batch["image"], state.rng, state.step, config, True, offset)
+        images = images.astype(dtype)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+
+        def loss_fn(params):
+            model = modeldef.merge(params, state.batch_stats, train=True)
+            if model_has_dropout:
+                nnx.reseed(model, dropout=jax.random.fold_in(
+                    jax.random.wrap_key_data(state.rng), state.step))
+            logits = model(images).astype(jnp.float32)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            _, _, new_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+            return loss, (logits, new_stats)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        if pmap:
+            grads = jax.lax.pmean(grads, PMAP_AXIS)
+            loss = jax.lax.pmean(loss, PMAP_AXIS)
+            accuracy = jax.lax.pmean(accuracy, PMAP_AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state)
+        metrics = {"loss": loss, "accuracy": accuracy, "finite": jnp.isfinite(loss)}
+        return new_state, metrics
+
+    model_has_dropout = bool(jax.tree.leaves(modeldef.rest))
+    step_fn.traces = 0
+    return step_fn
+
+
+def make_eval_step(modeldef: ModelDef, config: ml_collections.ConfigDict,
+                   parallel: Parallel, tta: bool = False) -> Callable:
+    """``(state, batch) -> {'probs', 'features', 'loss'}`` per example, in eval mode.
+
+    With ``tta`` the 8 rotations/flips of each image are averaged (probabilities
+    and features).
+    """
+    dtype = compute_dtype(config)
+
+    def eval_fn(state: TrainState, batch: dict) -> dict:
+        images = _preprocess(batch["image"], state.rng, state.step, config, False, 0)
+        model = modeldef.merge(state.params, state.batch_stats, train=False)
+        views = _dihedral_views(images) if tta else [images]
+        probs, feats = 0.0, 0.0
+        for v in views:
+            emb = model.embed(model.backbone(v.astype(dtype)))
+            logits = model.classify(emb).astype(jnp.float32)
+            probs = probs + jax.nn.softmax(logits) / len(views)
+            feats = feats + emb.astype(jnp.float32) / len(views)
+        label = batch.get("label")
+        out = {"probs": probs, "features": feats}
+        if label is not None:
+            out["loss"] = -jnp.log(jnp.take_along_axis(
+                probs, jnp.maximum(label, 0)[:, None], axis=1)[:, 0] + 1e-12)
+        return out
+
+    return eval_fn
+
+
+def _dihedral_views(x):
+    """The 8 rotations/flips of a batch of NHWC square images."""
+    views = []
+    for k in range(4):
+        r = jnp.rot90(x, k, axes=(1, 2))
+        views += [r, r[:, ::-1]]
+    return views
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+    """As the reference: floor(N_train / batch) batches per epoch (at least one)."""
+    return max(1, math.floor(num_train / global_batch_size))
