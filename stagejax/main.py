@@ -59,6 +59,22 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()  # Cloud TPU VM slice: JAX finds its peers itself.
 
 
+class _QuietLibraries(logging.Filter):
+    """Drop the INFO chatter of Orbax and TFDS (every checkpoint logs ~20 lines)."""
+
+    NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(
+            n in record.pathname for n in self.NOISY)
+
+
+def setup_logging() -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
+
+
 def run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -66,7 +82,7 @@ def run(argv) -> None:
     from stagejax import data, trainer
     from stagejax import predict as predict_lib
 
-    logging.getLogger().setLevel(logging.INFO)
+    setup_logging()
     config = data.resolve_config(FLAGS.config)
     log.info("JAX %s: %d process(es), %d device(s) [%s]", jax.__version__, jax.process_count(),
              jax.device_count(), jax.devices()[0].platform)

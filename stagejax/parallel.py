@@ -46,7 +46,10 @@ class Parallel:
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // jax.process_count()
         if mode == "jit":
-            self.mesh = jax.make_mesh((n,), ("data",), devices=jax.devices())
+            # Auto axes: XLA propagates the batch sharding (classic GSPMD), so the
+            # model code needs no sharding annotations.
+            self.mesh = jax.make_mesh((n,), ("data",), devices=jax.devices(),
+                                      axis_types=(jax.sharding.AxisType.Auto,))
             self.data_sharding = NamedSharding(self.mesh, P("data"))
             self.replicated = NamedSharding(self.mesh, P())
         else:
@@ -61,7 +64,11 @@ class Parallel:
         """Host (or single-device) state -> the layout the step expects."""
         if self.mode == "jit":
             return jax.device_put(state, self.replicated)
-        return jax.device_put_replicated(state, jax.local_devices())
+        # Through an identity pmap, so the state already has the layout (and
+        # sharding) the step returns and the step is not traced a second time.
+        d = jax.local_device_count()
+        stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (d, *np.shape(x))), state)
+        return jax.pmap(lambda x: x)(stacked)
 
     def host_state(self, state: Any) -> Any:
         """The state as one copy, for checkpoints and export."""
@@ -79,10 +86,7 @@ class Parallel:
                 for k, v in batch.items()
             }
         d = jax.local_device_count()
-        return {
-            k: jax.device_put_sharded(list(v.reshape(d, -1, *v.shape[1:])), jax.local_devices())
-            for k, v in batch.items()
-        }
+        return {k: np.asarray(v).reshape(d, -1, *v.shape[1:]) for k, v in batch.items()}
 
     def prefetch(self, batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
         """Keep ``size`` batches in flight to the devices (device_put is asynchronous)."""

@@ -115,14 +115,23 @@ def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransfor
 
 
 def _preprocess(images, rng_data, step, config, train: bool, example_offset):
-    """Per-example keys (fold in the global example index) so that jit and pmap,
-    with any number of devices, augment each example identically."""
+    """uint8 batch -> normalised float images, augmented on device in train mode.
+
+    Random device augmentations draw one key per example (the global example
+    index folded into the step's key), so jit and pmap, with any number of
+    devices, augment each example identically.
+    """
+    aug = config.augment
+    randomized = train and (aug.stain_jitter or aug.brightness or aug.contrast)
+    if not randomized:
+        return augment.device_preprocess(images, None, aug, train=train,
+                                         grayscale=config.grayscale)
     key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
     idx = example_offset + jnp.arange(images.shape[0])
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
     def one(img, k):
-        return augment.device_preprocess(img[None], k, config.augment, train=train,
+        return augment.device_preprocess(img[None], k, aug, train=True,
                                          grayscale=config.grayscale)[0]
 
     return jax.vmap(one)(images, keys)
@@ -150,18 +159,19 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
         images = images.astype(dtype)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
-        def loss_fn(params):
-            model = modeldef.merge(params, state.batch_stats, train=True)
-            if model_has_dropout:
-                nnx.reseed(model, dropout=jax.random.fold_in(
-                    jax.random.wrap_key_data(state.rng), state.step))
-            logits = model(images).astype(jnp.float32)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            _, _, new_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-            return loss, (logits, new_stats)
+        model = modeldef.merge(state.params, state.batch_stats, train=True)
+        if model_has_dropout:
+            nnx.reseed(model, dropout=jax.random.fold_in(
+                jax.random.wrap_key_data(state.rng), state.step))
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+        def loss_fn(model):
+            logits = model(images).astype(jnp.float32)
+            return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+        # nnx.value_and_grad differentiates the Params and carries the BatchNorm
+        # statistics updated by the forward pass back into ``model``.
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        _, _, new_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         if pmap:
             grads = jax.lax.pmean(grads, PMAP_AXIS)

@@ -23,6 +23,7 @@ p.add_argument("--batch", type=int, default=24)
 p.add_argument("--process_id", type=int, default=0)
 p.add_argument("--num_processes", type=int, default=1)
 p.add_argument("--port", type=int, default=0)
+p.add_argument("--optimizer", default="sgd")
 p.add_argument("--die_at_step", type=int, default=-1)
 args = p.parse_args()
 
@@ -54,6 +55,11 @@ config.global_batch_size = args.batch
 config.eval_batch_size = args.batch
 config.parallelism = args.mode
 config.num_epochs = 1
+# SGD: parameters move linearly in the gradient, so float rounding differences
+# between device layouts stay at rounding level (Adam's first steps are
+# ~lr * sign(g) and flip for gradients that are zero up to rounding).
+config.optimizer = args.optimizer
+config.learning_rate = 0.001
 
 run = trainer.Run(config, data.load(config))
 state = run.parallel.put_state(run.initial_state)
@@ -64,9 +70,12 @@ for step in range(args.steps):
         os._exit(17)  # Simulates a crashed host: no clean shutdown.
     state, m = run.train_step(state, next(batches))
     losses.append(m["loss"])
+    if step == 0:
+        traces_after_first = run.train_step_fn.traces
 losses = [float(x) for x in run.parallel.metrics_to_host(losses)]
 host = run.parallel.host_state(state)
 leaves = [np.asarray(x) for x in jax.tree.leaves((host.params, host.batch_stats))]
 if jax.process_index() == 0:
-    np.savez(args.out, *leaves, losses=np.array(losses), traces=run.train_step_fn.traces)
+    np.savez(args.out, *leaves, losses=np.array(losses), traces=run.train_step_fn.traces,
+             traces_after_first=traces_after_first)
 print("probe done", jax.process_index(), losses, flush=True)
