@@ -1,0 +1,339 @@
+"""Import PyTorch weights (torchvision's or the study's) into a stagejax model directory.
+
+    python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes N] [--trust_pickle]
+
+Why by name: the stagejax modules keep torchvision's attribute names, so each
+PyTorch key has exactly one place to go and anything that does not fit (wrong
+architecture, a truncated file, another class count) is reported key by key
+instead of silently producing a different network. The study's own ResNet-50
+only renames torchvision's ``downsample`` to ``identity_downsample``.
+
+Why the pickle guard: the study saves whole modules with ``torch.save(model)``;
+unpickling such a file runs arbitrary code, so it is refused unless the user
+says they trust it (``--trust_pickle``). Classes that cannot be imported here
+(the study's own ResNet class) are replaced by plain ``torch.nn.Module``
+stand-ins, which is enough to read the weights back out.
+
+Torch is imported only inside this module's functions: it is an optional
+dependency (``pip install stagejax[baseline]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pickle
+import sys
+import types
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stagejax import models
+
+
+class ConversionError(ValueError):
+    """Weights that cannot be imported; the message lists every offending key."""
+
+
+# stagejax variable name -> torch parameter/buffer name
+_LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+# stagejax module name -> torch module name (see layers.ConvBN and mobilenet.MobileNetV3)
+_MODULE_NAMES = {"conv": "0", "bn": "1", "hidden": "classifier.0", "head": "classifier.3"}
+# torch names that carry no weights stagejax needs
+_IGNORED_SUFFIXES = (".num_batches_tracked",)
+# the study's ResNet-50 naming -> torchvision's
+_STUDY_RENAMES = (("identity_downsample.", "downsample."),)
+_FIRST_CONV = ("conv1.weight", "features.0.0.weight")
+_LAST_LINEAR = ("fc.weight", "classifier.3.weight")
+_MAX_LISTED = 10
+
+
+def torch_name(path: tuple[Any, ...]) -> str:
+    """The torch state_dict key of the stagejax variable at ``path`` (from ``nnx.state``)."""
+    modules = [_MODULE_NAMES.get(str(p), str(p)) for p in path[:-1]]
+    return ".".join([*modules, _LEAF_NAMES[path[-1]]])
+
+
+def to_torch_layout(value: np.ndarray) -> np.ndarray:
+    """stagejax layout -> torch layout (HWIO conv -> OIHW, [in, out] linear -> [out, in])."""
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2:
+        return value.T
+    return value
+
+
+def from_torch_layout(value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+        return value.T
+    return value
+
+
+def _import_torch() -> Any:
+    try:
+        return importlib.import_module("torch")
+    except ImportError:
+        raise ConversionError(
+            "importing PyTorch weights needs torch: pip install 'stagejax[baseline]'"
+        ) from None
+
+
+def _lenient_pickle_module(torch: Any, stand_ins: list[str]) -> types.ModuleType:
+    """A ``pickle`` look-alike whose unpickler replaces unimportable classes by empty Modules.
+
+    An ``nn.Module`` pickles as its ``__dict__`` (``_parameters``, ``_buffers``,
+    ``_modules``), which ``nn.Module.__setstate__`` restores on any subclass,
+    so ``state_dict()`` works on the stand-in without the original source.
+    """
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                stand_ins.append(f"{module}.{name}")
+                return type(name, (torch.nn.Module,), {"__module__": module})
+
+    mod = types.ModuleType("stagejax_lenient_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
+    return mod
+
+
+def load_torch_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Read a torch checkpoint into float32 numpy arrays keyed by the file's names.
+
+    Accepts a state_dict, a dict holding one under 'state_dict' or 'model',
+    and (only with ``trust_pickle``) a whole pickled module.
+    """
+    torch = _import_torch()
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    with path.open("rb") as f:  # torch.save writes a zip archive (or, before 1.6, a pickle)
+        if not (zipfile.is_zipfile(f) or (f.seek(0) == 0 and f.read(1) == b"\x80")):
+            raise ConversionError(f"{path}: not a readable torch file (neither zip nor pickle)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ConversionError(f"{path}: not a readable torch file ({e})") from None
+        if not trust_pickle:
+            raise ConversionError(
+                f"{path}: holds a pickled Python object (e.g. a whole torch module saved with "
+                "torch.save(model)); unpickling it can execute arbitrary code, so it is refused. "
+                "Pass --trust_pickle (trust_pickle=True) if you trust where the file came from"
+            ) from None
+        warnings.warn(
+            f"{path}: unpickling with weights_only=False because --trust_pickle was given; "
+            "this runs any code the file contains",
+            stacklevel=2,
+        )
+        stand_ins: list[str] = []
+        try:
+            obj = torch.load(
+                path, map_location="cpu", weights_only=False,
+                pickle_module=_lenient_pickle_module(torch, stand_ins),
+            )
+        except Exception as e:
+            raise ConversionError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
+        if stand_ins:
+            warnings.warn(
+                f"{path}: classes not importable here were read as plain torch Modules: "
+                + ", ".join(sorted(set(stand_ins))),
+                stacklevel=2,
+            )
+    except Exception as e:
+        raise ConversionError(f"{path}: not a readable torch file ({type(e).__name__})") from None
+
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and not isinstance(obj[key], torch.Tensor):
+                obj = obj[key]
+                break
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionError(
+            f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}"
+        )
+    return {k: v.detach().cpu().to(torch.float32).numpy().copy() for k, v in obj.items()}
+
+
+def normalize_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """torchvision names for a torchvision- or study-style state_dict.
+
+    Drops the "module." prefix of (Distributed)DataParallel, renames the
+    study's ``identity_downsample`` and drops ``num_batches_tracked`` counters.
+    """
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        for old, new in _STUDY_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def _infer(state: dict[str, np.ndarray], names: tuple[str, ...], axis: int) -> int | None:
+    for name in names:
+        if name in state and state[name].ndim > axis:
+            return int(state[name].shape[axis])
+    return None
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+# torch's registration order of the names that occur among siblings (torchvision's
+# ResNet and MobileNetV3); used to list keys in state_dict order.
+_TORCH_ORDER = (
+    "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3", "layer4",
+    "downsample", "features", "block", "fc1", "fc2", "fc", "classifier",
+    "weight", "bias", "running_mean", "running_var",
+)
+
+
+def _torch_order(name: str) -> list[tuple[int, int]]:
+    return [(0, int(p)) if p.isdigit() else (1, _TORCH_ORDER.index(p)) for p in name.split(".")]
+
+
+def torch_names(model: nnx.Module) -> list[str]:
+    """The torch state_dict keys (without counters) of ``model``'s weights, in torch's order."""
+    return list(_expected(model))
+
+
+def _expected(model: nnx.Module) -> dict[str, tuple[nnx.Variable, tuple[int, ...]]]:
+    """torch name -> (stagejax variable, torch-layout shape) for every weight of ``model``."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
+        shape = to_torch_layout(np.empty(var.shape, dtype=np.uint8)).shape
+        out[torch_name(path)] = (var, shape)
+    return {k: out[k] for k in sorted(out, key=_torch_order)}
+
+
+def _mismatches(
+    expected: dict[str, tuple[nnx.Variable, tuple[int, ...]]], state: dict[str, np.ndarray]
+) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {expected[k][1]}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != expected[k][1]
+    ]
+    return missing, unexpected, shapes
+
+
+def _guess_arch(state: dict[str, np.ndarray], num_classes: int, in_channels: int) -> str | None:
+    """The architecture whose names and shapes the file matches exactly, if any."""
+    for name in models.NAMES:
+        candidate = models.create_uninitialized(name, num_classes, in_channels)
+        if not any(_mismatches(_expected(candidate), state)):
+            return name
+    return None
+
+
+def convert_state_dict(
+    state: dict[str, np.ndarray], arch: str, num_classes: int | None = None
+) -> nnx.Module:
+    """A stagejax ``arch`` model (eval mode) holding the torch weights ``state``.
+
+    ``state``: torch names -> arrays in torch layout (as ``load_torch_state_dict`` returns).
+    """
+    state = normalize_names(state)
+    if arch not in models.NAMES:
+        raise ConversionError(f"--arch {arch!r}: unknown; choose one of {', '.join(models.NAMES)}")
+    if num_classes is None:
+        num_classes = _infer(state, _LAST_LINEAR, 0) or 12
+    in_channels = _infer(state, _FIRST_CONV, 1) or 3
+    model = models.create_uninitialized(arch, num_classes=num_classes, in_channels=in_channels)
+    expected = _expected(model)
+    missing, unexpected, shapes = _mismatches(expected, state)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listing(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches {_listing(shapes)}")
+        if missing or unexpected:
+            guess = _guess_arch(state, num_classes, in_channels)
+            if guess is not None and guess != arch:
+                parts.append(f"the file matches --arch {guess}")
+        raise ConversionError(f"{arch}: " + "; ".join(parts))
+
+    for name, (var, _) in expected.items():
+        var[...] = jnp.array(from_torch_layout(state[name]), dtype=var.dtype)  # a copy
+    model.eval()
+    return model
+
+
+def convert_file(
+    src: str | Path,
+    arch: str,
+    out: str | Path,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+) -> Path:
+    """Read torch weights from ``src`` and write a stagejax model directory at ``out``."""
+    from stagejax.checkpoint import save_model_weights
+
+    state = load_torch_state_dict(src, trust_pickle=trust_pickle)
+    model = convert_state_dict(state, arch, num_classes)
+    return save_model_weights(
+        out, model, arch, num_classes=model.num_classes, in_channels=model.in_channels
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stagejax.convert",
+        description="Import PyTorch weights (torchvision or the study's) into a model directory.",
+    )
+    parser.add_argument("--from", dest="src", required=True, help="torch checkpoint file")
+    parser.add_argument("--arch", required=True, choices=models.NAMES)
+    parser.add_argument("--out", required=True, help="output model directory")
+    parser.add_argument(
+        "--num_classes", type=int, default=None,
+        help="number of classes (default: from the final layer's weight shape)",
+    )
+    parser.add_argument(
+        "--trust_pickle", action="store_true",
+        help="allow whole pickled modules (torch.save(model)); unpickling can run code",
+    )
+    args = parser.parse_args(argv)
+    from stagejax.checkpoint import CheckpointError
+
+    try:
+        out = convert_file(args.src, args.arch, args.out, args.num_classes, args.trust_pickle)
+    except (ConversionError, CheckpointError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({args.arch})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
