@@ -88,8 +88,10 @@ def run(argv) -> None:
              jax.device_count(), jax.devices()[0].platform)
     try:
         if FLAGS.mode == "train":
-            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config,
-                                                  write=jax.process_index() == 0)
+            # Checked now, but config.json is only written by train_and_evaluate once
+            # the data and model are validated: a run that fails on its input leaves
+            # the workdir as it was.
+            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
             trainer.train_and_evaluate(config, workdir)
         elif FLAGS.mode == "eval":
             workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
@@ -104,8 +106,30 @@ def run(argv) -> None:
         sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a bad flag or config override (a field that does not
+    exist, a value of the wrong type) is one ``error:`` line and exit 2, like
+    every other user error, instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = " ".join(str(e).split())
+    except (AttributeError, KeyError) as e:  # ml_collections: no such (locked) config field
+        text = e
+        while isinstance(text, Exception):  # AttributeError(KeyError("'name'\nDid you mean..."))
+            text = text.args[0] if text.args else ""
+        text = str(text)
+        field = text.splitlines()[0].strip("'\" ")
+        hint = "".join(f"; {line.strip()}" for line in text.splitlines()[1:2])
+        flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                     and a.split("=")[0].split(".")[-1] == field), f"config field {field!r}")
+        message = f"{flag}: no such config field{hint}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    app.run(run)
+    app.run(run, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -64,11 +64,12 @@ class Parallel:
         """Host (or single-device) state -> the layout the step expects."""
         if self.mode == "jit":
             return jax.device_put(state, self.replicated)
-        # Through an identity pmap, so the state already has the layout (and
-        # sharding) the step returns and the step is not traced a second time.
+        # Placed exactly as the pmapped step returns it (a named sharding over this
+        # host's devices), so the step is not traced a second time on step 2.
         d = jax.local_device_count()
         stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (d, *np.shape(x))), state)
-        return jax.pmap(lambda x: x)(stacked)
+        local = jax.sharding.Mesh(np.array(jax.local_devices()), (PMAP_AXIS,))
+        return jax.device_put(stacked, NamedSharding(local, P(PMAP_AXIS)))
 
     def host_state(self, state: Any) -> Any:
         """The state as one copy, for checkpoints and export."""

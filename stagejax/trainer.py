@@ -23,6 +23,7 @@ from stagejax import checkpoint as ckpt_lib
 from stagejax import data as data_lib
 from stagejax import report, writers
 from stagejax import train as train_lib
+from stagejax import workdir as workdir_lib
 from stagejax.data import input_pipeline
 from stagejax.evaluate import run_inference, summarize
 from stagejax.parallel import Parallel
@@ -101,9 +102,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        dataset=None) -> dict:
     """Train (resuming if possible), keep the best epoch, evaluate it on the test split."""
     workdir = Path(workdir)
-    run = Run(config, dataset)
+    run = Run(config, dataset)  # Validates data and config before anything is written.
     par = run.parallel
     is_main = jax.process_index() == 0
+    if is_main:
+        workdir_lib.write_config(workdir, config)
     writer = writers.create_writers(workdir, just_logging=not is_main)
     ckpts = ckpt_lib.TrainCheckpoints(workdir)
 

@@ -75,8 +75,14 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
             "choose an empty or new --workdir"
         )
     if write and not must_exist:
-        atomic_write_text(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+        write_config(path, config)
     return path
+
+
+def write_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
+    """Record ``config`` as the run's config (``prepare_workdir`` checks it on resume)."""
+    text = json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(Path(workdir) / CONFIG_FILE, text)
 
 
 def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:

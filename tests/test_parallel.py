@@ -61,8 +61,9 @@ def test_jit_mesh_and_pmap_match_one_device(tmp_path, tiny_sim_dir, single):
     ref_leaves, ref_losses, traces = single
     assert traces == 1, "the jitted train step was traced more than once"
     for mode in ("jit", "pmap"):
-        leaves, losses, _ = _probe(tmp_path, mode, tiny_sim_dir, "--devices", "8",
-                                   "--mode", mode)
+        leaves, losses, traces = _probe(tmp_path, mode, tiny_sim_dir, "--devices", "8",
+                                        "--mode", mode)
+        assert traces == 1, f"{mode}: the train step was traced more than once"
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
         _assert_same(leaves, ref_leaves)
     # Training moved the parameters: the comparison is not between two initial states.
