@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags
@@ -93,12 +94,22 @@ def run(argv) -> None:
             # the workdir as it was.
             workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
             trainer.train_and_evaluate(config, workdir)
-        elif FLAGS.mode == "eval":
-            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
-            trainer.evaluate_workdir(config, workdir)
         else:
-            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
-            predict_lib.predict_folder(config, workdir)
+            # eval/predict read a training run's workdir, or, with --config.init_from
+            # (e.g. weights from stagejax.convert), write into a new one.
+            imported = bool(config.init_from) and not (
+                Path(FLAGS.workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
+            if imported and FLAGS.mode == "predict":
+                config = FLAGS.config  # No dataset involved: crop_size etc. as given.
+            workdir = workdir_lib.prepare_workdir(
+                FLAGS.workdir, config, write=imported and jax.process_index() == 0,
+                must_exist=not imported)
+            if not imported:
+                config = workdir_lib.eval_config(workdir, FLAGS.config)
+            if FLAGS.mode == "eval":
+                trainer.evaluate_workdir(config, workdir)
+            else:
+                predict_lib.predict_folder(config, workdir)
     except _user_errors() as e:
         if os.environ.get("STAGEJAX_TRACEBACK"):
             raise

@@ -37,13 +37,22 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Predict ``config.predict_dir`` with ``workdir/best_model``; returns the CSV path."""
+    """Predict ``config.predict_dir`` with ``workdir/best_model`` (else ``config.init_from``).
+
+    Returns the CSV path.
+    """
     if not config.predict_dir:
         raise ValueError("config.predict_dir: empty; pass --config.predict_dir=FOLDER")
     workdir = Path(workdir)
     paths = list_images(config.predict_dir)
     parallel = Parallel(config.parallelism, config.global_batch_size, config.eval_batch_size)
-    model = ckpt_lib.load_model_weights(workdir / "best_model",
+    model_dir = workdir / "best_model"
+    if not model_dir.is_dir():
+        if not config.init_from:
+            raise ckpt_lib.CheckpointError(
+                f"{model_dir}: missing; train first or pass --config.init_from=MODEL_DIR")
+        model_dir = Path(config.init_from).expanduser()
+    model = ckpt_lib.load_model_weights(model_dir,
                                         dtype=train_lib.compute_dtype(config),
                                         bn_axis_name=parallel.bn_axis_name)
     modeldef, params, batch_stats = train_lib.split_model(model)

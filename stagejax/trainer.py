@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf."""
+    """The loss, or the weights after an update, became NaN or Inf."""
 
 
 class Run:
@@ -92,7 +92,7 @@ def _check_finite(pending: list, step: int, ckpts: ckpt_lib.TrainCheckpoints) ->
         keep = (f"the last good checkpoint (step {last}) is kept in {ckpts.latest.directory}"
                 if last is not None else "no checkpoint had been written yet")
         raise NonFiniteLossError(
-            f"loss became NaN/Inf by step {step}; training stopped and {keep}. "
+            f"loss or weights became NaN/Inf by step {step}; training stopped and {keep}. "
             "Try a lower --config.learning_rate or --config.precision=float32."
         )
     return pending
@@ -188,8 +188,13 @@ def evaluate_best(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
     if jax.process_index() == 0:
         export_best_model(run, host_state, workdir / "best_model")
     state = run.parallel.put_state(host_state)
+    return _evaluate_and_report(run, state, workdir, split_name,
+                                {"best_epoch": meta["best_epoch"]})
+
+
+def _evaluate_and_report(run: Run, state, workdir: Path, split_name: str, extra: dict) -> dict:
     metrics, out = run.evaluate(state, split_name)
-    metrics["best_epoch"] = meta["best_epoch"]
+    metrics.update(extra)
     split = run.dataset.splits[split_name]
     if jax.process_index() == 0:
         report.write_eval_report(
@@ -209,6 +214,7 @@ def export_best_model(run: Run, host_state, directory: Path) -> None:
     ckpt_lib.save_model_weights(tmp, model, run.config.model, run.config.num_classes,
                                 1 if run.config.grayscale else 3)
     old = directory.with_name(".best_model.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed mid-swap; blocks rename
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
@@ -221,6 +227,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     run = Run(config)
     ckpts = ckpt_lib.TrainCheckpoints(workdir)
     try:
+        if ckpts.best.latest_step() is None and config.init_from:
+            # No training here: evaluate the imported weights as they are.
+            state = run.parallel.put_state(run.initial_state)
+            return _evaluate_and_report(run, state, Path(workdir), config.eval_split, {})
         return evaluate_best(run, ckpts, Path(workdir), config.eval_split)
     finally:
         ckpts.close()

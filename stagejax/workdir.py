@@ -85,6 +85,25 @@ def write_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None
     atomic_write_text(Path(workdir) / CONFIG_FILE, text)
 
 
+# Fields that --mode=eval/predict take from the command line; the rest (model, crop,
+# precision of the weights' training...) come from the run's config.json.
+EVAL_FIELDS = ("eval_batch_size", "eval_split", "predict_dir", "tta", "cache_dir",
+               "num_workers", "parallelism")
+
+
+def eval_config(workdir: str | Path,
+                cli_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config to evaluate or predict with a trained ``workdir``: the run's own,
+    so the crop and model match training, with ``EVAL_FIELDS`` (and a non-empty
+    ``data_dir``, to evaluate on another dataset) from the command line."""
+    config = load_run_config(workdir)
+    for k in EVAL_FIELDS:
+        config[k] = cli_config[k]
+    if cli_config.data_dir:
+        config.data_dir = cli_config.data_dir
+    return config
+
+
 def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config a training run in ``workdir`` used."""
     path = Path(workdir).expanduser().absolute() / CONFIG_FILE

@@ -1,0 +1,100 @@
+"""Imported PyTorch weights drive `--mode=eval` and `--mode=predict` with no training run.
+
+The oracle is torchvision itself: the same weights, the same centre crop and
+per-image min-max, evaluated by torch, must give the probabilities stagejax
+writes into its CSV files.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from stagejax import convert
+from tests.conftest import REPO
+from tests.test_convert import randomize
+
+CROP = 32
+
+
+def _torch_probs(model: torch.nn.Module, path: Path) -> np.ndarray:
+    image = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    h, w = image.shape[:2]
+    top, left = (h - CROP) // 2, (w - CROP) // 2
+    x = image[top:top + CROP, left:left + CROP]
+    x = (x - x.min()) / (x.max() - x.min())
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x).permute(2, 0, 1)[None])
+    return torch.softmax(logits, -1)[0].numpy()
+
+
+def _read_probs(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [c for c in rows[0] if c.startswith("prob_")]
+    assert len(cols) == 12
+    return {r["file_name"]: np.array([float(r[c]) for c in cols]) for r in rows}
+
+
+def _main(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "stagejax.main", "--config=configs/resnet.py",
+           f"--workdir={workdir}", "--config.model=resnet18", f"--config.crop_size={CROP}",
+           "--config.crop_range=4", f"--config.cache_dir={workdir.parent / 'cache'}", *args]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    reference = randomize(torchvision.models.resnet18(num_classes=12)).eval()
+    tmp = tmp_path_factory.mktemp("imported")
+    torch.save(reference.state_dict(), tmp / "resnet18.pth")
+    assert convert.main(["--from", str(tmp / "resnet18.pth"), "--arch", "resnet18",
+                         "--out", str(tmp / "model")]) == 0
+    return reference, tmp / "model"
+
+
+def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported):
+    reference, model_dir = imported
+    images = tiny_sim_dir / "images"
+    test_files = (tiny_sim_dir / "split_list" / "test.txt").read_text().split()
+    expected = {f: _torch_probs(reference, images / f) for f in test_files}
+
+    workdir = tmp_path / "eval"
+    r = _main(workdir, "--mode=eval", f"--config.init_from={model_dir}",
+              f"--config.data_dir={tiny_sim_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = _read_probs(workdir / "eval_test" / "predictions.csv")
+    assert sorted(got) == sorted(test_files)
+    for f in test_files:
+        np.testing.assert_allclose(got[f], expected[f], atol=1e-4, err_msg=f)
+    assert not list(workdir.glob("checkpoints/*/[0-9]*")), "evaluation must not train"
+
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    for f in test_files[:5]:
+        (folder / f).write_bytes((images / f).read_bytes())
+    workdir = tmp_path / "predict"
+    r = _main(workdir, "--mode=predict", f"--config.init_from={model_dir}",
+              f"--config.predict_dir={folder}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = _read_probs(workdir / "predict" / "predictions.csv")
+    assert sorted(got) == sorted(test_files[:5])
+    for f in test_files[:5]:
+        np.testing.assert_allclose(got[f], expected[f], atol=1e-4, err_msg=f)
+
+
+def test_eval_without_a_model_is_a_one_line_error(tmp_path, tiny_sim_dir):
+    r = _main(tmp_path / "nothing", "--mode=predict", f"--config.predict_dir={tiny_sim_dir}")
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "config.json" in lines[0], r.stderr[-2000:]
