@@ -1,6 +1,7 @@
 """Import PyTorch weights (torchvision's or the study's) into a stagejax model directory.
 
-    python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes N] [--trust_pickle]
+    python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes N] [--new_head]
+        [--trust_pickle]
 
 Why by name: the stagejax modules keep torchvision's attribute names, so each
 PyTorch key has exactly one place to go and anything that does not fit (wrong
@@ -255,20 +256,31 @@ def _guess_arch(state: dict[str, np.ndarray], num_classes: int, in_channels: int
 
 
 def convert_state_dict(
-    state: dict[str, np.ndarray], arch: str, num_classes: int | None = None
+    state: dict[str, np.ndarray], arch: str, num_classes: int | None = None,
+    new_head: bool = False,
 ) -> nnx.Module:
     """A stagejax ``arch`` model (eval mode) holding the torch weights ``state``.
 
     ``state``: torch names -> arrays in torch layout (as ``load_torch_state_dict`` returns).
+    ``new_head``: drop the file's final classifier layer (e.g. ImageNet's 1000
+    classes) and start a ``num_classes`` (default 12) one from torchvision's
+    initialisation: fine-tuning from pretrained weights.
     """
     state = normalize_names(state)
     if arch not in models.NAMES:
         raise ConversionError(f"--arch {arch!r}: unknown; choose one of {', '.join(models.NAMES)}")
-    if num_classes is None:
+    if new_head:
+        heads = tuple(k.rsplit(".", 1)[0] + "." for k in _LAST_LINEAR)
+        state = {k: v for k, v in state.items() if not k.startswith(heads)}
+        num_classes = num_classes or 12
+    elif num_classes is None:
         num_classes = _infer(state, _LAST_LINEAR, 0) or 12
     in_channels = _infer(state, _FIRST_CONV, 1) or 3
-    model = models.create_uninitialized(arch, num_classes=num_classes, in_channels=in_channels)
+    build = models.create if new_head else models.create_uninitialized
+    model = build(arch, num_classes=num_classes, in_channels=in_channels)
     expected = _expected(model)
+    if new_head:
+        expected = {k: v for k, v in expected.items() if not k.startswith(heads)}
     missing, unexpected, shapes = _mismatches(expected, state)
     if missing or unexpected or shapes:
         parts = []
@@ -296,12 +308,13 @@ def convert_file(
     out: str | Path,
     num_classes: int | None = None,
     trust_pickle: bool = False,
+    new_head: bool = False,
 ) -> Path:
     """Read torch weights from ``src`` and write a stagejax model directory at ``out``."""
     from stagejax.checkpoint import save_model_weights
 
     state = load_torch_state_dict(src, trust_pickle=trust_pickle)
-    model = convert_state_dict(state, arch, num_classes)
+    model = convert_state_dict(state, arch, num_classes, new_head)
     return save_model_weights(
         out, model, arch, num_classes=model.num_classes, in_channels=model.in_channels
     )
@@ -323,11 +336,17 @@ def main(argv: list[str] | None = None) -> int:
         "--trust_pickle", action="store_true",
         help="allow whole pickled modules (torch.save(model)); unpickling can run code",
     )
+    parser.add_argument(
+        "--new_head", action="store_true",
+        help="replace the final classifier layer by a fresh one with --num_classes outputs "
+             "(default 12), e.g. to fine-tune from torchvision's ImageNet weights",
+    )
     args = parser.parse_args(argv)
     from stagejax.checkpoint import CheckpointError
 
     try:
-        out = convert_file(args.src, args.arch, args.out, args.num_classes, args.trust_pickle)
+        out = convert_file(args.src, args.arch, args.out, args.num_classes, args.trust_pickle,
+                           args.new_head)
     except (ConversionError, CheckpointError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -247,7 +247,7 @@ def test_unreadable_files_and_missing_torch(tmp_path, monkeypatch):
 def test_command_line_end_to_end(tmp_path, capsys):
     """``python -m stagejax.convert`` is ``sys.exit(main())``; main() runs in-process here
     (a second interpreter importing jax and torch would double this test's time)."""
-    reference = randomize(torchvision.models.mobilenet_v3_small(num_classes=12))
+    reference = torch_model("mobilenet_v3_small")  # seeded: O(1) logits, see randomize
     src = tmp_path / "checkpoint.pth"
     torch.save({"epoch": 10, "state_dict": reference.state_dict()}, src)  # wrapped state_dict
     out = tmp_path / "imported"
@@ -270,3 +270,20 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert convert.main(["--from", str(tmp_path / "whole.pth"), *other]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("ConversionError: ") and "--trust_pickle" in err and "\n" not in err
+
+
+def test_new_head_keeps_the_backbone_and_starts_a_12_stage_classifier():
+    """ImageNet-style 1000-class weights fine-tune into 12 stages with --new_head."""
+    torch.manual_seed(1)
+    reference = randomize(torchvision.models.resnet18(num_classes=1000))
+    state = numpy_state(reference)
+    with pytest.raises(ConversionError, match=r"fc\.weight: file \(1000, 512\)"):
+        convert.convert_state_dict(state, "resnet18", num_classes=12)
+
+    model = convert.convert_state_dict(state, "resnet18", new_head=True)
+    assert model.num_classes == 12 and model.fc.kernel.shape == (512, 12)
+    assert float(jnp.abs(model.fc.kernel[...]).max()) > 0  # initialised, not left at zero
+    x = jnp.asarray(X.transpose(0, 2, 3, 1))
+    reference.fc = torch.nn.Identity()  # the backbone's embedding, before any head
+    np.testing.assert_allclose(model.embed(model.backbone(x)), torch_logits(reference),
+                               rtol=0, atol=1e-4)
