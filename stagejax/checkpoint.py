@@ -121,6 +121,7 @@ class TrainCheckpoints:
 
         self.latest = manager("latest", keep_latest)
         self.best = manager("best", 1)
+        self._unreadable: set[int] = set()  # latest steps restore_latest had to skip
 
     @staticmethod
     def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
@@ -134,6 +135,13 @@ class TrainCheckpoints:
         )
 
     def save_latest(self, step: int, state: Any, meta: dict) -> None:
+        # ``meta`` names the best epoch: its (asynchronous) best checkpoint must be
+        # committed before a latest one that refers to it, or a run killed in
+        # between resumes past that epoch with no best checkpoint left.
+        self.best.wait_until_finished()
+        if step in self._unreadable:  # re-reached after falling back: replace the bad one
+            self._unreadable.discard(step)
+            self.latest.delete(step)
         self._save(self.latest, step, state, meta)
 
     def save_best(self, step: int, state: Any, meta: dict) -> None:
@@ -158,6 +166,7 @@ class TrainCheckpoints:
                 )
                 return out["state"], dict(out["meta"])
             except Exception as e:  # corrupt or truncated files
+                self._unreadable.add(step)
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 log.warning(
                     "checkpoint %s/%d is unreadable (%s); falling back to the previous one",

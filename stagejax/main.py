@@ -30,6 +30,11 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_integer("heartbeat_timeout", 60,
+                     "Multi-host: seconds without a heartbeat after which a process counts "
+                     "as dead and all the others stop with an error instead of hanging.")
+flags.DEFINE_integer("initialization_timeout", 300,
+                     "Multi-host: seconds to wait for every process to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("stagejax")
@@ -50,14 +55,20 @@ def initialize_distributed() -> None:
 
     Must run before anything touches the devices.
     """
+    timeouts = dict(initialization_timeout=FLAGS.initialization_timeout,
+                    heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
     if FLAGS.coordinator_address or FLAGS.num_processes:
+        # CPU processes need a collectives backend to talk to each other (gloo is
+        # jax 0.10's default; set it so that a changed default cannot hang a run).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
+            **timeouts,
         )
     elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize()  # Cloud TPU VM slice: JAX finds its peers itself.
+        jax.distributed.initialize(**timeouts)  # Cloud TPU VM slice: JAX finds its peers.
 
 
 class _QuietLibraries(logging.Filter):

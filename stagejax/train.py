@@ -181,12 +181,20 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                                   opt_state=opt_state)
-        metrics = {"loss": loss, "accuracy": accuracy, "finite": jnp.isfinite(loss)}
+        # The loss of step s is computed before its update: a finite loss can still
+        # leave NaN/Inf weights behind. The flag covers what a checkpoint would save.
+        finite = jnp.isfinite(loss) & _all_finite((params, new_stats))
+        metrics = {"loss": loss, "accuracy": accuracy, "finite": finite}
         return new_state, metrics
 
     model_has_dropout = bool(jax.tree.leaves(modeldef.rest))
     step_fn.traces = 0
     return step_fn
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """True when no leaf of ``tree`` holds a NaN or Inf."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_eval_step(modeldef: ModelDef, config: ml_collections.ConfigDict,
