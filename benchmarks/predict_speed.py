@@ -1,0 +1,240 @@
+"""Prediction speed: images/s of stagejax's jitted eval forward against PyTorch eval mode.
+
+    python -m benchmarks.predict_speed --model resnet50 --image_size 896 --batch 8 \\
+        --steps 5 --warmup 1 [--frameworks stagejax,torch,torch_channels_last] [--json out.json]
+
+What is timed is what `--mode=predict` does per batch once the images are
+decoded and centre-cropped: uint8 NHWC batch -> float in [0, 1] -> per-image
+min-max -> model in eval mode (BatchNorm running statistics) -> softmax. Both
+frameworks get the same uint8 batch (random, seeded) and the same
+architecture with fresh weights (speed does not depend on the weights).
+
+* ``stagejax``: ``stagejax.models.create``, ``model.eval()``, one ``jax.jit``
+  of preprocessing + forward + softmax (``augment.device_preprocess``, as the
+  eval step uses), float32.
+* ``torch``: the same torchvision architecture, ``model.eval()`` under
+  ``torch.inference_mode``, NCHW float32 -- how the study's code predicts.
+* ``torch_channels_last``: the same with channels_last memory format, the
+  first thing a PyTorch user tunes for CPU convolutions.
+
+Each framework runs in its own process (see `common`): ``--warmup`` batches
+are discarded (they include jit compilation), then ``--steps`` batches are
+timed one by one; images/s is batch / median seconds per batch. The ratios
+are stagejax's median images/s over each torch variant's, from the same
+invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from benchmarks import common
+
+MODULE = "benchmarks.predict_speed"
+FRAMEWORKS = ("stagejax", "torch", "torch_channels_last")
+log = logging.getLogger("predict_speed")
+
+
+def input_batch(batch: int, image_size: int, seed: int) -> np.ndarray:
+    """The uint8 NHWC batch every framework predicts."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+
+
+def time_batches(predict: Callable[[], object], warmup: int, steps: int) -> dict:
+    """Seconds of the first call, then of each of ``steps`` calls after ``warmup``.
+
+    ``predict`` must return only when its result is computed (the callers
+    block on it), so each timing is one whole batch.
+    """
+    t0 = time.perf_counter()
+    predict()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        predict()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        predict()
+        times.append(time.perf_counter() - t0)
+    return {"first_batch_s": first, "batch_s": times}
+
+
+def rate_summary(batch_s: list[float], batch: int) -> dict:
+    """Images/s at the median, fastest and slowest timed batch."""
+    s = common.summary(batch_s)
+    return {"images_per_s": batch / s["median"], "images_per_s_min": batch / s["max"],
+            "images_per_s_max": batch / s["min"], "batch_s": s}
+
+
+def bench_stagejax(job: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from stagejax import models
+    from stagejax.data import augment
+
+    model = models.create(job["model"], num_classes=12, dtype=jnp.float32, seed=job["seed"])
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def predict(state, images):
+        x = augment.device_preprocess(images, None, None, train=False, grayscale=False)
+        return jax.nn.softmax(nnx.merge(graphdef, state)(x).astype(jnp.float32))
+
+    images = jax.device_put(input_batch(job["batch"], job["image_size"], job["seed"]))
+    out = {"probs": None}
+
+    def run() -> None:
+        out["probs"] = predict(state, images).block_until_ready()
+
+    timing = time_batches(run, job["warmup"], job["steps"])
+    return {"framework": "stagejax", "device": f"{jax.default_backend()}: "
+            f"{jax.devices()[0].device_kind}", "precision": "float32", **timing,
+            **rate_summary(timing["batch_s"], job["batch"]),
+            "peak_rss_mb": common.peak_rss_mb()}
+
+
+def bench_torch(job: dict, channels_last: bool) -> dict:
+    import torch
+
+    from benchmarks import torch_baseline as tb
+
+    torch.manual_seed(job["seed"])
+    device = tb.default_device()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = tb.create_model(job["model"]).to(device).to(memory_format=fmt).eval()
+    images = torch.from_numpy(input_batch(job["batch"], job["image_size"], job["seed"]))
+    images = images.to(device)
+    out = {"probs": None}
+
+    @torch.inference_mode()
+    def run() -> None:
+        x = tb.min_max(images.permute(0, 3, 1, 2).float() / 255.0)
+        x = x.contiguous(memory_format=fmt)
+        out["probs"] = torch.softmax(model(x).float(), dim=-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    timing = time_batches(run, job["warmup"], job["steps"])
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
+    return {"framework": "torch_channels_last" if channels_last else "torch",
+            "device": f"{device.type}: {dev}", "precision": "float32", **timing,
+            **rate_summary(timing["batch_s"], job["batch"]),
+            "peak_rss_mb": common.peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+
+
+def child(job: dict) -> dict:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if job["framework"] == "stagejax":
+        return bench_stagejax(job)
+    return bench_torch(job, channels_last=job["framework"] == "torch_channels_last")
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """stagejax's median images/s over each torch variant's (only those that ran)."""
+    sj = results.get("stagejax", {}).get("images_per_s")
+    out = {}
+    for name, r in results.items():
+        if name != "stagejax" and sj and r.get("images_per_s"):
+            out[f"stagejax/{name}"] = sj / r["images_per_s"]
+    return out
+
+
+def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append([name, f"error: {r['error']}", "", "", "", ""])
+            continue
+        rows.append([name, f"{r['images_per_s']:.3f}",
+                     f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
+                     f"{r['batch_s']['median']:.2f}", f"{r['first_batch_s']:.1f}",
+                     f"{r['peak_rss_mb']:.0f}"])
+    text = common.markdown_table(
+        ["framework", "images/s (median batch)", "images/s range", "s/batch (median)",
+         "first batch s (incl. compile)", "peak RSS MB"], rows)
+    if ratio:
+        text += "\n\n" + common.markdown_table(
+            ["same-run ratio (median images/s)", "value"],
+            [[k, f"{v:.2f}x"] for k, v in ratio.items()])
+    return text
+
+
+def parse_frameworks(text: str) -> list[str]:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [n for n in names if n not in FRAMEWORKS]
+    if bad or not names:
+        raise ValueError(f"--frameworks: {text!r}; choose from {', '.join(FRAMEWORKS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--image_size", type=int, default=896, help="crop size fed to the model")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed batches")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches (>= 1: compiles)")
+    p.add_argument("--frameworks", default="stagejax,torch,torch_channels_last")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
+    p.add_argument("--json", default="", help="also write all results here")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def validate(args: argparse.Namespace) -> list[str]:
+    """Refuse sizes that cannot run, before any child starts; returns the frameworks."""
+    from stagejax import models
+
+    if args.model not in models.NAMES:
+        raise ValueError(f"--model: {args.model!r} is not one of {', '.join(models.NAMES)}")
+    for name in ("image_size", "batch", "steps", "warmup"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    if args.image_size < 32:
+        raise ValueError(f"--image_size: {args.image_size} is below the 32 px a ResNet "
+                         "downsamples by")
+    return parse_frameworks(args.frameworks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        common.emit(child(json.loads(args.child)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        names = validate(args)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
+    job = {"model": args.model, "image_size": args.image_size, "batch": args.batch,
+           "steps": args.steps, "warmup": args.warmup, "seed": args.seed}
+    results = {}
+    for name in names:
+        log.info("measuring %s", name)
+        results[name] = common.run_child(MODULE, {**job, "framework": name}, args.timeout)
+        print(json.dumps({"name": name, **results[name]}), flush=True)
+    ratio = ratios(results)
+    report = {"machine": common.machine_info(), "command": common.command_line(MODULE),
+              "warning": shape_warning, "job": job,
+              "results": results, "ratios": ratio}
+    print("\n" + markdown(results, ratio) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""The benchmarks' pure parts: the PyTorch baseline's recipe pieces against
+stagejax's, ratios, pooling, tables and argument checks. No timing assertions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import accuracy, common, predict_speed, throughput
+from benchmarks import torch_baseline as tb
+from stagejax import metrics as metrics_lib
+from stagejax.data import augment
+from stagejax.data.sampler import StageBalancedSampler
+
+# --- the baseline's recipe pieces equal stagejax's ---------------------------------------
+
+
+def test_crop_origin_equals_stagejax_crop_start():
+    for size in (48, 64, 97, 1152):
+        for crop in (16, 47, 48, 896):
+            if crop > size:
+                continue
+            for shift in range(-140, 141, 7):
+                assert tb.crop_origin(size, crop, shift) == augment.crop_start(size, crop, shift)
+
+
+@pytest.mark.parametrize("shape,crop,crop_range", [((40, 40), 32, 4), ((50, 37), 30, 9),
+                                                   ((33, 33), 33, 3)])
+def test_train_view_equals_stagejax_train_crop_for_the_same_rng(shape, crop, crop_range):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    stagejax_crop = augment.TrainCrop(crop, crop_range)
+    for seed in range(60):
+        ours = tb.train_view(image, crop, crop_range, np.random.default_rng(seed))
+        theirs = stagejax_crop.random_map({"image": image}, np.random.default_rng(seed))["image"]
+        assert ours.shape == (crop, crop, 3)
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_center_view_equals_stagejax_center_crop():
+    image = np.random.default_rng(1).integers(0, 256, (45, 52, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(tb.center_view(image, 31),
+                                  augment.CenterCrop(31).map({"image": image})["image"])
+
+
+def test_min_max_equals_stagejax_min_max():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (4, 9, 11, 3), dtype=np.uint8).astype(np.float32) / 255.0
+    images[1] = 0.5  # constant image -> zeros in both
+    images[2] = images[2] * 0.1 + 0.3  # narrow range
+    theirs = np.asarray(augment.min_max(jnp.asarray(images)))
+    batch = tb.min_max(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(batch.numpy(), theirs, atol=1e-6)
+    assert not theirs[1].any()
+    single = tb.min_max(torch.from_numpy(images[3]).permute(2, 0, 1)).permute(1, 2, 0)
+    np.testing.assert_allclose(single.numpy(), theirs[3], atol=1e-6)
+
+
+def test_stage_metrics_equal_stagejax_summary():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 12, 200)
+    preds = np.where(rng.random(200) < 0.6, labels, rng.integers(0, 12, 200))
+    ours = tb.stage_metrics(labels, preds)
+    cm = np.zeros((12, 12), np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    theirs = metrics_lib.summarize(cm)
+    for k in ("accuracy", "balanced_accuracy", "within1_accuracy"):
+        assert ours[k] == pytest.approx(theirs[k])
+
+
+def test_read_split_labels_from_file_names(tmp_path):
+    (tmp_path / "split_list").mkdir()
+    (tmp_path / "label_list.txt").write_text("\n".join(str(i) for i in range(1, 13)) + "\n")
+    (tmp_path / "split_list" / "train.txt").write_text("a_b_7-12.png\nx_1-3.png\n\n")
+    split = tb.read_split(tmp_path, "train")
+    assert split.labels.tolist() == [6, 0]
+    assert split.paths[0] == tmp_path / "images" / "a_b_7-12.png"
+    (tmp_path / "split_list" / "test.txt").write_text("x_13-1.png\n")
+    with pytest.raises(ValueError, match="13"):
+        tb.read_split(tmp_path, "test")
+
+
+# --- the baseline's balanced sampler ----------------------------------------------------
+
+def uneven_labels() -> np.ndarray:
+    """Stage s has s + 1 images (stage 0: one, so it repeats within a batch of 24)."""
+    return np.concatenate([np.full(s + 1, s) for s in range(12)])
+
+
+@pytest.mark.parametrize("batch", [12, 24, 36])
+def test_balanced_batches_hold_every_stage_equally(batch):
+    labels = uneven_labels()
+    sampler = tb.BalancedBatches(labels, batch, seed=5, num_batches=40)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 40
+    positions = [p for b in batches for _, p in b]
+    assert positions == list(range(40 * batch))  # each sample's crop seed is unique
+    for b in batches:
+        counts = np.bincount(labels[[r for r, _ in b]], minlength=12)
+        assert counts.tolist() == [batch // 12] * 12
+
+
+def test_balanced_batches_draw_each_stage_without_replacement_until_reshuffle():
+    labels = uneven_labels()
+    per_stage = 2
+    draws: dict[int, list[int]] = {s: [] for s in range(12)}
+    for b in tb.BalancedBatches(labels, 12 * per_stage, seed=0, num_batches=30):
+        for r, _ in b:
+            draws[int(labels[r])].append(r)
+    for s, seq in draws.items():
+        n = s + 1
+        if n < per_stage:
+            continue
+        cycle = (n // per_stage) * per_stage  # a pass ends when fewer than 2 remain
+        for start in range(0, len(seq) - cycle + 1, cycle):
+            chunk = seq[start:start + cycle]
+            assert len(set(chunk)) == cycle, (s, chunk)
+
+
+def test_balanced_batches_refuse_bad_inputs():
+    with pytest.raises(ValueError, match="multiple of 12"):
+        tb.BalancedBatches(uneven_labels(), 18, 0, 1)
+    with pytest.raises(ValueError, match="stage 12"):
+        tb.BalancedBatches(np.arange(11), 12, 0, 1)
+    with pytest.raises(ValueError, match="sampler"):
+        tb.make_sampler("random", uneven_labels(), 12, 0, 1)
+
+
+def test_stagejax_batches_follow_stagejax_sampler():
+    labels = uneven_labels()
+    batches = list(tb.make_sampler("stagejax", labels, 24, 7, 3))
+    ref = StageBalancedSampler(labels.astype(np.int32), 24, 7)
+    assert [r for b in batches for r, _ in b] == [ref.record_key(i) for i in range(72)]
+
+
+# --- the tuned variant and its torch.compile fallback -----------------------------------
+
+def test_tuned_on_cpu_skips_compile_unless_asked():
+    cpu = torch.device("cpu")
+    auto = tb.tuned(cpu, 0, "auto")
+    assert not auto.compile and any("torch.compile off" in n for n in auto.notes)
+    assert tb.tuned(cpu, 0, "on").compile
+    assert not tb.tuned(cpu, 0, "off").compile
+
+
+@pytest.mark.parametrize("works", [False, True])
+def test_trainer_records_what_torch_compile_did(monkeypatch, works):
+    def fake_compile(model):
+        if works:
+            return model
+
+        def broken(_):
+            raise RuntimeError("inductor: no C++ compiler")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    tuning = tb.Tuning(name="tuned", compile=True)
+    trainer = tb.Trainer("mobilenet_v3_small", tuning, torch.device("cpu"), seed=0)
+    x, y = torch.rand(12, 3, 32, 32), torch.arange(12)
+    loss = trainer.train_step(x, y)
+    assert torch.isfinite(loss)
+    assert trainer.compile_status == ("on" if works else "failed, eager")
+    assert any(("failed" in n) != works for n in trainer.notes if "compile" in n)
+    assert torch.isfinite(trainer.train_step(x, y))  # later steps: no more checks
+
+
+# --- common -----------------------------------------------------------------------------
+
+def test_common_helpers():
+    assert common.scaled_crop_range(896) == 128
+    assert common.scaled_crop_range(64) == 9
+    assert common.scaled_crop_range(1) == 1
+    assert common.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    table = common.markdown_table(["a", "b"], [["x", 1.234], ["y", None]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 1.2 |", "| y | n/a |"]
+
+
+def test_resnet_final_map_and_the_xla_cpu_shape_warning():
+    sizes = {32: 1, 48: 2, 64: 2, 65: 3, 80: 3, 96: 3, 224: 7, 896: 28}
+    assert {s: common.resnet_final_map(s) for s in sizes} == sizes
+    log = logging.getLogger("test")
+    assert "2-px layer4" in common.warn_slow_xla_cpu_shape("resnet18", 64, log)
+    assert common.warn_slow_xla_cpu_shape("resnet50", 96, log) is None
+    assert common.warn_slow_xla_cpu_shape("mobilenet_v3_small", 64, log) is None
+
+
+def test_run_child_without_a_result_is_an_error_not_an_exception():
+    out = common.run_child("benchmarks.common", {"x": 1}, timeout=60)
+    assert "error" in out and "no result" in out["error"]
+
+
+def test_emit_is_what_run_child_reads(capsys):
+    common.emit({"a": 1})
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(common.RESULT_PREFIX)
+    assert json.loads(line[len(common.RESULT_PREFIX):]) == {"a": 1}
+
+
+# --- throughput -------------------------------------------------------------------------
+
+def fake_throughput(e2e: float, model: float, windows: int = 3) -> dict:
+    def phase(rate):
+        return throughput.phase_result([rate] * windows, [24 / rate] * windows)
+
+    e = phase(e2e)
+    e["loader_wait_fraction"] = 0.1
+    return {"framework": "x", "precision": "float32", "num_workers": 0, "first_step_s": 2.0,
+            "model_only": phase(model), "end_to_end": e, "peak_device_memory_mb": None,
+            "peak_rss_mb": 100.0}
+
+
+def test_throughput_ratios_and_table():
+    results = {"stagejax": fake_throughput(30, 60), "torch": fake_throughput(10, 20),
+               "torch_tuned": {"error": "timed out after 5 s"}}
+    ratio = throughput.ratios(results)
+    assert ratio == {"stagejax/torch end_to_end": pytest.approx(3.0),
+                     "stagejax/torch model_only": pytest.approx(3.0)}
+    text = throughput.markdown(results, ratio)
+    assert "| torch_tuned | error: timed out after 5 s |" in text
+    assert "3.00x" in text
+    header, rule, *rows = text.split("\n\n")[0].splitlines()
+    assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def test_throughput_table_says_what_torch_compile_did():
+    r = {**fake_throughput(10, 20), "torch_compile": "failed, eager", "notes": ["Adam: fused"]}
+    text = throughput.markdown({"torch_tuned": r}, {})
+    assert "- torch_tuned: 1 round(s); torch.compile failed, eager; Adam: fused" in text
+
+
+def test_throughput_pools_rounds_and_drops_failed_ones():
+    a, b = fake_throughput(10, 20), fake_throughput(30, 40)
+    b["first_step_s"], b["end_to_end"]["loader_wait_fraction"] = 4.0, 0.3
+    pooled = throughput.pool_rounds([a, {"error": "boom"}, b])
+    assert pooled["rounds"] == 2 and pooled["failed_rounds"] == ["boom"]
+    assert pooled["end_to_end"]["images_per_s"] == {"median": 20.0, "min": 10.0, "max": 30.0}
+    assert pooled["model_only"]["images_per_s"]["median"] == pytest.approx(30.0)
+    assert pooled["first_step_s"] == pytest.approx(3.0)
+    assert pooled["end_to_end"]["loader_wait_fraction"] == pytest.approx(0.2)
+    assert throughput.pool_rounds([{"error": "x"}]) == {"error": "x"}
+
+
+def test_throughput_timed_windows_cover_every_step():
+    calls = []
+    rates, times = throughput.timed_windows(lambda: calls.append(1), lambda _: None, 7, 3, 12)
+    assert len(calls) == 7 and len(rates) == len(times) == 3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--frameworks", "stagejax,jax"], "frameworks"),
+    (["--frameworks", "torch,torch"], "frameworks"),
+    (["--frameworks", ""], "frameworks"),
+    (["--global_batch", "30"], "multiple of 12"),
+    (["--study_batch", "6"], "study_batch"),
+    (["--model", "vgg16"], "model"),
+    (["--steps", "0"], "steps"),
+    (["--image_size", "16"], "image_size"),
+])
+def test_throughput_refuses_bad_arguments(argv, match):
+    args = throughput.build_parser().parse_args(argv)
+    with pytest.raises(ValueError, match=match):
+        throughput.validate(args)
+
+
+def test_throughput_accepts_profile_alone():
+    args = throughput.build_parser().parse_args(["--frameworks", "", "--profile"])
+    assert throughput.validate(args) == []
+
+
+# --- predict_speed ----------------------------------------------------------------------
+
+def test_predict_speed_rates_and_ratios():
+    r = predict_speed.rate_summary([2.0, 4.0, 1.0], batch=8)
+    assert r["images_per_s"] == pytest.approx(4.0)
+    assert (r["images_per_s_min"], r["images_per_s_max"]) == (2.0, 8.0)
+    results = {"stagejax": {"images_per_s": 6.0}, "torch": {"images_per_s": 3.0},
+               "torch_channels_last": {"error": "x"}}
+    assert predict_speed.ratios(results) == {"stagejax/torch": pytest.approx(2.0)}
+    assert "error: x" in predict_speed.markdown(
+        {"torch_channels_last": {"error": "x"}}, {})
+
+
+def test_predict_speed_times_only_the_steps_after_warmup():
+    calls = []
+    out = predict_speed.time_batches(lambda: calls.append(1), warmup=3, steps=4)
+    assert len(calls) == 1 + 2 + 4 and len(out["batch_s"]) == 4
+
+
+def test_predict_speed_input_is_seeded_uint8():
+    a = predict_speed.input_batch(2, 16, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(a, predict_speed.input_batch(2, 16, seed=3))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--frameworks", "stagejax,tf"], "frameworks"),
+    (["--model", "alexnet"], "model"),
+    (["--batch", "0"], "batch"),
+    (["--image_size", "8"], "image_size"),
+])
+def test_predict_speed_refuses_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        predict_speed.validate(predict_speed.build_parser().parse_args(argv))
+
+
+# --- accuracy ---------------------------------------------------------------------------
+
+def run(fw: str, seed: int, bal: float, wall: float = 10.0) -> dict:
+    return {"framework": fw, "seed": seed, "balanced_accuracy": bal, "accuracy": bal - 0.05,
+            "within1_accuracy": 0.9, "best_epoch": 3, "wall_s": wall}
+
+
+def test_accuracy_aggregate_and_parity():
+    runs = [run("stagejax", 1, 0.50), run("torch", 1, 0.53), run("stagejax", 2, 0.60),
+            run("torch", 2, 0.55), {"framework": "torch", "seed": 3, "error": "boom"}]
+    agg = accuracy.aggregate(runs)
+    assert agg["stagejax"]["runs"] == 2 and agg["torch"]["runs"] == 2
+    assert agg["stagejax"]["balanced_accuracy"]["mean"] == pytest.approx(0.55)
+    assert agg["stagejax"]["balanced_accuracy"]["std"] == pytest.approx(np.std([.5, .6], ddof=1))
+    par = accuracy.parity(agg)
+    assert par["stagejax_minus_torch_points"] == pytest.approx(1.0) and par["met"]
+    text = accuracy.markdown(runs, agg, par)
+    assert "error: boom" in text and "SIMULATED" in text and "met" in text
+
+
+def test_accuracy_parity_missed_beyond_two_points():
+    agg = accuracy.aggregate([run("stagejax", 1, 0.40), run("torch", 1, 0.43)])
+    par = accuracy.parity(agg)
+    assert par["stagejax_minus_torch_points"] == pytest.approx(-3.0) and not par["met"]
+    assert accuracy.aggregate([run("torch", 1, 0.4)])["torch"]["wall_s"]["std"] == 0.0
+    assert accuracy.parity(accuracy.aggregate([run("torch", 1, 0.4)])) is None
+
+
+def test_accuracy_seeds():
+    assert accuracy.parse_seeds("109, 110,111") == [109, 110, 111]
+    for bad in ("", "1,1", "a,b", "-1"):
+        with pytest.raises(ValueError, match="seeds"):
+            accuracy.parse_seeds(bad)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--batch", "18"], "multiple of 12"),
+    (["--frameworks", "stagejax,keras"], "frameworks"),
+    (["--crop_size", "120", "--image_size", "96"], "crop_size"),
+    (["--epochs", "0"], "epochs"),
+])
+def test_accuracy_refuses_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        accuracy.validate(accuracy.build_parser().parse_args(argv))
+
+
+def test_accuracy_stagejax_config_is_the_study_recipe():
+    job = {"model": "resnet18", "data_dir": "/d", "cache_dir": "/c", "crop_size": 80,
+           "crop_range": 8, "batch": 24, "eval_batch": 24, "epochs": 6, "seed": 110}
+    c = accuracy.stagejax_config(job)
+    assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adam", 1e-3, 5e-4)
+    assert (c.schedule, c.label_smoothing, c.precision) == ("constant", 0.0, "float32")
+    assert c.augment.rot90 and c.augment.flip
+    assert not (c.augment.stain_jitter or c.augment.brightness or c.augment.contrast)
+    assert (c.global_batch_size, c.num_epochs, c.seed, c.data_dir) == (24, 6, 110, "/d")
+    recipe = tb.Recipe()
+    assert (recipe.learning_rate, recipe.weight_decay) == (c.learning_rate, c.weight_decay)
+
+
+def test_parsers_are_argparse():
+    for mod in (throughput, predict_speed, accuracy):
+        assert isinstance(mod.build_parser(), argparse.ArgumentParser)
