@@ -26,15 +26,20 @@ from tests.test_convert import randomize
 CROP = 32
 
 
-def _torch_probs(model: torch.nn.Module, path: Path) -> np.ndarray:
+def _torch_probs(model: torch.nn.Module, path: Path, tta: bool = False) -> np.ndarray:
+    """Centre crop, per-image min-max, softmax; with ``tta`` averaged over the 8
+    rotations/flips of the crop."""
     image = np.asarray(Image.open(path).convert("RGB"), np.float32)
     h, w = image.shape[:2]
     top, left = (h - CROP) // 2, (w - CROP) // 2
     x = image[top:top + CROP, left:left + CROP]
-    x = (x - x.min()) / (x.max() - x.min())
+    x = torch.from_numpy((x - x.min()) / (x.max() - x.min())).permute(2, 0, 1)[None]
+    views = [x]
+    if tta:
+        views = [v for k in range(4) for r in [torch.rot90(x, k, dims=(2, 3))]
+                 for v in (r, r.flip(3))]
     with torch.inference_mode():
-        logits = model(torch.from_numpy(x).permute(2, 0, 1)[None])
-    return torch.softmax(logits, -1)[0].numpy()
+        return np.mean([torch.softmax(model(v), -1)[0].numpy() for v in views], axis=0)
 
 
 def _read_probs(path: Path) -> dict[str, np.ndarray]:
@@ -91,6 +96,18 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
     assert sorted(got) == sorted(test_files[:5])
     for f in test_files[:5]:
         np.testing.assert_allclose(got[f], expected[f], atol=1e-4, err_msg=f)
+
+    # Test-time augmentation: the mean over the 8 rotations/flips, not the plain crop.
+    workdir = tmp_path / "predict_tta"
+    r = _main(workdir, "--mode=predict", f"--config.init_from={model_dir}",
+              f"--config.predict_dir={folder}", "--config.tta=True")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = _read_probs(workdir / "predict" / "predictions.csv")
+    for f in test_files[:5]:
+        tta = _torch_probs(reference, images / f, tta=True)
+        np.testing.assert_allclose(got[f], tta, atol=1e-4, err_msg=f)
+    assert max(np.abs(_torch_probs(reference, images / f, tta=True) - expected[f]).max()
+               for f in test_files[:5]) > 1e-3  # TTA changes the answer: the check has teeth
 
 
 def test_eval_without_a_model_is_a_one_line_error(tmp_path, tiny_sim_dir):
