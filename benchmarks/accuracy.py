@@ -59,23 +59,15 @@ log = logging.getLogger("accuracy")
 # --- children --------------------------------------------------------------------------
 
 def stagejax_config(job: dict):
-    from configs import default
-
-    c = default.get_config()
-    c.model = job["model"]
-    c.data_dir = job["data_dir"]
-    c.cache_dir = job["cache_dir"]
-    c.crop_size = job["crop_size"]
-    c.crop_range = job["crop_range"]
-    c.global_batch_size = job["batch"]
-    c.eval_batch_size = job["eval_batch"]
-    c.num_epochs = job["epochs"]
-    c.seed = job["seed"]
-    c.precision = "float32"
-    c.num_workers = 0  # as the study's DataLoader; the torch side uses none either
-    c.log_every_steps = 1000  # one line per epoch is enough here
-    c.checkpoint_every_steps = 100000  # epoch-end checkpoints only
-    return c
+    return common.stagejax_config(
+        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
+        crop_size=job["crop_size"], crop_range=job["crop_range"],
+        global_batch_size=job["batch"], eval_batch_size=job["eval_batch"],
+        num_epochs=job["epochs"], seed=job["seed"], precision="float32",
+        num_workers=0,  # as the study's DataLoader; the torch side uses none either
+        log_every_steps=1000,  # one line per epoch is enough here
+        checkpoint_every_steps=100000,  # epoch-end checkpoints only
+    )
 
 
 def run_stagejax(job: dict) -> dict:

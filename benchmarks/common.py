@@ -155,3 +155,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines += ["| " + " | ".join(fmt(v) if not isinstance(v, str) else v for v in row) + " |"
               for row in rows]
     return "\n".join(lines)
+
+
+def stagejax_config(**fields):
+    """``configs/default.py`` with ``fields`` set: every benchmark builds stagejax the
+    way ``python -m stagejax.main`` would, from the study's recipe."""
+    from configs import default
+
+    config = default.get_config()
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def finish(module: str, job: dict, results: dict, ratio: dict, table: str,
+           warning: str | None, json_path: str | None) -> None:
+    """Print the markdown table and write the JSON report (machine, command, results)."""
+    report = {"machine": machine_info(), "command": command_line(module),
+              "warning": warning, "job": job, "results": results, "ratios": ratio}
+    print("\n" + table + "\n")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)

@@ -227,13 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = common.run_child(MODULE, {**job, "framework": name}, args.timeout)
         print(json.dumps({"name": name, **results[name]}), flush=True)
     ratio = ratios(results)
-    report = {"machine": common.machine_info(), "command": common.command_line(MODULE),
-              "warning": shape_warning, "job": job,
-              "results": results, "ratios": ratio}
-    print("\n" + markdown(results, ratio) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning,
+                  args.json)
 
 
 if __name__ == "__main__":

@@ -119,20 +119,12 @@ class WaitClock:
 # --- stagejax --------------------------------------------------------------------------
 
 def stagejax_config(job: dict):
-    from configs import default
-
-    config = default.get_config()
-    config.model = job["model"]
-    config.data_dir = job["data_dir"]
-    config.cache_dir = job["cache_dir"]
-    config.crop_size = job["image_size"]
-    config.crop_range = job["crop_range"]
-    config.global_batch_size = job["global_batch"]
-    config.eval_batch_size = job["global_batch"]
-    config.num_workers = job["num_workers"]
-    config.precision = job["precision"]
-    config.seed = job["seed"]
-    return config
+    return common.stagejax_config(
+        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
+        crop_size=job["image_size"], crop_range=job["crop_range"],
+        global_batch_size=job["global_batch"], eval_batch_size=job["global_batch"],
+        num_workers=job["num_workers"], precision=job["precision"], seed=job["seed"],
+    )
 
 
 def jax_peak_memory_mb() -> float | None:
@@ -541,13 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"name": "stagejax_profile", **results["stagejax_profile"]}),
               flush=True)
     ratio = ratios(results)
-    report = {"machine": common.machine_info(), "command": common.command_line(MODULE),
-              "warning": shape_warning, "job": job,
-              "results": results, "ratios": ratio}
-    print("\n" + markdown(results, ratio) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning,
+                  args.json)
 
 
 if __name__ == "__main__":
