@@ -127,6 +127,20 @@ def stagejax_config(job: dict):
     )
 
 
+def build_run(job: dict):
+    """The config (``--precision auto`` resolved for this backend) and the trainer's ``Run``."""
+    import jax
+
+    from stagejax import trainer
+    from stagejax.data import input_pipeline
+
+    input_pipeline.ensure_absl_flags_parsed()
+    config = stagejax_config(job)
+    if config.precision == "auto":
+        config.precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return config, trainer.Run(config)
+
+
 def jax_peak_memory_mb() -> float | None:
     import jax
 
@@ -138,14 +152,9 @@ def jax_peak_memory_mb() -> float | None:
 def bench_stagejax(job: dict) -> dict:
     import jax
 
-    from stagejax import trainer
     from stagejax.data import input_pipeline
 
-    input_pipeline.ensure_absl_flags_parsed()
-    config = stagejax_config(job)
-    if config.precision == "auto":
-        config.precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    run = trainer.Run(config)
+    config, run = build_run(job)
     par = run.parallel
     state = par.put_state(run.initial_state)
     split = run.dataset.splits["train"]
@@ -214,14 +223,9 @@ def profile_stagejax(job: dict) -> dict:
     from flax import nnx
 
     from stagejax import train as train_lib
-    from stagejax import trainer
     from stagejax.data import input_pipeline
 
-    input_pipeline.ensure_absl_flags_parsed()
-    config = stagejax_config(job)
-    if config.precision == "auto":
-        config.precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    run = trainer.Run(config)
+    config, run = build_run(job)
     par = run.parallel
     state = par.put_state(run.initial_state)
     reps = job["profile_repeats"]

@@ -106,17 +106,7 @@ def run(argv) -> None:
             workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
             trainer.train_and_evaluate(config, workdir)
         else:
-            # eval/predict read a training run's workdir, or, with --config.init_from
-            # (e.g. weights from stagejax.convert), write into a new one.
-            imported = bool(config.init_from) and not (
-                Path(FLAGS.workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
-            if imported and FLAGS.mode == "predict":
-                config = FLAGS.config  # No dataset involved: crop_size etc. as given.
-            workdir = workdir_lib.prepare_workdir(
-                FLAGS.workdir, config, write=imported and jax.process_index() == 0,
-                must_exist=not imported)
-            if not imported:
-                config = workdir_lib.eval_config(workdir, FLAGS.config)
+            workdir, config = _eval_workdir_and_config(config)
             if FLAGS.mode == "eval":
                 trainer.evaluate_workdir(config, workdir)
             else:
@@ -126,6 +116,23 @@ def run(argv) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _eval_workdir_and_config(resolved):
+    """The workdir and config of ``--mode=eval/predict``.
+
+    A training run's workdir brings its own config (so model and crop match
+    training). Without one, ``--config.init_from`` (e.g. weights from
+    ``stagejax.convert``) is evaluated as it is, in a new workdir.
+    """
+    trained = (Path(FLAGS.workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
+    if trained or not resolved.init_from:
+        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, resolved, must_exist=True)
+        return workdir, workdir_lib.eval_config(workdir, FLAGS.config)
+    # Predicting reads no dataset: crop_size etc. as given, not the simulated block's.
+    config = resolved if FLAGS.mode == "eval" else FLAGS.config
+    workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=jax.process_index() == 0)
+    return workdir, config
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

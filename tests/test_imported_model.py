@@ -84,6 +84,17 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
         np.testing.assert_allclose(got[f], expected[f], atol=1e-4, err_msg=f)
     assert not list(workdir.glob("checkpoints/*/[0-9]*")), "evaluation must not train"
 
+    # That workdir now holds a config.json: a later run there takes the model, data and
+    # crop from it (a different --config.crop_size is ignored), the split from the flags.
+    r = _main(workdir, "--mode=eval", "--config.eval_split=validation", "--config.crop_size=40")
+    assert r.returncode == 0, r.stderr[-2000:]
+    val_files = (tiny_sim_dir / "split_list" / "validation.txt").read_text().split()
+    got = _read_probs(workdir / "eval_validation" / "predictions.csv")
+    assert sorted(got) == sorted(val_files)
+    for f in val_files:
+        np.testing.assert_allclose(got[f], _torch_probs(reference, images / f), atol=1e-4,
+                                   err_msg=f)
+
     folder = tmp_path / "unlabeled"
     folder.mkdir()
     for f in test_files[:5]:
