@@ -23,14 +23,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from stagejax.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 MODEL_JSON = "model.json"
 WEIGHTS_ITEM = "weights"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not match the model."""
 
 
 def save_model_weights(

@@ -36,9 +36,10 @@ import numpy as np
 from flax import nnx
 
 from stagejax import models
+from stagejax.errors import CheckpointError
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """Weights that cannot be imported; the message lists every offending key."""
 
 

@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from stagejax import workdir as workdir_lib
+from stagejax.errors import StagejaxError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -38,16 +39,6 @@ flags.DEFINE_integer("initialization_timeout", 300,
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("stagejax")
-
-
-# Errors that are the user's to fix: shown as one line, no traceback
-# (set STAGEJAX_TRACEBACK=1 to see it).
-def _user_errors() -> tuple[type[Exception], ...]:
-    from stagejax.checkpoint import CheckpointError
-    from stagejax.data.layout import DatasetError
-    from stagejax.trainer import NonFiniteLossError
-    return (DatasetError, CheckpointError, workdir_lib.WorkdirError, NonFiniteLossError,
-            ValueError)
 
 
 def initialize_distributed() -> None:
@@ -111,7 +102,7 @@ def run(argv) -> None:
                 trainer.evaluate_workdir(config, workdir)
             else:
                 predict_lib.predict_folder(config, workdir)
-    except _user_errors() as e:
+    except StagejaxError as e:
         if os.environ.get("STAGEJAX_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)

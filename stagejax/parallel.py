@@ -25,6 +25,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stagejax.errors import ConfigError
+
 PMAP_AXIS = "batch"
 
 
@@ -33,12 +35,12 @@ class Parallel:
 
     def __init__(self, mode: str, global_batch_size: int, eval_batch_size: int | None = None):
         if mode not in ("jit", "pmap"):
-            raise ValueError(f"config.parallelism: {mode!r} is not one of 'jit', 'pmap'")
+            raise ConfigError(f"config.parallelism: {mode!r} is not one of 'jit', 'pmap'")
         n = jax.device_count()
         for field, size in (("global_batch_size", global_batch_size),
                             ("eval_batch_size", eval_batch_size)):
             if size is not None and size % n:
-                raise ValueError(
+                raise ConfigError(
                     f"config.{field}: {size} does not divide by the {n} devices "
                     f"({jax.process_count()} process(es)); use a multiple of {n}"
                 )

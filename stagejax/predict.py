@@ -18,6 +18,7 @@ from stagejax import report
 from stagejax import train as train_lib
 from stagejax.data import input_pipeline
 from stagejax.data.layout import DatasetError
+from stagejax.errors import ConfigError
 from stagejax.evaluate import run_inference
 from stagejax.parallel import Parallel
 
@@ -42,7 +43,7 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
     Returns the CSV path.
     """
     if not config.predict_dir:
-        raise ValueError("config.predict_dir: empty; pass --config.predict_dir=FOLDER")
+        raise ConfigError("config.predict_dir: empty; pass --config.predict_dir=FOLDER")
     workdir = Path(workdir)
     paths = list_images(config.predict_dir)
     parallel = Parallel(config.parallelism, config.global_batch_size, config.eval_batch_size)

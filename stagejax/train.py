@@ -21,6 +21,7 @@ from flax import nnx, struct
 
 from stagejax import models
 from stagejax.data import augment
+from stagejax.errors import ConfigError
 from stagejax.parallel import PMAP_AXIS, Parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,14 +51,14 @@ class ModelDef:
 
 def compute_dtype(config: ml_collections.ConfigDict):
     if config.precision not in DTYPES:
-        raise ValueError(f"config.precision: {config.precision!r} is not one of {list(DTYPES)}")
+        raise ConfigError(f"config.precision: {config.precision!r} is not one of {list(DTYPES)}")
     return DTYPES[config.precision]
 
 
 def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None,
                  seed: int | None = None) -> nnx.Module:
     if config.model not in models.NAMES:
-        raise ValueError(f"config.model: {config.model!r} is not one of {list(models.NAMES)}")
+        raise ConfigError(f"config.model: {config.model!r} is not one of {list(models.NAMES)}")
     return models.create(
         config.model,
         num_classes=config.num_classes,
@@ -86,7 +87,7 @@ def create_learning_rate(config: ml_collections.ConfigDict, steps_per_epoch: int
             0.0, config.learning_rate, warmup_steps=max(warmup, 0),
             decay_steps=max(total, warmup + 1),
         )
-    raise ValueError(f"config.schedule: {config.schedule!r} is not one of 'constant', 'cosine'")
+    raise ConfigError(f"config.schedule: {config.schedule!r} is not one of 'constant', 'cosine'")
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -100,7 +101,8 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
         return optax.adamw(lr, weight_decay=wd)
     if config.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=config.momentum))
-    raise ValueError(f"config.optimizer: {config.optimizer!r} is not one of 'adam', 'adamw', 'sgd'")
+    raise ConfigError(
+        f"config.optimizer: {config.optimizer!r} is not one of 'adam', 'adamw', 'sgd'")
 
 
 def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,

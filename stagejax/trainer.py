@@ -25,13 +25,14 @@ from stagejax import report, writers
 from stagejax import train as train_lib
 from stagejax import workdir as workdir_lib
 from stagejax.data import input_pipeline
+from stagejax.errors import StagejaxError
 from stagejax.evaluate import run_inference, summarize
 from stagejax.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StagejaxError):
     """The loss, or the weights after an update, became NaN or Inf."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import ml_collections
 
+from stagejax.errors import WorkdirError
+
 CONFIG_FILE = "config.json"
 
 # Fields that may change when resuming a run (they do not change what a step does).
@@ -23,10 +25,6 @@ RESUMABLE_FIELDS = {
     "num_epochs", "log_every_steps", "checkpoint_every_steps", "num_workers",
     "eval_batch_size", "eval_split", "predict_dir", "tta", "cache_dir", "init_from",
 }
-
-
-class WorkdirError(RuntimeError):
-    """The workdir cannot be used for this run."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

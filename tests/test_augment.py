@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from stagejax.data import augment
 from stagejax.data.sampler import StageBalancedSampler
+from stagejax.errors import DatasetError
 
 
 def coord_image(h, w):
@@ -98,9 +99,9 @@ def test_center_crop_and_too_small_images():
     out = augment.CenterCrop(10).map({"image": image})["image"]
     assert out.shape == (10, 10, 3)
     assert tuple(out[0, 0, :2]) == (10, 15)
-    with pytest.raises(ValueError, match="a.png.*smaller than crop_size 32"):
+    with pytest.raises(DatasetError, match="a.png.*smaller than crop_size 32"):
         augment.CenterCrop(32).map({"image": image, "file_name": "a.png"})
-    with pytest.raises(ValueError, match="smaller than crop_size"):
+    with pytest.raises(DatasetError, match="smaller than crop_size"):
         augment.TrainCrop(31, 0).random_map({"image": image}, np.random.default_rng(0))
 
 

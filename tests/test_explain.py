@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stagejax.errors import DatasetError
 from stagejax.explain import cycle as cycle_mod
 from stagejax.explain import cycle_score, gradcam, gradcam_and_logits, overlay
 from stagejax.explain.__main__ import main as cli_main
@@ -233,7 +234,7 @@ def test_cycle_cli_reports_bad_eval_folder(tmp_path):
     eval_dir = write_fake_eval(tmp_path)
     text = (eval_dir / "predictions.csv").read_text().replace(",VII,", ",7b,", 1)
     (eval_dir / "predictions.csv").write_text(text)
-    with pytest.raises(ValueError, match="true_stage '7b'"):
+    with pytest.raises(DatasetError, match="true_stage '7b'"):
         cycle_mod.read_eval_outputs(eval_dir)
     with pytest.raises(SystemExit, match="missing"):
         cli_main(["cycle", "--workdir", str(tmp_path), "--split", "validation"])

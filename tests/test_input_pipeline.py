@@ -11,6 +11,7 @@ from PIL import Image
 from stagejax.data import input_pipeline
 from stagejax.data.layout import DatasetError
 from stagejax.data.sampler import StageBalancedSampler
+from stagejax.errors import ConfigError
 
 COUNTS = [1, 2, 3, 4, 2, 3, 2, 1, 3, 2, 4, 3]  # 30 images, stage I and VIII single.
 SIZE, CROP = 40, 32
@@ -116,7 +117,7 @@ def test_eval_with_workers_keeps_the_exact_order():
 
 
 def test_eval_batch_size_must_split_between_processes():
-    with pytest.raises(ValueError, match="eval_batch_size"):
+    with pytest.raises(ConfigError, match="eval_batch_size"):
         input_pipeline.eval_batches(SPLIT, make_config(eval_batch_size=5), process_index=0,
                                     process_count=2)
 
@@ -137,7 +138,7 @@ def test_predict_batches_from_files(tmp_path):
     assert (images[:3, 0, 0, 2] == 2).all()
     small = tmp_path / "small.png"
     small.write_bytes(png_bytes(record_image(0, 0, size=20)))
-    with pytest.raises(ValueError, match="small.png"):
+    with pytest.raises(DatasetError, match="small.png"):
         list(input_pipeline.predict_batches([small], make_config(), process_index=0,
                                             process_count=1))
     with pytest.raises(DatasetError, match="missing.png"):

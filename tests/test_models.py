@@ -16,6 +16,7 @@ import torchvision
 from flax import nnx
 
 from stagejax import models
+from stagejax.errors import ConfigError
 from stagejax.models.layers import BatchNorm
 
 # (backbone channels, embedding size) per architecture
@@ -54,7 +55,7 @@ def resnet18() -> nnx.Module:
 
 def test_names_and_unknown_name():
     assert models.NAMES == tuple(DIMS)
-    with pytest.raises(ValueError, match="resnet51.*unknown"):
+    with pytest.raises(ConfigError, match="resnet51.*unknown"):
         models.create("resnet51")
 
 

@@ -23,14 +23,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message is one line naming the file and the problem.
-
-    Defined here (the lowest module) and re-exported as
-    `stagejax.data.layout.DatasetError`, where callers import it from.
-    """
-
+from stagejax.errors import DatasetError
 
 FORMATS = ("PNG", "JPEG", "TIFF")
 

@@ -32,6 +32,7 @@ from stagejax.data.augment import CenterCrop, TrainCrop
 from stagejax.data.images import decode_image
 from stagejax.data.layout import DatasetError
 from stagejax.data.sampler import ShardedOrder, StageBalancedSampler
+from stagejax.errors import ConfigError
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -48,7 +49,7 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 def _local_batch_size(field: str, batch_size: int, process_count: int) -> int:
     if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"config.{field}: {batch_size} is not a positive multiple of the "
+        raise ConfigError(f"config.{field}: {batch_size} is not a positive multiple of the "
                          f"{process_count} processes")
     return batch_size // process_count
 

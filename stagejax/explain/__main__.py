@@ -11,6 +11,7 @@ import os
 import sys
 
 # `stagejax.explain.gradcam` the attribute is the function, hence the direct imports.
+from stagejax.errors import StagejaxError
 from stagejax.explain import cycle
 from stagejax.explain.gradcam import add_arguments as gradcam_arguments
 from stagejax.explain.gradcam import main as gradcam_main
@@ -32,20 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's to fix (bad workdir, data, checkpoint): one line."""
-    from stagejax.checkpoint import CheckpointError
-    from stagejax.workdir import WorkdirError
-
-    return (ValueError, CheckpointError, WorkdirError)  # DatasetError is a ValueError
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
-    except _user_errors() as e:
+    except StagejaxError as e:
         if os.environ.get("STAGEJAX_TRACEBACK"):  # as stagejax.main
             raise
         sys.exit(f"error: {e}")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagejax.data.layout import DatasetError
+from stagejax.errors import ConfigError, DatasetError
 from stagejax.stages import NUM_STAGES, STAGES
 
 # --------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]
 def main(args: argparse.Namespace) -> Path:
     """Score and plot the stage cycle of a run's evaluation features; returns the json path."""
     if args.num_permutations < 1:
-        raise ValueError("--num_permutations: must be >= 1")
+        raise ConfigError("--num_permutations: must be >= 1")
     workdir = Path(args.workdir)
     features, labels, _ = read_eval_outputs(workdir / f"eval_{args.split}")
     out = Path(args.out) if args.out is not None else workdir / "explain" / "cycle"

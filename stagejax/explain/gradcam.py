@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stagejax.errors import ConfigError
 from stagejax.stages import NUM_STAGES, STAGES
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -207,7 +208,7 @@ def _split_images(config, split: str) -> _Images:
 
     prepared = data.load(config)
     if split not in prepared.splits:
-        raise ValueError(f"--split: {split!r} is not one of {', '.join(prepared.splits)}")
+        raise ConfigError(f"--split: {split!r} is not one of {', '.join(prepared.splits)}")
     source = prepared.splits[split]
 
     def load(i: int) -> np.ndarray:
@@ -319,9 +320,9 @@ def main(args: argparse.Namespace) -> Path:
             config[field] = getattr(args, field)
     target = None if args.stage is None else stage_index(args.stage)
     if args.stage is not None and target is None:
-        raise ValueError(f"--stage: {args.stage!r} is not a stage (I..XII or 1..12)")
+        raise ConfigError(f"--stage: {args.stage!r} is not a stage (I..XII or 1..12)")
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
-        raise ValueError("--batch_size and --max_images: must be >= 1")
+        raise ConfigError("--batch_size and --max_images: must be >= 1")
 
     model = load_model_weights(workdir / "best_model")  # float32, eval mode
     images = (_folder_images(Path(args.images)) if args.images is not None

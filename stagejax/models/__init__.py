@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stagejax.errors import ConfigError
 from stagejax.models import mobilenet, resnet
 from stagejax.models.layers import Layers, init_weights
 
@@ -74,9 +75,9 @@ def create_uninitialized(
     non-weight state (the dropout random stream) is computed for real.
     """
     if name not in NAMES:
-        raise ValueError(f"model name {name!r}: unknown; choose one of {', '.join(NAMES)}")
+        raise ConfigError(f"model name {name!r}: unknown; choose one of {', '.join(NAMES)}")
     if num_classes < 1 or in_channels < 1:
-        raise ValueError(
+        raise ConfigError(
             f"model {name}: num_classes={num_classes} and in_channels={in_channels} must be >= 1"
         )
     build = lambda: _build(name, num_classes, in_channels, dtype, param_dtype, bn_axis_name, seed)
