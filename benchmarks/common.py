@@ -8,14 +8,21 @@ measured in a fresh process and the parent only collects JSON.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import importlib
 import json
+import math
 import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = "~/.cache/stagejax"
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "grain", "torch", "torchvision", "numpy", "pillow")
+# The tubule simulator, imported through this one name only (it may move).
+SIMULATOR_MODULE = "stagejax.simulate"
+# bf16 dense matrix rate measured on this project's H200 (8192^3 bf16 matmul,
+# random data: 769-798 TFLOP/s); the datasheet's ~990 is not reached in practice.
+H200_BF16_PEAK_FLOPS = 790e12
 
 
 def cpu_model() -> str:
@@ -36,9 +48,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def versions() -> dict[str, str]:
+def versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -87,17 +99,41 @@ def warn_slow_xla_cpu_shape(model: str, image_size: int, log) -> str | None:
     return msg
 
 
+def simulator():
+    """The tubule simulator module (``default_dataset``, ``render_stage_examples``)."""
+    return importlib.import_module(SIMULATOR_MODULE)
+
+
 def simulated_root(num_images: int, image_size: int, seed: int = 0,
-                   cache_dir: str = DEFAULT_CACHE, split_by: str = "slide") -> Path:
+                   cache_dir: str = DEFAULT_CACHE, split_by: str = "slide",
+                   num_workers: int | None = None) -> Path:
     """The simulated layout folder (generated once, then reused from the cache).
 
     ``split_by='slide'`` holds whole slides (stainings) out for validation and
     test, the harder and default case; ``'random'`` mixes every slide into
-    every split."""
-    from stagejax.data import synthetic
+    every split. ``num_workers``: render processes (default: the simulator's)."""
+    return simulator().default_dataset(Path(cache_dir).expanduser() / "simulated", num_images,
+                                       image_size, seed, split_by=split_by,
+                                       num_workers=num_workers)
 
-    return synthetic.default_dataset(Path(cache_dir).expanduser() / "simulated", num_images,
-                                     image_size, seed, split_by=split_by)
+
+def peak_flops(device: str) -> tuple[float | None, str]:
+    """The FLOP/s that model FLOP utilisation is measured against, for a child's
+    ``device`` string ("gpu: NVIDIA H200", "cuda: NVIDIA H200", "cpu: ..."), and
+    where the number comes from. None for an accelerator with no known peak."""
+    if "H200" in device or "H100" in device:
+        return H200_BF16_PEAK_FLOPS, "bf16 matmul rate measured on an H200 here (790 TFLOP/s)"
+    if device.startswith("cpu"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        per_cycle = 64 if " avx512f" in flags else 32  # float32 FMA, two units
+        cores = os.cpu_count() or 1
+        return (cores * 3.0e9 * per_cycle,
+                f"nominal CPU peak, an estimate: {cores} cores x 3 GHz x {per_cycle} "
+                "float32 FLOP/cycle")
+    return None, f"no known peak for {device!r}"
 
 
 def peak_rss_mb() -> float:
@@ -120,26 +156,78 @@ def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def child_pythonpath() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (on the GPU
+    machine: the wheels installed into /tmp/site)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def _pump(stream, keep: collections.deque, echo=None) -> threading.Thread:
+    """Read ``stream`` line by line in a thread, keeping the lines (and echoing them)."""
+    def run() -> None:
+        for line in stream:
+            keep.append(line)
+            if echo is not None:
+                echo.write(line)
+                echo.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def run_child(module: str, job: dict, timeout: float | None = None,
               env: dict[str, str] | None = None) -> dict:
     """Run ``python -m module --child JOB_JSON`` and return the JSON it emitted.
 
     The child's log goes to this process's stderr as it runs; a failure comes
-    back as ``{"error": ...}`` so that one framework's failure does not lose
-    the others' numbers.
+    back as ``{"error": ...}`` with the last lines of that log, so that one
+    framework's failure does not lose the others' numbers. The child runs in its
+    own process group: on a timeout its loader workers are killed with it.
     """
     cmd = [sys.executable, "-m", module, "--child", json.dumps(job)]
-    child_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    child_env = {**os.environ, "PYTHONPATH": child_pythonpath(), **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, process_group=0)
+    out: collections.deque = collections.deque()
+    err: collections.deque = collections.deque(maxlen=3)
+    pumps = [_pump(proc.stdout, out), _pump(proc.stderr, err, echo=sys.stderr)]
+    timed_out = False
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=child_env, stdout=subprocess.PIPE,
-                              stderr=None, text=True, timeout=timeout, check=False)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        timed_out = True
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(proc.pid, signal.SIGKILL)  # leftover workers too
+    proc.wait()
+    for pump in pumps:
+        pump.join(timeout=10)
+    if timed_out:
         return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(out):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
-    return {"error": f"exit code {proc.returncode}, no result ({tail})"}
+    tail = " | ".join(line.strip() for line in err if line.strip())
+    return {"error": f"exit code {proc.returncode}, no result ({tail[-400:]})"}
+
+
+def time_left(deadline: float | None) -> float:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value; None: no limit)."""
+    return math.inf if deadline is None else deadline - time.monotonic()
+
+
+def run_child_capped(module: str, job: dict, cap_s: float, deadline: float | None = None,
+                     min_s: float = 5.0, env: dict[str, str] | None = None) -> dict:
+    """``run_child`` for at most ``cap_s`` and never past ``deadline``; with less
+    than ``min_s`` left it does not start and says so (``{"skipped": ...}``).
+    The child's wall time is added as ``wall_s``."""
+    left = time_left(deadline)
+    if left < min_s:
+        return {"skipped": f"time budget: {max(left, 0):.0f} s left, {min_s:.0f} s needed"}
+    t0 = time.monotonic()
+    out = run_child(module, job, timeout=min(cap_s, left), env=env)
+    out["wall_s"] = time.monotonic() - t0
+    return out
 
 
 def fmt(value, digits: int = 1) -> str:

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from benchmarks import common
 from stagejax.data import augment, input_pipeline
 from stagejax.data.images import decode_image
 
@@ -60,9 +61,7 @@ def noise_image(seed: int, size: int) -> np.ndarray:
 
 def benchmark_pngs(kind: str, num_images: int, size: int) -> list[bytes]:
     if kind == "sim":
-        from stagejax.data import synthetic
-
-        per_stage = synthetic.render_stage_examples(size, seed=0)
+        per_stage = common.simulator().render_stage_examples(size, seed=0)
         return [png_bytes(per_stage[i % len(per_stage)]) for i in range(num_images)]
     return [png_bytes(noise_image(i, size)) for i in range(num_images)]
 

@@ -1,7 +1,8 @@
 """Prediction speed: images/s of stagejax's jitted eval forward against PyTorch eval mode.
 
     python -m benchmarks.predict_speed --model resnet50 --image_size 896 --batch 8 \\
-        --steps 5 --warmup 1 [--frameworks stagejax,torch,torch_channels_last] [--json out.json]
+        --steps 5 --warmup 1 [--frameworks stagejax,stagejax_tta,torch,torch_channels_last] \\
+        [--precision auto] [--json out.json]
 
 What is timed is what `--mode=predict` does per batch once the images are
 decoded and centre-cropped: uint8 NHWC batch -> float in [0, 1] -> per-image
@@ -9,9 +10,13 @@ min-max -> model in eval mode (BatchNorm running statistics) -> softmax. Both
 frameworks get the same uint8 batch (random, seeded) and the same
 architecture with fresh weights (speed does not depend on the weights).
 
-* ``stagejax``: ``stagejax.models.create``, ``model.eval()``, one ``jax.jit``
-  of preprocessing + forward + softmax (``augment.device_preprocess``, as the
-  eval step uses), float32.
+* ``stagejax``: the eval step exactly as ``--mode=predict`` compiles it
+  (``train.make_eval_step``: preprocessing, the model in eval mode, softmax
+  and the penultimate features), in ``--precision`` (auto: float32 on a CPU,
+  bfloat16 on an accelerator).
+* ``stagejax_tta``: the same with test-time augmentation (``--config.tta``):
+  the 8 rotations/flips of every image averaged; images/s counts images, not
+  views.
 * ``torch``: the same torchvision architecture, ``model.eval()`` under
   ``torch.inference_mode``, NCHW float32 -- how the study's code predicts.
 * ``torch_channels_last``: the same with channels_last memory format, the
@@ -38,7 +43,7 @@ import numpy as np
 from benchmarks import common
 
 MODULE = "benchmarks.predict_speed"
-FRAMEWORKS = ("stagejax", "torch", "torch_channels_last")
+FRAMEWORKS = ("stagejax", "stagejax_tta", "torch", "torch_channels_last")
 log = logging.getLogger("predict_speed")
 
 
@@ -74,33 +79,37 @@ def rate_summary(batch_s: list[float], batch: int) -> dict:
             "images_per_s_max": batch / s["min"], "batch_s": s}
 
 
-def bench_stagejax(job: dict) -> dict:
+def bench_stagejax(job: dict, tta: bool) -> dict:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from stagejax import models
-    from stagejax.data import augment
+    from stagejax import train as train_lib
+    from stagejax.parallel import Parallel
 
-    model = models.create(job["model"], num_classes=12, dtype=jnp.float32, seed=job["seed"])
-    model.eval()
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def predict(state, images):
-        x = augment.device_preprocess(images, None, None, train=False, grayscale=False)
-        return jax.nn.softmax(nnx.merge(graphdef, state)(x).astype(jnp.float32))
-
-    images = jax.device_put(input_batch(job["batch"], job["image_size"], job["seed"]))
+    precision = job["precision"]
+    if precision == "auto":
+        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    config = common.stagejax_config(model=job["model"], crop_size=job["image_size"],
+                                    eval_batch_size=job["batch"], precision=precision,
+                                    seed=job["seed"], tta=tta)
+    par = Parallel(config.parallelism, config.global_batch_size, config.eval_batch_size)
+    modeldef, params, batch_stats = train_lib.split_model(
+        train_lib.create_model(config, par.bn_axis_name))
+    # As predict.py builds it: weights and BatchNorm statistics, no optimizer.
+    state = par.put_state(train_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=None,
+        rng=jax.random.key_data(jax.random.key(config.seed))))
+    step = par.compile_eval_step(train_lib.make_eval_step(modeldef, config, par, tta=tta))
+    batch = par.put_batch({"image": input_batch(job["batch"], job["image_size"], job["seed"])})
     out = {"probs": None}
 
     def run() -> None:
-        out["probs"] = predict(state, images).block_until_ready()
+        out["probs"] = jax.block_until_ready(step(state, batch))["probs"]
 
     timing = time_batches(run, job["warmup"], job["steps"])
-    return {"framework": "stagejax", "device": f"{jax.default_backend()}: "
-            f"{jax.devices()[0].device_kind}", "precision": "float32", **timing,
-            **rate_summary(timing["batch_s"], job["batch"]),
+    return {"framework": "stagejax_tta" if tta else "stagejax", "device":
+            f"{jax.default_backend()}: {jax.devices()[0].device_kind}", "precision": precision,
+            "views": 8 if tta else 1, **timing, **rate_summary(timing["batch_s"], job["batch"]),
             "peak_rss_mb": common.peak_rss_mb()}
 
 
@@ -135,8 +144,8 @@ def bench_torch(job: dict, channels_last: bool) -> dict:
 
 def child(job: dict) -> dict:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if job["framework"] == "stagejax":
-        return bench_stagejax(job)
+    if job["framework"].startswith("stagejax"):
+        return bench_stagejax(job, tta=job["framework"] == "stagejax_tta")
     return bench_torch(job, channels_last=job["framework"] == "torch_channels_last")
 
 
@@ -145,23 +154,37 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     sj = results.get("stagejax", {}).get("images_per_s")
     out = {}
     for name, r in results.items():
-        if name != "stagejax" and sj and r.get("images_per_s"):
+        if name.startswith("torch") and sj and r.get("images_per_s"):
             out[f"stagejax/{name}"] = sj / r["images_per_s"]
     return out
+
+
+def measure(names: list[str], job: dict, cap_s: float, deadline: float | None = None,
+            on_result: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Each framework in its own process, one after the other, each for at most
+    ``cap_s`` seconds and never past ``deadline`` (later ones are then not run)."""
+    results = {}
+    for name in names:
+        log.info("measuring %s", name)
+        out = common.run_child_capped(MODULE, {**job, "framework": name}, cap_s, deadline)
+        results[name] = {"error": f"not run: {out['skipped']}"} if "skipped" in out else out
+        if on_result:
+            on_result(name, results[name])
+    return results
 
 
 def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
     rows = []
     for name, r in results.items():
         if "error" in r:
-            rows.append([name, f"error: {r['error']}", "", "", "", ""])
+            rows.append([name, f"error: {r['error']}", "", "", "", "", ""])
             continue
-        rows.append([name, f"{r['images_per_s']:.3f}",
+        rows.append([name, r.get("precision", ""), f"{r['images_per_s']:.3f}",
                      f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
                      f"{r['batch_s']['median']:.2f}", f"{r['first_batch_s']:.1f}",
                      f"{r['peak_rss_mb']:.0f}"])
     text = common.markdown_table(
-        ["framework", "images/s (median batch)", "images/s range", "s/batch (median)",
+        ["framework", "precision", "images/s (median batch)", "images/s range", "s/batch (median)",
          "first batch s (incl. compile)", "peak RSS MB"], rows)
     if ratio:
         text += "\n\n" + common.markdown_table(
@@ -186,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed batches")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches (>= 1: compiles)")
     p.add_argument("--frameworks", default="stagejax,torch,torch_channels_last")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="stagejax compute dtype (auto: float32 on a CPU, else bfloat16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
     p.add_argument("--json", default="", help="also write all results here")
@@ -220,12 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(e)) from None
     shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
     job = {"model": args.model, "image_size": args.image_size, "batch": args.batch,
-           "steps": args.steps, "warmup": args.warmup, "seed": args.seed}
-    results = {}
-    for name in names:
-        log.info("measuring %s", name)
-        results[name] = common.run_child(MODULE, {**job, "framework": name}, args.timeout)
-        print(json.dumps({"name": name, **results[name]}), flush=True)
+           "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+           "precision": args.precision}
+    results = measure(names, job, args.timeout, on_result=lambda name, r: print(
+        json.dumps({"name": name, **r}), flush=True))
     ratio = ratios(results)
     common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning,
                   args.json)

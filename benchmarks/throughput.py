@@ -7,6 +7,8 @@
 ``--study_batch`` sets the batch of the ``torch`` variant alone (the study
 trained with 12), so that "stagejax against the study's recipe" compares
 each as it would be run; ``torch_tuned`` uses ``--global_batch`` like stagejax.
+A framework may name its own batch, ``NAME@BATCH``, and appear once per batch:
+``--frameworks stagejax@48,stagejax@12,torch@12,torch_tuned@48``.
 
 Each framework runs in its own process on the same device (JAX's default
 backend; CUDA for torch when present) and trains for ``--warmup`` then
@@ -21,7 +23,11 @@ Steps are timed in windows of ``--window`` steps (synchronised at the end of
 each window); images/s is reported as the median and range over windows. The
 first step (trace + compile + run) is reported separately. Peak memory is
 the device's peak (GPU) or the process's peak RSS (CPU; main process only).
-``--profile`` adds a breakdown of the stagejax step (see `profile_stagejax`).
+``--profile`` adds a breakdown of the stagejax step (`stagejax_step.profile_stagejax`).
+``--flops`` adds each step's FLOPs (stagejax: XLA's cost analysis of the
+compiled step; torch: ``torch.utils.flop_counter`` over one forward and
+backward) and the model FLOP utilisation against the device's peak
+(`common.peak_flops`).
 ``--rounds N`` measures every framework N times, interleaved (stagejax,
 torch, torch_tuned, stagejax, ...), and pools the windows of all rounds: on
 a shared machine, load that comes and goes then hits every framework alike.
@@ -43,9 +49,9 @@ import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from benchmarks import common
+from benchmarks import throughput_report as report
+from benchmarks.stagejax_step import build_run, jax_peak_memory_mb, profile_stagejax, xla_flops
 
 MODULE = "benchmarks.throughput"
 FRAMEWORKS = ("stagejax", "torch", "torch_tuned")
@@ -118,37 +124,6 @@ class WaitClock:
 
 # --- stagejax --------------------------------------------------------------------------
 
-def stagejax_config(job: dict):
-    return common.stagejax_config(
-        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
-        crop_size=job["image_size"], crop_range=job["crop_range"],
-        global_batch_size=job["global_batch"], eval_batch_size=job["global_batch"],
-        num_workers=job["num_workers"], precision=job["precision"], seed=job["seed"],
-    )
-
-
-def build_run(job: dict):
-    """The config (``--precision auto`` resolved for this backend) and the trainer's ``Run``."""
-    import jax
-
-    from stagejax import trainer
-    from stagejax.data import input_pipeline
-
-    input_pipeline.ensure_absl_flags_parsed()
-    config = stagejax_config(job)
-    if config.precision == "auto":
-        config.precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return config, trainer.Run(config)
-
-
-def jax_peak_memory_mb() -> float | None:
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**20
-
-
 def bench_stagejax(job: dict) -> dict:
     import jax
 
@@ -188,108 +163,12 @@ def bench_stagejax(job: dict) -> dict:
     t0 = time.perf_counter()
     e2e = phase_result(*timed_windows(e2e_step, sync, job["steps"], w, b))
     e2e["loader_wait_fraction"] = batches.waited / (time.perf_counter() - t0)
+    flops = xla_flops(run.train_step, holder["state"], resident) if job.get("flops") else {}
     return {"framework": "stagejax", "device": f"{jax.default_backend()}: "
             f"{jax.devices()[0].device_kind}", "precision": config.precision, "batch": b,
             "num_workers": config.num_workers, "first_step_s": first_step_s,
-            "model_only": model_only, "end_to_end": e2e,
+            "model_only": model_only, "end_to_end": e2e, **flops,
             "peak_device_memory_mb": jax_peak_memory_mb(), "peak_rss_mb": common.peak_rss_mb()}
-
-
-def _block_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` (already compiled by a first call)."""
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def profile_stagejax(job: dict) -> dict:
-    """Where a stagejax train step's time goes: each part jitted and timed alone
-    (median of ``--profile_repeats``), plus XLA's FLOP count of the whole step.
-
-    Parts: host loader (decode + crop + batch, in this process), host->device
-    copy, ``device_preprocess``, forward (train mode), forward+backward, the
-    optimizer update, the full step. Parts overlap in the real step (XLA fuses
-    across them), so they need not add up exactly.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from stagejax import train as train_lib
-    from stagejax.data import input_pipeline
-
-    config, run = build_run(job)
-    par = run.parallel
-    state = par.put_state(run.initial_state)
-    reps = job["profile_repeats"]
-    dtype = train_lib.compute_dtype(config)
-    out: dict = {"framework": "stagejax_profile", "precision": config.precision}
-
-    raw = input_pipeline.train_batches(run.dataset.splits["train"], config)
-    host = next(raw)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        next(raw)
-        times.append(time.perf_counter() - t0)
-    parts = {"host_loader_next_batch": float(np.median(times))}
-    parts["host_to_device"] = _block_time(lambda: par.put_batch(host), reps)
-    batch = par.put_batch(host)
-
-    prep = jax.jit(lambda s, x: train_lib._preprocess(x, s.rng, s.step, config, True, 0))
-    parts["device_preprocess"] = _block_time(lambda: prep(state, batch["image"]), reps)
-    images = prep(state, batch["image"]).astype(dtype)
-
-    def loss_fn(model, x, y):
-        logits = model(x).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def forward(s, x, y):
-        return loss_fn(run.modeldef.merge(s.params, s.batch_stats, train=True), x, y)
-
-    def forward_backward(s, x, y):
-        # Merged outside the differentiated function, as the train step does:
-        # BatchNorm statistics are mutated at the trace level they were made at.
-        model = run.modeldef.merge(s.params, s.batch_stats, train=True)
-        return nnx.value_and_grad(loss_fn)(model, x, y)
-
-    fwd, grad = jax.jit(forward), jax.jit(forward_backward)
-    parts["forward"] = _block_time(lambda: fwd(state, images, batch["label"]), reps)
-    parts["forward_backward"] = _block_time(lambda: grad(state, images, batch["label"]), reps)
-    grads = grad(state, images, batch["label"])[1]
-
-    def update(s, g):
-        updates, opt_state = run.tx.update(g, s.opt_state, s.params)
-        return optax.apply_updates(s.params, updates), opt_state
-
-    upd = jax.jit(update)
-    parts["optimizer_update"] = _block_time(lambda: upd(state, grads), reps)
-
-    # The real step donates its state: time it on a private copy.
-    step_state = {"s": par.put_state(run.initial_state)}
-
-    def full():
-        step_state["s"], _ = run.train_step(step_state["s"], batch)
-        return step_state["s"]
-
-    parts["full_train_step"] = _block_time(full, reps)
-    out["parts_ms"] = {k: 1e3 * v for k, v in parts.items()}
-    try:
-        cost = run.train_step.lower(step_state["s"], batch).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0))
-        out["step_gflops"] = flops / 1e9
-        out["achieved_gflops_per_s"] = flops / 1e9 / parts["full_train_step"]
-    except Exception as e:  # noqa: BLE001 -- cost analysis is optional per backend
-        out["step_gflops"] = f"unavailable ({type(e).__name__})"
-    return out
 
 
 # --- torch -----------------------------------------------------------------------------
@@ -338,13 +217,17 @@ def bench_torch(job: dict, variant: str) -> dict:
     t0 = time.perf_counter()
     e2e = phase_result(*timed_windows(e2e_step, sync, job["steps"], w, b))
     e2e["loader_wait_fraction"] = batches.waited / (time.perf_counter() - t0)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    flops = {}
+    if job.get("flops"):
+        flops = {"step_flops": tb.train_step_flops(trainer, x, y),
+                 "flops_source": "torch.utils.flop_counter, one eager forward + backward"}
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
-    return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b,
+    return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b, **flops,
             "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
             "num_workers": tuning.num_workers, "first_step_s": first_step_s,
             "model_only": model_only, "end_to_end": e2e,
-            "peak_device_memory_mb": (torch.cuda.max_memory_allocated() / 2**20
-                                      if device.type == "cuda" else None),
+            "peak_device_memory_mb": peak_mb,
             "peak_rss_mb": common.peak_rss_mb(), "notes": trainer.notes,
             "torch_compile": trainer.compile_status,
             "torch_threads": torch.get_num_threads()}
@@ -360,95 +243,81 @@ def child(job: dict) -> dict:
     return bench_torch(job, fw)
 
 
-# --- report ----------------------------------------------------------------------------
+# --- running -----------------------------------------------------------------------------
 
-def _rate(r: dict, phase: str) -> float | None:
-    return r.get(phase, {}).get("images_per_s", {}).get("median")
-
-
-def ratios(results: dict[str, dict]) -> dict[str, float]:
-    """stagejax images/s over each torch variant's, from this run."""
-    out = {}
-    sj = results.get("stagejax", {})
-    for other in ("torch", "torch_tuned"):
-        if other not in results:
+def parse_specs(text: str, global_batch: int, study_batch: int | None = None
+                ) -> list[tuple[str, str, int]]:
+    """``NAME[@BATCH],...`` -> ``(key, framework, batch)``; without ``@BATCH``,
+    ``torch`` takes ``study_batch`` (when given) and the others ``global_batch``."""
+    specs = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
             continue
-        for phase in ("end_to_end", "model_only"):
-            a, b = _rate(sj, phase), _rate(results[other], phase)
-            if a and b:
-                out[f"stagejax/{other} {phase}"] = a / b
-    return out
+        name, _, batch = item.partition("@")
+        if name not in FRAMEWORKS or (batch and not batch.isdigit()):
+            raise ValueError(f"--frameworks: {item!r}; NAME[@BATCH] with NAME one of "
+                             f"{', '.join(FRAMEWORKS)}")
+        b = int(batch) if batch else (study_batch if name == "torch" and study_batch
+                                      else global_batch)
+        if b < 12 or b % 12:
+            raise ValueError(f"--frameworks: {item!r}: batch {b} is not a positive multiple of "
+                             "12 (the study's sampler takes batch / 12 images of every stage)")
+        specs.append((item, name, b))
+    keys = [k for k, _, _ in specs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--frameworks: {text!r} names a framework twice")
+    return specs
 
 
-def _notes_line(name: str, r: dict) -> str:
-    """What each framework actually ran with (rounds, torch.compile, bf16, Adam)."""
-    parts = [f"{r.get('rounds', 1)} round(s)"]
-    if "torch_compile" in r:
-        parts.append(f"torch.compile {r['torch_compile']}")
-    parts += list(r.get("notes", []))
-    return f"- {name}: " + "; ".join(parts)
+def measure(specs: list[tuple[str, str, int]], job: dict, rounds: int,
+            cap_s: Callable[[str], float], deadline: float | None = None,
+            on_result: Callable[[str, int, dict], None] | None = None) -> dict[str, dict]:
+    """Every spec ``rounds`` times, interleaved (spec 1, spec 2, ..., spec 1, ...), each
+    child in a fresh process for at most ``cap_s(key)`` seconds and never past
+    ``deadline``; the rounds of each spec pooled. A later round is left out (and
+    counted in ``skipped_rounds``) when less time is left than its first round took."""
+    per_round: dict[str, list[dict]] = {key: [] for key, _, _ in specs}
+    skipped = dict.fromkeys(per_round, 0)
+    for r in range(rounds):
+        for key, name, batch in specs:
+            done = per_round[key]
+            need = done[0].get("wall_s", 5.0) if done else 5.0
+            log.info("measuring %s (round %d/%d)", key, r + 1, rounds)
+            out = common.run_child_capped(MODULE, {**job, "framework": name,
+                                                   "global_batch": batch},
+                                          cap_s(key), deadline, min_s=need)
+            if "skipped" in out:
+                if not done:
+                    done.append({"error": f"not run: {out['skipped']}"})
+                else:
+                    skipped[key] += 1
+                continue
+            done.append(out)
+            if on_result:
+                on_result(key, r + 1, out)
+    results = {key: pool_rounds(rs) for key, rs in per_round.items()}
+    for key, n in skipped.items():
+        if n and "error" not in results[key]:
+            results[key]["skipped_rounds"] = n
+    return results
 
 
-def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
-    rows = []
-    for name, r in results.items():
-        if "error" in r:
-            rows.append([name] + [f"error: {r['error']}"] + [""] * 9)
-            continue
-        if name == "stagejax_profile":
-            continue
-        e, m = r["end_to_end"], r["model_only"]
-        mem = r["peak_device_memory_mb"]
-        rows.append([
-            name, str(r.get("batch", "")), r["precision"], str(r["num_workers"]),
-            f"{e['images_per_s']['median']:.2f} ({e['images_per_s']['min']:.2f}-"
-            f"{e['images_per_s']['max']:.2f})",
-            f"{m['images_per_s']['median']:.2f} ({m['images_per_s']['min']:.2f}-"
-            f"{m['images_per_s']['max']:.2f})",
-            e["step_time_ms"]["median"], m["step_time_ms"]["median"],
-            f"{100 * e['loader_wait_fraction']:.1f}%",
-            r["first_step_s"],
-            f"{mem:.0f} (device)" if mem is not None else f"{r['peak_rss_mb']:.0f} (RSS)"])
-    text = common.markdown_table(
-        ["framework", "batch", "precision", "loader workers", "end-to-end images/s (min-max)",
-         "model-only images/s (min-max)", "e2e step ms", "model step ms", "loader wait",
-         "first step s", "peak MB"], rows)
-    if ratio:
-        text += "\n\n" + common.markdown_table(
-            ["same-run ratio (median images/s)", "value"],
-            [[k, f"{v:.2f}x"] for k, v in ratio.items()])
-    notes = [_notes_line(name, r) for name, r in results.items()
-             if "error" not in r and name != "stagejax_profile"]
-    if notes:
-        text += "\n\n" + "\n".join(notes)
-    prof = results.get("stagejax_profile")
-    if prof and "parts_ms" in prof:
-        text += "\n\n" + common.markdown_table(
-            ["stagejax step part (timed alone)", "ms (median)"],
-            [[k, v] for k, v in prof["parts_ms"].items()])
-        if isinstance(prof.get("step_gflops"), float):
-            text += (f"\n\nXLA cost analysis: {prof['step_gflops']:.1f} GFLOP per step, "
-                     f"{prof['achieved_gflops_per_s']:.1f} GFLOP/s achieved.")
-    return text
-
-
-def validate(args: argparse.Namespace) -> list[str]:
+def validate(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     """Refuse settings that cannot run, before any data is generated; returns the
-    frameworks to measure."""
+    ``(key, framework, batch)`` specs to measure."""
     from stagejax import models
 
-    names = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    bad = [n for n in names if n not in FRAMEWORKS]
-    if bad or len(set(names)) != len(names) or not (names or args.profile):
-        raise ValueError(f"--frameworks: {args.frameworks!r}; a list of distinct names from "
-                         f"{', '.join(FRAMEWORKS)} (may be empty with --profile)")
-    if args.model not in models.NAMES:
-        raise ValueError(f"--model: {args.model!r} is not one of {', '.join(models.NAMES)}")
     for name in ("global_batch", "study_batch"):
         b = getattr(args, name)
         if b is not None and (b < 12 or b % 12):
             raise ValueError(f"--{name}: {b} is not a positive multiple of 12 (the study's "
                              "sampler takes batch / 12 images of every stage)")
+    specs = parse_specs(args.frameworks, args.global_batch, args.study_batch)
+    if not (specs or args.profile):
+        raise ValueError(f"--frameworks: {args.frameworks!r}; a list of distinct names from "
+                         f"{', '.join(FRAMEWORKS)} (may be empty with --profile)")
+    if args.model not in models.NAMES:
+        raise ValueError(f"--model: {args.model!r} is not one of {', '.join(models.NAMES)}")
     for name in ("steps", "window", "rounds", "profile_repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
@@ -457,7 +326,7 @@ def validate(args: argparse.Namespace) -> list[str]:
     if args.image_size < 32:
         raise ValueError(f"--image_size: {args.image_size} is below the 32 px a ResNet "
                          "downsamples by")
-    return names
+    return specs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="measured steps per phase")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps per phase")
     p.add_argument("--window", type=int, default=5, help="steps per timing window")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                   help="NAME[@BATCH],... with NAME from " + ", ".join(FRAMEWORKS))
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="stagejax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--num_workers", type=int, default=None,
@@ -485,12 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", default=common.DEFAULT_CACHE)
     p.add_argument("--profile", action="store_true", help="add the stagejax step breakdown")
     p.add_argument("--profile_repeats", type=int, default=5)
+    p.add_argument("--flops", action="store_true",
+                   help="add each step's FLOPs and the model FLOP utilisation")
     p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
     p.add_argument("--json", default="", help="also write all results here")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat every framework this many times, interleaved (noisy machines)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     return p
+
+
+def make_job(args: argparse.Namespace, data_dir: str, crop_range: int) -> dict:
+    """What every child is told (the framework and its batch are added per child)."""
+    return {"model": args.model, "image_size": args.image_size, "crop_range": crop_range,
+            "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
+            "window": args.window, "precision": args.precision,
+            "num_workers": args.num_workers, "torch_compile": args.torch_compile,
+            "seed": args.seed, "data_dir": data_dir, "flops": args.flops,
+            "cache_dir": str(os.path.expanduser(args.cache_dir)),
+            "profile_repeats": args.profile_repeats}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -501,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        names = validate(args)
+        specs = validate(args)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
@@ -513,31 +396,21 @@ def main(argv: list[str] | None = None) -> None:
         args.num_workers = min(8, (os.cpu_count() or 2) - 2) if torch.cuda.is_available() else 0
     root = common.simulated_root(args.num_images, args.image_size + 2 * crop_range,
                                  cache_dir=args.cache_dir)
-    job = {"model": args.model, "image_size": args.image_size, "crop_range": crop_range,
-           "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
-           "window": args.window, "precision": args.precision, "num_workers": args.num_workers,
-           "torch_compile": args.torch_compile, "seed": args.seed, "data_dir": str(root),
-           "cache_dir": str(os.path.expanduser(args.cache_dir)),
-           "profile_repeats": args.profile_repeats}
-    per_round: dict[str, list[dict]] = {name: [] for name in names}
-    for r in range(args.rounds):  # interleaved, so load drift hits every framework
-        for name in names:
-            log.info("measuring %s (round %d/%d)", name, r + 1, args.rounds)
-            batch = args.study_batch if (name == "torch" and args.study_batch) else \
-                args.global_batch
-            per_round[name].append(common.run_child(
-                MODULE, {**job, "framework": name, "global_batch": batch}, args.timeout))
-            print(json.dumps({"name": name, "round": r + 1, **per_round[name][-1]}),
-                  flush=True)
-    results = {name: pool_rounds(rs) for name, rs in per_round.items()}
+    job = make_job(args, str(root), crop_range)
+
+    def show(key: str, r: int, out: dict) -> None:
+        print(json.dumps({"name": key, "round": r, **out}), flush=True)
+
+    results = measure(specs, job, args.rounds, lambda _: args.timeout, on_result=show)
     if args.profile:
         log.info("measuring stagejax_profile")
         results["stagejax_profile"] = common.run_child(
             MODULE, {**job, "framework": "stagejax_profile"}, args.timeout)
         print(json.dumps({"name": "stagejax_profile", **results["stagejax_profile"]}),
               flush=True)
-    ratio = ratios(results)
-    common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning,
+    report.add_mfu(results)
+    ratio = report.ratios(results)
+    common.finish(MODULE, job, results, ratio, report.markdown(results, ratio), shape_warning,
                   args.json)
 
 

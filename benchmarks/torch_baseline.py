@@ -356,6 +356,21 @@ class Trainer:
             return self._forward(x).float()
 
 
+def train_step_flops(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """FLOPs of one forward + backward pass over ``(x, y)`` (eager, under the
+    variant's autocast), counted by ``torch.utils.flop_counter``: matrix products
+    and convolutions at 2 FLOPs per multiply-add, as XLA counts them. The
+    optimizer is not stepped; the gradients are dropped."""
+    from torch.utils.flop_counter import FlopCounterMode  # only the FLOP count needs it
+
+    with FlopCounterMode(display=False) as counter:
+        with trainer.autocast():
+            logits = trainer.model(x)
+        F.cross_entropy(logits.float(), y).backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def train_loader(split: Split, crop_size: int, crop_range: int, sampler, tuning: Tuning,
                  seed: int) -> torch.utils.data.DataLoader:
     ds = TubuleImages(split, crop_size, crop_range, True, seed,

@@ -30,7 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 12  # Global; padded at the end of the split.
     c.eval_split = "test"
     c.predict_dir = ""
+    # Only for label_list.txt names that are not stage names (I..XII, 1..12): those
+    # names in biological order, stage I first, comma-separated.
+    c.stage_order = ""
     c.tta = False  # Predict: average the 8 rotations/flips.
+    c.strict = False  # Predict: stop at the first unreadable image (default: skip, list it).
+    c.overwrite = False  # Predict: replace an existing W/predict/<folder>/predictions.csv.
 
     # The simulated stand-in, used when data_dir is empty.
     c.simulated = ml_collections.ConfigDict()
@@ -67,4 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.init_from = ""  # A model directory from `python -m stagejax.convert`.
+    # GiB one device may use (0: detect; on CPU the host's available RAM). Set it
+    # when sharing a device: a train step that needs more stops before training.
+    c.device_memory_gb = 0.0
     return c

@@ -5,7 +5,7 @@ steps and at each epoch end, the last two kept so that a corrupt newest one can
 fall back to its predecessor) and ``best`` (the epoch with the best validation
 balanced accuracy). Orbax writes each step into a temporary directory and
 renames it when complete, so a killed run never leaves a half-written
-checkpoint that looks valid.
+checkpoint that looks valid; restore skips any step that is not whole.
 
 Model weights alone (for import from PyTorch, evaluation, prediction and the
 analyses) are a small directory: ``model.json`` naming the architecture and an
@@ -14,21 +14,29 @@ Orbax item ``weights`` with the model's parameters and batch statistics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from stagejax.errors import CheckpointError
+from stagejax import stages
+from stagejax import workdir as workdir_lib
+from stagejax.errors import CheckpointError, DatasetError
 
 log = logging.getLogger(__name__)
 
 MODEL_JSON = "model.json"
 WEIGHTS_ITEM = "weights"
+STEP_ITEMS = ("state", "meta")
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax writes step N into "N.orbax-checkpoint-tmp"
 
 
 def save_model_weights(
@@ -37,8 +45,18 @@ def save_model_weights(
     arch: str,
     num_classes: int = 12,
     in_channels: int = 3,
+    label_names: list[str] | tuple[str, ...] | None = None,
+    stage_ranks: list[int] | tuple[int, ...] | None = None,
 ) -> Path:
-    """Write ``model``'s weights and architecture so ``load_model_weights`` rebuilds it."""
+    """Write ``model``'s weights and architecture so ``load_model_weights`` rebuilds it.
+
+    ``label_names`` (the training dataset's name of each class id) and
+    ``stage_ranks`` (their cycle positions, 0 = stage I) go to model.json, so
+    predictions name the stages as the dataset did.
+    """
+    for field, values in (("label_names", label_names), ("stage_ranks", stage_ranks)):
+        if values is not None and len(values) != num_classes:
+            raise ValueError(f"{field}: {len(values)} entries for {num_classes} classes")
     directory = Path(directory).absolute()
     if (directory / WEIGHTS_ITEM).exists():
         raise CheckpointError(f"{directory / WEIGHTS_ITEM}: already exists; refusing to overwrite")
@@ -49,19 +67,41 @@ def save_model_weights(
         ckptr.save(directory / WEIGHTS_ITEM, state)
         ckptr.wait_until_finished()
     meta = {"arch": arch, "num_classes": int(num_classes), "in_channels": int(in_channels)}
+    if label_names is not None:
+        meta["label_names"] = [str(n) for n in label_names]
+    if stage_ranks is not None:
+        meta["stage_ranks"] = [int(r) for r in stage_ranks]
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
 def read_model_json(directory: str | Path) -> dict[str, Any]:
+    """arch, num_classes, in_channels, label_names and stage_ranks of a model directory.
+
+    A model.json written without label names (older runs, ``convert``) means
+    I..XII; ``stage_ranks`` is then derived from the names (None if they are
+    not stage names).
+    """
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a stagejax model directory)")
     try:
         meta = json.loads(path.read_text())
-        return {k: meta[k] for k in ("arch", "num_classes", "in_channels")}
+        out = {k: meta[k] for k in ("arch", "num_classes", "in_channels")}
+        names = meta.get("label_names") or stages.default_label_names(out["num_classes"])
+        ranks = meta.get("stage_ranks")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: malformed ({e})") from None
+    if len(names) != out["num_classes"] or (ranks is not None and len(ranks) != len(names)):
+        raise CheckpointError(f"{path}: malformed (label_names or stage_ranks do not match "
+                              f"num_classes {out['num_classes']})")
+    if ranks is None:
+        try:
+            ranks = stages.stage_ranks(names, source=str(path))
+        except DatasetError:
+            ranks = None  # e.g. a 1000-class import: names only
+    return {**out, "label_names": [str(n) for n in names],
+            "stage_ranks": None if ranks is None else [int(r) for r in ranks]}
 
 
 def load_model_weights(directory: str | Path, **create_kwargs: Any) -> nnx.Module:
@@ -103,92 +143,193 @@ class TrainCheckpoints:
     """The ``latest`` and ``best`` training checkpoints of one workdir.
 
     Items: ``state`` (the train state pytree) and ``meta`` (JSON: epoch, best
-    validation balanced accuracy so far, ...).
+    validation balanced accuracy so far, ...). Nothing is created before the
+    first save. Saves are synchronous, so a failed one (disk full) is reported
+    at its step; a new checkpoint is committed before any old one is removed,
+    and removal renames a step out of the way first, so whatever moment a run
+    is killed, every step directory left is complete or is skipped on restore.
     """
 
     def __init__(self, workdir: str | Path, keep_latest: int = 2):
-        root = Path(workdir).absolute() / "checkpoints"
-        async_ok = jax.process_count() == 1
-
-        def manager(name: str, keep: int) -> ocp.CheckpointManager:
-            opts = ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_ok,
-                cleanup_tmp_directories=True,
-            )
-            return ocp.CheckpointManager(root / name, options=opts, item_names=("state", "meta"))
-
-        self.latest = manager("latest", keep_latest)
-        self.best = manager("best", 1)
+        self.root = Path(workdir).absolute() / "checkpoints"
+        self._keep = {"latest": keep_latest, "best": 1}
+        self._managers: dict[str, ocp.CheckpointManager] = {}
         self._unreadable: set[int] = set()  # latest steps restore_latest had to skip
+        self.skipped: dict[str, list[str]] = {"latest": [], "best": []}
 
-    @staticmethod
-    def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-        if step in mngr.all_steps():
-            return  # Same step re-reached after a resume: content is identical.
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+    def directory(self, name: str) -> Path:
+        return self.root / name
 
+    def _manager(self, name: str, create: bool = False) -> ocp.CheckpointManager | None:
+        if name not in self._managers:
+            if not create and not self.directory(name).is_dir():
+                return None
+            opts = ocp.CheckpointManagerOptions(
+                max_to_keep=None, create=True, enable_async_checkpointing=False)
+            self._managers[name] = ocp.CheckpointManager(
+                self.directory(name), options=opts, item_names=STEP_ITEMS)
+        return self._managers[name]
+
+    def _all_steps(self, name: str) -> list[int]:
+        mngr = self._manager(name)
+        return sorted(mngr.all_steps()) if mngr is not None else []
+
+    def _incomplete(self, name: str, step: int) -> str | None:
+        """Why step directory ``step`` is not a whole checkpoint (None if it is)."""
+        missing = [i for i in STEP_ITEMS if not (self.directory(name) / str(step) / i).is_dir()]
+        return f"no {' or '.join(repr(i) for i in missing)} item" if missing else None
+
+    def steps(self, name: str) -> list[int]:
+        """The complete steps of ``name`` ('latest' or 'best'), oldest first."""
+        return [s for s in self._all_steps(name) if self._incomplete(name, s) is None]
+
+    def latest_step(self) -> int | None:
+        return max(self.steps("latest"), default=None)
+
+    def has_best(self) -> bool:
+        """Whether a best checkpoint was started (complete or not)."""
+        return bool(self._all_steps("best"))
+
+    # -- saving -----------------------------------------------------------
     def save_latest(self, step: int, state: Any, meta: dict) -> None:
-        # ``meta`` names the best epoch: its (asynchronous) best checkpoint must be
-        # committed before a latest one that refers to it, or a run killed in
-        # between resumes past that epoch with no best checkpoint left.
-        self.best.wait_until_finished()
-        if step in self._unreadable:  # re-reached after falling back: replace the bad one
-            self._unreadable.discard(step)
-            self.latest.delete(step)
-        self._save(self.latest, step, state, meta)
+        self._save("latest", step, state, meta)
 
     def save_best(self, step: int, state: Any, meta: dict) -> None:
-        # Only one is kept; wait so the previous best is gone before a new one lands.
-        self.best.wait_until_finished()
-        for old in self.best.all_steps():
-            if old != step:
-                self.best.delete(old)
-        self._save(self.best, step, state, meta)
+        # Saved before the latest checkpoint whose ``meta`` names its epoch.
+        self._save("best", step, state, meta)
 
+    def _save(self, name: str, step: int, state: Any, meta: dict) -> None:
+        mngr = self._manager(name, create=True)
+        if step in mngr.all_steps():
+            if self._incomplete(name, step) is None and not (
+                    name == "latest" and step in self._unreadable):
+                return  # Same step re-reached after a resume: content is identical.
+            self._unreadable.discard(step)
+            self._remove(name, step)  # a broken one: replace it
+        self._remove_leftovers(name)
+        _ignore_closed_loop_callbacks()
+        try:
+            with orbax_errors_silenced():
+                mngr.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                mngr.wait_until_finished()
+        except Exception as e:  # only a full or read-only disk becomes one line
+            mngr.reload()
+            self._remove_leftovers(name)
+            reason = workdir_lib.storage_failure(e)
+            if reason is None:
+                raise
+            previous = max(self.steps(name), default=None)
+            kept = (f"the previous checkpoint (step {previous}) is intact"
+                    if previous is not None else "no earlier checkpoint here")
+            size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+            raise workdir_lib.write_error(
+                self.directory(name), f"{reason}; it needs about "
+                f"{workdir_lib.format_bytes(size)}", f"the checkpoint of step {step}",
+                kept) from None
+        if why := self._incomplete(name, step):
+            raise CheckpointError(f"{self.directory(name) / str(step)}: not written ({why})")
+        keep = self.steps(name)[-self._keep[name]:]
+        for old in self._all_steps(name):  # older ones, and any broken one
+            if old not in keep:
+                self._remove(name, old)
+
+    def _remove(self, name: str, step: int) -> None:
+        """Delete a step: renamed first, so a kill mid-way leaves no partial step."""
+        directory = self.directory(name)
+        if jax.process_index() == 0:
+            trash = directory / f".deleting-{step}"
+            shutil.rmtree(trash, ignore_errors=True)
+            (directory / str(step)).rename(trash)
+            shutil.rmtree(trash)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"stagejax:remove:{name}:{step}")
+        self._manager(name).reload()
+
+    def _remove_leftovers(self, name: str) -> None:
+        """Temporary directories of an interrupted or failed save or removal."""
+        if jax.process_index() != 0:
+            return
+        for p in self.directory(name).iterdir():
+            if TMP_MARKER in p.name or p.name.startswith(".deleting-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- restoring --------------------------------------------------------
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
         """The newest readable latest checkpoint, falling back to older ones."""
-        self.latest.wait_until_finished()
-        for step in sorted(self.latest.all_steps(), reverse=True):
-            try:
-                out = self.latest.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                return out["state"], dict(out["meta"])
-            except Exception as e:  # corrupt or truncated files
-                self._unreadable.add(step)
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning(
-                    "checkpoint %s/%d is unreadable (%s); falling back to the previous one",
-                    self.latest.directory, step, msg,
-                )
-        return None
+        return self._restore("latest", abstract_state)
 
     def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        self.best.wait_until_finished()
-        step = self.best.latest_step()
-        if step is None:
-            return None
-        out = self.best.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return out["state"], dict(out["meta"])
+        return self._restore("best", abstract_state)
+
+    def _restore(self, name: str, abstract_state: Any) -> tuple[Any, dict] | None:
+        mngr = self._manager(name)
+        if mngr is not None:
+            for p in sorted(self.directory(name).glob(f"*{TMP_MARKER}*")):
+                log.warning("checkpoint %s is an unfinished save (its run was stopped while "
+                            "writing it); ignoring it", p)
+        for step in reversed(self._all_steps(name)):
+            if why := self._incomplete(name, step):
+                self._skip(name, step, f"is incomplete ({why}: its run was stopped while "
+                           "writing or deleting it)", "skipping it")
+                continue
+            try:
+                out = mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore()))
+                return out["state"], dict(out["meta"])
+            except Exception as e:  # corrupt or truncated files
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self._skip(name, step, f"is unreadable ({msg})",
+                           "falling back to the previous one")
+        return None
+
+    def _skip(self, name: str, step: int, problem: str, action: str) -> None:
+        if name == "latest":
+            self._unreadable.add(step)
+        self.skipped[name].append(f"step {step} {problem}")
+        log.warning("checkpoint %s/%d %s; %s", self.directory(name), step, problem, action)
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Saves are synchronous; kept so callers need not know."""
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        for mngr in self._managers.values():
+            mngr.close()
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed save, tensorstore's writes still in flight complete into the
+    closed event loop of the save, each printing ``RuntimeError: Event loop is
+    closed`` (an unraisable exception) at some later moment; drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_stagejax", False):
+        return
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._stagejax = True
+    sys.unraisablehook = hook
+
+
+class _OrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def orbax_errors_silenced():
+    """Orbax logs a failed save's traceback from each of its threads (hundreds of
+    lines) and then raises it; the raised error is reported once, by the caller."""
+    quiet = _OrbaxErrors()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)

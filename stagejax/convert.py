@@ -1,6 +1,6 @@
 """Import PyTorch weights (torchvision's or the study's) into a stagejax model directory.
 
-    python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes N] [--new_head]
+    python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes 12] [--new_head]
         [--trust_pickle]
 
 Why by name: the stagejax modules keep torchvision's attribute names, so each
@@ -21,8 +21,8 @@ dependency (``pip install stagejax[baseline]``).
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
 import pickle
 import sys
 import types
@@ -33,10 +33,11 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from stagejax import models
-from stagejax.errors import CheckpointError
+from stagejax.errors import CheckpointError, StagejaxError
 
 
 class ConversionError(CheckpointError):
@@ -270,8 +271,8 @@ def convert_state_dict(
     state = normalize_names(state)
     if arch not in models.NAMES:
         raise ConversionError(f"--arch {arch!r}: unknown; choose one of {', '.join(models.NAMES)}")
+    heads = tuple(k.rsplit(".", 1)[0] + "." for k in _LAST_LINEAR)
     if new_head:
-        heads = tuple(k.rsplit(".", 1)[0] + "." for k in _LAST_LINEAR)
         state = {k: v for k, v in state.items() if not k.startswith(heads)}
         num_classes = num_classes or 12
     elif num_classes is None:
@@ -283,6 +284,8 @@ def convert_state_dict(
     if new_head:
         expected = {k: v for k, v in expected.items() if not k.startswith(heads)}
     missing, unexpected, shapes = _mismatches(expected, state)
+    if shapes and not (missing or unexpected) and all(m.startswith(heads) for m in shapes):
+        raise ConversionError(_head_message(arch, state, num_classes, shapes))
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -303,6 +306,23 @@ def convert_state_dict(
     return model
 
 
+def _head_message(arch: str, state: dict[str, np.ndarray], num_classes: int,
+                  shapes: list[str]) -> str:
+    """Only the final classifier does not fit: say how to replace or keep it."""
+    found = _infer(state, _LAST_LINEAR, 0)
+    return (f"{arch}: the file's final classifier has {found} outputs, not --num_classes "
+            f"{num_classes} ({shapes[0]}); pass --new_head to replace it with a freshly "
+            f"initialised {num_classes}-class layer (to fine-tune, e.g. from ImageNet weights), "
+            f"or --num_classes {found} to keep it")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out}: exists and is a file; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConversionError(f"--out {out}: exists and is not empty; choose a new directory")
+
+
 def convert_file(
     src: str | Path,
     arch: str,
@@ -311,9 +331,12 @@ def convert_file(
     trust_pickle: bool = False,
     new_head: bool = False,
 ) -> Path:
-    """Read torch weights from ``src`` and write a stagejax model directory at ``out``."""
+    """Read torch weights from ``src`` and write a stagejax model directory at ``out``
+    (new or empty: checked before anything is read)."""
     from stagejax.checkpoint import save_model_weights
 
+    out = Path(out).expanduser()
+    _check_out(out)
     state = load_torch_state_dict(src, trust_pickle=trust_pickle)
     model = convert_state_dict(state, arch, num_classes, new_head)
     return save_model_weights(
@@ -321,37 +344,61 @@ def convert_file(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stagejax.convert",
-        description="Import PyTorch weights (torchvision or the study's) into a model directory.",
-    )
-    parser.add_argument("--from", dest="src", required=True, help="torch checkpoint file")
-    parser.add_argument("--arch", required=True, choices=models.NAMES)
-    parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument(
-        "--num_classes", type=int, default=None,
-        help="number of classes (default: from the final layer's weight shape)",
-    )
-    parser.add_argument(
-        "--trust_pickle", action="store_true",
-        help="allow whole pickled modules (torch.save(model)); unpickling can run code",
-    )
-    parser.add_argument(
-        "--new_head", action="store_true",
-        help="replace the final classifier layer by a fresh one with --num_classes outputs "
-             "(default 12), e.g. to fine-tune from torchvision's ImageNet weights",
-    )
-    args = parser.parse_args(argv)
-    from stagejax.checkpoint import CheckpointError
+_USAGE = ("python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes 12] "
+          "[--new_head] [--trust_pickle]")
+_REQUIRED = ("from", "arch", "out")
 
+
+def _flag_values() -> flags.FlagValues:
+    """This command's absl flags, kept apart from ``stagejax.main``'s global ones so
+    that ``main`` can run more than once in a process (tests) without leftovers."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("from", None, "torch checkpoint file", flag_values=fv)
+    flags.DEFINE_enum("arch", None, models.NAMES, "architecture of the weights",
+                      flag_values=fv)
+    flags.DEFINE_string("out", None, "output model directory (new or empty)", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_classes", 12, "classes of the output model (default: the 12 stages); a file "
+        "whose final classifier has another count is refused unless --new_head is given",
+        lower_bound=1, flag_values=fv)
+    flags.DEFINE_boolean(
+        "new_head", False, "replace the final classifier layer by a freshly initialised one "
+        "with --num_classes outputs, e.g. to fine-tune from torchvision's ImageNet weights",
+        flag_values=fv)
+    flags.DEFINE_boolean(
+        "trust_pickle", False,
+        "allow whole pickled modules (torch.save(model)); unpickling can run code",
+        flag_values=fv)
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stagejax.convert``; ``argv`` without the program name. A user error
+    is one ``error:`` line on stderr and exit status 2, as in ``stagejax.main``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fv = _flag_values()
+    if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+        print(f"usage: {_USAGE}\n\n{fv.get_help(include_special_flags=False)}")
+        return 0
     try:
-        out = convert_file(args.src, args.arch, args.out, args.num_classes, args.trust_pickle,
-                           args.new_head)
-    except (ConversionError, CheckpointError) as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} ({args.arch})")
+        rest = fv(["python -m stagejax.convert", *argv])
+        if len(rest) > 1:
+            raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
+        missing = [f"--{n}" for n in _REQUIRED if fv[n].value is None]
+        if missing:
+            raise flags.Error(f"{', '.join(missing)} required; usage: {_USAGE}")
+    except flags.Error as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    try:
+        out = convert_file(fv["from"].value, fv.arch, fv.out, fv.num_classes, fv.trust_pickle,
+                           fv.new_head)
+    except StagejaxError as e:
+        if os.environ.get("STAGEJAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({fv.arch}, {fv.num_classes} classes)")
     return 0
 
 

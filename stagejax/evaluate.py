@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from stagejax import metrics as metrics_lib
 from stagejax.parallel import Parallel
+from stagejax.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ def run_inference(
     return out
 
 
-def summarize(labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None) -> dict:
-    """Metrics of one pass, from the confusion matrix (clu metric, on device)."""
+def summarize(labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None,
+              label_names=STAGES, ranks=None) -> dict:
+    """Metrics of one pass, from the confusion matrix (clu metric, on device);
+    ``label_names``/``ranks`` as in `stagejax.metrics.summarize`."""
     preds = probs.argmax(-1)
     cm = metrics_lib.confusion_matrix(labels, preds, probs.shape[-1])
-    return metrics_lib.summarize(cm, None if loss is None else float(np.mean(loss)))
+    return metrics_lib.summarize(cm, None if loss is None else float(np.mean(loss)),
+                                 label_names, ranks)

@@ -16,9 +16,12 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from stagejax import interrupts, memory
 from stagejax import workdir as workdir_lib
 from stagejax.errors import StagejaxError
 
@@ -81,32 +84,64 @@ def setup_logging() -> None:
 def run(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed()
-    from stagejax import data, trainer
-    from stagejax import predict as predict_lib
-
-    setup_logging()
-    config = data.resolve_config(FLAGS.config)
-    log.info("JAX %s: %d process(es), %d device(s) [%s]", jax.__version__, jax.process_count(),
-             jax.device_count(), jax.devices()[0].platform)
+    interrupts.install()  # Ctrl-C / SIGTERM: one line, never a traceback
+    config = None
     try:
-        if FLAGS.mode == "train":
-            # Checked now, but config.json is only written by train_and_evaluate once
-            # the data and model are validated: a run that fails on its input leaves
-            # the workdir as it was.
-            workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
-            trainer.train_and_evaluate(config, workdir)
-        else:
-            workdir, config = _eval_workdir_and_config(config)
-            if FLAGS.mode == "eval":
-                trainer.evaluate_workdir(config, workdir)
-            else:
-                predict_lib.predict_folder(config, workdir)
+        initialize_distributed()
+        from stagejax import config as config_lib
+        from stagejax import data
+
+        setup_logging()
+        config = data.resolve_config(FLAGS.config)
+        log.info("JAX %s: %d process(es), %d device(s) [%s]", jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+        config_lib.validate(FLAGS.config)  # every value, before any data is read
+        agree = _all_agree if jax.process_count() > 1 else None
+        # The lock is taken before the data is read (a second run is refused at once);
+        # a failure before the run's first checkpoint takes back what it wrote.
+        with workdir_lib.writing(FLAGS.workdir), workdir_lib.claim(
+                FLAGS.workdir, hold=jax.process_index() == 0, agree=agree) as claim:
+            _run_mode(config, claim)
     except StagejaxError as e:
-        if os.environ.get("STAGEJAX_TRACEBACK"):
+        _exit(f"error: {e}", 2)
+    except interrupts.Interrupted as e:  # exit status 130 (SIGINT) or 143 (SIGTERM)
+        when = "before training started" if FLAGS.mode == "train" else f"(--mode={FLAGS.mode})"
+        _exit(str(e) if e.final else f"{e} {when}; the workdir is as it was; rerun the same "
+              "command to start again", e.exit_code)
+    except jax.errors.JaxRuntimeError as e:
+        oom = memory.out_of_memory(e, config) if config is not None else None
+        if oom is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"error: {oom}", 2)
+
+
+def _exit(line: str, code: int) -> None:
+    """Print ``line`` and exit; with STAGEJAX_TRACEBACK set, re-raise the exception
+    being handled instead."""
+    if os.environ.get("STAGEJAX_TRACEBACK"):
+        raise  # called from an except block: the exception being handled
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+def _all_agree(ok: bool) -> bool:
+    """Multi-host: process 0's ``ok``, on every process (it alone takes the lock)."""
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _run_mode(config, claim: workdir_lib.Claim) -> None:
+    from stagejax import predict as predict_lib
+    from stagejax import trainer
+
+    if FLAGS.mode == "train":
+        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
+        trainer.train_and_evaluate(config, workdir, claim=claim)
+        return
+    workdir, config = _eval_workdir_and_config(config)
+    if FLAGS.mode == "eval":
+        trainer.evaluate_workdir(config, workdir)
+    else:
+        predict_lib.predict_folder(config, workdir)
 
 
 def _eval_workdir_and_config(resolved):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-from stagejax.stages import NUM_STAGES, STAGES
+from stagejax.stages import NUM_STAGES, STAGES, biological_order, stage_distance, stage_ranks
 
 
 @flax.struct.dataclass
@@ -140,8 +140,14 @@ def summarize(
     confusion: np.ndarray,
     loss: float | None = None,
     label_names: tuple[str, ...] | list[str] = STAGES,
+    ranks: tuple[int, ...] | list[int] | None = None,
 ) -> dict:
     """Turns a confusion matrix (rows true, columns predicted) into report numbers.
+
+    Rows and columns are class ids (``label_names`` order); ``ranks`` gives each
+    class's place in the cycle (0 = stage I; see `stagejax.stages.stage_ranks`,
+    which derives it from the names when None). The per-stage tables are listed
+    in cycle order.
 
     Conventions (they match scikit-learn called on the same predictions):
       * balanced_accuracy: mean recall over stages that have examples
@@ -154,8 +160,9 @@ def summarize(
         not lower the score.
       * micro_f1 equals accuracy for single-label prediction; weighted_f1
         weights per-stage F1 by support.
-      * within1_accuracy: |pred - true| <= 1 in stage order (as the study);
-        within1_cyclic_accuracy also lets XII and I be neighbours.
+      * within1_accuracy: |rank(pred) - rank(true)| <= 1, i.e. at most one stage
+        off in the cycle (as the study); within1_cyclic_accuracy also lets XII
+        and I be neighbours.
     Ratios with an empty denominator are None (JSON null).
     """
     c = np.asarray(confusion, dtype=np.int64)
@@ -174,9 +181,15 @@ def summarize(
 
     present_recall = [r for r in recall if r is not None]
     present_f1 = [f for f in f1 if f is not None]
-    idx = np.arange(k)
-    dist = np.abs(idx[:, None] - idx[None, :])
-    cyclic_dist = np.minimum(dist, k - dist)
+    r = np.asarray(stage_ranks(label_names) if ranks is None else ranks)
+    if r.shape != (k,):
+        raise ValueError(f"ranks: {r.shape[0]} ranks for {k} label names")
+    dist = stage_distance(r[:, None], r[None, :])
+    cyclic_dist = stage_distance(r[:, None], r[None, :], cyclic=True)
+    order = biological_order(r.tolist())
+
+    def per_stage(values) -> dict:
+        return {label_names[i]: values[i] for i in order}
 
     return {
         "num_examples": n,
@@ -190,8 +203,8 @@ def summarize(
         "weighted_f1": (
             float(sum(support[i] * (f1[i] or 0.0) for i in range(k)) / n) if n else None
         ),
-        "per_stage_recall": dict(zip(label_names, recall, strict=True)),
-        "per_stage_precision": dict(zip(label_names, precision, strict=True)),
-        "per_stage_f1": dict(zip(label_names, f1, strict=True)),
-        "support": {name: int(s) for name, s in zip(label_names, support, strict=True)},
+        "per_stage_recall": per_stage(recall),
+        "per_stage_precision": per_stage(precision),
+        "per_stage_f1": per_stage(f1),
+        "support": per_stage([int(s) for s in support]),
     }

@@ -5,12 +5,16 @@
 * ``metrics.json``: `stagejax.metrics.summarize` of the confusion matrix, the
   matrix itself, counts, and a short plain-language note.
 * ``predictions.csv``: one row per image in the given order (file_name,
-  true_stage, pred_stage, prob_I..prob_XII).
-* ``confusion_matrix.png``: counts and row-normalised matrices side by side;
-  the correct-stage diagonal is boxed and the +/-1-stage band outlined, since
+  true_stage, pred_stage, one prob_<name> per class in label_list order).
+* ``confusion_matrix.png``: counts and row-normalised matrices side by side,
+  stages in cycle order (I..XII, whatever the label_list's line order); the
+  correct-stage diagonal is boxed and the +/-1-stage band outlined, since
   the study's point is that errors fall on neighbouring stages.
 * ``confusion_per_stage.png``: one-vs-rest 2x2 table per stage, as the study
-  shows them.
+  shows them, in cycle order.
+
+Every file names the stages as the dataset does (``label_names``); the cycle
+position of each class (``stage_ranks``) only decides order and distances.
 * ``features.npy`` + ``features_files.txt``: penultimate features, rows in
   predictions.csv order (for t-SNE / UMAP).
 
@@ -30,8 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from stagejax import __version__
+from stagejax.errors import WorkdirError
 from stagejax.metrics import confusion_matrix, summarize
-from stagejax.stages import STAGES
+from stagejax.report_figures import plot_confusion_matrix, plot_per_stage
+from stagejax.stages import STAGES, biological_order, stage_ranks
 
 MARKER = ".stagejax_report"
 REPORT_FILES = (
@@ -107,29 +113,45 @@ def write_predictions(
     file_names: Sequence[str],
     probs: np.ndarray,
     label_names: Sequence[str] = STAGES,
+    errors: Sequence[str] | None = None,
 ) -> Path:
-    """Writes predictions for unlabeled images: file_name, pred_stage, confidence, prob_*.
+    """Writes predictions for unlabeled images: file_name, pred_stage, confidence,
+    prob_*, error.
 
-    An existing file is replaced only if it is an earlier stagejax predictions file.
+    ``errors``: per image, empty or why it could not be predicted; such rows keep
+    their file name and error but leave the prediction columns empty (their
+    ``probs`` rows are ignored). An existing file is replaced only if it is an
+    earlier stagejax predictions file.
     """
     out_path = Path(out_path)
     probs = np.asarray(probs, dtype=np.float64)
-    _check_inputs(file_names, probs, label_names)
-    header = ["file_name", "pred_stage", "confidence"] + [f"prob_{s}" for s in label_names]
+    errors = [""] * len(file_names) if errors is None else list(errors)
+    if len(errors) != len(file_names):
+        raise ValueError(f"errors: {len(errors)} entries for {len(file_names)} file names")
+    if probs.ndim != 2 or len(probs) != len(file_names):
+        _check_inputs(file_names, probs, label_names)  # raises: wrong shape
+    good = np.array([not e for e in errors], bool)
+    _check_inputs([n for n, e in zip(file_names, errors, strict=True) if not e], probs[good],
+                  label_names)
+    header = ["file_name", "pred_stage", "confidence", *(f"prob_{s}" for s in label_names),
+              "error"]
     if out_path.exists():
         with out_path.open(newline="", encoding="utf-8") as f:
             first = next(csv.reader(f), None)
-        if first != header:
-            raise FileExistsError(f"{out_path}: exists and is not a stagejax predictions file")
+        if not first or first[:3] != header[:3]:
+            raise WorkdirError(f"{out_path}: exists and is not a stagejax predictions file")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
-            for name, p, row in zip(file_names, pred, probs, strict=True):
-                w.writerow([name, label_names[p], f"{row[p]:.4f}", *_fmt_probs(row)])
+            for name, row, error in zip(file_names, probs, errors, strict=True):
+                if error:
+                    w.writerow([name, "", "", *([""] * len(label_names)), error])
+                else:
+                    p = int(row.argmax())
+                    w.writerow([name, label_names[p], f"{row[p]:.4f}", *_fmt_probs(row), ""])
 
     _atomic_write(out_path, write)
     return out_path
@@ -143,6 +165,7 @@ def write_eval_report(
     features: np.ndarray | None = None,
     loss: float | None = None,
     label_names: Sequence[str] = STAGES,
+    ranks: Sequence[int] | None = None,
 ) -> dict:
     """Writes the report (see module docstring) and returns the metrics dict.
 
@@ -153,9 +176,13 @@ def write_eval_report(
       probs: [N, num_stages] predicted probabilities.
       features: optional [N, D] penultimate features.
       loss: optional mean evaluation loss.
+      label_names: the dataset's name of each class id (label_list.txt order).
+      ranks: each class's cycle position (0 = stage I); None derives it from
+        the names (`stagejax.stages.stage_ranks`).
     """
     out_dir = Path(out_dir)
     label_names = list(label_names)
+    ranks = list(stage_ranks(label_names) if ranks is None else ranks)
     k = len(label_names)
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -174,13 +201,15 @@ def write_eval_report(
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     known = labels >= 0
     confusion = confusion_matrix(labels, pred, k)
-    summary = summarize(confusion, loss, label_names)
+    summary = summarize(confusion, loss, label_names, ranks)
     metrics = {
         **summary,
         "num_images": int(len(labels)),
         "num_labeled": int(known.sum()),
         "num_unlabeled": int((~known).sum()),
-        "label_names": label_names,
+        "label_names": label_names,  # class id order: rows/columns of confusion_matrix
+        "stage_ranks": [int(r) for r in ranks],  # cycle position of each class (0 = I)
+        "stage_order": [label_names[i] for i in biological_order(ranks)],
         "confusion_matrix": confusion.tolist(),
         "note": _note(summary, confusion, label_names),
     }
@@ -204,14 +233,7 @@ def write_eval_report(
     _atomic_write(out_dir / "predictions.csv", write_csv)
 
     if known.any():
-        _atomic_write(
-            out_dir / "confusion_matrix.png",
-            lambda p: plot_confusion_matrix(p, confusion, label_names, summary),
-        )
-        _atomic_write(
-            out_dir / "confusion_per_stage.png",
-            lambda p: plot_per_stage(p, confusion, label_names),
-        )
+        _write_figures(out_dir, confusion, label_names, ranks, summary)
     if features is not None:
         _atomic_write(out_dir / "features.npy", lambda p: _save_npy(p, features))
         _atomic_write(
@@ -219,6 +241,22 @@ def write_eval_report(
             lambda p: p.write_text("".join(f"{n}\n" for n in file_names), encoding="utf-8"),
         )
     return metrics
+
+
+def _write_figures(out_dir: Path, confusion: np.ndarray, label_names: list[str],
+                   ranks: Sequence[int], summary: dict) -> None:
+    """The two figures, in cycle order: the +/-1 band is then the matrix's tridiagonal."""
+    order = biological_order(ranks)
+    cycle_confusion = confusion[np.ix_(order, order)]
+    cycle_names = [label_names[i] for i in order]
+    _atomic_write(
+        out_dir / "confusion_matrix.png",
+        lambda p: plot_confusion_matrix(p, cycle_confusion, cycle_names, summary),
+    )
+    _atomic_write(
+        out_dir / "confusion_per_stage.png",
+        lambda p: plot_per_stage(p, cycle_confusion, cycle_names),
+    )
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -260,142 +298,3 @@ def _note(summary: dict, confusion: np.ndarray, label_names: list[str]) -> str:
         )
     parts.append("In confusion_matrix.png rows are true stages and columns predicted stages.")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# Figures (matplotlib's Agg canvas directly: no pyplot, no global backend state).
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _outline_band(ax, k: int) -> None:
-    """Boxes the diagonal and draws the edges of the +/-1-stage band."""
-    from matplotlib.patches import Rectangle
-
-    for i in range(k):
-        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, ec="#c0392b", lw=2.2))
-    # Staircase edges of the band |true - pred| <= 1 (cell (i, j) spans j +/- 0.5, i +/- 0.5).
-    for side in (-1, 1):
-        xs, ys = [], []
-        for i in range(k):
-            j = min(max(i + side, 0), k - 1)
-            x = j + 0.5 * side
-            xs += [x, x]
-            ys += [i - 0.5, i + 0.5]
-        ax.plot(xs, ys, color="#e67e22", lw=1.6, ls="--")
-    # The cycle wraps: XII -> I neighbours sit in the two far corners.
-    for i, j in ((0, k - 1), (k - 1, 0)):
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#e67e22", lw=1.6,
-                               ls=":"))
-
-
-def plot_confusion_matrix(
-    path: Path, confusion: np.ndarray, label_names: Sequence[str], summary: dict
-) -> None:
-    """Two panels, counts and row-normalised; rows true stage, columns predicted."""
-    import matplotlib as mpl
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    k = len(label_names)
-    support = confusion.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.where(support[:, None] > 0, confusion / support[:, None], np.nan)
-
-    fig = _new_figure(16, 7.6)
-    axes = fig.subplots(1, 2)
-    cmap = mpl.colormaps["Blues"].with_extremes(bad="#d9d9d9")  # grey: rows without examples
-    panels = [
-        (axes[0], confusion.astype(float), max(int(confusion.max()), 1),
-         "Number of images", lambda v: f"{int(v)}"),
-        (axes[1], norm, 1.0, "Fraction of each true stage (row sums to 100%)",
-         lambda v: f"{100 * v:.0f}%"),
-    ]
-    for ax, data, vmax, title, fmt in panels:
-        im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0, vmax=vmax)
-        for i in range(k):
-            for j in range(k):
-                v = data[i, j]
-                if np.isfinite(v) and confusion[i, j] > 0:
-                    ax.text(j, i, fmt(v), ha="center", va="center", fontsize=10,
-                            color="white" if v > 0.55 * vmax else "black")
-        _outline_band(ax, k)
-        ax.set_xticks(range(k), label_names, fontsize=11)
-        ax.set_yticks(range(k), label_names, fontsize=11)
-        ax.set_xlabel("Predicted stage", fontsize=13)
-        ax.set_ylabel("True stage", fontsize=13)
-        ax.set_title(title, fontsize=13)
-        ax.tick_params(top=False, length=0)
-        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-        cb.ax.tick_params(labelsize=10)
-        if vmax == 1.0:
-            cb.ax.yaxis.set_major_formatter(mpl.ticker.PercentFormatter(1.0))
-        else:
-            cb.ax.yaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-    # Number of images per true stage next to the counts panel.
-    right = axes[0].secondary_yaxis("right")
-    right.set_yticks(range(k), [f"n={s}" for s in support], fontsize=9, color="#555555")
-    right.tick_params(length=0)
-
-    fig.suptitle(
-        f"Accuracy {_pct(summary['accuracy'])}   |   "
-        f"Balanced accuracy {_pct(summary['balanced_accuracy'])}   |   "
-        f"\u00b11 stage accuracy {_pct(summary['within1_accuracy'])}   "
-        f"({summary['num_examples']} images)",
-        fontsize=15, fontweight="bold",
-    )
-    fig.legend(
-        handles=[
-            Patch(fill=False, ec="#c0392b", lw=2.2, label="correct stage"),
-            Line2D([], [], color="#e67e22", lw=1.6, ls="--", label="\u00b11 stage band"),
-            Patch(fill=False, ec="#e67e22", lw=1.6, ls=":",
-                  label=f"XII\u2013I neighbours (cycle wraps; \u00b11 with wrap "
-                        f"{_pct(summary['within1_cyclic_accuracy'])})"),
-            Patch(color="#d9d9d9", label="no images of this true stage"),
-        ],
-        loc="outside lower center", ncols=4, fontsize=11, frameon=False,
-    )
-    fig.savefig(path, format="png")
-
-
-def plot_per_stage(path: Path, confusion: np.ndarray, label_names: Sequence[str]) -> None:
-    """One-vs-rest 2x2 tables (stage vs all other stages), 3 rows x 4 columns."""
-    k = len(label_names)
-    n = int(confusion.sum())
-    ncols = 4
-    nrows = -(-k // ncols)
-    fig = _new_figure(3.4 * ncols, 3.3 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols)).reshape(-1)
-    for s, ax in enumerate(axes):
-        if s >= k:
-            ax.axis("off")
-            continue
-        tp = int(confusion[s, s])
-        fn = int(confusion[s].sum()) - tp
-        fp = int(confusion[:, s].sum()) - tp
-        tn = n - tp - fn - fp
-        table = np.array([[tp, fn], [fp, tn]])
-        rows = table.sum(axis=1, keepdims=True)
-        frac = np.divide(table, rows, out=np.zeros(table.shape), where=rows > 0)
-        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-        for i in range(2):
-            for j in range(2):
-                ax.text(j, i, str(table[i, j]), ha="center", va="center", fontsize=13,
-                        color="white" if frac[i, j] > 0.55 else "black")
-        name = label_names[s]
-        ax.set_xticks([0, 1], [f"pred {name}", "pred other"], fontsize=10)
-        ax.set_yticks([0, 1], [f"true {name}", "true other"], fontsize=10)
-        ax.tick_params(length=0)
-        recall = _pct(tp / (tp + fn)) if tp + fn else "n/a"
-        precision = _pct(tp / (tp + fp)) if tp + fp else "n/a"
-        ax.set_title(f"Stage {name}\nrecall {recall}, precision {precision}", fontsize=11)
-    fig.suptitle("Each stage against all others (counts; colour = fraction of the row)",
-                 fontsize=14, fontweight="bold")
-    fig.savefig(path, format="png")

@@ -3,7 +3,10 @@
 The step is a pure function ``(state, batch) -> (state, metrics)``: the Flax
 NNX model is split once into a static graph definition and array state, and
 merged back inside the step, so the step compiles once and the state is a
-plain pytree that Orbax saves and ``jax.jit`` donates.
+plain pytree that Orbax saves and ``jax.jit`` donates. Randomness (device
+augmentation, dropout) comes from ``state.rng`` folded with the step and each
+example's global index, never from random state kept in the model: the step
+is deterministic per seed and gives the same result under jit and pmap.
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ class ModelDef:
 
     train_graph: Any
     eval_graph: Any
-    rest: Any  # Non-array state (e.g. RNG stream counters), constant across steps.
+    rest: Any  # Other state (the eager 'dropout' stream), unused and unchanged by the steps.
 
     def merge(self, params: Any, batch_stats: Any, train: bool) -> nnx.Module:
+        """A fresh module whose Variables are new objects over the same arrays.
+
+        NNX refuses to mutate a Variable created in another trace (outside the
+        jitted step, or outside ``jax.grad``), so each merge makes its own.
+        """
         graph = self.train_graph if train else self.eval_graph
-        return nnx.merge(graph, params, batch_stats, self.rest)
+        state = jax.tree.map(lambda x: x, (params, batch_stats, self.rest))
+        return nnx.merge(graph, *state)
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
@@ -139,6 +148,17 @@ def _preprocess(images, rng_data, step, config, train: bool, example_offset):
     return jax.vmap(one)(images, keys)
 
 
+DROPOUT_STREAM = 0x64726F70  # folded into the run's key: a stream apart from augmentation's
+
+
+def _dropout_keys(rng_data, step, example_offset, batch: int) -> jax.Array:
+    """One dropout key per example, from (seed, step, global example index)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), DROPOUT_STREAM)
+    key = jax.random.fold_in(key, step)
+    idx = example_offset + jnp.arange(batch)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+
+
 def _example_offset(parallel_mode: str, per_device: int):
     if parallel_mode == "pmap":
         return jax.lax.axis_index(PMAP_AXIS) * per_device
@@ -161,19 +181,18 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
         images = images.astype(dtype)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
-        model = modeldef.merge(state.params, state.batch_stats, train=True)
-        if model_has_dropout:
-            nnx.reseed(model, dropout=jax.random.fold_in(
-                jax.random.wrap_key_data(state.rng), state.step))
+        dropout_keys = _dropout_keys(state.rng, state.step, offset, labels.shape[0])
 
-        def loss_fn(model):
-            logits = model(images).astype(jnp.float32)
-            return optax.softmax_cross_entropy(logits, targets).mean(), logits
+        def loss_fn(params):
+            # Merged inside the differentiated function: the forward pass updates the
+            # BatchNorm statistics of a module that lives in this trace only.
+            model = modeldef.merge(params, state.batch_stats, train=True)
+            logits = model(images, dropout_keys=dropout_keys).astype(jnp.float32)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-        # nnx.value_and_grad differentiates the Params and carries the BatchNorm
-        # statistics updated by the forward pass back into ``model``.
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        _, _, new_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         if pmap:
             grads = jax.lax.pmean(grads, PMAP_AXIS)
@@ -189,7 +208,6 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
         metrics = {"loss": loss, "accuracy": accuracy, "finite": finite}
         return new_state, metrics
 
-    model_has_dropout = bool(jax.tree.leaves(modeldef.rest))
     step_fn.traces = 0
     return step_fn
 

@@ -9,8 +9,11 @@ same workdir resumes from its latest checkpoint with the same batches.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import numpy as np
 
 from stagejax import checkpoint as ckpt_lib
 from stagejax import data as data_lib
-from stagejax import report, writers
+from stagejax import interrupts, memory, report, writers
 from stagejax import train as train_lib
 from stagejax import workdir as workdir_lib
 from stagejax.data import input_pipeline
@@ -76,41 +79,154 @@ class Run:
             self.parallel, self.eval_step(), state,
             input_pipeline.eval_batches(split, self.config), len(split.labels),
             desc=f"eval {split_name}")
-        return summarize(split.labels, out["probs"], out.get("loss")), out
+        return summarize(split.labels, out["probs"], out.get("loss"),
+                         self.dataset.label_names, self.dataset.stage_ranks), out
 
     def model_from_state(self, host_state) -> Any:
         model = self.modeldef.merge(host_state.params, host_state.batch_stats, train=False)
         return model
 
 
-def _check_finite(pending: list, step: int, ckpts: ckpt_lib.TrainCheckpoints) -> list:
+def _check_finite(pending: list, step: int, ckpts: ckpt_lib.TrainCheckpoints) -> None:
     if not pending:
-        return []
+        return
     finite = np.asarray(jax.device_get([m["finite"] for m in pending]))
     if not finite.all():
-        ckpts.wait()
-        last = ckpts.latest.latest_step()
-        keep = (f"the last good checkpoint (step {last}) is kept in {ckpts.latest.directory}"
-                if last is not None else "no checkpoint had been written yet")
+        last = ckpts.latest_step()
+        keep = (f"the last good checkpoint (step {last}) is kept in "
+                f"{ckpts.directory('latest')}" if last is not None
+                else "no checkpoint had been written yet")
         raise NonFiniteLossError(
             f"loss or weights became NaN/Inf by step {step}; training stopped and {keep}. "
             "Try a lower --config.learning_rate or --config.precision=float32."
         )
-    return pending
+
+
+def compile_train_step(run: Run, state, batch) -> Any:
+    """The train step compiled for these shapes (the one compilation of the run),
+    after checking that it fits in device memory (``memory.check_train_step``)."""
+    compiled = run.train_step.lower(state, batch).compile()
+    memory.check_train_step(compiled, run.config)
+    return compiled
+
+
+class _Loop:
+    """The training loop's state: train state, pending metrics, checkpoints, writers."""
+
+    def __init__(self, run: Run, ckpts: ckpt_lib.TrainCheckpoints, writer, state, meta: dict,
+                 claim: workdir_lib.Claim | None):
+        self.run, self.ckpts, self.writer, self.claim = run, ckpts, writer, claim
+        self.state, self.meta = state, meta
+        self.pending: list[dict] = []
+        self.saved_step: int | None = None
+        self.progress = writers.ProgressLogger(run.total_steps, run.config.global_batch_size,
+                                               run.config.log_every_steps)
+
+    def _committed(self, step: int) -> None:
+        self.saved_step = step
+        if self.claim is not None:
+            self.claim.keep()  # from now on a failure keeps this run's checkpoints
+
+    def save_latest(self, step: int) -> None:
+        _check_finite(self.pending, step, self.ckpts)
+        self.pending = []
+        self.ckpts.save_latest(step, self.run.parallel.host_state(self.state), self.meta)
+        self._committed(step)
+
+    def log_train(self, done: int) -> None:
+        host = self.run.parallel.metrics_to_host(self.pending)
+        _check_finite(self.pending, done, self.ckpts)
+        scalars = {
+            "train/loss": float(np.mean([h["loss"] for h in host])),
+            "train/accuracy": float(np.mean([h["accuracy"] for h in host])),
+            "train/epoch": done / self.run.steps_per_epoch,
+        }
+        scalars.update({f"perf/{k}": v for k, v in self.progress(done).items()})
+        self.writer.write_scalars(done, scalars)
+        self.pending = []
+
+    def end_epoch(self, done: int) -> None:
+        run, meta = self.run, self.meta
+        epoch = done // run.steps_per_epoch
+        _check_finite(self.pending, done, self.ckpts)
+        val, _ = run.evaluate(self.state, "validation")
+        self.writer.write_scalars(done, {f"validation/{k}": v for k, v in val.items()
+                                         if isinstance(v, float | int)})
+        log.info("epoch %d/%d: validation balanced accuracy %.4f, +/-1 accuracy %.4f",
+                 epoch, run.config.num_epochs, val["balanced_accuracy"],
+                 val["within1_accuracy"])
+        meta["epoch"] = epoch
+        if val["balanced_accuracy"] >= meta["best_balanced_accuracy"]:  # ties: later epoch
+            meta["best_balanced_accuracy"] = float(val["balanced_accuracy"])
+            meta["best_epoch"] = epoch
+            # Before the latest checkpoint whose ``meta`` names this epoch.
+            self.ckpts.save_best(done, run.parallel.host_state(self.state), meta)
+            self._committed(done)
+        self.save_latest(done)
+
+    def train(self, step_fn, batches, start_step: int, where: dict) -> None:
+        """Steps ``start_step`` to the end; a first SIGINT/SIGTERM stops it after the
+        step under way, with a checkpoint of that step."""
+        config, spe, total = self.run.config, self.run.steps_per_epoch, self.run.total_steps
+        with interrupts.deferred():
+            for step in range(start_step, total):
+                self.state, m = step_fn(self.state, next(batches))
+                self.pending.append(m)
+                done = where["step"] = step + 1
+                if done % config.log_every_steps == 0 or done == total:
+                    self.log_train(done)
+                if done % spe == 0:
+                    self.end_epoch(done)
+                elif done % config.checkpoint_every_steps == 0:
+                    self.save_latest(done)
+                if (signum := interrupts.pending()) is not None:
+                    if self.saved_step != done:
+                        self.save_latest(done)
+                    raise interrupts.Interrupted(signum, (
+                        f"stopped by {signal.Signals(signum).name} at step {done} (checkpoint "
+                        f"saved in {self.ckpts.directory('latest')}); rerun the same command "
+                        "to resume"))
+
+
+def _stopped(e: interrupts.Interrupted, ckpts: ckpt_lib.TrainCheckpoints,
+             step: int) -> interrupts.Interrupted:
+    """The one line of a run stopped at once (outside the loop, or a second signal)."""
+    last = ckpts.latest_step()
+    if last is None:
+        text = (f"stopped by {e.name} at step {step}, before the first checkpoint; the workdir "
+                "is as it was; rerun the same command to start again")
+    else:
+        text = (f"stopped by {e.name} at step {step}; rerun the same command to resume from "
+                f"the checkpoint of step {last} in {ckpts.directory('latest')}")
+    return interrupts.Interrupted(e.signum, text)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       dataset=None) -> dict:
-    """Train (resuming if possible), keep the best epoch, evaluate it on the test split."""
+                       dataset=None, claim: workdir_lib.Claim | None = None) -> dict:
+    """Train (resuming if possible), keep the best epoch, evaluate it on the test split.
+
+    Nothing is written before the data, the model and the compiled step's memory
+    need have been checked; ``claim`` (``workdir.claim``) is told when the run's
+    first checkpoint is committed, so that an earlier failure can be undone.
+    """
     workdir = Path(workdir)
     run = Run(config, dataset)  # Validates data and config before anything is written.
-    par = run.parallel
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir_lib.write_config(workdir, config)
-    writer = writers.create_writers(workdir, just_logging=not is_main)
     ckpts = ckpt_lib.TrainCheckpoints(workdir)
+    where = {"step": 0}
+    try:
+        return _train_and_evaluate(run, ckpts, workdir, claim, where)
+    except interrupts.Interrupted as e:
+        if e.final:
+            raise
+        raise _stopped(e, ckpts, where["step"]) from None
+    finally:
+        ckpts.close()
 
+
+def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
+                        claim: workdir_lib.Claim | None, where: dict) -> dict:
+    config, par = run.config, run.parallel
+    is_main = jax.process_index() == 0
     state = run.initial_state
     meta = {"epoch": 0, "best_balanced_accuracy": -1.0, "best_epoch": 0}
     restored = ckpts.restore_latest(run.abstract_state())
@@ -118,63 +234,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         state, meta = restored
         log.info("resuming from step %d (epoch %d) in %s", int(state.step), meta["epoch"],
                   workdir)
-    start_step = int(state.step)
+    start_step = where["step"] = int(state.step)
     state = par.put_state(state)
 
-    spe, total = run.steps_per_epoch, run.total_steps
     log.info("training %s: %d train images, %d steps/epoch x %d epochs, global batch %d on %d "
-             "device(s) (%s)", config.model, len(run.dataset.splits["train"].labels), spe,
-             config.num_epochs, config.global_batch_size, jax.device_count(), config.parallelism)
+             "device(s) (%s)", config.model, len(run.dataset.splits["train"].labels),
+             run.steps_per_epoch, config.num_epochs, config.global_batch_size,
+             jax.device_count(), config.parallelism)
     batches = par.prefetch(input_pipeline.train_batches(
         run.dataset.splits["train"], config, start_step=start_step))
-    progress = writers.ProgressLogger(total, config.global_batch_size, config.log_every_steps)
-    pending: list[dict] = []
-
-    def save_latest(step: int) -> None:
-        nonlocal pending
-        _check_finite(pending, step, ckpts)
-        pending = []
-        ckpts.save_latest(step, par.host_state(state), meta)
-
-    for step in range(start_step, total):
-        batch = next(batches)
-        state, m = run.train_step(state, batch)
-        pending.append(m)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total:
-            host = par.metrics_to_host(pending)
-            _check_finite(pending, done, ckpts)
-            scalars = {
-                "train/loss": float(np.mean([h["loss"] for h in host])),
-                "train/accuracy": float(np.mean([h["accuracy"] for h in host])),
-                "train/epoch": done / spe,
-            }
-            scalars.update({f"perf/{k}": v for k, v in progress(done).items()})
-            writer.write_scalars(done, scalars)
-            pending = []
-        if done % spe == 0:
-            epoch = done // spe
-            _check_finite(pending, done, ckpts)
-            val, _ = run.evaluate(state, "validation")
-            writer.write_scalars(done, {f"validation/{k}": v for k, v in val.items()
-                                        if isinstance(v, float | int)})
-            log.info("epoch %d/%d: validation balanced accuracy %.4f, +/-1 accuracy %.4f",
-                     epoch, config.num_epochs, val["balanced_accuracy"], val["within1_accuracy"])
-            meta["epoch"] = epoch
-            if val["balanced_accuracy"] >= meta["best_balanced_accuracy"]:  # ties: later epoch
-                meta["best_balanced_accuracy"] = float(val["balanced_accuracy"])
-                meta["best_epoch"] = epoch
-                ckpts.save_best(done, par.host_state(state), meta)
-            save_latest(done)
-        elif done % config.checkpoint_every_steps == 0:
-            save_latest(done)
-    writer.flush()
-    ckpts.wait()
-    log.info("best epoch %d (validation balanced accuracy %.4f)", meta["best_epoch"],
-             meta["best_balanced_accuracy"])
-
-    result = evaluate_best(run, ckpts, workdir, config.eval_split)
-    ckpts.close()
+    step_fn = None
+    if start_step < run.total_steps:
+        first = next(batches)
+        step_fn = compile_train_step(run, state, first)
+        batches = itertools.chain([first], batches)
+    if is_main:
+        workdir_lib.write_config(workdir, config)
+    writer = writers.create_writers(workdir, just_logging=not is_main)
+    try:
+        loop = _Loop(run, ckpts, writer, state, meta, claim)
+        if step_fn is not None:
+            loop.train(step_fn, batches, start_step, where)
+        writer.flush()
+        log.info("best epoch %d (validation balanced accuracy %.4f)", meta["best_epoch"],
+                 meta["best_balanced_accuracy"])
+        result = evaluate_best(run, ckpts, workdir, config.eval_split)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error under way is the one to report
+            writer.close()
+        raise
     writer.close()
     return result
 
@@ -184,13 +272,16 @@ def evaluate_best(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
     """Evaluate the best checkpoint on ``split_name``; export its weights; write the report."""
     restored = ckpts.restore_best(run.abstract_state())
     if restored is None:
-        raise ckpt_lib.CheckpointError(f"{ckpts.best.directory}: no best checkpoint to evaluate")
+        why = "; ".join(ckpts.skipped["best"])
+        raise ckpt_lib.CheckpointError(f"{ckpts.directory('best')}: no best checkpoint to "
+                                       f"evaluate{f' ({why})' if why else ''}")
     host_state, meta = restored
     if jax.process_index() == 0:
         export_best_model(run, host_state, workdir / "best_model")
     state = run.parallel.put_state(host_state)
-    return _evaluate_and_report(run, state, workdir, split_name,
-                                {"best_epoch": meta["best_epoch"]})
+    with workdir_lib.writing(workdir / f"eval_{split_name}", "the report"):
+        return _evaluate_and_report(run, state, workdir, split_name,
+                                    {"best_epoch": meta["best_epoch"]})
 
 
 def _evaluate_and_report(run: Run, state, workdir: Path, split_name: str, extra: dict) -> dict:
@@ -200,7 +291,8 @@ def _evaluate_and_report(run: Run, state, workdir: Path, split_name: str, extra:
     if jax.process_index() == 0:
         report.write_eval_report(
             workdir / f"eval_{split_name}", split.file_names, split.labels, out["probs"],
-            out["features"], loss=metrics.get("loss"))
+            out["features"], loss=metrics.get("loss"), label_names=run.dataset.label_names,
+            ranks=run.dataset.stage_ranks)
     log.info("%s: accuracy %.4f, balanced accuracy %.4f, +/-1 accuracy %.4f -> %s",
              split_name, metrics["accuracy"], metrics["balanced_accuracy"],
              metrics["within1_accuracy"], workdir / f"eval_{split_name}")
@@ -212,8 +304,14 @@ def export_best_model(run: Run, host_state, directory: Path) -> None:
     model = run.model_from_state(host_state)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".best_model."))
     shutil.rmtree(tmp)
-    ckpt_lib.save_model_weights(tmp, model, run.config.model, run.config.num_classes,
-                                1 if run.config.grayscale else 3)
+    try:
+        with workdir_lib.writing(directory, "the best model"), ckpt_lib.orbax_errors_silenced():
+            ckpt_lib.save_model_weights(tmp, model, run.config.model, run.config.num_classes,
+                                        1 if run.config.grayscale else 3,
+                                        run.dataset.label_names, run.dataset.stage_ranks)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial copy
+        raise
     old = directory.with_name(".best_model.old")
     shutil.rmtree(old, ignore_errors=True)  # left by a run killed mid-swap; blocks rename
     if directory.exists():
@@ -222,13 +320,12 @@ def export_best_model(run: Run, host_state, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """``--mode=eval``: the best checkpoint of a finished or running run, on eval_split."""
+    """``--mode=eval``: the best checkpoint of a finished (or stopped) run, on eval_split."""
     run = Run(config)
     ckpts = ckpt_lib.TrainCheckpoints(workdir)
     try:
-        if ckpts.best.latest_step() is None and config.init_from:
+        if not ckpts.has_best() and config.init_from:
             # No training here: evaluate the imported weights as they are.
             state = run.parallel.put_state(run.initial_state)
             return _evaluate_and_report(run, state, Path(workdir), config.eval_split, {})

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from stagejax import workdir as workdir_lib
+
 Scalar = int | float | np.number | np.ndarray
 
 
@@ -92,28 +94,54 @@ class ConsoleWriter(MetricWriter):
 
 
 class TensorBoardWriter(MetricWriter):
-    """Writes TensorBoard event files into ``logdir`` with tensorboardX."""
+    """Writes TensorBoard event files into ``logdir`` with tensorboardX's protos.
+
+    Events are written and flushed in the caller's thread (tensorboardX's
+    ``SummaryWriter`` writes from a background thread that, on a full disk, dies
+    and then blocks the training loop forever), so a failed write is raised at
+    the step that made it.
+    """
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter  # import here: heavy, and only process 0 needs it
+        # Imported here: heavy, and only process 0 needs it.
+        from tensorboardX.event_file_writer import EventsWriter
 
-        self._writer = SummaryWriter(logdir=os.fspath(logdir), flush_secs=30)
+        self.logdir = Path(logdir)
+        with workdir_lib.writing(self.logdir, "TensorBoard events"):
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._events = EventsWriter(os.fspath(self.logdir / "events"))
+
+    def _write(self, step: int | None, summaries: Sequence[Any]) -> None:
+        from tensorboardX.proto import event_pb2
+
+        with workdir_lib.writing(self.logdir, "TensorBoard events"):
+            for summary in summaries:
+                event = event_pb2.Event(wall_time=time.time(), summary=summary)
+                if step is not None:
+                    event.step = int(step)
+                self._events.write_event(event)
+            self._events.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-        for key, value in scalars.items():
-            self._writer.add_scalar(key, _to_float(value), global_step=step)
+        from tensorboardX import summary
+
+        self._write(step, [summary.scalar(k, _to_float(v)) for k, v in scalars.items()])
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Images are [N,H,W,C] or [H,W,C], uint8 or float in [0, 1] (like clu)."""
+        from tensorboardX import summary
+
+        out = []
         for key, value in images.items():
             value = np.asarray(value)
-            if value.ndim == 3:
-                value = value[None]
-            self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
+            out.append(summary.image(key, value[None] if value.ndim == 3 else value,
+                                     dataformats="NHWC"))
+        self._write(step, out)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        for key, value in texts.items():
-            self._writer.add_text(key, value, global_step=step)
+        from tensorboardX import summary
+
+        self._write(step, [summary.text(k, v) for k, v in texts.items()])
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Feeds TensorBoard's HParams tab; non-scalar values are shown as text."""
@@ -123,14 +151,15 @@ class TensorBoardWriter(MetricWriter):
             k: v if isinstance(v, bool | int | float | str) else str(v)
             for k, v in _flatten(hparams).items()
         }
-        for summary in hparams_summary(flat, {}):
-            self._writer.file_writer.add_summary(summary)
+        self._write(None, list(hparams_summary(flat, {})))
 
     def flush(self) -> None:
-        self._writer.flush()
+        with workdir_lib.writing(self.logdir, "TensorBoard events"):
+            self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with workdir_lib.writing(self.logdir, "TensorBoard events"):
+            self._events.close()
 
 
 class JsonlWriter(MetricWriter):
@@ -148,7 +177,7 @@ class JsonlWriter(MetricWriter):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
+        with workdir_lib.writing(self.path), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:

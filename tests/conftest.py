@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_sim_dir(tmp_path_factory) -> Path:
     """72 simulated tubules of 48 px in the study's layout (every stage in train)."""
-    from stagejax.data import synthetic
+    from stagejax import simulate
 
     out = tmp_path_factory.mktemp("sim") / "tiny"
-    return synthetic.generate(out, num_images=72, image_size=48, seed=0)
+    return simulate.generate(out, num_images=72, image_size=48, seed=0)

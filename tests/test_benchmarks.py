@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import accuracy, common, predict_speed, throughput
+from benchmarks import accuracy, common, predict_speed, throughput, throughput_report
 from benchmarks import torch_baseline as tb
 from stagejax import metrics as metrics_lib
 from stagejax.data import augment
@@ -195,6 +195,11 @@ def test_run_child_without_a_result_is_an_error_not_an_exception():
     assert "error" in out and "no result" in out["error"]
 
 
+def test_run_child_reports_the_end_of_a_crash():
+    out = common.run_child("benchmarks.gpu_suite", {"part": "prepare"}, timeout=120)
+    assert "exit code 1" in out["error"] and "KeyError" in out["error"]
+
+
 def test_emit_is_what_run_child_reads(capsys):
     common.emit({"a": 1})
     line = capsys.readouterr().out.strip()
@@ -218,10 +223,10 @@ def fake_throughput(e2e: float, model: float, windows: int = 3) -> dict:
 def test_throughput_ratios_and_table():
     results = {"stagejax": fake_throughput(30, 60), "torch": fake_throughput(10, 20),
                "torch_tuned": {"error": "timed out after 5 s"}}
-    ratio = throughput.ratios(results)
+    ratio = throughput_report.ratios(results)
     assert ratio == {"stagejax/torch end_to_end": pytest.approx(3.0),
                      "stagejax/torch model_only": pytest.approx(3.0)}
-    text = throughput.markdown(results, ratio)
+    text = throughput_report.markdown(results, ratio)
     assert "| torch_tuned | error: timed out after 5 s |" in text
     assert "3.00x" in text
     header, rule, *rows = text.split("\n\n")[0].splitlines()
@@ -230,7 +235,7 @@ def test_throughput_ratios_and_table():
 
 def test_throughput_table_says_what_torch_compile_did():
     r = {**fake_throughput(10, 20), "torch_compile": "failed, eager", "notes": ["Adam: fused"]}
-    text = throughput.markdown({"torch_tuned": r}, {})
+    text = throughput_report.markdown({"torch_tuned": r}, {})
     assert "- torch_tuned: 1 round(s); torch.compile failed, eager; Adam: fused" in text
 
 
@@ -268,6 +273,96 @@ def test_throughput_refuses_bad_arguments(argv, match):
         throughput.validate(args)
 
 
+def test_throughput_frameworks_may_name_their_batch():
+    specs = throughput.parse_specs("stagejax@48, torch,torch_tuned@24,stagejax@12", 36, 12)
+    assert specs == [("stagejax@48", "stagejax", 48), ("torch", "torch", 12),
+                     ("torch_tuned@24", "torch_tuned", 24), ("stagejax@12", "stagejax", 12)]
+    assert throughput.parse_specs("torch", 36) == [("torch", "torch", 36)]
+    for bad, match in (("stagejax@30", "multiple of 12"), ("stagejax@x", "NAME"),
+                       ("jax@12", "NAME"), ("torch@12,torch@12", "twice")):
+        with pytest.raises(ValueError, match=match):
+            throughput.parse_specs(bad, 12)
+
+
+def test_throughput_measure_interleaves_and_skips_rounds_that_do_not_fit(monkeypatch):
+    clock = {"t": 0.0}
+    calls = []
+
+    def fake_child(module, job, timeout=None, env=None):  # each child takes 20 s
+        calls.append((job["framework"], job["global_batch"], timeout))
+        clock["t"] += 20.0
+        return fake_throughput(10.0 * job["global_batch"], 20.0)
+
+    monkeypatch.setattr(common, "run_child", fake_child)
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock["t"])
+    specs = throughput.parse_specs("stagejax@24,torch@12", 12)
+    seen = []
+    results = throughput.measure(specs, {"x": 1}, rounds=2, cap_s=lambda key: 50.0,
+                                 deadline=70.0, on_result=lambda k, r, out: seen.append((k, r)))
+    # Interleaved; each child capped by its cap and by the deadline; round 2 of torch
+    # is left out: 10 s are left and its first round took 20.
+    assert calls == [("stagejax", 24, 50.0), ("torch", 12, 50.0), ("stagejax", 24, 30.0)]
+    assert seen == [("stagejax@24", 1), ("torch@12", 1), ("stagejax@24", 2)]
+    assert results["stagejax@24"]["rounds"] == 2 and "skipped_rounds" not in results["stagejax@24"]
+    assert results["torch@12"]["rounds"] == 1 and results["torch@12"]["skipped_rounds"] == 1
+    assert results["stagejax@24"]["end_to_end"]["images_per_s"]["median"] == 240.0
+    late = throughput.measure(specs, {}, 1, lambda key: 30.0, deadline=clock["t"] + 1)
+    assert all(r["error"].startswith("not run: time budget") for r in late.values())
+
+
+def test_add_mfu_uses_the_compiled_count_unless_it_is_implausible():
+    def result(flops, hlo, device):
+        r = {**fake_throughput(48.0, 96.0), "batch": 48, "device": device,
+             "step_flops": flops, "step_flops_hlo": hlo, "flops_source": "compiled"}
+        return r
+
+    results = {"stagejax@48": result(1e13, 1.1e13, "gpu: NVIDIA H200"),
+               "odd": result(1e9, 1e13, "gpu: NVIDIA H200"),
+               "cpu": result(1e9, None, "cpu: cpu"), "none": fake_throughput(1, 1)}
+    throughput_report.add_mfu(results)
+    m = results["stagejax@48"]["mfu"]
+    # 96 images/s at batch 48 = 2 steps/s of 1e13 FLOPs over the H200's 790 TFLOP/s.
+    assert m["model_only"] == pytest.approx(2e13 / 790e12)
+    assert m["end_to_end"] == pytest.approx(1e13 / 790e12)
+    assert m["flops_source"] == "compiled"
+    assert results["odd"]["mfu"]["step_flops"] == 1e13
+    assert "before optimisation" in results["odd"]["mfu"]["flops_source"]
+    assert 0 < results["cpu"]["mfu"]["model_only"] < 1
+    assert "mfu" not in results["none"]
+    assert "GFLOP per step" in throughput_report.markdown(results, {})
+
+
+def test_peak_flops_by_device():
+    assert common.peak_flops("gpu: NVIDIA H200")[0] == 790e12
+    assert common.peak_flops("cuda: NVIDIA H200")[0] == 790e12
+    assert common.peak_flops("cpu: cpu")[0] > 0
+    assert common.peak_flops("gpu: Some GPU")[0] is None
+
+
+def test_xla_flops_counts_a_matmul():
+    import jax
+
+    from benchmarks.stagejax_step import xla_flops
+
+    f = jax.jit(lambda a, b: a @ b)
+    a = jnp.ones((32, 64))
+    out = xla_flops(f, a, jnp.ones((64, 16)))
+    assert out["step_flops"] == pytest.approx(2 * 32 * 64 * 16, rel=0.1)
+    assert out["step_flops_hlo"] == pytest.approx(2 * 32 * 64 * 16, rel=0.1)
+
+
+def test_torch_train_step_flops_count_forward_and_backward():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = tb.Trainer("resnet18", tb.STUDY, torch.device("cpu"), seed=0)
+    x, y = torch.rand(2, 3, 32, 32), torch.arange(2)
+    with FlopCounterMode(display=False) as fwd:
+        trainer.model(x)
+    total = tb.train_step_flops(trainer, x, y)
+    assert 2.0 < total / fwd.get_total_flops() < 3.1  # backward ~2x forward
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
 def test_throughput_accepts_profile_alone():
     args = throughput.build_parser().parse_args(["--frameworks", "", "--profile"])
     assert throughput.validate(args) == []
@@ -284,6 +379,18 @@ def test_predict_speed_rates_and_ratios():
     assert predict_speed.ratios(results) == {"stagejax/torch": pytest.approx(2.0)}
     assert "error: x" in predict_speed.markdown(
         {"torch_channels_last": {"error": "x"}}, {})
+
+
+def test_predict_speed_ratios_leave_tta_out_and_measure_stops_at_the_deadline(monkeypatch):
+    results = {"stagejax": {"images_per_s": 8.0}, "stagejax_tta": {"images_per_s": 1.0},
+               "torch": {"images_per_s": 4.0}}
+    assert predict_speed.ratios(results) == {"stagejax/torch": pytest.approx(2.0)}
+    monkeypatch.setattr(common, "run_child", lambda module, job, timeout=None, env=None: {
+        "framework": job["framework"], "images_per_s": 1.0})
+    out = predict_speed.measure(["stagejax", "torch"], {}, cap_s=10, deadline=None)
+    assert out["torch"]["framework"] == "torch" and out["torch"]["wall_s"] >= 0
+    out = predict_speed.measure(["stagejax"], {}, cap_s=10, deadline=common.time.monotonic())
+    assert out["stagejax"]["error"].startswith("not run: time budget")
 
 
 def test_predict_speed_times_only_the_steps_after_warmup():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -24,6 +26,7 @@ from flax import nnx
 from stagejax import convert, models
 from stagejax.checkpoint import load_model_weights
 from stagejax.convert import ConversionError
+from tests.conftest import REPO
 
 X = np.random.default_rng(0).uniform(0.0, 1.0, (2, 3, 64, 64)).astype(np.float32)
 
@@ -221,11 +224,21 @@ def test_missing_extra_and_misshapen_keys_are_listed(resnet18_state):
         convert.convert_state_dict(state, "resnet18")
     assert str(err.value) == "resnet18: missing keys [fc.bias]; unexpected keys [extra.weight]"
 
+    state = {**resnet18_state, "layer1.0.conv1.weight": np.zeros((64, 64, 1, 1), np.float32)}
+    with pytest.raises(ConversionError) as err:
+        convert.convert_state_dict(state, "resnet18")
+    assert str(err.value) == (
+        "resnet18: shape mismatches [layer1.0.conv1.weight: file (64, 64, 1, 1) vs model "
+        "(64, 64, 3, 3)]")
+
+    # Only the classifier differs: the message says how to replace or keep it.
     with pytest.raises(ConversionError) as err:
         convert.convert_state_dict(resnet18_state, "resnet18", num_classes=10)
     assert str(err.value) == (
-        "resnet18: shape mismatches [fc.weight: file (12, 512) vs model (10, 512), "
-        "fc.bias: file (12,) vs model (10,)]"
+        "resnet18: the file's final classifier has 12 outputs, not --num_classes 10 "
+        "(fc.weight: file (12, 512) vs model (10, 512)); pass --new_head to replace it with a "
+        "freshly initialised 10-class layer (to fine-tune, e.g. from ImageNet weights), "
+        "or --num_classes 12 to keep it"
     )
 
 
@@ -253,7 +266,7 @@ def test_command_line_end_to_end(tmp_path, capsys):
     out = tmp_path / "imported"
     args = ["--arch", "mobilenet_v3_small", "--out", str(out)]
     assert convert.main(["--from", str(src), *args]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {out}")
+    assert capsys.readouterr().out.startswith(f"wrote {out} (mobilenet_v3_small, 12 classes)")
     assert json.loads((out / "model.json").read_text()) == {
         "arch": "mobilenet_v3_small", "num_classes": 12, "in_channels": 3,
     }
@@ -262,14 +275,22 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert type(model).__name__ == "MobileNetV3" and model.num_classes == 12
     assert_logits_equal(jax_logits(model), torch_logits(reference))
 
-    # Errors: one line on stderr and exit status 1.
-    assert convert.main(["--from", str(src), *args]) == 1
-    assert capsys.readouterr().err.strip().startswith("CheckpointError: ")  # never overwrites
+    # Errors: one ``error:`` line on stderr and exit status 2, as stagejax.main.
+    assert convert.main(["--from", str(src), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {out}: exists and is not empty; choose a new directory"
     torch.save(reference, tmp_path / "whole.pth")
     other = ["--arch", "mobilenet_v3_small", "--out", str(tmp_path / "other")]
-    assert convert.main(["--from", str(tmp_path / "whole.pth"), *other]) == 1
+    assert convert.main(["--from", str(tmp_path / "whole.pth"), *other]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ConversionError: ") and "--trust_pickle" in err and "\n" not in err
+    assert err.startswith("error: ") and "--trust_pickle" in err and "\n" not in err
+    for bad, text in ([["--arch", "resnet", "--from", str(src), "--out", "x"], "--arch=resnet"],
+                      [["--from", str(src)], "--arch, --out required"],
+                      [["--from", str(src), *other, "--bogus"], "bogus"]):
+        assert convert.main(bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and text in err and "\n" not in err, err
+    assert not (tmp_path / "other").exists() and not (tmp_path / "x").exists()
 
 
 def test_new_head_keeps_the_backbone_and_starts_a_12_stage_classifier():
@@ -287,3 +308,36 @@ def test_new_head_keeps_the_backbone_and_starts_a_12_stage_classifier():
     reference.fc = torch.nn.Identity()  # the backbone's embedding, before any head
     np.testing.assert_allclose(model.embed(model.backbone(x)), torch_logits(reference),
                                rtol=0, atol=1e-4)
+
+
+def _convert_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stagejax.convert", *args], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _one_error_line(res: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), res.stderr[-3000:]
+    assert sum(ln.startswith("error:") for ln in lines) == 1, res.stderr[-3000:]
+    return lines[-1]
+
+
+def test_command_line_refuses_another_head_and_an_existing_out(tmp_path):
+    """``python -m stagejax.convert`` as a user runs it: a plain 1000-class torchvision
+    state_dict needs --new_head; --out must be new or empty."""
+    torch.manual_seed(0)
+    src = tmp_path / "resnet18_imagenet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    out = tmp_path / "model"
+    line = _one_error_line(_convert_cli("--from", str(src), "--arch", "resnet18",
+                                        "--out", str(out)))
+    assert "final classifier has 1000 outputs, not --num_classes 12" in line, line
+    assert "pass --new_head" in line and not out.exists()
+
+    out.write_text("my notes\n")
+    line = _one_error_line(_convert_cli("--from", str(src), "--arch", "resnet18", "--new_head",
+                                        "--out", str(out)))
+    assert line == f"error: --out {out}: exists and is a file; choose a new directory"
+    assert out.read_text() == "my notes\n"

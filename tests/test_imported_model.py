@@ -103,7 +103,7 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
     r = _main(workdir, "--mode=predict", f"--config.init_from={model_dir}",
               f"--config.predict_dir={folder}")
     assert r.returncode == 0, r.stderr[-2000:]
-    got = _read_probs(workdir / "predict" / "predictions.csv")
+    got = _read_probs(workdir / "predict" / "unlabeled" / "predictions.csv")
     assert sorted(got) == sorted(test_files[:5])
     for f in test_files[:5]:
         np.testing.assert_allclose(got[f], expected[f], atol=1e-4, err_msg=f)
@@ -113,7 +113,7 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
     r = _main(workdir, "--mode=predict", f"--config.init_from={model_dir}",
               f"--config.predict_dir={folder}", "--config.tta=True")
     assert r.returncode == 0, r.stderr[-2000:]
-    got = _read_probs(workdir / "predict" / "predictions.csv")
+    got = _read_probs(workdir / "predict" / "unlabeled" / "predictions.csv")
     for f in test_files[:5]:
         tta = _torch_probs(reference, images / f, tta=True)
         np.testing.assert_allclose(got[f], tta, atol=1e-4, err_msg=f)

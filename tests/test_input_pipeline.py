@@ -130,17 +130,33 @@ def test_predict_batches_from_files(tmp_path):
         paths.append(path)
     batches = list(input_pipeline.predict_batches(paths, make_config(eval_batch_size=2),
                                                   process_index=0, process_count=1))
-    assert [set(b) for b in batches] == [{"image", "index", "mask"}] * 2
+    assert [set(b) for b in batches] == [{"image", "index", "mask", "size", "error"}] * 2
     index = np.concatenate([b["index"] for b in batches])
     np.testing.assert_array_equal(index, [0, 1, 2, -1])
     images = np.concatenate([b["image"] for b in batches])
     np.testing.assert_array_equal(images[:3, 0, 0, 0], [50, 51, 52])
     assert (images[:3, 0, 0, 2] == 2).all()
+    assert np.concatenate([b["size"] for b in batches]).tolist() == [[36, 36]] * 3 + [[0, 0]]
+    assert all(e == "" for b in batches for e in b["error"])
+
+    # Files that cannot be used do not stop the pass: their error says why, the
+    # rest is predicted.
     small = tmp_path / "small.png"
     small.write_bytes(png_bytes(record_image(0, 0, size=20)))
-    with pytest.raises(DatasetError, match="small.png"):
-        list(input_pipeline.predict_batches([small], make_config(), process_index=0,
-                                            process_count=1))
-    with pytest.raises(DatasetError, match="missing.png"):
-        list(input_pipeline.predict_batches([tmp_path / "missing.png"], make_config(),
-                                            process_index=0, process_count=1))
+    files = [small, tmp_path / "missing.png", paths[0]]
+    (batch,) = input_pipeline.predict_batches(files, make_config(eval_batch_size=3),
+                                              process_index=0, process_count=1)
+    assert batch["mask"].all()
+    assert "small.png: image is 20x20, smaller than crop_size 32" in batch["error"][0]
+    assert "missing.png: cannot read" in batch["error"][1] and batch["error"][2] == ""
+    np.testing.assert_array_equal(batch["image"][2], images[0])
+    assert not batch["image"][:2].any()  # black stand-ins
+    assert input_pipeline.predict_file_error(small, 32) == batch["error"][0]
+    assert input_pipeline.predict_file_error(paths[0], 32) == ""
+
+    # Evaluation still stops at a bad record (its data were checked when prepared).
+    split = types.SimpleNamespace(source=[dict(image=b"junk", label=0, file_name="junk.png")],
+                                  labels=np.zeros(1, np.int32), file_names=["junk.png"])
+    with pytest.raises(DatasetError, match="junk.png"):
+        list(input_pipeline.eval_batches(split, make_config(), process_index=0,
+                                         process_count=1))

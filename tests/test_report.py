@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from stagejax import metrics, report
+from stagejax.errors import WorkdirError
 from stagejax.stages import NUM_STAGES, STAGES
 
 
@@ -124,7 +125,8 @@ def test_write_predictions(tmp_path):
     names, _, probs, _ = _fake_eval(n=7)
     path = report.write_predictions(tmp_path / "out" / "predictions.csv", names, probs)
     rows = _read_csv(path)
-    assert rows[0] == ["file_name", "pred_stage", "confidence"] + [f"prob_{s}" for s in STAGES]
+    assert rows[0] == (["file_name", "pred_stage", "confidence"]
+                       + [f"prob_{s}" for s in STAGES] + ["error"])
     assert [r[0] for r in rows[1:]] == names
     for r, p in zip(rows[1:], probs, strict=True):
         assert r[1] == STAGES[int(p.argmax())]
@@ -133,5 +135,5 @@ def test_write_predictions(tmp_path):
     assert len(_read_csv(path)) == 3
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
-    with pytest.raises(FileExistsError, match="other.csv"):
+    with pytest.raises(WorkdirError, match="other.csv"):
         report.write_predictions(other, names, probs)

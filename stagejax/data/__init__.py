@@ -36,17 +36,19 @@ def load(config: ml_collections.ConfigDict):
     Every problem with the data raises ``DatasetError`` here, before anything
     is compiled or trained.
     """
-    from stagejax.data import synthetic, tfds_builder
+    from stagejax import simulate
+    from stagejax.data import tfds_builder
 
     cache = Path(config.cache_dir).expanduser()
     if uses_simulated_data(config):
         sim = config.simulated
-        root = synthetic.default_dataset(cache / "simulated", sim.num_images, sim.image_size,
-                                         sim.seed)
+        root = simulate.default_dataset(cache / "simulated", sim.num_images, sim.image_size,
+                                        sim.seed)
         log.warning(
             "No data_dir given: using the SIMULATED H-PAS dataset (%d images of %d px, seed %d) "
             "at %s. Numbers from this run say nothing about real tubules.",
             sim.num_images, sim.image_size, sim.seed, root)
     else:
         root = Path(config.data_dir).expanduser()
-    return tfds_builder.prepare(root, cache / "prepared", crop_size=config.crop_size)
+    return tfds_builder.prepare(root, cache / "prepared", crop_size=config.crop_size,
+                                stage_order=config.get("stage_order", ""))

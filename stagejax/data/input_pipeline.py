@@ -125,7 +125,8 @@ class _PaddedSource:
 
 
 class _FileSource:
-    """Unlabelled image files as records ``dict(image=bytes, label=0, file_name)``."""
+    """Unlabelled image files as records ``dict(image=bytes, label=0, file_name)``; a
+    file that cannot be read has ``read_error`` (the message) and no bytes."""
 
     def __init__(self, paths: Sequence[str | Path]):
         self._paths = [Path(p) for p in paths]
@@ -138,37 +139,55 @@ class _FileSource:
 
     def __getitem__(self, k: int) -> dict:
         path = self._paths[k]
+        record = {"image": b"", "label": 0, "file_name": str(path)}
         try:
-            data = path.read_bytes()
+            record["image"] = path.read_bytes()
         except OSError as e:
-            raise DatasetError(f"{path}: cannot read ({type(e).__name__})") from None
-        return {"image": data, "label": 0, "file_name": str(path)}
+            record["read_error"] = f"{path}: cannot read ({e.strerror or type(e).__name__})"
+        return record
 
 
 class _EvalExample(grain.MapTransform):
     """Decode and centre-crop; padding becomes a black image with ``mask`` False
-    (and label 0, so that it is a valid class id everywhere)."""
+    (and label 0, so that it is a valid class id everywhere).
 
-    def __init__(self, crop_size: int):
+    Also gives ``size`` (the image's [height, width] before the crop, 0 for
+    padding) and ``error`` (empty). With ``skip_errors`` (prediction) a file
+    that cannot be read, decoded or cropped raises nothing: it becomes a black
+    image with ``mask`` True and ``error`` the message, so that one bad file
+    does not stop a folder (the caller drops its row).
+    """
+
+    def __init__(self, crop_size: int, skip_errors: bool = False):
         self._crop = CenterCrop(crop_size)
+        self._skip_errors = skip_errors
 
     def map(self, element: dict) -> dict:
         index = np.int32(element["index"])
+        crop = self._crop.crop_size
+        out = {"image": np.zeros((crop, crop, 3), np.uint8), "label": np.int32(0),
+               "index": index, "mask": np.bool_(index >= 0), "size": np.zeros(2, np.int32),
+               "error": ""}
         if index < 0:
-            size = self._crop.crop_size
-            image, label = np.zeros((size, size, 3), np.uint8), 0
-        else:
-            name = element["file_name"]
-            image = self._crop.map({"image": decode_image(element["image"], name),
-                                    "file_name": name})["image"]
-            label = element["label"]
-        return {"image": image, "label": np.int32(label), "index": index,
-                "mask": np.bool_(index >= 0)}
+            return out
+        name = element["file_name"]
+        try:
+            if "read_error" in element:
+                raise DatasetError(element["read_error"])
+            image = decode_image(element["image"], name)
+            out["size"] = np.asarray(image.shape[:2], np.int32)
+            out["image"] = self._crop.map({"image": image, "file_name": name})["image"]
+        except DatasetError as e:
+            if not self._skip_errors:
+                raise
+            out["error"] = str(e)
+        out["label"] = np.int32(element["label"])
+        return out
 
 
 def _one_pass(source, num_examples: int, config: ml_collections.ConfigDict,
               process_index: int | None, process_count: int | None,
-              keys: tuple[str, ...]) -> Iterator[dict]:
+              keys: tuple[str, ...], skip_errors: bool = False) -> Iterator[dict]:
     process_index, process_count = _processes(process_index, process_count)
     positions = eval_positions(num_examples, config.eval_batch_size, process_index,
                                process_count)
@@ -183,7 +202,7 @@ def _one_pass(source, num_examples: int, config: ml_collections.ConfigDict,
     loader = grain.DataLoader(
         data_source=_PaddedSource(source, positions.reshape(-1)),
         sampler=grain.SequentialSampler(positions.size),
-        operations=[_EvalExample(config.crop_size)],
+        operations=[_EvalExample(config.crop_size, skip_errors)],
         worker_count=config.num_workers,
         worker_buffer_size=local,
         shard_options=grain.NoSharding(),
@@ -212,6 +231,19 @@ def predict_batches(image_paths: Sequence[str | Path], config: ml_collections.Co
                     process_index: int | None = None,
                     process_count: int | None = None) -> Iterator[dict]:
     """Like `eval_batches` for unlabelled files: ``{'image', 'index' (position in
-    image_paths), 'mask'}``."""
+    image_paths), 'mask', 'size' (int32 [B, 2]: height, width before the crop),
+    'error' (str: empty, or why the file could not be used)}``.
+
+    A file that cannot be read, decoded or centre-cropped does not raise: its
+    ``error`` says why and its ``image`` is black (see `_EvalExample`).
+    """
     return _one_pass(_FileSource(image_paths), len(image_paths), config, process_index,
-                     process_count, ("image", "index", "mask"))
+                     process_count, ("image", "index", "mask", "size", "error"),
+                     skip_errors=True)
+
+
+def predict_file_error(path: str | Path, crop_size: int) -> str:
+    """Why `predict_batches` cannot use ``path`` (empty if it can): the same read,
+    decode and centre crop, for one file."""
+    element = {**_FileSource([path])[0], "index": 0}
+    return _EvalExample(crop_size, skip_errors=True).map(element)["error"]

@@ -4,6 +4,10 @@
     root/split_list/train.txt    one image file name per line (also validation.txt, test.txt)
     root/label_list.txt          one stage name per line; class id = 0-based line position
 
+Stage names are roman (I..XII) or arabic (1..12), in any line order; each
+class's place in the cycle (its rank, see `stagejax.stages.stage_ranks`) comes
+from its name, or from ``config.stage_order`` for names of the user's own.
+
 Everything that can be wrong with the input is checked here, before any cache is
 built or any step is trained, and reported as a `DatasetError` whose one-line
 message names the offending file: a run that fails after an hour because image
@@ -17,6 +21,7 @@ from pathlib import Path
 from absl import logging
 
 from stagejax.data.images import DatasetError, image_info
+from stagejax.stages import stage_ranks
 
 __all__ = ["SPLITS", "DatasetError", "Example", "Layout", "read_layout", "stage_from_file_name"]
 
@@ -35,6 +40,7 @@ class Layout:
     root: Path
     label_names: list[str]
     splits: dict[str, list[Example]]  # keys: SPLITS, in that order
+    stage_ranks: tuple[int, ...] = ()  # cycle position of each class id (0 = stage I)
 
 
 def stage_from_file_name(name: str) -> str:
@@ -67,9 +73,13 @@ def _first_duplicate(items: Iterable[str]) -> str | None:
 
 
 def read_layout(
-    root: str | Path, crop_size: int | None = None, check_images: bool = True
+    root: str | Path, crop_size: int | None = None, check_images: bool = True,
+    stage_order: str = "",
 ) -> Layout:
     """Parses and validates `root`; raises DatasetError at the first problem.
+
+    `stage_order` (comma-separated label names, stage I first) is needed only
+    when the label names are not stage names.
 
     With `check_images` every listed image is fully decoded (finds zero-byte,
     truncated, non-image and unsupported files) and, when `crop_size` is given,
@@ -87,6 +97,7 @@ def read_layout(
         raise DatasetError(f"{label_file}: no labels listed")
     if (dup := _first_duplicate(label_names)) is not None:
         raise DatasetError(f"{label_file}: label {dup!r} listed twice")
+    ranks = stage_ranks(label_names, stage_order, source=str(label_file))
     label_ids = {name: i for i, name in enumerate(label_names)}
 
     splits: dict[str, list[Example]] = {}
@@ -128,7 +139,7 @@ def read_layout(
     logging.info(
         "%s: %d labels; %s.", root, len(label_names),
         ", ".join(f"{s} {len(splits[s])} images" for s in SPLITS))
-    return Layout(root=root, label_names=label_names, splits=splits)
+    return Layout(root=root, label_names=label_names, splits=splits, stage_ranks=ranks)
 
 
 def _check_image(path: Path, crop_size: int | None) -> None:

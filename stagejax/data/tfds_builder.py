@@ -117,9 +117,11 @@ class SplitSource:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedDataset:
-    label_names: list[str]
+    label_names: list[str]  # the dataset's name of each class id (label_list.txt order)
     splits: dict[str, SplitSource]
     cache_path: Path
+    # Cycle position of each class id (0 = stage I), from the names or config.stage_order.
+    stage_ranks: tuple[int, ...] = ()
 
 
 def cache_key(layout: Layout) -> str:
@@ -133,20 +135,26 @@ def cache_key(layout: Layout) -> str:
 
 
 def prepare(
-    data_dir: str | Path, cache_dir: str | Path, crop_size: int | None = None
+    data_dir: str | Path, cache_dir: str | Path, crop_size: int | None = None,
+    stage_order: str = "",
 ) -> PreparedDataset:
     """Validates `data_dir`, builds (or reuses) its ArrayRecord cache, returns grain sources.
 
-    Raises DatasetError for bad input before anything is written.
+    Raises DatasetError for bad input before anything is written. The stage
+    ranks are derived on every call (not cached): `stage_order` may change
+    without a rebuild.
     """
-    layout = read_layout(data_dir, check_images=False)  # cheap: names, labels, existence
+    # Cheap: names, labels, existence.
+    layout = read_layout(data_dir, check_images=False, stage_order=stage_order)
     path = Path(cache_dir) / f"layout-{cache_key(layout)}"
     if (path / _MARKER).is_file():
         logging.info("Reusing dataset cache %s.", path)
     else:
-        layout = read_layout(data_dir, crop_size=crop_size, check_images=True)
+        layout = read_layout(data_dir, crop_size=crop_size, check_images=True,
+                             stage_order=stage_order)
         _build(layout, path)
-    return _load(path, layout.root / "images", crop_size)
+    prepared = _load(path, layout.root / "images", crop_size)
+    return dataclasses.replace(prepared, stage_ranks=layout.stage_ranks)
 
 
 def _build(layout: Layout, path: Path) -> None:

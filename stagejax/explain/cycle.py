@@ -32,12 +32,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from stagejax.errors import ConfigError, DatasetError
-from stagejax.stages import NUM_STAGES, STAGES
+from stagejax.stages import NUM_STAGES, STAGES, names_by_rank, parse_stage, stage_ranks
 
 # --------------------------------------------------------------------------
 # Score
@@ -86,14 +87,17 @@ def _statistics(features: np.ndarray, labels: np.ndarray, stages: np.ndarray):
 
 
 def cycle_score(
-    features: np.ndarray, labels: np.ndarray, num_permutations: int = 200, seed: int = 0
+    features: np.ndarray, labels: np.ndarray, num_permutations: int = 200, seed: int = 0,
+    stage_names: Sequence[str] = STAGES,
 ) -> dict:
     """How well stage centroids of ``features`` [N,D] follow the cycle I..XII -> I.
 
     Args:
       features: one row per image, any dimension D >= 2 (raw features, PCA or t-SNE).
-      labels: stage index 0..11 per row; at least 3 different stages present.
+      labels: cycle position 0..11 (0 = stage I) per row, not a class id; at
+        least 3 different stages present.
       num_permutations: label shuffles for the random-labelling baseline.
+      stage_names: the name shown for each cycle position (the dataset's own).
 
     Returns a dict with ``score`` (circular rank correlation, 1 = perfect
     cyclic order) and ``random_mean``/``random_std``/``p_value`` from shuffled
@@ -147,8 +151,8 @@ def cycle_score(
         "neighbour_random_mean": n_mean,
         "neighbour_random_std": n_std,
         "neighbour_p_value": n_p,
-        "angular_order": [STAGES[stages[k]] for k in order],
-        "stages": [STAGES[s] for s in stages],
+        "angular_order": [stage_names[stages[k]] for k in order],
+        "stages": [stage_names[s] for s in stages],
         "num_images": int(features.shape[0]),
         "num_permutations": int(num_permutations),
     }
@@ -191,8 +195,9 @@ def stage_colours() -> np.ndarray:
 
 
 def plot_embedding(path: Path, points: np.ndarray, labels: np.ndarray, title: str,
-                   xlabel: str, ylabel: str) -> None:
-    """Scatter coloured by stage, stage centroids joined in cycle order (XII -> I)."""
+                   xlabel: str, ylabel: str, stage_names: Sequence[str] = STAGES) -> None:
+    """Scatter coloured by stage (``labels``: cycle positions), stage centroids joined
+    in cycle order (XII -> I); stages named by ``stage_names``."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -203,7 +208,7 @@ def plot_embedding(path: Path, points: np.ndarray, labels: np.ndarray, title: st
     for s in stages:
         pts = points[labels == s]
         ax.scatter(pts[:, 0], pts[:, 1], s=22, color=colours[s], edgecolors="0.25",
-                   linewidths=0.4, alpha=0.8, label=f"{STAGES[s]}  (n={len(pts)})")
+                   linewidths=0.4, alpha=0.8, label=f"{stage_names[s]}  (n={len(pts)})")
     centroids = np.stack([points[labels == s].mean(axis=0) for s in stages])
     loop = np.concatenate([centroids, centroids[:1]])
     ax.plot(loop[:, 0], loop[:, 1], color="black", lw=1.4, alpha=0.7, zorder=3)
@@ -215,12 +220,13 @@ def plot_embedding(path: Path, points: np.ndarray, labels: np.ndarray, title: st
         ax.scatter(*c, s=420, color=colours[s], edgecolors="black", linewidths=1.5, zorder=4)
         r, g, b = colours[s][:3]
         dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark markers
-        ax.text(*c, STAGES[s], ha="center", va="center", fontsize=8, fontweight="bold",
+        ax.text(*c, stage_names[s], ha="center", va="center", fontsize=8, fontweight="bold",
                 color="white" if dark else "black", zorder=5)
     handles, names = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="white",
                           markersize=11, lw=1.4))
-    names.append("stage centroid,\njoined I -> ... -> XII -> I")
+    first, last = stage_names[stages[0]], stage_names[stages[-1]]
+    names.append(f"stage centroid,\njoined {first} -> ... -> {last} -> {first}")
     ax.legend(handles, names, title="true stage", loc="center left",
               bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.suptitle(title, fontsize=11)
@@ -252,8 +258,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def read_stage_names(eval_dir: Path) -> tuple[dict[str, int] | None, list[str]]:
+    """The dataset's stage names of an eval_<split> folder (from its metrics.json):
+    name -> cycle position, and the name of each of the 12 positions. Without
+    metrics.json (or names in it), None and I..XII: names are then parsed."""
+    path = eval_dir / "metrics.json"
+    if not path.is_file():
+        return None, list(STAGES)
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DatasetError(f"{path}: not valid JSON") from None
+    names = meta.get("label_names")
+    if not names:
+        return None, list(STAGES)
+    ranks = meta.get("stage_ranks") or stage_ranks(names, source=str(path))
+    if len(ranks) != len(names):
+        raise DatasetError(f"{path}: {len(ranks)} stage_ranks for {len(names)} label_names")
+    return dict(zip(names, ranks, strict=True)), names_by_rank(names, ranks)
+
+
 def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """features [N,D], true stage indices [N] and file names from an eval_<split> folder."""
+    """features [N,D], true cycle positions [N] (0 = stage I) and file names from an
+    eval_<split> folder."""
     features_path, csv_path = eval_dir / "features.npy", eval_dir / "predictions.csv"
     for path in (features_path, csv_path):
         if not path.is_file():
@@ -266,15 +293,14 @@ def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]
         if "true_stage" not in (reader.fieldnames or []):
             raise DatasetError(f"{csv_path}: no 'true_stage' column")
         rows = list(reader)
+    rank_of, _ = read_stage_names(eval_dir)
     labels, names = [], []
     for line, row in enumerate(rows, start=2):
         stage = row["true_stage"].strip()
-        if stage in STAGES:
-            labels.append(STAGES.index(stage))
-        elif stage.isdigit() and 1 <= int(stage) <= NUM_STAGES:
-            labels.append(int(stage) - 1)
-        else:
+        rank = parse_stage(stage) if rank_of is None else rank_of.get(stage)
+        if rank is None:
             raise DatasetError(f"{csv_path}: line {line}: unknown true_stage {stage!r}")
+        labels.append(rank)
         names.append(row.get("file_name", ""))
     if len(labels) != features.shape[0]:
         raise DatasetError(f"{features_path}: {features.shape[0]} rows but {csv_path.name} "
@@ -293,10 +319,11 @@ def main(args: argparse.Namespace) -> Path:
         raise ConfigError("--num_permutations: must be >= 1")
     workdir = Path(args.workdir)
     features, labels, _ = read_eval_outputs(workdir / f"eval_{args.split}")
+    _, stage_names = read_stage_names(workdir / f"eval_{args.split}")
     out = Path(args.out) if args.out is not None else workdir / "explain" / "cycle"
     out.mkdir(parents=True, exist_ok=True)
 
-    kw = dict(num_permutations=args.num_permutations, seed=args.seed)
+    kw = dict(num_permutations=args.num_permutations, seed=args.seed, stage_names=stage_names)
     pca_points, pca_var = pca_2d(features)
     tsne_points = tsne_2d(features, seed=args.seed)
     spaces = {
@@ -306,18 +333,20 @@ def main(args: argparse.Namespace) -> Path:
     }
     n, d = features.shape
     header = f"{args.split} split: {n} tubules, {d}-D penultimate features"
-    legend = "(cycle score 1 = stage centroids go round in the order I, II, ..., XII, I)"
+    legend = ("(cycle score 1 = stage centroids go round in the order "
+              f"{', '.join(stage_names[:2])}, ..., {stage_names[-1]}, {stage_names[0]})")
     plot_embedding(
         out / "cycle_pca.png", pca_points, labels,
         f"PCA of network features, {header}\n"
         f"{_score_text('in the full feature space', spaces['features'])}\n"
         f"{_score_text('in this PCA plane', spaces['pca'])}\n{legend}",
-        f"PC 1 ({pca_var[0]:.0%} of variance)", f"PC 2 ({pca_var[1]:.0%} of variance)")
+        f"PC 1 ({pca_var[0]:.0%} of variance)", f"PC 2 ({pca_var[1]:.0%} of variance)",
+        stage_names)
     plot_embedding(
         out / "cycle_tsne.png", tsne_points, labels,
         f"t-SNE of network features (perplexity {tsne_perplexity(n):.0f}), {header}\n"
         f"{_score_text('in this t-SNE map', spaces['tsne'])}\n{legend}",
-        "t-SNE 1", "t-SNE 2")
+        "t-SNE 1", "t-SNE 2", stage_names)
     result = {
         "split": args.split,
         "num_images": int(n),

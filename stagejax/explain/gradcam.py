@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from stagejax.errors import ConfigError
-from stagejax.stages import NUM_STAGES, STAGES
+from stagejax.stages import parse_stage
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 GRID_MAX_PER_STAGE = 12  # examples shown in each grid_stage_<S>.png
@@ -169,24 +169,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset cache if it moved since training (default: the run's)")
 
 
-def stage_index(name: str) -> int | None:
-    """'VII' or '7' -> 6; anything else -> None."""
-    name = name.strip()
-    if name in STAGES:
-        return STAGES.index(name)
-    if name.isdigit() and 1 <= int(name) <= NUM_STAGES:
-        return int(name) - 1
-    return None
+def class_index(stage: str, label_names: Sequence[str],
+                ranks: Sequence[int] | None = None) -> int | None:
+    """The class id of ``stage``: a label name as the dataset writes it, else a roman
+    or arabic stage name ('VII', '7') matched by cycle position; None if neither."""
+    stage = stage.strip()
+    if stage in label_names:
+        return list(label_names).index(stage)
+    rank = parse_stage(stage)
+    if rank is None or ranks is None or rank not in ranks:
+        return None
+    return list(ranks).index(rank)
 
 
-def _select(labels: list[int | None], max_images: int | None) -> list[int]:
-    """All indices, or ``max_images`` of them taken in turn from each true stage."""
+def _select(labels: list[int | None], max_images: int | None,
+            rank: Callable[[int], int] = lambda c: c) -> list[int]:
+    """All indices, or ``max_images`` of them taken in turn from each true stage
+    (stages in cycle order, by ``rank`` of the class id)."""
     if max_images is None or max_images >= len(labels):
         return list(range(len(labels)))
     by_stage: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_stage.setdefault(-1 if label is None else label, []).append(i)
-    queues = [by_stage[k] for k in sorted(by_stage)]
+    queues = [by_stage[k] for k in sorted(by_stage, key=lambda c: -1 if c < 0 else rank(c))]
     chosen: list[int] = []
     for depth in range(max(map(len, queues))):
         chosen += [q[depth] for q in queues if depth < len(q)]
@@ -195,11 +200,17 @@ def _select(labels: list[int | None], max_images: int | None) -> list[int]:
 
 @dataclasses.dataclass
 class _Images:
-    """What to explain: file names, true stage indices (None: unknown), a loader."""
+    """What to explain: file names, true class ids (None: unknown), a loader, and
+    the name and cycle position (None: unknown order) of each class id."""
 
     names: list[str]
     labels: list[int | None]
     load: Callable[[int], np.ndarray]  # index -> uint8 [H,W,3]
+    label_names: list[str]
+    ranks: list[int] | None
+
+    def rank(self, class_id: int) -> int:
+        return class_id if self.ranks is None else self.ranks[class_id]
 
 
 def _split_images(config, split: str) -> _Images:
@@ -215,10 +226,11 @@ def _split_images(config, split: str) -> _Images:
         record = source.source[i]
         return decode_image(record["image"], record["file_name"])
 
-    return _Images(list(source.file_names), [int(x) for x in source.labels], load)
+    return _Images(list(source.file_names), [int(x) for x in source.labels], load,
+                   list(prepared.label_names), list(prepared.stage_ranks))
 
 
-def _folder_images(folder: Path) -> _Images:
+def _folder_images(folder: Path, label_names: list[str], ranks: list[int] | None) -> _Images:
     from stagejax.data.images import decode_image
     from stagejax.data.layout import DatasetError, stage_from_file_name
 
@@ -230,11 +242,12 @@ def _folder_images(folder: Path) -> _Images:
     labels = []
     for p in paths:  # a stage in the file name (study's naming) is shown as the true stage
         try:
-            labels.append(stage_index(stage_from_file_name(p.name)))
+            labels.append(class_index(stage_from_file_name(p.name), label_names, ranks))
         except DatasetError:
             labels.append(None)
     return _Images([p.name for p in paths], labels,
-                   lambda i: decode_image(paths[i].read_bytes(), paths[i].name))
+                   lambda i: decode_image(paths[i].read_bytes(), paths[i].name),
+                   label_names, ranks)
 
 
 def _explain_batch(model, crops: list[np.ndarray], config, target, batch_size: int):
@@ -253,12 +266,10 @@ def _explain_batch(model, crops: list[np.ndarray], config, target, batch_size: i
     return heat[:n], np.asarray(jax.nn.softmax(logits[:n], axis=-1))
 
 
-def _stage_text(index: int | None) -> str:
-    return "unknown" if index is None else STAGES[index]
-
-
 def _save_pair(path: Path, name: str, image, heat, true, pred, conf, target, alpha) -> None:
-    """Original | overlay with a colour bar; title: true / predicted stage, confidence."""
+    """Original | overlay with a colour bar; title: true / predicted stage, confidence.
+
+    ``true`` (None: unknown), ``pred`` and ``target`` are stage names."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -267,14 +278,14 @@ def _save_pair(path: Path, name: str, image, heat, true, pred, conf, target, alp
     left.imshow(image)
     left.set_title("H-PAS image (evaluation crop)")
     right.imshow(overlay(image, heat, alpha=alpha))
-    right.set_title(f"Grad-CAM: evidence for stage {STAGES[target]}")
+    right.set_title(f"Grad-CAM: evidence for stage {target}")
     for ax in (left, right):
         ax.set_axis_off()
     mappable = matplotlib.cm.ScalarMappable(cmap="turbo", norm=matplotlib.colors.Normalize(0, 1))
     bar = fig.colorbar(mappable, ax=right, fraction=0.046, pad=0.02)
     bar.set_label("relative evidence (1 = strongest in this image)")
     verdict = "" if true is None else ("  (correct)" if true == pred else "  (WRONG)")
-    fig.suptitle(f"{name}\ntrue stage {_stage_text(true)}, predicted {STAGES[pred]} "
+    fig.suptitle(f"{name}\ntrue stage {true or 'unknown'}, predicted {pred} "
                  f"with probability {conf:.2f}{verdict}", fontsize=12)
     fig.savefig(path, dpi=100)
 
@@ -288,7 +299,8 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 
 
 def _save_grid(path: Path, title: str, cells: list[tuple]) -> None:
-    """Overlays of one stage; each cell titled with its prediction, red when wrong."""
+    """Overlays of one stage; each cell (file, thumbnail, true and predicted stage
+    names, confidence) titled with its prediction, red when wrong."""
     from matplotlib.figure import Figure
 
     cols = min(4, len(cells))
@@ -301,7 +313,7 @@ def _save_grid(path: Path, title: str, cells: list[tuple]) -> None:
         ax.imshow(thumb)
         wrong = true is not None and true != pred
         ax.set_title(f"{name if len(name) <= 30 else '...' + name[-27:]}\n"
-                     f"predicted {STAGES[pred]} ({conf:.2f})", fontsize=8,
+                     f"predicted {pred} ({conf:.2f})", fontsize=8,
                      color="tab:red" if wrong else "black")
     fig.suptitle(title, fontsize=12)
     fig.savefig(path, dpi=90)
@@ -309,7 +321,7 @@ def _save_grid(path: Path, title: str, cells: list[tuple]) -> None:
 
 def main(args: argparse.Namespace) -> Path:
     """Grad-CAM PNGs for a trained run (one per image, one grid per stage); returns the folder."""
-    from stagejax.checkpoint import load_model_weights
+    from stagejax.checkpoint import load_model_weights, read_model_json
     from stagejax.data.augment import CenterCrop
     from stagejax.workdir import load_run_config
 
@@ -318,20 +330,24 @@ def main(args: argparse.Namespace) -> Path:
     for field in ("data_dir", "cache_dir"):
         if getattr(args, field) is not None:
             config[field] = getattr(args, field)
-    target = None if args.stage is None else stage_index(args.stage)
+    meta = read_model_json(workdir / "best_model")  # the model's stage names, in class order
+    target = None if args.stage is None else class_index(
+        args.stage, meta["label_names"], meta["stage_ranks"])
     if args.stage is not None and target is None:
-        raise ConfigError(f"--stage: {args.stage!r} is not a stage (I..XII or 1..12)")
+        raise ConfigError(f"--stage: {args.stage!r} is not one of the model's stages "
+                          f"({', '.join(meta['label_names'])})")
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
         raise ConfigError("--batch_size and --max_images: must be >= 1")
 
     model = load_model_weights(workdir / "best_model")  # float32, eval mode
-    images = (_folder_images(Path(args.images)) if args.images is not None
-              else _split_images(config, args.split))
+    images = (_folder_images(Path(args.images), meta["label_names"], meta["stage_ranks"])
+              if args.images is not None else _split_images(config, args.split))
+    stage_name = images.label_names  # class id -> the dataset's name
     crop = CenterCrop(int(config.crop_size))
     out = Path(args.out) if args.out is not None else workdir / "explain" / "gradcam"
     out.mkdir(parents=True, exist_ok=True)
 
-    indices = _select(images.labels, args.max_images)
+    indices = _select(images.labels, args.max_images, images.rank)
     by_true = all(images.labels[i] is not None for i in indices)  # else group by prediction
     grids: dict[int, list[tuple]] = {}
     for start in range(0, len(indices), args.batch_size):
@@ -341,20 +357,21 @@ def main(args: argparse.Namespace) -> Path:
         heats, probs = _explain_batch(model, crops, config, target, args.batch_size)
         for i, image, heat, p in zip(chunk, crops, heats, probs, strict=True):
             name, true, pred = images.names[i], images.labels[i], int(np.argmax(p))
-            _save_pair(out / f"{Path(name).stem}.png", name, image, heat, true, pred,
-                       float(p[pred]), pred if target is None else target, args.alpha)
+            true_name = None if true is None else stage_name[true]
+            shown = stage_name[pred if target is None else target]
+            _save_pair(out / f"{Path(name).stem}.png", name, image, heat, true_name,
+                       stage_name[pred], float(p[pred]), shown, args.alpha)
             cells = grids.setdefault(true if by_true else pred, [])
             if len(cells) < GRID_MAX_PER_STAGE:
                 cells.append((name, _thumbnail(overlay(image, heat, alpha=args.alpha)),
-                              true, pred, float(p[pred])))
+                              true_name, stage_name[pred], float(p[pred])))
         logging.info("Grad-CAM: %d / %d images", start + len(chunk), len(indices))
 
-    explained = "its predicted stage" if target is None else f"stage {STAGES[target]}"
-    for stage, cells in sorted(grids.items()):
-        group = "true" if by_true else "predicted"
-        _save_grid(out / f"grid_stage_{STAGES[stage]}.png",
-                   f"Tubules of {group} stage {STAGES[stage]}\nGrad-CAM evidence for "
-                   f"{explained}; red title = misclassified",
-                   cells)
+    explained = "its predicted stage" if target is None else f"stage {stage_name[target]}"
+    for class_id in sorted(grids, key=images.rank):  # cycle order
+        _save_grid(out / f"grid_stage_{stage_name[class_id]}.png",
+                   f"Tubules of {'true' if by_true else 'predicted'} stage "
+                   f"{stage_name[class_id]}\nGrad-CAM evidence for {explained}; red title = "
+                   "misclassified", grids[class_id])
     print(f"Grad-CAM of {len(indices)} images written to {out}")
     return out

@@ -6,7 +6,11 @@ always means the same network. Every model takes NHWC float input and offers
 ``backbone(x)`` (last conv feature map, for Grad-CAM), ``embed(fmap)``
 (penultimate features, for t-SNE), ``classify(emb)`` and ``__call__(x)``
 (the three chained). Like torch modules, models start in train mode; switch
-with ``model.train()`` / ``model.eval()``.
+with ``model.train()`` / ``model.eval()``. ``__call__(x, dropout_keys)`` takes
+one random key per example for the models with dropout (MobileNetV3), so a
+jitted train step draws its masks functionally, from keys it was given, rather
+than by advancing the model's own random stream (state that a jitted step must
+not mutate); without keys, eager calls use that stream.
 """
 
 from __future__ import annotations

@@ -220,3 +220,15 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """NHWC -> NC mean over the spatial axes (accumulated in float32 for low precision)."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def example_dropout(x: jax.Array, keys: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout whose mask for example ``b`` is drawn from ``keys[b]`` alone.
+
+    Keys derived from each example's global index make the masks the same
+    however the batch is split over devices (jit on a mesh, pmap, hosts).
+    """
+    if keys.shape != x.shape[:1]:
+        raise ValueError(f"keys: expected one per example ({x.shape[0]}), got {keys.shape}")
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

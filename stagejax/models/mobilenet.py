@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
-from stagejax.models.layers import ConvBN, Layers, global_avg_pool
+from stagejax.models.layers import ConvBN, Layers, example_dropout, global_avg_pool
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -147,11 +147,16 @@ class MobileNetV3(nnx.Module):
             x = layer(x)
         return x
 
-    def embed(self, fmap: jax.Array) -> jax.Array:
-        return self.dropout(nnx.hard_swish(self.hidden(global_avg_pool(fmap))))
+    def embed(self, fmap: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        """Penultimate features. In train mode ``dropout_keys`` (one key per example)
+        draw the dropout masks; without them the module's own 'dropout' stream does."""
+        h = nnx.hard_swish(self.hidden(global_avg_pool(fmap)))
+        if dropout_keys is not None and not self.dropout.deterministic:
+            return example_dropout(h, dropout_keys, self.dropout.rate)
+        return self.dropout(h)
 
     def classify(self, emb: jax.Array) -> jax.Array:
         return self.head(emb)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.classify(self.embed(self.backbone(x)))
+    def __call__(self, x: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        return self.classify(self.embed(self.backbone(x), dropout_keys))

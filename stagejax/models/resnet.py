@@ -131,5 +131,6 @@ class ResNet(nnx.Module):
     def classify(self, emb: jax.Array) -> jax.Array:
         return self.fc(emb)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+        del dropout_keys  # no dropout; accepted so every model is called the same way
         return self.classify(self.embed(self.backbone(x)))

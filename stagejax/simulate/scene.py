@@ -1,7 +1,7 @@
 """One simulated field of view: a tubule at a given phase, its neighbours, interstitium.
 
 The scene is where nuisance variation lives (tubule size/shape/position, lumen, stain,
-illumination, blur, noise), kept apart from the stage biology in ``synthetic_cells`` so
+illumination, blur, noise), kept apart from the stage biology in ``epithelium`` so
 the difficulty of the task can be tuned without touching what a stage looks like.
 """
 
@@ -12,13 +12,13 @@ import math
 
 import numpy as np
 
-from stagejax.data import synthetic_cells as cells
-from stagejax.data import synthetic_render as render
+from stagejax.simulate import cells, epithelium, render
+from stagejax.simulate.cells import smoothstep
 from stagejax.stages import NUM_STAGES
 
 
 @dataclasses.dataclass(frozen=True)
-class SimConfig:
+class SceneParams:
     """Difficulty and appearance knobs of the simulator.
 
     Defaults are a first guess, not yet calibrated against a trained model. Harder: larger
@@ -52,71 +52,87 @@ class SlideStain:
     tint_od: np.ndarray
 
 
-def sample_slide_stain(rng: np.random.Generator, stain_shift: float,
-                       cfg: SimConfig) -> SlideStain:
+def sample_slide_stain(
+    rng: np.random.Generator, stain_shift: float, params: SceneParams
+) -> SlideStain:
     """Slide stain: random hue/strength around the reference, moved by ``stain_shift``.
 
     A positive shift gives a bluer, stronger hematoxylin and weaker PAS with a cooler
     white balance (a different lab's staining); negative the opposite.
     """
-    j = cfg.stain_jitter
-    h_vec = render.HEMATOXYLIN_OD + rng.normal(0, 0.035 * j, 3) + stain_shift * np.array(
-        [0.16, 0.0, -0.12])
-    p_vec = render.PAS_OD + rng.normal(0, 0.03 * j, 3) + stain_shift * np.array(
-        [0.05, 0.0, 0.08])
+    j = params.stain_jitter
+    h_vec = (
+        render.HEMATOXYLIN_OD
+        + rng.normal(0, 0.035 * j, 3)
+        + stain_shift * np.array([0.16, 0.0, -0.12])
+    )
+    p_vec = render.PAS_OD + rng.normal(0, 0.03 * j, 3) + stain_shift * np.array([0.05, 0.0, 0.08])
     h_vec, p_vec = np.clip(h_vec, 0.05, None), np.clip(p_vec, 0.05, None)
     return SlideStain(
-        h_vec=render.unit(h_vec), p_vec=render.unit(p_vec),
+        h_vec=render.unit(h_vec),
+        p_vec=render.unit(p_vec),
         h_scale=float(np.exp(rng.normal(0, 0.12 * j) + 0.3 * stain_shift)),
         p_scale=float(np.exp(rng.normal(0, 0.12 * j) - 0.3 * stain_shift)),
-        tint_od=np.clip(rng.normal(0.02, 0.015 * j, 3) + stain_shift * np.array(
-            [0.04, 0.0, -0.03]), -0.05, None))
+        tint_od=np.clip(
+            rng.normal(0.02, 0.015 * j, 3) + stain_shift * np.array([0.04, 0.0, -0.03]), -0.05, None
+        ),
+    )
 
 
-def phase_of(label: int, rng: np.random.Generator, cfg: SimConfig) -> float:
+def phase_of(label: int, rng: np.random.Generator, params: SceneParams) -> float:
     """Latent cycle phase in [0, 12) of an image labelled with stage index ``label``."""
-    return float((label + 0.5 + cfg.phase_jitter * (rng.random() - 0.5)) % NUM_STAGES)
+    return float((label + 0.5 + params.phase_jitter * (rng.random() - 0.5)) % NUM_STAGES)
 
 
-def render_image(label: int, slide: SlideStain, size: int, seed: np.random.SeedSequence,
-                 cfg: SimConfig) -> np.ndarray:
+def render_image(
+    label: int, slide: SlideStain, size: int, seed: np.random.SeedSequence, params: SceneParams
+) -> np.ndarray:
     """RGB uint8 [size, size, 3] image of a tubule in stage ``label`` (0 = I)."""
     rng = np.random.default_rng(seed)
-    return _render(phase_of(label, rng, cfg), slide, size, rng, cfg)
+    return _render(phase_of(label, rng, params), slide, size, rng, params)
 
 
-def render_image_at_phase(t: float, slide: SlideStain, size: int,
-                          seed: np.random.SeedSequence, cfg: SimConfig) -> np.ndarray:
+def render_image_at_phase(
+    t: float, slide: SlideStain, size: int, seed: np.random.SeedSequence, params: SceneParams
+) -> np.ndarray:
     """Like :func:`render_image` at a given latent phase t in [0, 12)."""
-    return _render(float(t) % NUM_STAGES, slide, size, np.random.default_rng(seed), cfg)
+    return _render(float(t) % NUM_STAGES, slide, size, np.random.default_rng(seed), params)
 
 
-def _render(t: float, slide: SlideStain, size: int, rng: np.random.Generator,
-            cfg: SimConfig) -> np.ndarray:
-    k = max(1, math.ceil(cfg.min_render_size / size))
+def _render(
+    t: float, slide: SlideStain, size: int, rng: np.random.Generator, params: SceneParams
+) -> np.ndarray:
+    k = max(1, math.ceil(params.min_render_size / size))
     rs = size * k  # Render size.
-    r = cfg.cell_scale * rs * rng.uniform(0.93, 1.07)
-    cp = cells.CellParams(cell_phase_sd=cfg.cell_phase_sd,
-                          acrosome_contrast=cfg.acrosome_contrast,
-                          density=rng.uniform(*cfg.density_range))
+    r = params.cell_scale * rs * rng.uniform(0.93, 1.07)
+    cp = epithelium.CellParams(
+        cell_phase_sd=params.cell_phase_sd,
+        acrosome_contrast=params.acrosome_contrast,
+        density=rng.uniform(*params.density_range),
+    )
 
     # Lumen opens wider around spermiation (VII-VIII).
-    open_lumen = float(cells.smoothstep(t, 5.5, 6.5) * (1 - cells.smoothstep(t, 8.5, 9.5)))
-    main = _random_tubule(rng, rs, rs * rng.uniform(*cfg.tubule_radius),
-                          lumen=rng.uniform(0.08, 0.2) + 0.07 * open_lumen,
-                          centre=rs / 2 + rng.normal(0, 0.04 * rs, 2))
+    open_lumen = float(smoothstep(t, 5.5, 6.5) * (1 - smoothstep(t, 8.5, 9.5)))
+    main = _random_tubule(
+        rng,
+        rs,
+        rs * rng.uniform(*params.tubule_radius),
+        lumen=rng.uniform(0.08, 0.2) + 0.07 * open_lumen,
+        centre=rs / 2 + rng.normal(0, 0.04 * rs, 2),
+    )
     neighbours = _neighbours(main, rs, r, rng)
     # Optical blur (render px) enters as soft nucleus outlines and blurred textures.
-    blur = rng.uniform(*cfg.blur_range) * rs / 1152.0
+    blur = rng.uniform(*params.blur_range) * rs / 1152.0
     tiles = render.texture_tiles(r, rng, blur=blur)
 
     lo = rs // 2 if rs >= 256 else rs
-    h_lo, p_lo, n_lo, tissue = _tissue_fields(main, neighbours, t, rs, lo, r, rng, cfg)
+    h_lo, p_lo, n_lo, tissue = _tissue_fields(main, neighbours, t, rs, lo, r, rng, params)
 
-    groups = cells.tubule_nuclei(main, t, r, rng, cp, frame=rs)
+    groups = epithelium.tubule_nuclei(main, t, r, rng, cp, frame=rs)
     for nb in neighbours:
-        groups += cells.tubule_nuclei(nb, rng.uniform(0, NUM_STAGES), r, rng, cp,
-                                      main=False, frame=rs)
+        groups += epithelium.tubule_nuclei(
+            nb, rng.uniform(0, NUM_STAGES), r, rng, cp, main=False, frame=rs
+        )
     groups += _interstitial(main, neighbours, tissue, rs, r, rng)
     h_sp, p_sp = render.splat_nuclei(groups, rs, tiles, edge=max(0.8, 2.2 * blur))
 
@@ -126,13 +142,16 @@ def _render(t: float, slide: SlideStain, size: int, rng: np.random.Generator,
     p_od += p_sp
     np.maximum(p_od, 0.0, out=p_od)
     n_od = render.upsample(n_lo, rs)
-    j = cfg.stain_jitter
-    noise = rng.uniform(*cfg.noise_range)
+    j = params.stain_jitter
+    noise = rng.uniform(*params.noise_range)
     stain = render.Stain(
-        h_vec=slide.h_vec, p_vec=slide.p_vec,
+        h_vec=slide.h_vec,
+        p_vec=slide.p_vec,
         h_scale=slide.h_scale * float(np.exp(rng.normal(0, 0.06 * j))),
         p_scale=slide.p_scale * float(np.exp(rng.normal(0, 0.06 * j))),
-        tint_od=slide.tint_od + rng.normal(0, 0.006 * j, 3), noise=noise)
+        tint_od=slide.tint_od + rng.normal(0, 0.006 * j, 3),
+        noise=noise,
+    )
     if rs == size:
         return render.compose(h_od, p_od, n_od, stain, rng)
     return render.reduce(render.compose(h_od, p_od, n_od, stain), size, noise, rng)
@@ -142,10 +161,15 @@ def _random_tubule(rng, rs, radius, lumen, centre) -> cells.Tubule:
     aspect = rng.uniform(0.72, 1.0)
     n_harm = 7
     return cells.Tubule(
-        cx=float(centre[0]), cy=float(centre[1]), ra=radius / math.sqrt(aspect),
-        rb=radius * math.sqrt(aspect), theta=rng.uniform(0, math.pi), lumen=lumen,
+        cx=float(centre[0]),
+        cy=float(centre[1]),
+        ra=radius / math.sqrt(aspect),
+        rb=radius * math.sqrt(aspect),
+        theta=rng.uniform(0, math.pi),
+        lumen=lumen,
         lumen_amp=rng.normal(0, 0.22, n_harm) / np.arange(1, n_harm + 1),
-        lumen_phase=rng.uniform(0, 2 * math.pi, n_harm))
+        lumen_phase=rng.uniform(0, 2 * math.pi, n_harm),
+    )
 
 
 def _neighbours(main: cells.Tubule, rs: int, r: float, rng) -> list[cells.Tubule]:
@@ -175,7 +199,7 @@ def _rho_phi(tub: cells.Tubule, x, y):
     return np.hypot(lu, lv), np.arctan2(lv, lu)
 
 
-def _tissue_fields(main, neighbours, t, rs, lo, r, rng, cfg):
+def _tissue_fields(main, neighbours, t, rs, lo, r, rng, params):
     """Low-resolution H, PAS and neutral densities of everything but the nuclei."""
     scale = rs / lo
     coords = (np.arange(lo, dtype=np.float32) + 0.5) * scale - 0.5
@@ -184,62 +208,78 @@ def _tissue_fields(main, neighbours, t, rs, lo, r, rng, cfg):
     rl = r / scale  # Nucleus radius in low-res px.
 
     # Interstitium: patches of pink connective tissue between empty (white) spaces.
-    tissue = cells.smoothstep(render.smooth_noise(shape, 6 * rl, rng), -0.5, 0.6)
+    tissue = smoothstep(render.smooth_noise(shape, 6 * rl, rng), -0.5, 0.6)
     fibres = render.smooth_noise(shape, 0.8 * rl, rng)
     p = (tissue * (0.2 + 0.07 * fibres) + 0.015).astype(np.float32)
     h = (tissue * (0.05 + 0.02 * fibres) + 0.005).astype(np.float32)
     membrane = np.zeros(shape, np.float32)
 
-    grain = render.smooth_noise(shape, 0.5 * rl, rng)
-    mottle = render.smooth_noise(shape, 1.2 * rl, rng)
-    speckle = render.smooth_noise(shape, 0.3 * rl, rng)
-    floc = render.smooth_noise(shape, 1.2 * rl, rng)
-    content = rng.uniform(0.3, 1.0) * (1.0 - 0.5 * cells.smoothstep(t, 8.0, 9.0)
-                                       * (1 - cells.smoothstep(t, 10.5, 11.5)))
+    # Epithelium and lumen textures, feature sizes in nucleus radii.
+    tex = {
+        name: render.smooth_noise(shape, f * rl, rng)
+        for name, f in (("grain", 0.5), ("mottle", 1.2), ("speckle", 0.3), ("floc", 1.2))
+    }
+    content = rng.uniform(0.3, 1.0) * (
+        1.0 - 0.5 * smoothstep(t, 8.0, 9.0) * (1 - smoothstep(t, 10.5, 11.5))
+    )
     for tub in [*neighbours, main]:
-        # Work on the tubule's bounding box only (neighbours are mostly out of frame).
-        ext = max(tub.ra, tub.rb) + 3 * r
-        x0, x1 = (int(np.clip((c + d) / scale, 0, lo)) for c, d in ((tub.cx, -ext),
-                                                                     (tub.cx, ext + scale)))
-        y0, y1 = (int(np.clip((c + d) / scale, 0, lo)) for c, d in ((tub.cy, -ext),
-                                                                     (tub.cy, ext + scale)))
-        if x1 <= x0 or y1 <= y0:
-            continue
-        box = (slice(y0, y1), slice(x0, x1))
-        rho, phi = _rho_phi(tub, x[:, x0:x1], y[y0:y1])
-        mr = tub.mean_radius
-        cover = np.clip((1.0 - rho) * mr / scale + 0.5, 0.0, 1.0)
-        lum_rho = tub.lumen_rho(phi)
-        lumen = np.clip((lum_rho - rho) * mr / (0.25 * r) + 0.5, 0.0, 1.0)
-        depth = np.clip((1.0 - rho) / (1.0 - lum_rho), 0.0, 1.0)
-        # Sertoli cytoplasm: radial streaks, stronger towards the lumen.
-        streak = render.polar_noise(phi, rho, int(2 * math.pi * mr / (0.3 * r)),
-                                    int(mr / (3 * r)) + 1, rng)
-        amp = 0.01 + 0.025 * depth ** 2
-        p_epi = (0.25 + amp * streak + 0.03 * grain[box] + 0.025 * mottle[box]
-                 + 0.03 * speckle[box])
-        h_epi = 0.11 + 0.4 * amp * streak + 0.015 * grain[box] + 0.01 * mottle[box]
-        stuff = content * np.clip(floc[box] + 0.2 * speckle[box], 0, None)
-        p_lum = 0.03 + 0.2 * stuff
-        h_lum = 0.01 + 0.05 * stuff
-        p_t = lumen * p_lum + (1 - lumen) * p_epi
-        h_t = lumen * h_lum + (1 - lumen) * h_epi
-        p[box] = cover * p_t + (1 - cover) * p[box]
-        h[box] = cover * h_t + (1 - cover) * h[box]
-        # Basement membrane (PAS) and a fainter outer lamina with the myoid layer.
-        out = (rho - 1.0) * mr
-        membrane[box] += np.exp(-((out / (0.28 * r)) ** 2)) + 0.45 * np.exp(
-            -(((out - 1.4 * r) / (0.3 * r)) ** 2))
+        _paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng)
     p += 0.75 * membrane
     h += 0.12 * membrane
 
     # Uneven illumination as a neutral density: vignetting around an off-centre point.
-    vig = rng.uniform(*cfg.vignette_range)
+    vig = rng.uniform(*params.vignette_range)
     c0 = rs * (0.5 + rng.normal(0, 0.15, 2))
     n_od = vig * ((x - c0[0]) ** 2 + (y - c0[1]) ** 2) / (0.5 * rs * rs)
     n_od = n_od + rng.normal(0, 0.03) * (x / rs - 0.5) + rng.normal(0, 0.03) * (y / rs - 0.5)
-    return (h.astype(np.float32), p.astype(np.float32), n_od.astype(np.float32),
-            tissue.astype(np.float32))
+    return (
+        h.astype(np.float32),
+        p.astype(np.float32),
+        n_od.astype(np.float32),
+        tissue.astype(np.float32),
+    )
+
+
+def _paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng) -> None:
+    """Epithelium, lumen and basement membrane of one tubule, into h, p and membrane."""
+    lo = x.shape[1]
+    # Work on the tubule's bounding box only (neighbours are mostly out of frame).
+    ext = max(tub.ra, tub.rb) + 3 * r
+    x0, x1 = (
+        int(np.clip((c + d) / scale, 0, lo)) for c, d in ((tub.cx, -ext), (tub.cx, ext + scale))
+    )
+    y0, y1 = (
+        int(np.clip((c + d) / scale, 0, lo)) for c, d in ((tub.cy, -ext), (tub.cy, ext + scale))
+    )
+    if x1 <= x0 or y1 <= y0:
+        return
+    box = (slice(y0, y1), slice(x0, x1))
+    grain, mottle, speckle, floc = (tex[k][box] for k in ("grain", "mottle", "speckle", "floc"))
+    rho, phi = _rho_phi(tub, x[:, x0:x1], y[y0:y1])
+    mr = tub.mean_radius
+    cover = np.clip((1.0 - rho) * mr / scale + 0.5, 0.0, 1.0)
+    lum_rho = tub.lumen_rho(phi)
+    lumen = np.clip((lum_rho - rho) * mr / (0.25 * r) + 0.5, 0.0, 1.0)
+    depth = np.clip((1.0 - rho) / (1.0 - lum_rho), 0.0, 1.0)
+    # Sertoli cytoplasm: radial streaks, stronger towards the lumen.
+    streak = render.polar_noise(
+        phi, rho, int(2 * math.pi * mr / (0.3 * r)), int(mr / (3 * r)) + 1, rng
+    )
+    amp = 0.01 + 0.025 * depth**2
+    p_epi = 0.25 + amp * streak + 0.03 * grain + 0.025 * mottle + 0.03 * speckle
+    h_epi = 0.11 + 0.4 * amp * streak + 0.015 * grain + 0.01 * mottle
+    stuff = content * np.clip(floc + 0.2 * speckle, 0, None)
+    p_lum = 0.03 + 0.2 * stuff
+    h_lum = 0.01 + 0.05 * stuff
+    p_t = lumen * p_lum + (1 - lumen) * p_epi
+    h_t = lumen * h_lum + (1 - lumen) * h_epi
+    p[box] = cover * p_t + (1 - cover) * p[box]
+    h[box] = cover * h_t + (1 - cover) * h[box]
+    # Basement membrane (PAS) and a fainter outer lamina with the myoid layer.
+    out = (rho - 1.0) * mr
+    membrane[box] += np.exp(-((out / (0.28 * r)) ** 2)) + 0.45 * np.exp(
+        -(((out - 1.4 * r) / (0.3 * r)) ** 2)
+    )
 
 
 def _interstitial(main, neighbours, tissue, rs, r, rng) -> list[cells.Nuclei]:
@@ -251,7 +291,8 @@ def _interstitial(main, neighbours, tissue, rs, r, rng) -> list[cells.Nuclei]:
         rho, _ = _rho_phi(tub, x, y)
         keep &= rho > 1.0 + 2.2 * r / tub.mean_radius
     lo = tissue.shape[0]
-    ti = tissue[np.clip((y * lo / rs).astype(int), 0, lo - 1),
-                np.clip((x * lo / rs).astype(int), 0, lo - 1)]
+    ti = tissue[
+        np.clip((y * lo / rs).astype(int), 0, lo - 1), np.clip((x * lo / rs).astype(int), 0, lo - 1)
+    ]
     keep &= rng.random(n) < ti * 0.6
     return cells.interstitial_nuclei(x[keep], y[keep], r, rng)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from stagejax.data import synthetic_cells as cells
+from stagejax.simulate import cells
 
 # Stain absorption vectors (unit RGB optical density), estimated by Macenko's method on
 # shared/reference/real-tubule-stage-I-II.png: purple-blue hematoxylin, magenta PAS.
@@ -48,8 +48,9 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _bandpass_tile(wavelength: float, rng: np.random.Generator, width: float = 0.45,
-                   blur: float = 0.0):
+def _bandpass_tile(
+    wavelength: float, rng: np.random.Generator, width: float = 0.45, blur: float = 0.0
+):
     """Periodic noise with features of about `wavelength` px; zero mean, unit sd.
 
     ``blur`` (gaussian sigma, px) is applied after normalising, so blurred textures keep
@@ -75,33 +76,42 @@ def _blur_tile(tile: np.ndarray, sigma: float) -> np.ndarray:
 def texture_tiles(r: float, rng: np.random.Generator, blur: float = 0.0) -> np.ndarray:
     """Chromatin textures [kind, TILE, TILE] at the scale of a nucleus of radius r px.
 
-    Kinds (see synthetic_cells.TEX_*): fine granular chromatin; thin and thick chromosome
+    Kinds (see cells.TEX_*): fine granular chromatin; thin and thick chromosome
     threads (zero crossings of band-pass noise are wavy lines); heterochromatin clumps.
     """
     fine = 0.5 * _bandpass_tile(0.4 * r, rng, blur=blur)
-    thin = _blur_tile(np.exp(-(_bandpass_tile(0.9 * r, rng) / 0.45) ** 2), blur)
-    thick = _blur_tile(np.exp(-(_bandpass_tile(1.0 * r, rng) / 0.9) ** 2)
-                       + 0.25 * _bandpass_tile(0.35 * r, rng), blur)
+    thin = _blur_tile(np.exp(-((_bandpass_tile(0.9 * r, rng) / 0.45) ** 2)), blur)
+    thick = _blur_tile(
+        np.exp(-((_bandpass_tile(1.0 * r, rng) / 0.9) ** 2)) + 0.25 * _bandpass_tile(0.35 * r, rng),
+        blur,
+    )
     clumps = _blur_tile(np.clip(_bandpass_tile(0.7 * r, rng) - 0.5, 0.0, None), blur)
     return np.stack([fine, thin - thin.mean(), thick - thick.mean(), clumps]).astype(np.float32)
 
 
-def splat_nuclei(groups: list[cells.Nuclei], size: int, tiles: np.ndarray,
-                 edge: float = 0.8, chunk_elems: int = 1 << 21):
+def splat_nuclei(
+    groups: list[cells.Nuclei],
+    size: int,
+    tiles: np.ndarray,
+    edge: float = 0.8,
+    chunk_elems: int = 1 << 21,
+):
     """Hematoxylin and PAS density maps [size, size] of all nuclei.
 
     ``edge`` is the width (px) of the soft outline: anti-aliasing plus optical blur.
     """
     groups = [g for g in groups if len(g)]
-    halves = [int(math.ceil(g.extent * float(max(g.fields["a"].max(), g.fields["b"].max()))
-                            + 1.5)) for g in groups]
+    halves = [
+        int(math.ceil(g.extent * float(max(g.fields["a"].max(), g.fields["b"].max())) + 1.5))
+        for g in groups
+    ]
     # Accumulate on a canvas padded by two sprite radii (a kept sprite's centre is at most
     # one radius outside the frame), so no pixel needs a bounds check; crop at the end.
     pad = 2 * max(halves, default=0)
     width = size + 2 * pad
     idxs, hvals, pvals = [], [], []
     for g, half in zip(groups, halves, strict=True):
-        inframe = ((g.x > -half) & (g.x < size + half) & (g.y > -half) & (g.y < size + half))
+        inframe = (g.x > -half) & (g.x < size + half) & (g.y > -half) & (g.y < size + half)
         g = g.select(inframe)
         step = max(1, chunk_elems // (2 * half + 1) ** 2)
         for i in range(0, len(g), step):
@@ -116,12 +126,13 @@ def splat_nuclei(groups: list[cells.Nuclei], size: int, tiles: np.ndarray,
     crop = (slice(pad, pad + size), slice(pad, pad + size))
     h = np.bincount(idx, np.concatenate(hvals), minlength=width * width)
     p = np.bincount(idx, np.concatenate(pvals), minlength=width * width)
-    return (h.reshape(width, width)[crop].astype(np.float32),
-            p.reshape(width, width)[crop].astype(np.float32))
+    return (
+        h.reshape(width, width)[crop].astype(np.float32),
+        p.reshape(width, width)[crop].astype(np.float32),
+    )
 
 
-def _sprites(g: cells.Nuclei, half: int, pad: int, width: int, tile: np.ndarray,
-             edge: float):
+def _sprites(g: cells.Nuclei, half: int, pad: int, width: int, tile: np.ndarray, edge: float):
     """Flat indices (in the padded canvas) and H/PAS values of a group's sprite pixels."""
     f = {k: v[:, None, None] for k, v in g.fields.items()}
     o = np.arange(-half, half + 1)
@@ -141,7 +152,7 @@ def _sprites(g: cells.Nuclei, half: int, pad: int, width: int, tile: np.ndarray,
     dist = np.sqrt(dx * dx + dy * dy) + 1e-3
     if g.fields["irr"].any():
         cp, sp = u / dist, v / dist
-        cos3, sin3 = 4 * cp ** 3 - 3 * cp, 3 * sp - 4 * sp ** 3
+        cos3, sin3 = 4 * cp**3 - 3 * cp, 3 * sp - 4 * sp**3
         rad *= 1.0 + f["irr"] * (cos3 * np.cos(f["irr_phase"]) - sin3 * np.sin(f["irr_phase"]))
     inside = np.clip(0.5 + (1.0 - rad) * w / edge, 0.0, 1.0)
     hval = tile[(iy % TILE)[:, :, None], (ix % TILE)[:, None, :]]
@@ -168,8 +179,11 @@ def _sprites(g: cells.Nuclei, half: int, pad: int, width: int, tile: np.ndarray,
         ring = np.clip((rad - 1.0) / (g.extent - 1.05), 0.0, 1.0)
         pval += f["halo"] * np.sin(np.pi * np.sqrt(ring)) ** 2
     idx = (iy + pad)[:, :, None] * width + (ix + pad)[:, None, :]
-    return (np.broadcast_to(idx, hval.shape).ravel(), hval.ravel(),
-            np.broadcast_to(pval, hval.shape).ravel())
+    return (
+        np.broadcast_to(idx, hval.shape).ravel(),
+        hval.ravel(),
+        np.broadcast_to(pval, hval.shape).ravel(),
+    )
 
 
 def smooth_noise(shape: tuple[int, int], cell: float, rng: np.random.Generator):
@@ -188,8 +202,9 @@ def smooth_noise(shape: tuple[int, int], cell: float, rng: np.random.Generator):
     return np.asarray(img)
 
 
-def polar_noise(phi: np.ndarray, rho: np.ndarray, n_ang: int, n_rad: int,
-                rng: np.random.Generator) -> np.ndarray:
+def polar_noise(
+    phi: np.ndarray, rho: np.ndarray, n_ang: int, n_rad: int, rng: np.random.Generator
+) -> np.ndarray:
     """Smooth noise in tubule coordinates (periodic in phi): radial streaks when
     n_ang >> n_rad. Bilinear lookup in a small smoothed random grid; sd about 1."""
     grid = rng.standard_normal((n_rad + 2, n_ang))
@@ -214,8 +229,13 @@ def upsample(field: np.ndarray, size: int) -> np.ndarray:
     return np.array(img.resize((size, size), Image.BILINEAR))
 
 
-def compose(h_od: np.ndarray, p_od: np.ndarray, n_od: np.ndarray, stain: Stain,
-            rng: np.random.Generator | None = None) -> np.ndarray:
+def compose(
+    h_od: np.ndarray,
+    p_od: np.ndarray,
+    n_od: np.ndarray,
+    stain: Stain,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Beer-Lambert: RGB uint8 image from hematoxylin, PAS and neutral densities.
 
     With ``rng``, sensor noise of sd ``stain.noise`` is added before quantisation.
@@ -231,7 +251,8 @@ def compose(h_od: np.ndarray, p_od: np.ndarray, n_od: np.ndarray, stain: Stain,
         val = np.exp(-od, out=od)
         if rng is not None and stain.noise > 0:
             val += rng.standard_normal(val.shape, dtype=np.float32) * np.float32(
-                stain.noise * 255.0)
+                stain.noise * 255.0
+            )
         val += 0.5
         np.clip(val, 0, 255, out=val)
         out[..., ch] = val

@@ -1,0 +1,109 @@
+"""Memory pre-flight: will the compiled train step fit on the device?
+
+The train step is compiled ahead of time and its memory analysis (temporaries,
+arguments, outputs not aliased to donated inputs) compared with what a device
+has: the allocator's limit on GPU/TPU, the host's available RAM on CPU, or
+``config.device_memory_gb`` when set (a device shared with other jobs). A step
+that cannot fit stops the run before any training with one line naming the
+fields to change; an out-of-memory error that still happens at run time is
+turned into the same kind of line by ``out_of_memory``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from stagejax.errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+def _gib(n: float, scale: float | None = None) -> str:
+    """GiB with 1 decimal, or 3 when ``scale`` (the line's largest figure) is small."""
+    return f"{n / GIB:.1f}" if (scale or n) >= 0.5 * GIB else f"{n / GIB:.3f}"
+
+
+def step_need(compiled: Any) -> dict[str, int] | None:
+    """Bytes per device of one call of ``compiled`` (None if the backend cannot tell)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    outputs = max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)
+    need = {"temporaries": stats.temp_size_in_bytes,
+            "arguments": stats.argument_size_in_bytes, "outputs": outputs}
+    need["total"] = sum(need.values())
+    return need
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_capacity(config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """(bytes one device may use, where the figure comes from)."""
+    if config.get("device_memory_gb", 0):
+        return int(config.device_memory_gb * GIB), "config.device_memory_gb"
+    devices = jax.local_devices()
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+    if all(limits):
+        return min(limits), f"{devices[0].platform} memory limit"
+    # CPU: the devices share the host's RAM.
+    return _host_available() // len(devices), "host RAM available" + (
+        f" / {len(devices)} devices" if len(devices) > 1 else "")
+
+
+def remedies(config: ml_collections.ConfigDict) -> str:
+    """The config fields that shrink a train step, as a clause."""
+    out = [f"config.crop_size ({config.crop_size})",
+           f"config.global_batch_size ({config.global_batch_size})"]
+    text = "lower " + " or ".join(out)
+    extra = []
+    if config.precision != "bfloat16":
+        extra.append("--config.precision=bfloat16")
+    if "remat" in config and not config.remat:
+        extra.append("--config.remat=True")
+    if extra:
+        text += ", or use " + " or ".join(extra)
+    return text
+
+
+def check_train_step(compiled: Any, config: ml_collections.ConfigDict) -> None:
+    """Log the step's need against the capacity; ``ResourceError`` if it cannot fit."""
+    need = step_need(compiled)
+    if need is None:
+        log.info("memory: this backend gives no estimate of the train step's need")
+        return
+    capacity, source = device_capacity(config)
+    total = need["total"]
+    parts = ", ".join(f"{k} {_gib(need[k], total)}"
+                      for k in ("temporaries", "arguments", "outputs"))
+    log.info("memory: train step needs %s GiB per device (%s); device has %s GiB (%s)",
+             _gib(total), parts, _gib(capacity), source)
+    if total > capacity:
+        raise ResourceError(
+            f"memory: the train step needs {_gib(total)} GiB per device ({parts}) but the "
+            f"device has {_gib(capacity)} GiB ({source}); {remedies(config)}")
+
+
+def out_of_memory(error: Exception, config: ml_collections.ConfigDict) -> ResourceError | None:
+    """The one-line error for a device out-of-memory ``error`` (None for other errors)."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    first = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line),
+                 "RESOURCE_EXHAUSTED")
+    return ResourceError(f"out of device memory ({first}); {remedies(config)}")

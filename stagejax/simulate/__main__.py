@@ -1,0 +1,177 @@
+r"""Write SIMULATED H-PAS images (not real data): python -m stagejax.simulate COMMAND [flags]
+
+Commands:
+  tubules   a dataset of single-tubule images in the study's layout (images/,
+            split_list/, label_list.txt; split by simulated slide), and/or a
+            contact sheet of one image per stage:
+
+    python -m stagejax.simulate tubules --out DIR --num_images 1229 \
+        --image_size 1152 --seed 0 [--stain_shift 0.3] [--contact_sheet sheet.png]
+
+--out must be a new or empty folder; the dataset appears there only once
+complete. Bad arguments are one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from absl import app, flags
+
+from stagejax.errors import ConfigError, StagejaxError
+from stagejax.simulate import sheet, tubules
+from stagejax.simulate.scene import SceneParams
+
+FLAGS = flags.FLAGS
+_DEFAULT = SceneParams()
+
+# Every command.
+flags.DEFINE_string("out", None, "Folder to write: new or empty.")
+flags.DEFINE_integer("seed", 0, "Random seed: the same flags give byte-identical files.")
+flags.DEFINE_float(
+    "stain_shift",
+    0.0,
+    "Shift of the slides' stain distribution (e.g. 0.5 "
+    "or 1.0: a held-out staining; negative: the other way).",
+)
+# tubules only.
+flags.DEFINE_integer("num_images", 1229, "tubules: number of images (the study had 1,229).")
+flags.DEFINE_integer("image_size", 1152, "tubules: image side in px (the study's: 1,152).")
+flags.DEFINE_integer("num_slides", None, "tubules: simulated slides (default: 3-10 by num_images).")
+flags.DEFINE_enum(
+    "split_by",
+    "slide",
+    list(tubules.SPLIT_BY),
+    "tubules: slide: each slide in one split (held-out slides); random: per image.",
+)
+flags.DEFINE_integer(
+    "num_workers", None, "tubules: render processes (default: min(2, CPUs)).", lower_bound=1
+)
+flags.DEFINE_float(
+    "phase_jitter",
+    _DEFAULT.phase_jitter,
+    "tubules: spread of an image's cycle phase in stage units (1: uniform "
+    "within its stage; > 1 overlaps neighbours).",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "cell_phase_sd",
+    _DEFAULT.cell_phase_sd,
+    "tubules: asynchrony of the cells within one tubule (stage units); larger is harder.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "acrosome_contrast",
+    _DEFAULT.acrosome_contrast,
+    "tubules: PAS density of the acrosome granule and cap; smaller is harder.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "stain_jitter",
+    _DEFAULT.stain_jitter,
+    "tubules: scales slide-to-slide and image-to-image stain variation.",
+    lower_bound=0.0,
+)
+flags.DEFINE_string(
+    "contact_sheet",
+    None,
+    "tubules: also (or, without --out, only) write this PNG: one labelled "
+    "image per stage, rendered at 1,152 px.",
+)
+flags.DEFINE_string("reference", None, "tubules: real image to show on the contact sheet.")
+
+log = logging.getLogger(__name__)
+
+
+def tubules_command() -> None:
+    """``tubules``: the single-tubule dataset and/or its contact sheet."""
+    if not FLAGS.out and not FLAGS.contact_sheet:
+        raise ConfigError(
+            "--out: required (the folder to write), unless --contact_sheet alone is wanted"
+        )
+    if FLAGS.reference and not FLAGS.contact_sheet:
+        raise ConfigError("--reference: only used with --contact_sheet")
+    if FLAGS.reference and not Path(FLAGS.reference).is_file():
+        raise ConfigError(f"--reference: {FLAGS.reference} is not a file")
+    params = SceneParams(
+        phase_jitter=FLAGS.phase_jitter,
+        cell_phase_sd=FLAGS.cell_phase_sd,
+        acrosome_contrast=FLAGS.acrosome_contrast,
+        stain_jitter=FLAGS.stain_jitter,
+    )
+    if FLAGS.out:
+        start = time.monotonic()
+        out = tubules.generate(
+            FLAGS.out,
+            FLAGS.num_images,
+            FLAGS.image_size,
+            FLAGS.seed,
+            stain_shift=FLAGS.stain_shift,
+            num_slides=FLAGS.num_slides,
+            split_by=FLAGS.split_by,
+            params=params,
+            num_workers=FLAGS.num_workers,
+        )
+        log.info("%s: %d images in %.1f s", out, FLAGS.num_images, time.monotonic() - start)
+    if FLAGS.contact_sheet:
+        path = sheet.contact_sheet(
+            FLAGS.contact_sheet,
+            seed=FLAGS.seed,
+            reference=FLAGS.reference,
+            stain_shift=FLAGS.stain_shift,
+        )
+        log.info("wrote contact sheet %s", path)
+
+
+# The whole-section simulator adds its `section` command here.
+COMMANDS: dict[str, Callable[[], None]] = {"tubules": tubules_command}
+
+
+def run(argv: list[str]) -> None:
+    """Run the command named by the one positional argument."""
+    if len(argv) < 2:
+        raise ConfigError(f"name a command: {', '.join(COMMANDS)} (see --help)")
+    if argv[1] not in COMMANDS:
+        raise ConfigError(f"unknown command {argv[1]!r}; the commands are {', '.join(COMMANDS)}")
+    if len(argv) > 2:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[2:])}")
+    logging.getLogger().setLevel(logging.INFO)
+    COMMANDS[argv[1]]()
+
+
+def _main(argv: list[str]) -> None:
+    # SIGTERM stops a render like Ctrl-C: temporary files are removed on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run(argv)
+    except StagejaxError as e:
+        if os.environ.get("STAGEJAX_TRACEBACK"):  # as stagejax.main
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no partial dataset was left behind", file=sys.stderr)
+        sys.exit(130)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag as one ``error:`` line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    main()

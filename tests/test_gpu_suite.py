@@ -1,0 +1,165 @@
+"""The GPU suite (benchmarks/gpu_suite.sh), run here in its smoke mode exactly as the
+GPU machine runs it (through bash, the packages already importable, no wheels),
+so that the script cannot rot between the rare GPU runs. No timing assertions:
+the values only have to be sane."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import gpu_suite, gpu_suite_report
+from tests.conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run (~1-2 min on 2 cores): its output folder and its JSON."""
+    tmp = tmp_path_factory.mktemp("gpu_suite")
+    out = tmp / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), "--smoke", "--cache_dir",
+                           str(tmp / "cache")], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, json.loads((out / gpu_suite.JSON_NAME).read_text())
+
+
+def _positive_rate(summary: dict) -> bool:
+    return summary["median"] > 0 and 0 < summary["min"] <= summary["max"]
+
+
+@pytest.mark.slow
+def test_smoke_reports_every_part(smoke):
+    _, report = smoke
+    assert report["mode"] == "smoke"
+    parts = report["parts"]
+    assert list(parts) == [p.name for p in gpu_suite.PARTS]
+    for p in gpu_suite.PARTS:
+        want = "pending" if p.run is None else "ok"
+        assert parts[p.name]["status"] == want, (p.name, parts[p.name])
+    assert parts["memory_remat"]["why"] and parts["section"]["why"]
+    assert parts["prepare"]["train_images"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_training_rates_loader_share_and_mfu_are_sane(smoke):
+    _, report = smoke
+    sizes = gpu_suite.SMOKE
+    train = report["parts"]["train_throughput"]["results"]
+    assert list(train) == list(sizes.train)
+    for key, r in train.items():
+        assert "error" not in r, (key, r)
+        assert r["batch"] == int(key.split("@")[1])
+        assert _positive_rate(r["end_to_end"]["images_per_s"])
+        assert _positive_rate(r["model_only"]["images_per_s"])
+        assert 0 < r["mfu"]["model_only"] < 1 and 0 < r["mfu"]["end_to_end"] < 1, key
+        assert r["mfu"]["step_flops"] > 0
+    assert train["torch@12"]["num_workers"] == 0  # the study's loader: no workers
+    assert train["torch_tuned@24"]["num_workers"] == train["stagejax@24"]["num_workers"] == 1
+    share = report["parts"]["loader_share"]["results"]
+    assert set(share) == {k for k in sizes.train if k.startswith("stagejax")}
+    for r in share.values():
+        assert 0 <= r["loader_wait_fraction"] <= 1 and 0 <= r["end_to_end_slowdown"] <= 1
+    mfu = report["parts"]["mfu"]["results"]
+    assert set(mfu) == set(sizes.train)
+    ratios = report["parts"]["train_throughput"]["ratios"]
+    assert ratios["stagejax@24/torch@12 end_to_end"] > 0
+    assert all(t["value"] is not None for t in report["targets"])
+
+
+@pytest.mark.slow
+def test_smoke_prediction_with_and_without_tta(smoke):
+    _, report = smoke
+    pred = report["parts"]["predict"]["results"]
+    assert set(pred) == {"stagejax", "stagejax_tta", "torch", "torch_channels_last"}
+    for name, r in pred.items():
+        assert "error" not in r, (name, r)
+        assert r["images_per_s"] > 0
+    assert (pred["stagejax"]["views"], pred["stagejax_tta"]["views"]) == (1, 8)
+
+
+@pytest.mark.slow
+def test_smoke_markdown_lists_every_part_and_the_log_is_kept(smoke):
+    out, report = smoke
+    text = (out / gpu_suite.MARKDOWN_NAME).read_text()
+    assert text == gpu_suite_report.markdown(report)
+    assert "SMOKE MODE" in text
+    for p in gpu_suite.PARTS:
+        assert f"| {p.name} | {report['parts'][p.name]['status']} |" in text
+    for heading in ("## Targets", "## Training throughput", "## Loader share", "## Prediction"):
+        assert heading in text
+    assert "MFU model only" in text
+    assert "part predict" in (out / "gpu_suite.log").read_text()
+
+
+def test_script_refuses_a_missing_output_folder_argument():
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def _report_so_far() -> dict:
+    return {"mode": "gpu", "date": "d", "command": "c", "budget_s": 450, "setup_s": 10,
+            "num_workers": 14, "sizes": {"headline": gpu_suite.GPU.headline},
+            "machine": {"cpu": "x", "cpu_count": 16, "gpu": None, "versions": {"jax": "0"}},
+            "parts": {p.name: {"status": "waiting"} for p in gpu_suite.PARTS}}
+
+
+def test_markdown_and_targets_of_a_run_cut_short():
+    report = _report_so_far()
+    report["parts"]["prepare"] = {"status": "failed", "error": "timed out after 90 s"}
+    report["parts"]["train_throughput"] = {"status": "running",
+                                           "rounds": {"stagejax@48": [{}]}}
+    text = gpu_suite_report.markdown(report)
+    assert "| prepare | failed | n/a | error: timed out after 90 s |" in text
+    assert "stagejax@48: 1 round(s) done" in text
+    assert [t["met"] for t in gpu_suite_report.targets(report)] == [None] * 4
+
+
+def test_part_deadlines_leave_the_later_parts_their_floors(monkeypatch):
+    monkeypatch.setattr(gpu_suite.time, "monotonic", lambda: 1000.0)
+    ctx = gpu_suite.Context(sizes=gpu_suite.GPU, out_dir=REPO, cache_dir="", num_workers=1,
+                            deadline=1300.0, report=_report_so_far())
+    names = [p.name for p in gpu_suite.PARTS]
+    train, pred = names.index("train_throughput"), names.index("predict")
+    floor = gpu_suite.PARTS[pred].floor_s
+    assert gpu_suite.part_deadline(train, ctx) == min(1000 + gpu_suite.PARTS[train].cap_s,
+                                                      1300 - floor)
+    assert gpu_suite.part_deadline(pred, ctx) == min(1000 + gpu_suite.PARTS[pred].cap_s, 1300)
+    ctx.deadline = 1030.0  # little left: the cap gives way to the run's deadline
+    assert gpu_suite.part_deadline(pred, ctx) == 1030.0
+
+
+def test_status_of_parts():
+    ok, bad = {"images_per_s": 1.0}, {"error": "x"}
+    assert gpu_suite_report.status_of("predict", {"results": {"a": ok, "b": ok}}) == "ok"
+    assert gpu_suite_report.status_of("predict", {"results": {"a": ok, "b": bad}}) == "partial"
+    assert gpu_suite_report.status_of("predict", {"results": {"a": bad}}) == "failed"
+    assert gpu_suite_report.status_of("prepare", {"error": "x"}) == "failed"
+
+
+def test_a_crashing_part_keeps_its_traceback_and_the_later_parts_run(monkeypatch, tmp_path):
+    def broken(ctx, deadline):
+        raise KeyError("bug")
+
+    def fine(ctx, deadline):
+        return {"results": {"x": {"images_per_s": 1.0}}}
+
+    monkeypatch.setattr(gpu_suite, "PARTS", (
+        gpu_suite.Part("a", broken, cap_s=10), gpu_suite.Part("b", fine, cap_s=10),
+        gpu_suite.Part("c", None, pending="later")))
+    report = {**_report_so_far(), "parts": {n: {"status": "waiting"} for n in "abc"}}
+    ctx = gpu_suite.Context(sizes=gpu_suite.SMOKE, out_dir=tmp_path, cache_dir="",
+                            num_workers=1, deadline=gpu_suite.time.monotonic() + 60,
+                            report=report)
+    gpu_suite.run_parts(ctx)
+    parts = json.loads((tmp_path / gpu_suite.JSON_NAME).read_text())["parts"]
+    assert parts["a"]["status"] == "crashed" and "KeyError: 'bug'" in parts["a"]["traceback"]
+    assert parts["b"]["status"] == "ok" and parts["c"] == {"status": "pending", "why": "later"}
+    assert "| a | crashed |" in (tmp_path / gpu_suite.MARKDOWN_NAME).read_text()
