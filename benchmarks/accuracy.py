@@ -11,7 +11,7 @@ vertical flip, per-image min-max, from scratch; after each epoch the
 validation split is evaluated and the epoch with the best validation
 balanced accuracy (ties: the later one) is tested.
 
-* stagejax: ``stagejax.trainer.train_and_evaluate`` on a ``configs/default``
+* stagejax: ``stagejax.train.loop.train_and_evaluate`` on a ``configs/default``
   config pointing at the simulated layout folder (so its ArrayRecord cache is
   built from the same files), float32, the run's own workdir (checkpoints
   and report included in the wall time).
@@ -31,7 +31,7 @@ near chance in most epochs for both (RESULTS.md): generalising to unseen
 stainings needs far more training than a CPU allows here. With a random
 split the validation and test images share slides with training.
 
-The images are SIMULATED (``stagejax.data.synthetic``): the numbers compare
+The images are SIMULATED (``stagejax.simulate``): the numbers compare
 two implementations of one recipe and say nothing about real tubules.
 """
 
@@ -72,7 +72,7 @@ def stagejax_config(job: dict):
 
 def run_stagejax(job: dict) -> dict:
     from stagejax import data as data_lib
-    from stagejax import trainer
+    from stagejax.train import loop as trainer
     from stagejax.data import input_pipeline
 
     input_pipeline.ensure_absl_flags_parsed()

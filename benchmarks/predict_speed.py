@@ -81,10 +81,8 @@ def rate_summary(batch_s: list[float], batch: int) -> dict:
 
 def bench_stagejax(job: dict, tta: bool) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from stagejax import train as train_lib
-    from stagejax.parallel import Parallel
+    from stagejax.evaluate.model import Model
 
     precision = job["precision"]
     if precision == "auto":
@@ -92,14 +90,9 @@ def bench_stagejax(job: dict, tta: bool) -> dict:
     config = common.stagejax_config(model=job["model"], crop_size=job["image_size"],
                                     eval_batch_size=job["batch"], precision=precision,
                                     seed=job["seed"], tta=tta)
-    par = Parallel(config.parallelism, config.global_batch_size, config.eval_batch_size)
-    modeldef, params, batch_stats = train_lib.split_model(
-        train_lib.create_model(config, par.bn_axis_name))
     # As predict.py builds it: weights and BatchNorm statistics, no optimizer.
-    state = par.put_state(train_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=None,
-        rng=jax.random.key_data(jax.random.key(config.seed))))
-    step = par.compile_eval_step(train_lib.make_eval_step(modeldef, config, par, tta=tta))
+    model = Model.from_config(config)
+    par, state, step = model.parallel, model.device_state(), model.eval_step(tta)
     batch = par.put_batch({"image": input_batch(job["batch"], job["image_size"], job["seed"])})
     out = {"probs": None}
 

@@ -27,7 +27,7 @@ def build_run(job: dict):
     """The config (``--precision auto`` resolved for this backend) and the trainer's ``Run``."""
     import jax
 
-    from stagejax import trainer
+    from stagejax.train import loop as trainer
     from stagejax.data import input_pipeline
 
     input_pipeline.ensure_absl_flags_parsed()
@@ -93,14 +93,14 @@ def profile_stagejax(job: dict) -> dict:
     import optax
     from flax import nnx
 
-    from stagejax import train as train_lib
+    from stagejax.train import step as step_lib
     from stagejax.data import input_pipeline
 
     config, run = build_run(job)
     par = run.parallel
     state = par.put_state(run.initial_state)
     reps = job["profile_repeats"]
-    dtype = train_lib.compute_dtype(config)
+    dtype = step_lib.compute_dtype(config)
     out: dict = {"framework": "stagejax_profile", "precision": config.precision}
 
     raw = input_pipeline.train_batches(run.dataset.splits["train"], config)
@@ -114,7 +114,7 @@ def profile_stagejax(job: dict) -> dict:
     parts["host_to_device"] = block_time(lambda: par.put_batch(host), reps)
     batch = par.put_batch(host)
 
-    prep = jax.jit(lambda s, x: train_lib._preprocess(x, s.rng, s.step, config, True, 0))
+    prep = jax.jit(lambda s, x: step_lib._preprocess(x, s.rng, s.step, config, True, 0))
     parts["device_preprocess"] = block_time(lambda: prep(state, batch["image"]), reps)
     images = prep(state, batch["image"]).astype(dtype)
 
@@ -123,12 +123,12 @@ def profile_stagejax(job: dict) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def forward(s, x, y):
-        return loss_fn(run.modeldef.merge(s.params, s.batch_stats, train=True), x, y)
+        return loss_fn(run.model.modeldef.merge(s.params, s.batch_stats, train=True), x, y)
 
     def forward_backward(s, x, y):
         # Merged outside the differentiated function, as the train step does:
         # BatchNorm statistics are mutated at the trace level they were made at.
-        model = run.modeldef.merge(s.params, s.batch_stats, train=True)
+        model = run.model.modeldef.merge(s.params, s.batch_stats, train=True)
         return nnx.value_and_grad(loss_fn)(model, x, y)
 
     fwd, grad = jax.jit(forward), jax.jit(forward_backward)

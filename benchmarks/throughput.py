@@ -32,7 +32,7 @@ backward) and the model FLOP utilisation against the device's peak
 torch, torch_tuned, stagejax, ...), and pools the windows of all rounds: on
 a shared machine, load that comes and goes then hits every framework alike.
 
-stagejax is built exactly as training builds it: ``trainer.Run`` on a config
+stagejax is built exactly as training builds it: ``stagejax.train.loop.Run`` on a config
 from ``configs/default.py`` (``--precision auto`` = bfloat16 on an accelerator,
 float32 on a CPU). The simulated images are ``image_size + 2 * crop_range``
 px, the study's 1152 px for 896 px crops.

@@ -3,7 +3,7 @@
 from configs import default
 
 
-def get_config():
-    config = default.get_config()
+def get_config(variant=None):
+    config = default.get_config(variant)
     config.model = "resnet50"
     return config

@@ -1,4 +1,15 @@
-"""Checks every config value before any data is read or anything is compiled.
+"""The config a run uses: resolved from the ``--config`` flag, then checked.
+
+``resolve`` applies the one rule (stated in configs/default.py and the
+README): a field given on the command line always wins, and the config that
+runs is recorded as it is. The config file's variant (``study`` or ``demo``)
+is the one named after the colon, ``--config=configs/resnet.py:demo``; with
+none named, ``demo`` (the simulated dataset's sizes) when no data_dir is
+given and the run trains or evaluates, else ``study``. The variant only
+chooses the defaults that the command line's fields are then applied to.
+
+``check_overrides`` refuses a ``--config.FIELD`` that the config does not
+have, before absl parses anything, as one ``ConfigError`` line.
 
 ``validate(config)`` turns a bad setting into one ``ConfigError`` line naming
 the field (``config.global_batch_size: 0; must be >= 12 ...``) instead of a
@@ -14,15 +25,21 @@ compiling (or train a 1000-class ImageNet head on 12 stages).
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib.util
+import inspect
 import math
-from collections.abc import Callable
+import re
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 
-from stagejax import checkpoint as ckpt_lib
+from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax import models
 from stagejax.errors import ConfigError
 
@@ -65,17 +82,12 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "simulated.num_images": (
         lambda v: v >= 18, ">= 18 (70% go to train, which must hold all 12 stages)"),
     "simulated.image_size": (lambda v: v >= 16, ">= 16"),
-    "simulated.crop_size": (lambda v: v >= 16, f">= 16 ({CROP_WHY})"),
-    "simulated.crop_range": (lambda v: v >= 0, ">= 0"),
-    "simulated.num_epochs": (lambda v: v >= 1, ">= 1"),
     "simulated.seed": (lambda v: v >= 0, ">= 0"),
 }
 _INTEGER_FIELDS = {
     "num_classes", "eval_batch_size", "num_epochs", "crop_size", "crop_range", "seed",
     "log_every_steps", "checkpoint_every_steps", "num_workers", "global_batch_size",
-    "simulated.num_images", "simulated.image_size", "simulated.crop_size",
-    "simulated.crop_range", "simulated.num_epochs", "simulated.seed",
-    "simulated.global_batch_size",
+    "simulated.num_images", "simulated.image_size", "simulated.seed",
 }
 
 
@@ -119,30 +131,26 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_batch(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Both batch sizes the run may use are range-checked; the one it will use
-    must also divide by the device count (the eval batch always does)."""
     stages = _get(config, "num_classes")
     stages = 12 if stages is _MISSING else stages
-    simulated = not _get(config, "data_dir")
-    for field in ("global_batch_size", "simulated.global_batch_size"):
-        value = _get(config, field)
-        if value is _MISSING:
-            continue
-        if _number(field, value) < stages:
-            raise _fail(field, value, f">= {stages} ({BATCH_WHY})")
-        used = (field == "simulated.global_batch_size") == simulated
-        if used and value % num_devices:
-            raise _fail(field, value, f"a multiple of the {num_devices} devices")
+    value = _get(config, "global_batch_size")
+    if value is not _MISSING:
+        if _number("global_batch_size", value) < stages:
+            raise _fail("global_batch_size", value, f">= {stages} ({BATCH_WHY})")
+        if value % num_devices:
+            raise _fail("global_batch_size", value, f"a multiple of the {num_devices} devices")
     eval_batch = _get(config, "eval_batch_size")
     if eval_batch is not _MISSING and eval_batch % num_devices:
         raise _fail("eval_batch_size", eval_batch, f"a multiple of the {num_devices} devices")
 
 
 def _check_simulated_sizes(config: ml_collections.ConfigDict) -> None:
-    size, crop = _get(config, "simulated.image_size"), _get(config, "simulated.crop_size")
-    if _MISSING not in (size, crop) and size < crop:
+    """With no data_dir the crop is cut from the simulated images."""
+    size, crop = _get(config, "simulated.image_size"), _get(config, "crop_size")
+    if _MISSING not in (size, crop) and not _get(config, "data_dir") and size < crop:
         raise _fail("simulated.image_size", size,
-                    f">= config.simulated.crop_size ({crop}): the crop is cut from the image")
+                    f">= config.crop_size ({crop}): with no data_dir the crop is cut from "
+                    "the simulated images")
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -179,8 +187,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ``ConfigError`` (one line naming the field) for the first bad value.
 
-    ``config``: as given (before ``data.resolve_config``), so both the top-level
-    fields and the ``simulated`` block's are checked. ``num_devices``: default
+    ``config``: the config that runs (``resolve``). ``num_devices``: default
     ``jax.device_count()``.
     """
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -189,3 +196,86 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_batch(config, num_devices)
     _check_simulated_sizes(config)
     check_init_from(config)
+
+
+# -- resolving the --config flag ------------------------------------------------
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """``configs/resnet.py:demo`` -> (path, variant); no colon: variant ``""``."""
+    path, _, variant = spec.partition(":")
+    return path, variant
+
+
+@functools.cache
+def _module(path: str) -> types.ModuleType:
+    """The config file at ``path``, loaded once (as ``config_flags`` loads it)."""
+    spec = importlib.util.spec_from_file_location("stagejax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load(path: str, variant: str) -> ml_collections.ConfigDict:
+    """``get_config(variant)`` of the file at ``path`` (``get_config()`` for ``""``),
+    as a new, unlocked ConfigDict."""
+    config = _module(path).get_config(*([variant] if variant else []))
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def _takes_variant(path: str) -> bool:
+    """Whether the config file's ``get_config`` takes a variant (the shipped ones do)."""
+    return bool(inspect.signature(_module(path).get_config).parameters)
+
+
+def default_variant(data_dir: str, mode: str) -> str:
+    """The variant when the command line names none: the simulated demo's sizes
+    for a run that reads the simulated dataset, the study's recipe otherwise."""
+    return "demo" if not data_dir and mode in ("train", "eval") else "study"
+
+
+def resolve(spec: str, overrides: dict[str, Any], mode: str = "train"
+            ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(config that runs, its defaults) for ``--config=spec`` and the command line's
+    ``overrides`` (flat ``{'a.b': value}``, as ``config_flags`` parsed them).
+
+    The defaults are the chosen variant before the overrides: a workdir's resume
+    check uses them for fields an older run's config.json lacks.
+    """
+    path, variant = _split_spec(spec)
+    if not variant and _takes_variant(path):
+        data_dir = overrides.get("data_dir", _load(path, "").get("data_dir", ""))
+        variant = default_variant(data_dir, mode)
+    defaults = _load(path, variant)
+    config = ml_collections.ConfigDict(defaults.to_dict())
+    config.update_from_flattened_dict(dict(overrides))
+    return config, defaults
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """``ConfigError`` for a ``--config.FIELD`` the config file does not have.
+
+    Checked against the file's fields before absl parses the command line, so
+    the message names the flag instead of a library's exception text.
+    """
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None or not Path(_split_spec(spec)[0]).is_file():
+        return  # absl reports a missing --config or file
+    path, variant = _split_spec(spec)
+    config = _load(path, variant)
+    for arg in argv:
+        if match := _OVERRIDE.match(arg):
+            _check_field(config, match.group(1), arg.split("=", 1)[0])
+
+
+def _check_field(config: ml_collections.ConfigDict, field: str, flag: str) -> None:
+    node: Any = config
+    for part in field.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{flag}: no such config field{hint}")
+        node = node[part]

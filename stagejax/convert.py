@@ -333,7 +333,7 @@ def convert_file(
 ) -> Path:
     """Read torch weights from ``src`` and write a stagejax model directory at ``out``
     (new or empty: checked before anything is read)."""
-    from stagejax.checkpoint import save_model_weights
+    from stagejax.runtime.checkpoint import save_model_weights
 
     out = Path(out).expanduser()
     _check_out(out)

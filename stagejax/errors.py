@@ -28,3 +28,10 @@ class WorkdirError(StagejaxError):
 
 class ResourceError(StagejaxError):
     """Not enough memory or disk for what the run needs."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name if it has none), for
+    one-line reports of a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

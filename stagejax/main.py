@@ -1,11 +1,14 @@
 r"""Train, evaluate or predict spermatogenic stages.
 
   python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50
+  python -m stagejax.main --config=configs/resnet.py:study --workdir=runs/r50 \
+      --config.data_dir=/path/to/root
   python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=eval
   python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=predict \
       --config.predict_dir=/path/to/images
 
-Any config field can be overridden: ``--config.global_batch_size=48``.
+Any config field can be overridden: ``--config.global_batch_size=48``; a field
+given on the command line always wins (the rule is in configs/default.py).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from stagejax import interrupts, memory
-from stagejax import workdir as workdir_lib
+from stagejax import config as config_lib
 from stagejax.errors import StagejaxError
+from stagejax.runtime import lock
+from stagejax.runtime import workdir as workdir_lib
+from stagejax.runtime.files import writing
+from stagejax.train import interrupts, memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -88,20 +94,18 @@ def run(argv) -> None:
     config = None
     try:
         initialize_distributed()
-        from stagejax import config as config_lib
-        from stagejax import data
-
         setup_logging()
-        config = data.resolve_config(FLAGS.config)
+        config, defaults = config_lib.resolve(
+            FLAGS["config"].config_filename, FLAGS["config"].override_values, FLAGS.mode)
         log.info("JAX %s: %d process(es), %d device(s) [%s]", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-        config_lib.validate(FLAGS.config)  # every value, before any data is read
+        config_lib.validate(config)  # every value, before any data is read
         agree = _all_agree if jax.process_count() > 1 else None
         # The lock is taken before the data is read (a second run is refused at once);
         # a failure before the run's first checkpoint takes back what it wrote.
-        with workdir_lib.writing(FLAGS.workdir), workdir_lib.claim(
+        with writing(FLAGS.workdir), lock.claim(
                 FLAGS.workdir, hold=jax.process_index() == 0, agree=agree) as claim:
-            _run_mode(config, claim)
+            _run_mode(config, defaults, claim)
     except StagejaxError as e:
         _exit(f"error: {e}", 2)
     except interrupts.Interrupted as e:  # exit status 130 (SIGINT) or 143 (SIGTERM)
@@ -129,22 +133,24 @@ def _all_agree(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def _run_mode(config, claim: workdir_lib.Claim) -> None:
-    from stagejax import predict as predict_lib
-    from stagejax import trainer
+def _run_mode(config, defaults, claim: lock.Claim) -> None:
+    # Imported here: they load the model and data stack, which --help does not need.
+    from stagejax.evaluate import best, predict
+    from stagejax.train import loop
 
     if FLAGS.mode == "train":
-        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
-        trainer.train_and_evaluate(config, workdir, claim=claim)
+        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False,
+                                              defaults=defaults)
+        loop.train_and_evaluate(config, workdir, claim=claim)
         return
     workdir, config = _eval_workdir_and_config(config)
     if FLAGS.mode == "eval":
-        trainer.evaluate_workdir(config, workdir)
+        best.evaluate_workdir(config, workdir)
     else:
-        predict_lib.predict_folder(config, workdir)
+        predict.predict_folder(config, workdir)
 
 
-def _eval_workdir_and_config(resolved):
+def _eval_workdir_and_config(config):
     """The workdir and config of ``--mode=eval/predict``.
 
     A training run's workdir brings its own config (so model and crop match
@@ -152,11 +158,9 @@ def _eval_workdir_and_config(resolved):
     ``stagejax.convert``) is evaluated as it is, in a new workdir.
     """
     trained = (Path(FLAGS.workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
-    if trained or not resolved.init_from:
-        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, resolved, must_exist=True)
-        return workdir, workdir_lib.eval_config(workdir, FLAGS.config)
-    # Predicting reads no dataset: crop_size etc. as given, not the simulated block's.
-    config = resolved if FLAGS.mode == "eval" else FLAGS.config
+    if trained or not config.init_from:
+        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
+        return workdir, workdir_lib.eval_config(workdir, config)
     workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=jax.process_index() == 0)
     return workdir, config
 
@@ -166,19 +170,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     exist, a value of the wrong type) is one ``error:`` line and exit 2, like
     every other user error, instead of a traceback."""
     try:
+        config_lib.check_overrides(argv)
         return FLAGS(argv)
     except flags.Error as e:
         message = " ".join(str(e).split())
-    except (AttributeError, KeyError) as e:  # ml_collections: no such (locked) config field
-        text = e
-        while isinstance(text, Exception):  # AttributeError(KeyError("'name'\nDid you mean..."))
-            text = text.args[0] if text.args else ""
-        text = str(text)
-        field = text.splitlines()[0].strip("'\" ")
-        hint = "".join(f"; {line.strip()}" for line in text.splitlines()[1:2])
-        flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                     and a.split("=")[0].split(".")[-1] == field), f"config field {field!r}")
-        message = f"{flag}: no such config field{hint}"
+    except StagejaxError as e:
+        message = str(e)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

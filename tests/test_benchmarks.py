@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import accuracy, common, predict_speed, throughput, throughput_report
 from benchmarks import torch_baseline as tb
-from stagejax import metrics as metrics_lib
+from stagejax.evaluate import metrics as metrics_lib
 from stagejax.data import augment
 from stagejax.data.sampler import StageBalancedSampler
 

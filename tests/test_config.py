@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +26,8 @@ sys.path.insert(0, str(REPO))
 CONFIGS = ["default", "resnet", "resnext", "wide_resnet", "mobilenet"]
 
 
-def _config(name: str = "resnet", **overrides) -> ml_collections.ConfigDict:
-    config = importlib.import_module(f"configs.{name}").get_config()
+def _config(name: str = "resnet", variant: str = "demo", **overrides) -> ml_collections.ConfigDict:
+    config = importlib.import_module(f"configs.{name}").get_config(variant)
     for field, value in overrides.items():
         *parents, leaf = field.split("__")
         node = config
@@ -38,7 +40,7 @@ def _config(name: str = "resnet", **overrides) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_are_valid(name):
     config_lib.validate(_config(name), num_devices=1)
-    config_lib.validate(_config(name, data_dir="/data"), num_devices=4)
+    config_lib.validate(_config(name, "study", data_dir="/data"), num_devices=4)
 
 
 BAD = [  # (field as ConfigDict path with __, value, text the message must contain)
@@ -50,7 +52,6 @@ BAD = [  # (field as ConfigDict path with __, value, text the message must conta
     ("eval_split", "val", "one of train, validation, test"),
     ("global_batch_size", 0, ">= 12"),
     ("global_batch_size", 6, ">= 12 (every batch holds every stage)"),
-    ("simulated__global_batch_size", 11, ">= 12"),
     ("eval_batch_size", 0, ">= 1"),
     ("learning_rate", -1.0, "> 0"),
     ("learning_rate", 0.0, "> 0"),
@@ -72,9 +73,7 @@ BAD = [  # (field as ConfigDict path with __, value, text the message must conta
     ("augment__contrast", -0.1, ">= 0"),
     ("simulated__num_images", 10, ">= 18"),
     ("simulated__image_size", 8, ">= 16"),
-    ("simulated__image_size", 64, ">= config.simulated.crop_size (96)"),
-    ("simulated__crop_size", 12, ">= 16"),
-    ("simulated__num_epochs", 0, ">= 1"),
+    ("simulated__image_size", 64, ">= config.crop_size (96)"),
 ]
 
 
@@ -88,17 +87,16 @@ def test_bad_value_is_refused_naming_the_field(field, value, must):
 
 
 def test_batch_sizes_must_divide_by_the_devices():
-    # Simulated data (no data_dir): the simulated block's batch (24) is the one used,
-    # the top-level one (12) is not.
-    config_lib.validate(_config(eval_batch_size=8), num_devices=8)
-    with pytest.raises(ConfigError, match=r"^config\.simulated\.global_batch_size: 24; must be "
+    config_lib.validate(_config(eval_batch_size=8), num_devices=8)  # demo: batch 24
+    with pytest.raises(ConfigError, match=r"^config\.global_batch_size: 24; must be "
                                           r"a multiple of the 16 devices"):
         config_lib.validate(_config(eval_batch_size=16), num_devices=16)
+    study = dict(variant="study", data_dir="/data")
     with pytest.raises(ConfigError, match=r"^config\.global_batch_size: 12; .*of the 8 devices"):
-        config_lib.validate(_config(data_dir="/data", eval_batch_size=8), num_devices=8)
+        config_lib.validate(_config(eval_batch_size=8, **study), num_devices=8)
     with pytest.raises(ConfigError, match=r"^config\.eval_batch_size: 12; .*of the 8 devices"):
-        config_lib.validate(_config(data_dir="/data", global_batch_size=16), num_devices=8)
-    config_lib.validate(_config(data_dir="/data", global_batch_size=16, eval_batch_size=8),
+        config_lib.validate(_config(global_batch_size=16, **study), num_devices=8)
+    config_lib.validate(_config(global_batch_size=16, eval_batch_size=8, **study),
                         num_devices=8)
 
 
@@ -170,3 +168,64 @@ def test_init_from_with_another_head_on_the_command_line(tmp_path):
     line = _error_line(res)
     assert res.returncode == 2 and "1000 classes" in line and "--new_head" in line, line
     assert "training resnet18" not in res.stderr and not (tmp_path / "c").exists()
+
+
+# -- the config rule: the command line wins, the variant only picks the defaults ------
+
+RESNET = str(REPO / "configs" / "resnet.py")
+
+
+def test_variant_is_chosen_by_data_unless_named():
+    demo, defaults = config_lib.resolve(RESNET, {})
+    assert (demo.variant, demo.crop_size, demo.num_epochs, demo.global_batch_size) == (
+        "demo", 96, 8, 24)
+    assert defaults.to_dict() == demo.to_dict()
+    study, _ = config_lib.resolve(RESNET, {"data_dir": "/data"})
+    assert (study.variant, study.crop_size, study.num_epochs, study.global_batch_size) == (
+        "study", 896, 10, 12)
+    # Named variants are used as named; predicting reads no dataset: the study's recipe.
+    assert config_lib.resolve(f"{RESNET}:study", {})[0].crop_size == 896
+    assert config_lib.resolve(f"{RESNET}:demo", {"data_dir": "/data"})[0].crop_size == 96
+    assert config_lib.resolve(RESNET, {}, mode="predict")[0].crop_size == 896
+
+
+def test_a_field_given_on_the_command_line_always_wins():
+    config, defaults = config_lib.resolve(RESNET, {"num_epochs": 1, "augment.flip": False})
+    assert config.num_epochs == 1 and config.augment.flip is False
+    assert config.crop_size == 96  # the rest: the demo's
+    assert defaults.num_epochs == 8  # what an older run's config.json lacks is compared to
+    with pytest.raises(ConfigError, match=r"^--config=\.\.\.:full: unknown variant"):
+        config_lib.resolve(f"{RESNET}:full", {})
+
+
+def test_unknown_override_is_refused_before_parsing():
+    config_lib.check_overrides(["prog", f"--config={RESNET}", "--config.augment.flip=False",
+                                "--noconfig.tta"])
+    with pytest.raises(ConfigError, match=r"^--config\.num_epoch: no such config field; "
+                                          r"did you mean 'num_epochs'\?$"):
+        config_lib.check_overrides(["prog", f"--config={RESNET}:study", "--config.num_epoch=2"])
+    with pytest.raises(ConfigError, match=r"^--config\.simulated\.crop_size: no such config"):
+        config_lib.check_overrides(["prog", f"--config={RESNET}", "--config.simulated.crop_size=8"])
+
+
+def test_demo_run_does_what_the_command_line_says(tmp_path):
+    """``--config.num_epochs=1`` on the simulated demo (no data_dir, no variant): the
+    demo's sizes, but one epoch, in config.json and in what ran."""
+    from tests.test_reliability import TIMEOUT
+
+    workdir = tmp_path / "w"
+    flags = [f"--config.{k}={v}" for k, v in {
+        "num_epochs": 1, "model": "resnet18", "cache_dir": tmp_path / "cache",
+        "simulated.num_images": 36, "eval_batch_size": 24}.items()]
+    res = subprocess.run(
+        [sys.executable, "-m", "stagejax.main", f"--config={RESNET}", f"--workdir={workdir}",
+         *flags], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+        text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ran = json.loads((workdir / "config.json").read_text())
+    assert (ran["variant"], ran["num_epochs"], ran["crop_size"], ran["global_batch_size"]) == (
+        "demo", 1, 96, 24)
+    epochs = [r["train/epoch"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+              if "train/epoch" in r]
+    assert epochs and max(epochs) == 1.0
+    assert json.loads((workdir / "eval_test" / "metrics.json").read_text())["num_examples"] > 0

@@ -24,7 +24,7 @@ import torchvision
 from flax import nnx
 
 from stagejax import convert, models
-from stagejax.checkpoint import load_model_weights
+from stagejax.runtime.checkpoint import load_model_weights
 from stagejax.convert import ConversionError
 from tests.conftest import REPO
 

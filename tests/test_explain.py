@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stagejax.errors import DatasetError
+from stagejax.errors import ConfigError, DatasetError
 from stagejax.explain import cycle as cycle_mod
 from stagejax.explain import cycle_score, gradcam, gradcam_and_logits, overlay
-from stagejax.explain.__main__ import main as cli_main
+from stagejax.explain.__main__ import run as cli_main
 from stagejax.stages import NUM_STAGES, STAGES
 
 SIZE = 32
@@ -236,7 +236,7 @@ def test_cycle_cli_reports_bad_eval_folder(tmp_path):
     (eval_dir / "predictions.csv").write_text(text)
     with pytest.raises(DatasetError, match="true_stage '7b'"):
         cycle_mod.read_eval_outputs(eval_dir)
-    with pytest.raises(SystemExit, match="missing"):
+    with pytest.raises(DatasetError, match="missing"):
         cli_main(["cycle", "--workdir", str(tmp_path), "--split", "validation"])
 
 
@@ -250,7 +250,7 @@ def make_run(tmp_path, image_size=40, crop_size=32, per_split=12):
 
     from configs.default import get_config
     from stagejax import models
-    from stagejax.checkpoint import save_model_weights
+    from stagejax.runtime.checkpoint import save_model_weights
 
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
@@ -290,5 +290,5 @@ def test_gradcam_cli_writes_pairs_and_stage_grids(tmp_path):
     cli_main(["gradcam", "--workdir", str(workdir), "--images", str(root / "images"),
               "--stage", "VII", "--max_images", "2", "--batch_size", "4", "--out", str(other)])
     assert len(list(other.glob("*.png"))) == 2 + 2  # two pairs, two stage grids
-    with pytest.raises(SystemExit, match="--stage"):
+    with pytest.raises(ConfigError, match="--stage"):
         cli_main(["gradcam", "--workdir", str(workdir), "--stage", "XIII"])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from stagejax.data import input_pipeline
-from stagejax.data.layout import DatasetError
+from stagejax.errors import DatasetError
 from stagejax.data.sampler import StageBalancedSampler
 from stagejax.errors import ConfigError
 

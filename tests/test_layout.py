@@ -11,7 +11,8 @@ from PIL import Image
 
 from stagejax.data import images
 from stagejax.data.images import decode_image
-from stagejax.data.layout import DatasetError, read_layout, stage_from_file_name
+from stagejax.data.layout import read_layout, stage_from_file_name
+from stagejax.errors import DatasetError
 
 LABELS = ("1", "2", "3")
 SPLIT_STAGES = {"train": ("1", "2", "3", "1"), "validation": ("2", "3"), "test": ("1",)}

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stagejax import checkpoint, models, predict
+from stagejax import models
+from stagejax.evaluate import predict
+from stagejax.runtime import checkpoint
 from tests.conftest import REPO
 from tests.test_reliability import _error_line
 
@@ -124,7 +126,7 @@ def test_predict_skips_bad_files_warns_on_scale_and_keeps_outputs(tmp_path, setu
 def test_reference_size_of_a_trained_run(tmp_path, tiny_sim_dir):
     """Simulated runs: the simulated image size; runs on a data folder: the median
     short side of its prepared training images; otherwise the crop."""
-    from stagejax.data import tfds_builder
+    from stagejax.data import prepared as prepared_lib
 
     config = ml_collections.ConfigDict({"data_dir": "", "crop_size": CROP,
                                         "cache_dir": str(tmp_path / "cache"),
@@ -132,7 +134,7 @@ def test_reference_size_of_a_trained_run(tmp_path, tiny_sim_dir):
     assert predict.reference_size(config, trained=True) == (112, "the simulated training images")
     config.data_dir = str(tiny_sim_dir)
     assert predict.reference_size(config, trained=True)[0] == CROP  # not prepared yet
-    tfds_builder.prepare(tiny_sim_dir, tmp_path / "cache" / "prepared")
+    prepared_lib.prepare(tiny_sim_dir, tmp_path / "cache" / "prepared")
     assert predict.reference_size(config, trained=True) == (
         48, "the training images (median short side)")
     assert predict.reference_size(config, trained=False)[0] == CROP  # imported weights

@@ -204,17 +204,12 @@ def _error_line(res: subprocess.CompletedProcess) -> str:
 
 def _existing_workdir(path: Path, overrides: dict) -> None:
     """A workdir of an earlier run with this config (so the new run would resume it)."""
-    sys.path.insert(0, str(REPO))
-    try:
-        from configs import resnet
-    finally:
-        sys.path.remove(str(REPO))
-    from stagejax import data, workdir
+    from stagejax import config as config_lib
+    from stagejax.runtime import workdir
 
-    config = resnet.get_config()
-    config.update(overrides)
+    config, _ = config_lib.resolve(str(REPO / "configs" / "resnet.py"), overrides)
     path.mkdir(parents=True)
-    workdir.write_config(path, data.resolve_config(config))
+    workdir.write_config(path, config)
     (path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.5}\n')
     (path / "notes.txt").write_text("do not delete\n")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stagejax import metrics, report
+from stagejax.evaluate import metrics, report
 from stagejax.errors import WorkdirError
 from stagejax.stages import NUM_STAGES, STAGES
 

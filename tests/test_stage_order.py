@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stagejax import checkpoint, metrics, models, report
+from stagejax import models
+from stagejax.evaluate import metrics, report
+from stagejax.runtime import checkpoint
 from stagejax.data.layout import read_layout, stage_from_file_name
 from stagejax.errors import ConfigError, DatasetError
 from stagejax.stages import NUM_STAGES, STAGES, parse_stage, stage_ranks

@@ -27,8 +27,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from stagejax import data, models, trainer
+from stagejax import data, models
+from stagejax.train import loop as trainer
 from stagejax.data import input_pipeline
+from tests.tracing import count_traces
 from tests.conftest import REPO
 
 STEPS = 2
@@ -78,6 +80,7 @@ def train_briefly(model: str, data_dir: Path, cache_dir: Path, parallelism: str)
     for the assertions."""
     config = _config(model, data_dir, cache_dir, parallelism)
     run = trainer.Run(config, data.load(config))
+    counter = count_traces(run)
     initial = jax.device_get(run.initial_state)
     before = jax.tree.leaves(initial.params)
     host, after, state = _train(run, config, initial)
@@ -88,7 +91,7 @@ def train_briefly(model: str, data_dir: Path, cache_dir: Path, parallelism: str)
     return {
         "losses": [float(h["loss"]) for h in host],
         "finite": [bool(h["finite"]) for h in host],
-        "traces": run.train_step_fn.traces,
+        "traces": counter["traces"],
         "changed": float(np.mean([np.any(a != b) for a, b in zip(after, before, strict=True)])),
         "repeats": [float(h["loss"]) for h in host_again] == [float(h["loss"]) for h in host]
                    and all(np.array_equal(a, b) for a, b in zip(after, after_again, strict=True)),

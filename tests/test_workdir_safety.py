@@ -28,8 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from stagejax import checkpoint as ckpt_lib
-from stagejax import memory
+from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.train import memory
 from stagejax.errors import ResourceError
 from tests.conftest import REPO
 from tests.test_resume import _assert_trees_equal, _best_model, _latest_state

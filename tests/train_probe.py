@@ -42,8 +42,10 @@ if args.num_processes > 1:
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from stagejax import data, trainer  # noqa: E402
+from stagejax import data  # noqa: E402
+from stagejax.train import loop as trainer  # noqa: E402
 from stagejax.data import input_pipeline  # noqa: E402
+from tests.tracing import count_traces  # noqa: E402
 
 config = default.get_config()
 config.model = "resnet18"
@@ -62,6 +64,7 @@ config.optimizer = args.optimizer
 config.learning_rate = 0.001
 
 run = trainer.Run(config, data.load(config))
+counter = count_traces(run)
 state = run.parallel.put_state(run.initial_state)
 batches = run.parallel.prefetch(input_pipeline.train_batches(run.dataset.splits["train"], config))
 losses = []
@@ -71,11 +74,11 @@ for step in range(args.steps):
     state, m = run.train_step(state, next(batches))
     losses.append(m["loss"])
     if step == 0:
-        traces_after_first = run.train_step_fn.traces
+        traces_after_first = counter["traces"]
 losses = [float(x) for x in run.parallel.metrics_to_host(losses)]
 host = run.parallel.host_state(state)
 leaves = [np.asarray(x) for x in jax.tree.leaves((host.params, host.batch_stats))]
 if jax.process_index() == 0:
-    np.savez(args.out, *leaves, losses=np.array(losses), traces=run.train_step_fn.traces,
+    np.savez(args.out, *leaves, losses=np.array(losses), traces=counter["traces"],
              traces_after_first=traces_after_first)
 print("probe done", jax.process_index(), losses, flush=True)

@@ -11,23 +11,12 @@ from pathlib import Path
 
 import ml_collections
 
+from stagejax.data import prepared as prepared_lib
+
 log = logging.getLogger(__name__)
-
-# Config fields the `simulated` block replaces when no data_dir is given.
-SIMULATED_OVERRIDES = ("crop_size", "crop_range", "num_epochs", "global_batch_size")
-
 
 def uses_simulated_data(config: ml_collections.ConfigDict) -> bool:
     return not config.data_dir
-
-
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config actually run: with no data_dir, the `simulated` block's sizes apply."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if uses_simulated_data(config):
-        for k in SIMULATED_OVERRIDES:
-            config[k] = config.simulated[k]
-    return config
 
 
 def load(config: ml_collections.ConfigDict):
@@ -36,8 +25,7 @@ def load(config: ml_collections.ConfigDict):
     Every problem with the data raises ``DatasetError`` here, before anything
     is compiled or trained.
     """
-    from stagejax import simulate
-    from stagejax.data import tfds_builder
+    from stagejax import simulate  # the renderer: only when the dataset is simulated
 
     cache = Path(config.cache_dir).expanduser()
     if uses_simulated_data(config):
@@ -50,5 +38,5 @@ def load(config: ml_collections.ConfigDict):
             sim.num_images, sim.image_size, sim.seed, root)
     else:
         root = Path(config.data_dir).expanduser()
-    return tfds_builder.prepare(root, cache / "prepared", crop_size=config.crop_size,
+    return prepared_lib.prepare(root, cache / "prepared", crop_size=config.crop_size,
                                 stage_order=config.get("stage_order", ""))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stagejax.data.images import DatasetError
+from stagejax.errors import DatasetError
 
 FLIP_PROBABILITY = 2.0 / 3.0
 

@@ -18,14 +18,19 @@ end chunk even when all pixel rows are present.
 """
 
 import io
+import logging
+import os
+from pathlib import Path
 
 import numpy as np
-from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from stagejax.errors import DatasetError
+from stagejax.errors import DatasetError, first_line
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("PNG", "JPEG", "TIFF")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff")  # the files of FORMATS
 
 # Kinds of conversion already reported in this process (see `_note`).
 _LOGGED: set[str] = set()
@@ -59,7 +64,7 @@ def _note(kinds: tuple[str, ...], name: str) -> None:
     for kind in kinds:
         if kind not in _LOGGED:
             _LOGGED.add(kind)
-            logging.warning("%s (first: %s); further ones are not logged.", _MESSAGES[kind], name)
+            log.warning("%s (first: %s); further ones are not logged.", _MESSAGES[kind], name)
 
 
 def _bits_per_sample(im: Image.Image, data: bytes) -> int:
@@ -94,8 +99,8 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
     except Image.DecompressionBombError as e:
         raise DatasetError(f"{name}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError(f"{name}: cannot decode image (truncated or corrupt): {msg}") from None
+        raise DatasetError(
+            f"{name}: cannot decode image (truncated or corrupt): {first_line(e)}") from None
 
 
 def _to_rgb(im: Image.Image, bits: int, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -146,3 +151,15 @@ def to_storable(data: bytes, name: str) -> tuple[bytes, tuple[int, int]]:
         Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
         data = buf.getvalue()
     return data, rgb.shape[:2]
+
+
+def list_images(folder: str | os.PathLike, flag: str) -> list[Path]:
+    """The image files (``IMAGE_SUFFIXES``) of ``folder``, sorted; ``flag`` names the
+    setting that gave the folder in the error when it is not one or has none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: {flag} is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths

@@ -30,7 +30,7 @@ from absl import flags
 
 from stagejax.data.augment import CenterCrop, TrainCrop
 from stagejax.data.images import decode_image
-from stagejax.data.layout import DatasetError
+from stagejax.errors import DatasetError
 from stagejax.data.sampler import ShardedOrder, StageBalancedSampler
 from stagejax.errors import ConfigError
 

@@ -15,17 +15,19 @@ message names the offending file: a run that fails after an hour because image
 """
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from absl import logging
-
-from stagejax.data.images import DatasetError, image_info
+from stagejax.data.images import image_info
+from stagejax.errors import DatasetError
 from stagejax.stages import stage_ranks
 
 __all__ = ["SPLITS", "DatasetError", "Example", "Layout", "read_layout", "stage_from_file_name"]
 
 SPLITS = ("train", "validation", "test")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +137,8 @@ def read_layout(
                 _check_image(ex.path, crop_size)
         unused = sum(1 for p in image_dir.iterdir() if p.is_file()) - len(split_of)
         if unused > 0:
-            logging.info("%s: %d file(s) are in no split and are not used.", image_dir, unused)
-    logging.info(
+            log.info("%s: %d file(s) are in no split and are not used.", image_dir, unused)
+    log.info(
         "%s: %d labels; %s.", root, len(label_names),
         ", ".join(f"{s} {len(splits[s])} images" for s in SPLITS))
     return Layout(root=root, label_names=label_names, splits=splits, stage_ranks=ranks)

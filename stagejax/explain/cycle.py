@@ -29,7 +29,6 @@ evaluation) and writes ``W/explain/cycle/{cycle.json,cycle_pca.png,cycle_tsne.pn
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
@@ -247,17 +246,6 @@ def _score_text(name: str, stats: dict) -> str:
 # CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, type=Path,
-                        help="run folder holding eval_<split>/features.npy, predictions.csv")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: WORKDIR/explain/cycle)")
-    parser.add_argument("--num_permutations", type=int, default=200,
-                        help="label shuffles for the random baseline (>= 1)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
 def read_stage_names(eval_dir: Path) -> tuple[dict[str, int] | None, list[str]]:
     """The dataset's stage names of an eval_<split> folder (from its metrics.json):
     name -> cycle position, and the name of each of the 12 positions. Without
@@ -313,26 +301,28 @@ def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]
     return features, np.asarray(labels, np.int64), names
 
 
-def main(args: argparse.Namespace) -> Path:
-    """Score and plot the stage cycle of a run's evaluation features; returns the json path."""
-    if args.num_permutations < 1:
+def analyse(workdir: str | Path, split: str = "test", out: str | Path | None = None,
+            num_permutations: int = 200, seed: int = 0) -> Path:
+    """Score and plot the stage cycle of a run's evaluation features (``eval_<split>/``);
+    returns the path of ``cycle.json``."""
+    if num_permutations < 1:
         raise ConfigError("--num_permutations: must be >= 1")
-    workdir = Path(args.workdir)
-    features, labels, _ = read_eval_outputs(workdir / f"eval_{args.split}")
-    _, stage_names = read_stage_names(workdir / f"eval_{args.split}")
-    out = Path(args.out) if args.out is not None else workdir / "explain" / "cycle"
+    workdir = Path(workdir)
+    features, labels, _ = read_eval_outputs(workdir / f"eval_{split}")
+    _, stage_names = read_stage_names(workdir / f"eval_{split}")
+    out = Path(out) if out is not None else workdir / "explain" / "cycle"
     out.mkdir(parents=True, exist_ok=True)
 
-    kw = dict(num_permutations=args.num_permutations, seed=args.seed, stage_names=stage_names)
+    kw = dict(num_permutations=num_permutations, seed=seed, stage_names=stage_names)
     pca_points, pca_var = pca_2d(features)
-    tsne_points = tsne_2d(features, seed=args.seed)
+    tsne_points = tsne_2d(features, seed=seed)
     spaces = {
         "features": cycle_score(features, labels, **kw),
         "pca": cycle_score(pca_points, labels, **kw),
         "tsne": cycle_score(tsne_points, labels, **kw),
     }
     n, d = features.shape
-    header = f"{args.split} split: {n} tubules, {d}-D penultimate features"
+    header = f"{split} split: {n} tubules, {d}-D penultimate features"
     legend = ("(cycle score 1 = stage centroids go round in the order "
               f"{', '.join(stage_names[:2])}, ..., {stage_names[-1]}, {stage_names[0]})")
     plot_embedding(
@@ -348,7 +338,7 @@ def main(args: argparse.Namespace) -> Path:
         f"{_score_text('in this t-SNE map', spaces['tsne'])}\n{legend}",
         "t-SNE 1", "t-SNE 2", stage_names)
     result = {
-        "split": args.split,
+        "split": split,
         "num_images": int(n),
         "feature_dim": int(d),
         "pca_explained_variance": [float(v) for v in pca_var],
@@ -362,7 +352,11 @@ def main(args: argparse.Namespace) -> Path:
     }
     json_path = out / "cycle.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    s = spaces["features"]
-    print(f"cycle score (features) {s['score']:.3f}, random {s['random_mean']:.3f} ± "
-          f"{s['random_std']:.3f}, p = {s['p_value']:.3g}; written to {out}")
     return json_path
+
+
+def summary_line(json_path: Path) -> str:
+    """One line for the terminal: the full feature space's score against chance."""
+    s = json.loads(Path(json_path).read_text())["spaces"]["features"]
+    return (f"cycle score (features) {s['score']:.3f}, random {s['random_mean']:.3f} ± "
+            f"{s['random_std']:.3f}, p = {s['p_value']:.3g}; written to {json_path.parent}")

@@ -14,14 +14,14 @@ each image's peak is 1.  Everything runs as one jitted function over a batch;
 in eval mode the images of a batch do not interact, so a batch gives the same
 maps as one image at a time.
 
-The CLI (``python -m stagejax.explain gradcam``) renders the maps of a trained
-run as PNGs; it imports the data and checkpoint packages lazily so that the
-core functions above can be used (and tested) with any small nnx model.
+``render`` (``python -m stagejax.explain gradcam``) draws the maps of a
+trained run as PNGs; the model comes from `stagejax.evaluate.model.Model`, the
+builder every inference pass uses, and the images are preprocessed as the
+eval step preprocesses them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
@@ -32,11 +32,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
-from stagejax.errors import ConfigError
+from stagejax import data as data_lib
+from stagejax.data.augment import CenterCrop
+from stagejax.data.images import decode_image, list_images
+from stagejax.data.layout import stage_from_file_name
+from stagejax.errors import ConfigError, DatasetError
+from stagejax.evaluate.best import BEST_MODEL
+from stagejax.evaluate.model import Model
+from stagejax.runtime.parallel import Parallel
+from stagejax.runtime.workdir import load_run_config
 from stagejax.stages import parse_stage
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+log = logging.getLogger(__name__)
+
 GRID_MAX_PER_STAGE = 12  # examples shown in each grid_stage_<S>.png
 GRID_THUMB_SIZE = 256  # pixels, longest side of a grid cell
 
@@ -126,7 +136,7 @@ def overlay(
     image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "turbo"
 ) -> np.ndarray:
     """Blend a [0,1] heatmap, coloured with ``cmap``, onto an image; uint8 RGB [H,W,3]."""
-    import matplotlib  # local: keeps `import stagejax.explain` light
+    import matplotlib  # heavy: imported only when drawing
 
     image = np.asarray(image_uint8)
     if image.ndim == 3 and image.shape[-1] == 1:
@@ -145,28 +155,6 @@ def overlay(
 
 # --------------------------------------------------------------------------
 # CLI: render the maps of a trained run
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, type=Path,
-                        help="training run: config.json and best_model/")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--split", default="test",
-                        help="dataset split to explain (default: test)")
-    source.add_argument("--images", type=Path, default=None,
-                        help="folder of image files to explain instead of a split")
-    parser.add_argument("--stage", default=None,
-                        help="explain this stage (I..XII or 1..12) instead of the prediction")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: WORKDIR/explain/gradcam)")
-    parser.add_argument("--max_images", type=int, default=None,
-                        help="at most this many images, taken in turn from each true stage")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in overlays")
-    parser.add_argument("--data_dir", default=None,
-                        help="dataset root if it moved since training (default: the run's)")
-    parser.add_argument("--cache_dir", default=None,
-                        help="dataset cache if it moved since training (default: the run's)")
 
 
 def class_index(stage: str, label_names: Sequence[str],
@@ -214,10 +202,7 @@ class _Images:
 
 
 def _split_images(config, split: str) -> _Images:
-    from stagejax import data
-    from stagejax.data.images import decode_image
-
-    prepared = data.load(config)
+    prepared = data_lib.load(config)
     if split not in prepared.splits:
         raise ConfigError(f"--split: {split!r} is not one of {', '.join(prepared.splits)}")
     source = prepared.splits[split]
@@ -231,14 +216,7 @@ def _split_images(config, split: str) -> _Images:
 
 
 def _folder_images(folder: Path, label_names: list[str], ranks: list[int] | None) -> _Images:
-    from stagejax.data.images import decode_image
-    from stagejax.data.layout import DatasetError, stage_from_file_name
-
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: --images is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    paths = list_images(folder, "--images")
     labels = []
     for p in paths:  # a stage in the file name (study's naming) is shown as the true stage
         try:
@@ -250,19 +228,15 @@ def _folder_images(folder: Path, label_names: list[str], ranks: list[int] | None
                    label_names, ranks)
 
 
-def _explain_batch(model, crops: list[np.ndarray], config, target, batch_size: int):
+def _explain_batch(model: Model, crops: list[np.ndarray], target, batch_size: int):
     """Heatmaps and stage probabilities for equal-sized uint8 crops.
 
     The batch is padded (repeating the last crop) to ``batch_size`` so that a
     whole split compiles once; preprocessing is the evaluation one.
     """
-    from stagejax.data.augment import device_preprocess
-
     n = len(crops)
     batch = jnp.asarray(np.stack(crops + [crops[-1]] * (batch_size - n)))
-    x = device_preprocess(batch, None, config.augment, train=False,
-                          grayscale=bool(config.grayscale))
-    heat, logits = gradcam_and_logits(model, x, target)
+    heat, logits = gradcam_and_logits(model.module(), model.preprocess(batch), target)
     return heat[:n], np.asarray(jax.nn.softmax(logits[:n], axis=-1))
 
 
@@ -270,7 +244,7 @@ def _save_pair(path: Path, name: str, image, heat, true, pred, conf, target, alp
     """Original | overlay with a colour bar; title: true / predicted stage, confidence.
 
     ``true`` (None: unknown), ``pred`` and ``target`` are stage names."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when drawing
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 5.6), layout="constrained")
@@ -291,8 +265,6 @@ def _save_pair(path: Path, name: str, image, heat, true, pred, conf, target, alp
 
 
 def _thumbnail(image: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
     pil = Image.fromarray(image)
     pil.thumbnail((GRID_THUMB_SIZE, GRID_THUMB_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(pil)
@@ -301,7 +273,7 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 def _save_grid(path: Path, title: str, cells: list[tuple]) -> None:
     """Overlays of one stage; each cell (file, thumbnail, true and predicted stage
     names, confidence) titled with its prediction, red when wrong."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: imported only when drawing
 
     cols = min(4, len(cells))
     rows = -(-len(cells) // cols)
@@ -319,59 +291,79 @@ def _save_grid(path: Path, title: str, cells: list[tuple]) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(args: argparse.Namespace) -> Path:
-    """Grad-CAM PNGs for a trained run (one per image, one grid per stage); returns the folder."""
-    from stagejax.checkpoint import load_model_weights, read_model_json
-    from stagejax.data.augment import CenterCrop
-    from stagejax.workdir import load_run_config
+def _target(stage: str | None, model: Model) -> int | None:
+    """The class id to explain: ``stage``'s, or None (each image's prediction)."""
+    if stage is None:
+        return None
+    target = class_index(stage, model.label_names, model.stage_ranks)
+    if target is None:
+        raise ConfigError(f"--stage: {stage!r} is not one of the model's stages "
+                          f"({', '.join(model.label_names)})")
+    return target
 
-    workdir = Path(args.workdir)
-    config = load_run_config(workdir)
-    for field in ("data_dir", "cache_dir"):
-        if getattr(args, field) is not None:
-            config[field] = getattr(args, field)
-    meta = read_model_json(workdir / "best_model")  # the model's stage names, in class order
-    target = None if args.stage is None else class_index(
-        args.stage, meta["label_names"], meta["stage_ranks"])
-    if args.stage is not None and target is None:
-        raise ConfigError(f"--stage: {args.stage!r} is not one of the model's stages "
-                          f"({', '.join(meta['label_names'])})")
-    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
+
+def render(workdir: str | Path, split: str = "test", images: str | Path | None = None,
+           stage: str | None = None, out: str | Path | None = None,
+           max_images: int | None = None, batch_size: int = 8, alpha: float = 0.4,
+           data_dir: str | None = None, cache_dir: str | None = None) -> tuple[Path, int]:
+    """Grad-CAM PNGs of a trained run: one per image of ``split`` (or of the folder
+    ``images``), one grid per stage; returns (output folder, number of images).
+
+    ``stage``: explain that stage instead of each image's prediction.
+    ``data_dir``/``cache_dir``: where the run's dataset is now, if it moved.
+    """
+    if batch_size < 1 or (max_images is not None and max_images < 1):
         raise ConfigError("--batch_size and --max_images: must be >= 1")
-
-    model = load_model_weights(workdir / "best_model")  # float32, eval mode
-    images = (_folder_images(Path(args.images), meta["label_names"], meta["stage_ranks"])
-              if args.images is not None else _split_images(config, args.split))
-    stage_name = images.label_names  # class id -> the dataset's name
-    crop = CenterCrop(int(config.crop_size))
-    out = Path(args.out) if args.out is not None else workdir / "explain" / "gradcam"
+    workdir = Path(workdir)
+    config = load_run_config(workdir)
+    for field, value in (("data_dir", data_dir), ("cache_dir", cache_dir)):
+        if value is not None:
+            config[field] = value
+    # float32, as the analysis has always run, whatever precision the run trained in.
+    # On one device (jit, no pmap axis in BatchNorm), whatever layout the run trained with.
+    model = Model.from_directory(config, workdir / BEST_MODEL, precision="float32",
+                                 parallel=Parallel("jit", jax.device_count()))
+    target = _target(stage, model)
+    found = (_folder_images(Path(images), model.label_names, model.stage_ranks)
+             if images is not None else _split_images(config, split))
+    out = Path(out) if out is not None else workdir / "explain" / "gradcam"
     out.mkdir(parents=True, exist_ok=True)
+    indices = _select(found.labels, max_images, found.rank)
+    grids = _render_pairs(model, found, indices, CenterCrop(int(config.crop_size)), target,
+                          out, batch_size, alpha)
+    by_true = all(found.labels[i] is not None for i in indices)
+    names = found.label_names
+    explained = "its predicted stage" if target is None else f"stage {names[target]}"
+    for class_id in sorted(grids, key=found.rank):  # cycle order
+        _save_grid(out / f"grid_stage_{names[class_id]}.png",
+                   f"Tubules of {'true' if by_true else 'predicted'} stage "
+                   f"{names[class_id]}\nGrad-CAM evidence for {explained}; red title = "
+                   "misclassified", grids[class_id])
+    return out, len(indices)
 
-    indices = _select(images.labels, args.max_images, images.rank)
-    by_true = all(images.labels[i] is not None for i in indices)  # else group by prediction
+
+def _render_pairs(model: Model, found: _Images, indices: list[int], crop: CenterCrop,
+                  target: int | None, out: Path, batch_size: int,
+                  alpha: float) -> dict[int, list[tuple]]:
+    """One overlay PNG per image; returns the grid cells per true (or, when some
+    true stages are unknown, predicted) class id."""
+    names = found.label_names  # class id -> the dataset's name
+    by_true = all(found.labels[i] is not None for i in indices)
     grids: dict[int, list[tuple]] = {}
-    for start in range(0, len(indices), args.batch_size):
-        chunk = indices[start:start + args.batch_size]
-        crops = [crop.map({"image": images.load(i), "file_name": images.names[i]})["image"]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        crops = [crop.map({"image": found.load(i), "file_name": found.names[i]})["image"]
                  for i in chunk]
-        heats, probs = _explain_batch(model, crops, config, target, args.batch_size)
+        heats, probs = _explain_batch(model, crops, target, batch_size)
         for i, image, heat, p in zip(chunk, crops, heats, probs, strict=True):
-            name, true, pred = images.names[i], images.labels[i], int(np.argmax(p))
-            true_name = None if true is None else stage_name[true]
-            shown = stage_name[pred if target is None else target]
+            name, true, pred = found.names[i], found.labels[i], int(np.argmax(p))
+            true_name = None if true is None else names[true]
+            shown = names[pred if target is None else target]
             _save_pair(out / f"{Path(name).stem}.png", name, image, heat, true_name,
-                       stage_name[pred], float(p[pred]), shown, args.alpha)
+                       names[pred], float(p[pred]), shown, alpha)
             cells = grids.setdefault(true if by_true else pred, [])
             if len(cells) < GRID_MAX_PER_STAGE:
-                cells.append((name, _thumbnail(overlay(image, heat, alpha=args.alpha)),
-                              true_name, stage_name[pred], float(p[pred])))
-        logging.info("Grad-CAM: %d / %d images", start + len(chunk), len(indices))
-
-    explained = "its predicted stage" if target is None else f"stage {stage_name[target]}"
-    for class_id in sorted(grids, key=images.rank):  # cycle order
-        _save_grid(out / f"grid_stage_{stage_name[class_id]}.png",
-                   f"Tubules of {'true' if by_true else 'predicted'} stage "
-                   f"{stage_name[class_id]}\nGrad-CAM evidence for {explained}; red title = "
-                   "misclassified", grids[class_id])
-    print(f"Grad-CAM of {len(indices)} images written to {out}")
-    return out
+                cells.append((name, _thumbnail(overlay(image, heat, alpha=alpha)),
+                              true_name, names[pred], float(p[pred])))
+        log.info("Grad-CAM: %d / %d images", start + len(chunk), len(indices))
+    return grids

@@ -39,26 +39,17 @@ NAMES = (
 )
 
 
-def create(
-    name: str,
-    num_classes: int = 12,
-    in_channels: int = 3,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    bn_axis_name: str | None = None,
-    seed: int = 0,
-) -> nnx.Module:
+def create(name: str, seed: int = 0, **kwargs: Any) -> nnx.Module:
     """Build architecture ``name`` (one of ``NAMES``) with fresh torchvision-style weights.
 
-    ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16`` on accelerators);
-    parameters stay in ``param_dtype`` and BatchNorm statistics in float32.
-    ``bn_axis_name``: the pmap axis to average BatchNorm statistics over (not
+    ``kwargs`` as `create_uninitialized`: ``num_classes``, ``in_channels``,
+    ``dtype`` (the computation dtype, e.g. ``jnp.bfloat16`` on accelerators;
+    parameters stay in ``param_dtype`` and BatchNorm statistics in float32) and
+    ``bn_axis_name`` (the pmap axis to average BatchNorm statistics over; not
     needed under ``jit``, where a sharded batch's mean is already global).
     ``seed`` determines the initial weights and (as seed + 1) the 'dropout' stream.
     """
-    model = create_uninitialized(
-        name, num_classes, in_channels, dtype, param_dtype, bn_axis_name, seed
-    )
+    model = create_uninitialized(name, seed=seed, **kwargs)
     init_weights(model, seed, linear_std=0.01 if name in mobilenet.CONFIGS else None)
     return model
 

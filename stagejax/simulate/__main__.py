@@ -15,16 +15,15 @@ complete. Bad arguments are one `error:` line and exit status 2.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from stagejax.errors import ConfigError, StagejaxError
+from stagejax import cli
+from stagejax.errors import ConfigError
 from stagejax.simulate import sheet, tubules
 from stagejax.simulate.scene import SceneParams
 
@@ -133,44 +132,10 @@ def tubules_command() -> None:
 COMMANDS: dict[str, Callable[[], None]] = {"tubules": tubules_command}
 
 
-def run(argv: list[str]) -> None:
-    """Run the command named by the one positional argument."""
-    if len(argv) < 2:
-        raise ConfigError(f"name a command: {', '.join(COMMANDS)} (see --help)")
-    if argv[1] not in COMMANDS:
-        raise ConfigError(f"unknown command {argv[1]!r}; the commands are {', '.join(COMMANDS)}")
-    if len(argv) > 2:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[2:])}")
-    logging.getLogger().setLevel(logging.INFO)
-    COMMANDS[argv[1]]()
-
-
-def _main(argv: list[str]) -> None:
+def main() -> None:
     # SIGTERM stops a render like Ctrl-C: temporary files are removed on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run(argv)
-    except StagejaxError as e:
-        if os.environ.get("STAGEJAX_TRACEBACK"):  # as stagejax.main
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no partial dataset was left behind", file=sys.stderr)
-        sys.exit(130)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad flag as one ``error:`` line and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    app.run(_main, flags_parser=_parse_flags)
+    cli.run_commands(COMMANDS, interrupted="interrupted: no partial dataset was left behind")
 
 
 if __name__ == "__main__":

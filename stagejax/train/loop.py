@@ -12,25 +12,26 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 
-from stagejax import checkpoint as ckpt_lib
 from stagejax import data as data_lib
-from stagejax import interrupts, memory, report, writers
-from stagejax import train as train_lib
-from stagejax import workdir as workdir_lib
 from stagejax.data import input_pipeline
 from stagejax.errors import StagejaxError
-from stagejax.evaluate import run_inference, summarize
-from stagejax.parallel import Parallel
+from stagejax.evaluate import best
+from stagejax.evaluate.inference import evaluate_split
+from stagejax.evaluate.model import Model
+from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.runtime import lock, writers
+from stagejax.runtime import workdir as workdir_lib
+from stagejax.train import interrupts, memory
+from stagejax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -40,51 +41,29 @@ class NonFiniteLossError(StagejaxError):
 
 
 class Run:
-    """Everything built from a config that both training and evaluation need."""
+    """Everything training builds from a config: data, model, optimizer, steps."""
 
     def __init__(self, config: ml_collections.ConfigDict, dataset=None):
         self.config = config
         self.dataset = dataset if dataset is not None else data_lib.load(config)
-        self.parallel = Parallel(config.parallelism, config.global_batch_size,
-                                 config.eval_batch_size)
-        model = train_lib.create_model(config, self.parallel.bn_axis_name)
-        if config.init_from:
-            ckpt_lib.load_weights_into(model, config.init_from)
-            log.info("initialised weights from %s", config.init_from)
-        self.modeldef, params, batch_stats = train_lib.split_model(model)
-        self.steps_per_epoch = train_lib.steps_per_epoch(
+        self.model = Model.from_config(config)
+        self.parallel = self.model.parallel
+        self.steps_per_epoch = step_lib.steps_per_epoch(
             len(self.dataset.splits["train"].labels), config.global_batch_size)
         self.total_steps = config.num_epochs * self.steps_per_epoch
-        self.tx = train_lib.create_optimizer(config, self.steps_per_epoch)
-        self.initial_state = train_lib.create_train_state(params, batch_stats, self.tx,
-                                                          config.seed)
-        self.train_step_fn = train_lib.make_train_step(self.modeldef, self.tx, config,
-                                                       self.parallel)
+        self.tx = step_lib.create_optimizer(config, self.steps_per_epoch)
+        self.initial_state = self.model.state(self.tx)
+        self.train_step_fn = step_lib.make_train_step(self.model.modeldef, self.tx, config,
+                                                      self.parallel)
         self.train_step = self.parallel.compile_train_step(self.train_step_fn)
-        self._eval_steps: dict[bool, Any] = {}
-
-    def eval_step(self, tta: bool = False):
-        if tta not in self._eval_steps:
-            self._eval_steps[tta] = self.parallel.compile_eval_step(
-                train_lib.make_eval_step(self.modeldef, self.config, self.parallel, tta=tta))
-        return self._eval_steps[tta]
 
     def abstract_state(self):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             self.initial_state)
 
     def evaluate(self, state, split_name: str) -> tuple[dict, dict[str, np.ndarray]]:
-        split = self.dataset.splits[split_name]
-        out = run_inference(
-            self.parallel, self.eval_step(), state,
-            input_pipeline.eval_batches(split, self.config), len(split.labels),
-            desc=f"eval {split_name}")
-        return summarize(split.labels, out["probs"], out.get("loss"),
-                         self.dataset.label_names, self.dataset.stage_ranks), out
-
-    def model_from_state(self, host_state) -> Any:
-        model = self.modeldef.merge(host_state.params, host_state.batch_stats, train=False)
-        return model
+        """(metrics, per-example outputs) of device ``state`` on one split."""
+        return evaluate_split(self.model, state, self.dataset, split_name)
 
 
 def _check_finite(pending: list, step: int, ckpts: ckpt_lib.TrainCheckpoints) -> None:
@@ -114,7 +93,7 @@ class _Loop:
     """The training loop's state: train state, pending metrics, checkpoints, writers."""
 
     def __init__(self, run: Run, ckpts: ckpt_lib.TrainCheckpoints, writer, state, meta: dict,
-                 claim: workdir_lib.Claim | None):
+                 claim: lock.Claim | None):
         self.run, self.ckpts, self.writer, self.claim = run, ckpts, writer, claim
         self.state, self.meta = state, meta
         self.pending: list[dict] = []
@@ -202,11 +181,11 @@ def _stopped(e: interrupts.Interrupted, ckpts: ckpt_lib.TrainCheckpoints,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       dataset=None, claim: workdir_lib.Claim | None = None) -> dict:
+                       dataset=None, claim: lock.Claim | None = None) -> dict:
     """Train (resuming if possible), keep the best epoch, evaluate it on the test split.
 
     Nothing is written before the data, the model and the compiled step's memory
-    need have been checked; ``claim`` (``workdir.claim``) is told when the run's
+    need have been checked; ``claim`` (``runtime.lock.claim``) is told when the run's
     first checkpoint is committed, so that an earlier failure can be undone.
     """
     workdir = Path(workdir)
@@ -224,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
 
 def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
-                        claim: workdir_lib.Claim | None, where: dict) -> dict:
+                        claim: lock.Claim | None, where: dict) -> dict:
     config, par = run.config, run.parallel
     is_main = jax.process_index() == 0
     state = run.initial_state
@@ -237,8 +216,10 @@ def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Pat
     start_step = where["step"] = int(state.step)
     state = par.put_state(state)
 
-    log.info("training %s: %d train images, %d steps/epoch x %d epochs, global batch %d on %d "
-             "device(s) (%s)", config.model, len(run.dataset.splits["train"].labels),
+    log.info("training %s (%s parameters): %d train images, %d steps/epoch x %d epochs, "
+             "global batch %d on %d device(s) (%s)", config.model,
+             f"{parameter_overview.count_parameters(run.model.params.to_pure_dict()):,}",
+             len(run.dataset.splits["train"].labels),
              run.steps_per_epoch, config.num_epochs, config.global_batch_size,
              jax.device_count(), config.parallelism)
     batches = par.prefetch(input_pipeline.train_batches(
@@ -258,7 +239,8 @@ def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Pat
         writer.flush()
         log.info("best epoch %d (validation balanced accuracy %.4f)", meta["best_epoch"],
                  meta["best_balanced_accuracy"])
-        result = evaluate_best(run, ckpts, workdir, config.eval_split)
+        result = best.evaluate_best(run.model, run.dataset, ckpts, workdir,
+                                    config.eval_split)
     except BaseException:
         with contextlib.suppress(Exception):  # the error under way is the one to report
             writer.close()
@@ -266,69 +248,3 @@ def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Pat
     writer.close()
     return result
 
-
-def evaluate_best(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
-                  split_name: str) -> dict:
-    """Evaluate the best checkpoint on ``split_name``; export its weights; write the report."""
-    restored = ckpts.restore_best(run.abstract_state())
-    if restored is None:
-        why = "; ".join(ckpts.skipped["best"])
-        raise ckpt_lib.CheckpointError(f"{ckpts.directory('best')}: no best checkpoint to "
-                                       f"evaluate{f' ({why})' if why else ''}")
-    host_state, meta = restored
-    if jax.process_index() == 0:
-        export_best_model(run, host_state, workdir / "best_model")
-    state = run.parallel.put_state(host_state)
-    with workdir_lib.writing(workdir / f"eval_{split_name}", "the report"):
-        return _evaluate_and_report(run, state, workdir, split_name,
-                                    {"best_epoch": meta["best_epoch"]})
-
-
-def _evaluate_and_report(run: Run, state, workdir: Path, split_name: str, extra: dict) -> dict:
-    metrics, out = run.evaluate(state, split_name)
-    metrics.update(extra)
-    split = run.dataset.splits[split_name]
-    if jax.process_index() == 0:
-        report.write_eval_report(
-            workdir / f"eval_{split_name}", split.file_names, split.labels, out["probs"],
-            out["features"], loss=metrics.get("loss"), label_names=run.dataset.label_names,
-            ranks=run.dataset.stage_ranks)
-    log.info("%s: accuracy %.4f, balanced accuracy %.4f, +/-1 accuracy %.4f -> %s",
-             split_name, metrics["accuracy"], metrics["balanced_accuracy"],
-             metrics["within1_accuracy"], workdir / f"eval_{split_name}")
-    return metrics
-
-
-def export_best_model(run: Run, host_state, directory: Path) -> None:
-    """Weights-only copy of the best model, swapped in atomically."""
-    model = run.model_from_state(host_state)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".best_model."))
-    shutil.rmtree(tmp)
-    try:
-        with workdir_lib.writing(directory, "the best model"), ckpt_lib.orbax_errors_silenced():
-            ckpt_lib.save_model_weights(tmp, model, run.config.model, run.config.num_classes,
-                                        1 if run.config.grayscale else 3,
-                                        run.dataset.label_names, run.dataset.stage_ranks)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial copy
-        raise
-    old = directory.with_name(".best_model.old")
-    shutil.rmtree(old, ignore_errors=True)  # left by a run killed mid-swap; blocks rename
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """``--mode=eval``: the best checkpoint of a finished (or stopped) run, on eval_split."""
-    run = Run(config)
-    ckpts = ckpt_lib.TrainCheckpoints(workdir)
-    try:
-        if not ckpts.has_best() and config.init_from:
-            # No training here: evaluate the imported weights as they are.
-            state = run.parallel.put_state(run.initial_state)
-            return _evaluate_and_report(run, state, Path(workdir), config.eval_split, {})
-        return evaluate_best(run, ckpts, Path(workdir), config.eval_split)
-    finally:
-        ckpts.close()

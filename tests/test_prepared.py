@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stagejax.data import tfds_builder
+from stagejax.data import prepared as prepared_lib
 from stagejax.data.images import decode_image
-from stagejax.data.layout import DatasetError
+from stagejax.errors import DatasetError
 
 LABELS = ("I", "II", "III")
 # (stage, how the image is stored) per split; train covers every stage.
@@ -61,8 +61,8 @@ def make_dataset(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.fixture
 def count_builds(monkeypatch):
     calls = []
-    real_build = tfds_builder._build
-    monkeypatch.setattr(tfds_builder, "_build", lambda *a: (calls.append(a), real_build(*a)))
+    real_build = prepared_lib._build
+    monkeypatch.setattr(prepared_lib, "_build", lambda *a: (calls.append(a), real_build(*a)))
     return calls
 
 
@@ -72,7 +72,7 @@ def _shard_mtimes(path: Path) -> dict[str, int]:
 
 def test_records_round_trip_through_grain(tmp_path):
     expected = make_dataset(tmp_path / "data")
-    prepared = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache", crop_size=24)
+    prepared = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache", crop_size=24)
     assert prepared.label_names == list(LABELS)
     assert "tensorflow" not in sys.modules
     for split, items in SPLITS.items():
@@ -93,7 +93,7 @@ def test_records_round_trip_through_grain(tmp_path):
 
 def test_rgb_files_stored_byte_for_byte_converted_ones_as_png(tmp_path):
     make_dataset(tmp_path / "data")
-    train = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache").splits["train"]
+    train = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache").splits["train"]
     for i, name in enumerate(train.file_names):
         stored = train.source[i]["image"]
         original = (tmp_path / "data" / "images" / name).read_bytes()
@@ -107,7 +107,7 @@ def test_rgb_files_stored_byte_for_byte_converted_ones_as_png(tmp_path):
 
 def test_source_pickles_for_grain_workers(tmp_path):
     make_dataset(tmp_path / "data")
-    source = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache").splits["train"].source
+    source = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache").splits["train"].source
     clone = pickle.loads(pickle.dumps(source))
     assert clone[2] == source[2]
     assert repr(clone) == repr(source) and "split='train'" in repr(source)
@@ -116,10 +116,10 @@ def test_source_pickles_for_grain_workers(tmp_path):
 
 def test_cache_reused_while_unchanged(tmp_path, count_builds):
     make_dataset(tmp_path / "data")
-    first = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    first = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     mtimes = _shard_mtimes(first.cache_path)
     assert len(mtimes) == 3
-    second = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    second = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     assert len(count_builds) == 1
     assert second.cache_path == first.cache_path
     assert _shard_mtimes(second.cache_path) == mtimes
@@ -128,13 +128,13 @@ def test_cache_reused_while_unchanged(tmp_path, count_builds):
 
 def test_rebuilt_after_an_image_changes(tmp_path, count_builds):
     make_dataset(tmp_path / "data")
-    first = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    first = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     name = first.splits["test"].file_names[0]
     new_pixels = np.full((30, 30, 3), 77, np.uint8)
     path = tmp_path / "data" / "images" / name
     Image.fromarray(new_pixels).save(path)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # mtime surely differs
-    second = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    second = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     assert len(count_builds) == 2
     assert second.cache_path != first.cache_path
     np.testing.assert_array_equal(
@@ -143,12 +143,12 @@ def test_rebuilt_after_an_image_changes(tmp_path, count_builds):
 
 def test_rebuilt_after_split_list_changes(tmp_path, count_builds):
     make_dataset(tmp_path / "data")
-    first = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    first = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     moved = first.splits["validation"].file_names[0]
     split_list = tmp_path / "data" / "split_list"
     (split_list / "validation.txt").write_text(first.splits["validation"].file_names[1])
     (split_list / "test.txt").write_text(f"{first.splits['test'].file_names[0]}\n{moved}\n")
-    second = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    second = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     assert len(count_builds) == 2
     assert second.splits["test"].file_names[1] == moved
     assert second.splits["test"].source[1]["file_name"] == moved
@@ -156,21 +156,21 @@ def test_rebuilt_after_split_list_changes(tmp_path, count_builds):
 
 def test_half_built_caches_are_ignored_and_rebuilt(tmp_path, count_builds):
     make_dataset(tmp_path / "data")
-    good = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    good = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     expected = [good.splits["train"].source[i] for i in range(5)]
 
     # 1. A finished directory that lost its marker (e.g. a partial copy) with a broken shard.
-    (good.cache_path / tfds_builder._MARKER).unlink()
+    (good.cache_path / prepared_lib._MARKER).unlink()
     for shard in good.cache_path.rglob("*train.array_record*"):
         shard.write_bytes(b"garbage")
     # 2. A crashed build left in a temporary directory next to it.
     leftover = tmp_path / "cache" / f".{good.cache_path.name}.tmp-crashed"
     (leftover / "stagejax_layout").mkdir(parents=True)
 
-    again = tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+    again = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     assert len(count_builds) == 2
     assert again.cache_path == good.cache_path
-    assert (again.cache_path / tfds_builder._MARKER).is_file()
+    assert (again.cache_path / prepared_lib._MARKER).is_file()
     assert [again.splits["train"].source[i] for i in range(5)] == expected
     leftovers = sorted(p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name)
     assert leftovers == [leftover.name]  # never touched: it might be another process's build
@@ -182,9 +182,9 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(tfds_builder, "to_storable", boom)
+    monkeypatch.setattr(prepared_lib, "to_storable", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+        prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -193,15 +193,15 @@ def test_bad_input_raises_before_anything_is_built(tmp_path, count_builds):
     bad = tmp_path / "data" / "images" / "slide_test_II-0.png"
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(DatasetError, match="slide_test_II-0.png: cannot decode"):
-        tfds_builder.prepare(tmp_path / "data", tmp_path / "cache")
+        prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
     assert count_builds == []
     assert not (tmp_path / "cache").exists()
 
 
 def test_crop_size_checked_also_when_cache_is_reused(tmp_path, count_builds):
     make_dataset(tmp_path / "data")
-    tfds_builder.prepare(tmp_path / "data", tmp_path / "cache", crop_size=24)
+    prepared_lib.prepare(tmp_path / "data", tmp_path / "cache", crop_size=24)
     with pytest.raises(DatasetError, match=r"images/slide_train_\w+-\d\.\w+: image is 24x32, "
                                            r"smaller than crop_size 25"):
-        tfds_builder.prepare(tmp_path / "data", tmp_path / "cache", crop_size=25)
+        prepared_lib.prepare(tmp_path / "data", tmp_path / "cache", crop_size=25)
     assert len(count_builds) == 1

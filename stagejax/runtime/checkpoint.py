@@ -27,9 +27,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from stagejax import stages
-from stagejax import workdir as workdir_lib
-from stagejax.errors import CheckpointError, DatasetError
+from stagejax import models, stages
+from stagejax.errors import CheckpointError, DatasetError, first_line
+from stagejax.runtime import files
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,9 @@ def load_model_weights(directory: str | Path, **create_kwargs: Any) -> nnx.Modul
 
     ``create_kwargs`` go to ``stagejax.models.create`` (e.g. ``dtype``).
     """
-    from stagejax import models
-
     directory = Path(directory).absolute()
     meta = read_model_json(directory)
-    model = models.create(
+    model = models.create_uninitialized(
         meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
         **create_kwargs,
     )
@@ -133,8 +131,8 @@ def load_weights_into(model: nnx.Module, directory: str | Path) -> None:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(directory / WEIGHTS_ITEM, target)
     except Exception as e:  # orbax raises a variety of errors for bad trees
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{directory / WEIGHTS_ITEM}: cannot restore ({first})") from None
+        raise CheckpointError(
+            f"{directory / WEIGHTS_ITEM}: cannot restore ({first_line(e)})") from None
     state.replace_by_pure_dict(restored)
     nnx.update(model, state)
 
@@ -216,16 +214,16 @@ class TrainCheckpoints:
         except Exception as e:  # only a full or read-only disk becomes one line
             mngr.reload()
             self._remove_leftovers(name)
-            reason = workdir_lib.storage_failure(e)
+            reason = files.storage_failure(e)
             if reason is None:
                 raise
             previous = max(self.steps(name), default=None)
             kept = (f"the previous checkpoint (step {previous}) is intact"
                     if previous is not None else "no earlier checkpoint here")
             size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
-            raise workdir_lib.write_error(
+            raise files.write_error(
                 self.directory(name), f"{reason}; it needs about "
-                f"{workdir_lib.format_bytes(size)}", f"the checkpoint of step {step}",
+                f"{files.format_bytes(size)}", f"the checkpoint of step {step}",
                 kept) from None
         if why := self._incomplete(name, step):
             raise CheckpointError(f"{self.directory(name) / str(step)}: not written ({why})")
@@ -279,8 +277,7 @@ class TrainCheckpoints:
                     meta=ocp.args.JsonRestore()))
                 return out["state"], dict(out["meta"])
             except Exception as e:  # corrupt or truncated files
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                self._skip(name, step, f"is unreadable ({msg})",
+                self._skip(name, step, f"is unreadable ({first_line(e)})",
                            "falling back to the previous one")
         return None
 

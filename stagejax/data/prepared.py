@@ -14,6 +14,7 @@ then renamed into place, so an interrupted build is never read.
 """
 
 import dataclasses
+import logging
 import hashlib
 import json
 import os
@@ -23,15 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 
 from stagejax.data.images import to_storable
-from stagejax.data.layout import SPLITS, DatasetError, Layout, read_layout
+from stagejax.data.layout import SPLITS, Layout, read_layout
+from stagejax.errors import DatasetError
 
 CACHE_FORMAT = 1  # bump whenever what is stored per record changes
 _MARKER = "COMPLETE"
 _INDEX = "index.json"
 _LOG_EVERY = 100
+
+log = logging.getLogger(__name__)
 
 
 class _LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -73,7 +76,7 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self.image_sizes[split].append(size)
             yield i, {"image": data, "label": ex.label, "file_name": ex.file_name}
             if (i + 1) % _LOG_EVERY == 0 or i + 1 == len(examples):
-                logging.info("Cache %s: wrote %d/%d images.", split, i + 1, len(examples))
+                log.info("Cache %s: wrote %d/%d images.", split, i + 1, len(examples))
 
 
 class RecordSource:
@@ -148,7 +151,7 @@ def prepare(
     layout = read_layout(data_dir, check_images=False, stage_order=stage_order)
     path = Path(cache_dir) / f"layout-{cache_key(layout)}"
     if (path / _MARKER).is_file():
-        logging.info("Reusing dataset cache %s.", path)
+        log.info("Reusing dataset cache %s.", path)
     else:
         layout = read_layout(data_dir, crop_size=crop_size, check_images=True,
                              stage_order=stage_order)
@@ -161,9 +164,9 @@ def _build(layout: Layout, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*"))
     if leftovers:
-        logging.warning("Ignoring unfinished cache build(s) %s; delete them to free space.",
+        log.warning("Ignoring unfinished cache build(s) %s; delete them to free space.",
                         ", ".join(map(str, leftovers)))
-    logging.info("Building dataset cache %s from %s.", path, layout.root)
+    log.info("Building dataset cache %s from %s.", path, layout.root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         builder = _LayoutBuilder(layout, data_dir=str(tmp), file_format="array_record")
@@ -191,7 +194,7 @@ def _build(layout: Layout, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # only still there if another process won
-    logging.info("Dataset cache %s ready.", path)
+    log.info("Dataset cache %s ready.", path)
 
 
 def _load(path: Path, image_dir: Path, crop_size: int | None) -> PreparedDataset:

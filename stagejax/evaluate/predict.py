@@ -23,34 +23,23 @@ import logging
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from stagejax import checkpoint as ckpt_lib
-from stagejax import report
-from stagejax import train as train_lib
-from stagejax.data import input_pipeline
-from stagejax.errors import ConfigError, DatasetError, WorkdirError
-from stagejax.evaluate import run_inference
-from stagejax.parallel import Parallel
+from stagejax.data import input_pipeline, layout
+from stagejax.data import prepared as prepared_lib
+from stagejax.data.images import list_images
+from stagejax.errors import CheckpointError, ConfigError, DatasetError, WorkdirError
+from stagejax.evaluate import report
+from stagejax.evaluate.best import BEST_MODEL
+from stagejax.evaluate.inference import run_inference
+from stagejax.evaluate.model import Model
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 SCALE_TOLERANCE = 1.5
 _MAX_NAMED = 10  # files named one by one in a summary line
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: predict_dir is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise DatasetError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return paths
 
 
 def output_path(workdir: str | Path, predict_dir: str | Path) -> Path:
@@ -67,13 +56,11 @@ def _named(names: list[str]) -> str:
 def _prepared_image_size(config: ml_collections.ConfigDict) -> int | None:
     """Median short side of the run's training images, from its prepared dataset's
     index (best effort: None if the data folder or its cache is not here)."""
-    from stagejax.data import layout, tfds_builder
-
     try:
         data = layout.read_layout(Path(config.data_dir).expanduser(), check_images=False)
     except DatasetError:
         return None
-    key = tfds_builder.cache_key(data)
+    key = prepared_lib.cache_key(data)
     index = Path(config.cache_dir).expanduser() / "prepared" / f"layout-{key}" / "index.json"
     if not index.is_file():
         return None
@@ -89,21 +76,6 @@ def reference_size(config: ml_collections.ConfigDict, trained: bool) -> tuple[in
     if trained and (size := _prepared_image_size(config)):
         return size, "the training images (median short side)"
     return int(config.crop_size), "the crop size the model was trained at"
-
-
-def _compile(config: ml_collections.ConfigDict, model_dir: Path):
-    """(parallel, eval step, device state) for the model in ``model_dir``."""
-    parallel = Parallel(config.parallelism, config.global_batch_size, config.eval_batch_size)
-    model = ckpt_lib.load_model_weights(model_dir,
-                                        dtype=train_lib.compute_dtype(config),
-                                        bn_axis_name=parallel.bn_axis_name)
-    modeldef, params, batch_stats = train_lib.split_model(model)
-    state = train_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=None,
-        rng=jax.random.key_data(jax.random.key(config.seed)))
-    step = parallel.compile_eval_step(
-        train_lib.make_eval_step(modeldef, config, parallel, tta=config.tta))
-    return parallel, step, parallel.put_state(state)
 
 
 def _merge_processes(x: np.ndarray) -> np.ndarray:
@@ -189,31 +161,31 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
     if not config.predict_dir:
         raise ConfigError("config.predict_dir: empty; pass --config.predict_dir=FOLDER")
     workdir = Path(workdir)
-    paths = list_images(config.predict_dir)
+    paths = list_images(config.predict_dir, "config.predict_dir")
     dest = output_path(workdir, config.predict_dir)
     replacing = dest.exists()
     if replacing and not config.get("overwrite", False):
         raise WorkdirError(f"{dest}: exists (an earlier prediction of a folder named "
                            f"{dest.parent.name!r}); pass --config.overwrite=True to replace it")
-    model_dir = workdir / "best_model"
+    model_dir = workdir / BEST_MODEL
     trained = model_dir.is_dir()
     if not trained:
         if not config.init_from:
-            raise ckpt_lib.CheckpointError(
+            raise CheckpointError(
                 f"{model_dir}: missing; train first or pass --config.init_from=MODEL_DIR")
         model_dir = Path(config.init_from).expanduser()
-    parallel, step, state = _compile(config, model_dir)
+    model = Model.from_directory(config, model_dir)
     log.info("predicting %d images from %s%s", len(paths), config.predict_dir,
              " with 8-fold test-time augmentation" if config.tta else "")
     problems = _FileProblems(paths, config.crop_size, config.get("strict", False))
-    out = run_inference(parallel, step, state,
+    out = run_inference(model.parallel, model.eval_step(config.tta), model.device_state(),
                         problems.watch(input_pipeline.predict_batches(paths, config)),
                         len(paths), desc="predict")
     problems.gather()
     skipped = [p.name for p, b in zip(paths, problems.bad, strict=True) if b]
     if jax.process_index() == 0:
         report.write_predictions(dest, [p.name for p in paths], out["probs"],
-                                 ckpt_lib.read_model_json(model_dir)["label_names"],
+                                 model.label_names,
                                  errors=problems.errors())
         if replacing:
             log.warning("replaced %s (config.overwrite=True)", dest)

@@ -2,7 +2,7 @@
 
 ``write_eval_report`` fills one directory (``workdir/eval_<split>/``):
 
-* ``metrics.json``: `stagejax.metrics.summarize` of the confusion matrix, the
+* ``metrics.json``: `stagejax.evaluate.metrics.summarize` of the confusion matrix, the
   matrix itself, counts, and a short plain-language note.
 * ``predictions.csv``: one row per image in the given order (file_name,
   true_stage, pred_stage, one prob_<name> per class in label_list order).
@@ -35,8 +35,8 @@ import numpy as np
 
 from stagejax import __version__
 from stagejax.errors import WorkdirError
-from stagejax.metrics import confusion_matrix, summarize
-from stagejax.report_figures import plot_confusion_matrix, plot_per_stage
+from stagejax.evaluate.metrics import confusion_matrix, summarize
+from stagejax.evaluate.report_figures import plot_confusion_matrix, plot_per_stage
 from stagejax.stages import STAGES, biological_order, stage_ranks
 
 MARKER = ".stagejax_report"

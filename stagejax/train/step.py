@@ -22,10 +22,9 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from stagejax import models
 from stagejax.data import augment
 from stagejax.errors import ConfigError
-from stagejax.parallel import PMAP_AXIS, Parallel
+from stagejax.runtime.parallel import PMAP_AXIS, Parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -62,20 +61,6 @@ def compute_dtype(config: ml_collections.ConfigDict):
     if config.precision not in DTYPES:
         raise ConfigError(f"config.precision: {config.precision!r} is not one of {list(DTYPES)}")
     return DTYPES[config.precision]
-
-
-def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None,
-                 seed: int | None = None) -> nnx.Module:
-    if config.model not in models.NAMES:
-        raise ConfigError(f"config.model: {config.model!r} is not one of {list(models.NAMES)}")
-    return models.create(
-        config.model,
-        num_classes=config.num_classes,
-        in_channels=1 if config.grayscale else 3,
-        dtype=compute_dtype(config),
-        bn_axis_name=bn_axis_name,
-        seed=config.seed if seed is None else seed,
-    )
 
 
 def split_model(model: nnx.Module) -> tuple[ModelDef, Any, Any]:
@@ -125,12 +110,14 @@ def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransfor
     )
 
 
-def _preprocess(images, rng_data, step, config, train: bool, example_offset):
-    """uint8 batch -> normalised float images, augmented on device in train mode.
+def preprocess(images: jax.Array, config: ml_collections.ConfigDict, train: bool = False,
+               rng_data: jax.Array | None = None, step: jax.Array | int = 0,
+               example_offset: jax.Array | int = 0) -> jax.Array:
+    """uint8 batch -> normalised float images, as the train and eval steps see them.
 
-    Random device augmentations draw one key per example (the global example
-    index folded into the step's key), so jit and pmap, with any number of
-    devices, augment each example identically.
+    In train mode the random device augmentations draw one key per example (the
+    global example index folded into the step's key of ``rng_data``), so jit and
+    pmap, with any number of devices, augment each example identically.
     """
     aug = config.augment
     randomized = train and (aug.stain_jitter or aug.brightness or aug.contrast)
@@ -174,10 +161,9 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
     num_classes = config.num_classes
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        step_fn.traces += 1  # Python side effect: runs once per trace, not per step.
         labels = batch["label"]
         offset = _example_offset(parallel.mode, labels.shape[0])
-        images = _preprocess(batch["image"], state.rng, state.step, config, True, offset)
+        images = preprocess(batch["image"], config, True, state.rng, state.step, offset)
         images = images.astype(dtype)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
@@ -208,7 +194,6 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
         metrics = {"loss": loss, "accuracy": accuracy, "finite": finite}
         return new_state, metrics
 
-    step_fn.traces = 0
     return step_fn
 
 
@@ -218,7 +203,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def make_eval_step(modeldef: ModelDef, config: ml_collections.ConfigDict,
-                   parallel: Parallel, tta: bool = False) -> Callable:
+                   tta: bool = False) -> Callable:
     """``(state, batch) -> {'probs', 'features', 'loss'}`` per example, in eval mode.
 
     With ``tta`` the 8 rotations/flips of each image are averaged (probabilities
@@ -227,7 +212,7 @@ def make_eval_step(modeldef: ModelDef, config: ml_collections.ConfigDict,
     dtype = compute_dtype(config)
 
     def eval_fn(state: TrainState, batch: dict) -> dict:
-        images = _preprocess(batch["image"], state.rng, state.step, config, False, 0)
+        images = preprocess(batch["image"], config)
         model = modeldef.merge(state.params, state.batch_stats, train=False)
         views = _dihedral_views(images) if tta else [images]
         probs, feats = 0.0, 0.0
@@ -258,3 +243,15 @@ def _dihedral_views(x):
 def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
     """As the reference: floor(N_train / batch) batches per epoch (at least one)."""
     return max(1, math.floor(num_train / global_batch_size))
+
+
+def abstract_train_state(params: Any, batch_stats: Any,
+                         config: ml_collections.ConfigDict) -> TrainState:
+    """Shapes and dtypes of a run's train state, which restoring a checkpoint needs.
+
+    Needs no dataset: the optimizer state's structure does not depend on the
+    schedule's length, so one step per epoch stands in for the real count.
+    """
+    tx = create_optimizer(config, steps_per_epoch=1)
+    shapes = jax.eval_shape(lambda: create_train_state(params, batch_stats, tx, config.seed))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes)

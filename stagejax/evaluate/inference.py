@@ -1,4 +1,4 @@
-"""Evaluation and prediction passes over a split or a folder of images.
+"""Inference passes over a split or a folder of images, and a split's metrics.
 
 Each process evaluates its own part of the data; outputs are gathered to every
 host and put back in file order, so the report is the same whatever the
@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from stagejax import metrics as metrics_lib
-from stagejax.parallel import Parallel
+from stagejax.data import input_pipeline
+from stagejax.evaluate import metrics as metrics_lib
+from stagejax.runtime.parallel import Parallel
 from stagejax.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,25 @@ def run_inference(
 
 def summarize(labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None,
               label_names=STAGES, ranks=None) -> dict:
-    """Metrics of one pass, from the confusion matrix (clu metric, on device);
-    ``label_names``/``ranks`` as in `stagejax.metrics.summarize`."""
-    preds = probs.argmax(-1)
-    cm = metrics_lib.confusion_matrix(labels, preds, probs.shape[-1])
+    """Metrics of one pass (`stagejax.evaluate.metrics.summarize` of its confusion matrix).
+
+    The matrix is counted here, on the host, from the per-example predictions
+    that the report needs in file order anyway: one count, not a second one
+    accumulated on the devices that would have to agree with it.
+    """
+    cm = metrics_lib.confusion_matrix(labels, probs.argmax(-1), probs.shape[-1])
     return metrics_lib.summarize(cm, None if loss is None else float(np.mean(loss)),
                                  label_names, ranks)
+
+
+def evaluate_split(model, state: Any, dataset, split_name: str,
+                   tta: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metrics, per-example outputs in file order) of ``model`` (an
+    `stagejax.evaluate.model.Model`) with device ``state`` on one split."""
+    split = dataset.splits[split_name]
+    out = run_inference(model.parallel, model.eval_step(tta), state,
+                        input_pipeline.eval_batches(split, model.config), len(split.labels),
+                        desc=f"eval {split_name}")
+    metrics = summarize(split.labels, out["probs"], out.get("loss"), dataset.label_names,
+                        dataset.stage_ranks)
+    return metrics, out
