@@ -58,12 +58,19 @@ log = logging.getLogger("accuracy")
 
 # --- children --------------------------------------------------------------------------
 
+
 def stagejax_config(job: dict):
     return common.stagejax_config(
-        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
-        crop_size=job["crop_size"], crop_range=job["crop_range"],
-        global_batch_size=job["batch"], eval_batch_size=job["eval_batch"],
-        num_epochs=job["epochs"], seed=job["seed"], precision="float32",
+        model=job["model"],
+        data_dir=job["data_dir"],
+        cache_dir=job["cache_dir"],
+        crop_size=job["crop_size"],
+        crop_range=job["crop_range"],
+        global_batch_size=job["batch"],
+        eval_batch_size=job["eval_batch"],
+        num_epochs=job["epochs"],
+        seed=job["seed"],
+        precision="float32",
         num_workers=0,  # as the study's DataLoader; the torch side uses none either
         log_every_steps=1000,  # one line per epoch is enough here
         checkpoint_every_steps=100000,  # epoch-end checkpoints only
@@ -72,8 +79,8 @@ def stagejax_config(job: dict):
 
 def run_stagejax(job: dict) -> dict:
     from stagejax import data as data_lib
-    from stagejax.train import loop as trainer
     from stagejax.data import input_pipeline
+    from stagejax.train import loop as trainer
 
     input_pipeline.ensure_absl_flags_parsed()
     config = stagejax_config(job)
@@ -83,30 +90,49 @@ def run_stagejax(job: dict) -> dict:
     t0 = time.perf_counter()
     metrics = trainer.train_and_evaluate(config, workdir, dataset)
     wall = time.perf_counter() - t0
-    return {"framework": "stagejax", "seed": job["seed"], "wall_s": wall,
-            "best_epoch": int(metrics["best_epoch"]),
-            **{k: float(metrics[k]) for k in METRICS}, "workdir": str(workdir)}
+    return {
+        "framework": "stagejax",
+        "seed": job["seed"],
+        "wall_s": wall,
+        "best_epoch": int(metrics["best_epoch"]),
+        **{k: float(metrics[k]) for k in METRICS},
+        "workdir": str(workdir),
+    }
 
 
 def run_torch(job: dict) -> dict:
     from benchmarks import torch_baseline as tb
 
-    recipe = tb.Recipe(model=job["model"], crop_size=job["crop_size"],
-                       crop_range=job["crop_range"], batch_size=job["batch"],
-                       eval_batch_size=job["eval_batch"], num_epochs=job["epochs"],
-                       seed=job["seed"])
+    recipe = tb.Recipe(
+        model=job["model"],
+        crop_size=job["crop_size"],
+        crop_range=job["crop_range"],
+        batch_size=job["batch"],
+        eval_batch_size=job["eval_batch"],
+        num_epochs=job["epochs"],
+        seed=job["seed"],
+    )
     r = tb.train_and_evaluate(job["data_dir"], recipe, tb.STUDY)
-    return {"framework": "torch", "seed": job["seed"], "wall_s": r["wall_s"],
-            "best_epoch": r["best_epoch"], **{k: r[k] for k in METRICS}}
+    return {
+        "framework": "torch",
+        "seed": job["seed"],
+        "wall_s": r["wall_s"],
+        "best_epoch": r["best_epoch"],
+        **{k: r[k] for k in METRICS},
+    }
 
 
 def child(job: dict) -> dict:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s {job['framework']} seed {job['seed']}: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {job['framework']} seed {job['seed']}: %(message)s",
+    )
     return run_stagejax(job) if job["framework"] == "stagejax" else run_torch(job)
 
 
 # --- summary ---------------------------------------------------------------------------
+
 
 def aggregate(runs: list[dict]) -> dict[str, dict]:
     """Per framework: mean and sample std (0 for one run) of each metric and wall time."""
@@ -116,8 +142,10 @@ def aggregate(runs: list[dict]) -> dict[str, dict]:
         agg: dict = {"runs": len(rs)}
         for k in (*METRICS, "wall_s"):
             vals = [float(r[k]) for r in rs]
-            agg[k] = {"mean": statistics.fmean(vals),
-                      "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            agg[k] = {
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            }
         out[fw] = agg
     return out
 
@@ -129,8 +157,7 @@ def parity(agg: dict[str, dict], points: float = PARITY_POINTS) -> dict | None:
     sj = agg["stagejax"]["balanced_accuracy"]["mean"]
     pt = agg["torch"]["balanced_accuracy"]["mean"]
     gap = 100 * (sj - pt)
-    return {"stagejax_minus_torch_points": gap, "tolerance_points": points,
-            "met": gap >= -points}
+    return {"stagejax_minus_torch_points": gap, "tolerance_points": points, "met": gap >= -points}
 
 
 def markdown(runs: list[dict], agg: dict[str, dict], par: dict | None) -> str:
@@ -142,25 +169,51 @@ def markdown(runs: list[dict], agg: dict[str, dict], par: dict | None) -> str:
         if "error" in r:
             rows.append([r["framework"], str(r["seed"]), f"error: {r['error']}", "", "", "", ""])
             continue
-        rows.append([r["framework"], str(r["seed"]), pct(r["balanced_accuracy"]),
-                     pct(r["accuracy"]), pct(r["within1_accuracy"]), str(r["best_epoch"]),
-                     f"{r['wall_s']:.0f}"])
+        rows.append(
+            [
+                r["framework"],
+                str(r["seed"]),
+                pct(r["balanced_accuracy"]),
+                pct(r["accuracy"]),
+                pct(r["within1_accuracy"]),
+                str(r["best_epoch"]),
+                f"{r['wall_s']:.0f}",
+            ]
+        )
     for fw, a in agg.items():
-        rows.append([f"**{fw} mean +/- std**", f"{a['runs']} seeds",
-                     *(f"{pct(a[k]['mean'])} +/- {pct(a[k]['std'])}" for k in METRICS), "",
-                     f"{a['wall_s']['mean']:.0f} +/- {a['wall_s']['std']:.0f}"])
+        rows.append(
+            [
+                f"**{fw} mean +/- std**",
+                f"{a['runs']} seeds",
+                *(f"{pct(a[k]['mean'])} +/- {pct(a[k]['std'])}" for k in METRICS),
+                "",
+                f"{a['wall_s']['mean']:.0f} +/- {a['wall_s']['std']:.0f}",
+            ]
+        )
     text = common.markdown_table(
-        ["framework", "seed", "test balanced acc %", "test acc %", "test +/-1 acc %",
-         "best epoch", "wall s"], rows)
+        [
+            "framework",
+            "seed",
+            "test balanced acc %",
+            "test acc %",
+            "test +/-1 acc %",
+            "best epoch",
+            "wall s",
+        ],
+        rows,
+    )
     text += f"\n\nChance: {100 * CHANCE:.1f}% (12 stages). SIMULATED images."
     if par is not None:
-        text += (f"\n\nParity (stagejax mean balanced accuracy - torch's): "
-                 f"{par['stagejax_minus_torch_points']:+.1f} points; target >= "
-                 f"-{par['tolerance_points']:.0f}: {'met' if par['met'] else 'missed'}.")
+        text += (
+            f"\n\nParity (stagejax mean balanced accuracy - torch's): "
+            f"{par['stagejax_minus_torch_points']:+.1f} points; target >= "
+            f"-{par['tolerance_points']:.0f}: {'met' if par['met'] else 'missed'}."
+        )
     return text
 
 
 # --- command line ----------------------------------------------------------------------
+
 
 def parse_seeds(text: str) -> list[int]:
     try:
@@ -185,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="109,110,111")
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     p.add_argument("--data_seed", type=int, default=0, help="simulator seed")
-    p.add_argument("--split_by", choices=("slide", "random"), default="random",
-                   help="simulator split: random images (default; see the module doc) or "
-                        "held-out slides")
+    p.add_argument(
+        "--split_by",
+        choices=("slide", "random"),
+        default="random",
+        help="simulator split: random images (default; see the module doc) or held-out slides",
+    )
     p.add_argument("--cache_dir", default=common.DEFAULT_CACHE)
     p.add_argument("--workdir", default="", help="stagejax run folders (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=3600, help="per run (s)")
@@ -203,8 +259,10 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if not names or any(n not in FRAMEWORKS for n in names):
         raise ValueError(f"--frameworks: {args.frameworks!r}; choose from {FRAMEWORKS}")
     if args.batch < 12 or args.batch % 12:
-        raise ValueError(f"--batch: {args.batch} is not a positive multiple of 12 "
-                         "(every batch holds every stage equally often)")
+        raise ValueError(
+            f"--batch: {args.batch} is not a positive multiple of 12 "
+            "(every batch holds every stage equally often)"
+        )
     if args.epochs < 1 or args.eval_batch < 1 or args.num_images < 12 * 5:
         raise ValueError("--epochs and --eval_batch must be >= 1 and --num_images >= 60")
     if args.crop_range < 0:
@@ -215,22 +273,25 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        common.emit(child(json.loads(args.child)))
+    started = common.start(build_parser(), argv, child, validate)
+    if started is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        seeds, names = validate(args)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    args, (seeds, names) = started
     shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.crop_size, log)
-    root = common.simulated_root(args.num_images, args.image_size, args.data_seed,
-                                 args.cache_dir, split_by=args.split_by)
+    root = common.simulated_root(
+        args.num_images, args.image_size, args.data_seed, args.cache_dir, split_by=args.split_by
+    )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stagejax-accuracy-"))
-    base = {"model": args.model, "data_dir": str(root), "crop_size": args.crop_size,
-            "crop_range": args.crop_range, "batch": args.batch, "eval_batch": args.eval_batch,
-            "epochs": args.epochs, "cache_dir": str(Path(args.cache_dir).expanduser())}
+    base = {
+        "model": args.model,
+        "data_dir": str(root),
+        "crop_size": args.crop_size,
+        "crop_range": args.crop_range,
+        "batch": args.batch,
+        "eval_batch": args.eval_batch,
+        "epochs": args.epochs,
+        "cache_dir": str(Path(args.cache_dir).expanduser()),
+    }
     runs = []
     t0 = time.perf_counter()
     for seed in seeds:
@@ -245,13 +306,24 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(runs[-1]), flush=True)
     agg = aggregate(runs)
     par = parity(agg)
-    report = {"machine": common.machine_info(), "command": common.command_line(MODULE),
-              "warning": shape_warning,
-              "setting": {**base, "num_images": args.num_images, "image_size": args.image_size,
-                          "data_seed": args.data_seed, "split_by": args.split_by,
-                          "seeds": seeds},
-              "simulated_data": True, "runs": runs, "summary": agg, "parity": par,
-              "total_wall_s": time.perf_counter() - t0}
+    report = {
+        "machine": common.machine_info(),
+        "command": common.command_line(MODULE),
+        "warning": shape_warning,
+        "setting": {
+            **base,
+            "num_images": args.num_images,
+            "image_size": args.image_size,
+            "data_seed": args.data_seed,
+            "split_by": args.split_by,
+            "seeds": seeds,
+        },
+        "simulated_data": True,
+        "runs": runs,
+        "summary": agg,
+        "parity": par,
+        "total_wall_s": time.perf_counter() - t0,
+    }
     print("\n" + markdown(runs, agg, par) + "\n")
     if args.json:
         with open(args.json, "w") as f:

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import platform
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -89,12 +90,15 @@ def warn_slow_xla_cpu_shape(model: str, image_size: int, log) -> str | None:
     crops up to 64 px -- runs at ~1/50 of its usual FLOP rate (RESULTS.md,
     profile), so a small CPU setting there measures that one kernel, not the
     framework."""
-    if not (model.startswith(("resnet", "resnext", "wide_resnet"))
-            and resnet_final_map(image_size) <= 2):
+    if not (
+        model.startswith(("resnet", "resnext", "wide_resnet")) and resnet_final_map(image_size) <= 2
+    ):
         return None
-    msg = (f"{model} at {image_size} px has a {resnet_final_map(image_size)}-px layer4 map: "
-           "XLA:CPU's 3x3 conv is very slow there, so stagejax CPU numbers are not "
-           "representative; use >= 65 px")
+    msg = (
+        f"{model} at {image_size} px has a {resnet_final_map(image_size)}-px layer4 map: "
+        "XLA:CPU's 3x3 conv is very slow there, so stagejax CPU numbers are not "
+        "representative; use >= 65 px"
+    )
     log.warning(msg)
     return msg
 
@@ -104,17 +108,27 @@ def simulator():
     return importlib.import_module(SIMULATOR_MODULE)
 
 
-def simulated_root(num_images: int, image_size: int, seed: int = 0,
-                   cache_dir: str = DEFAULT_CACHE, split_by: str = "slide",
-                   num_workers: int | None = None) -> Path:
+def simulated_root(
+    num_images: int,
+    image_size: int,
+    seed: int = 0,
+    cache_dir: str = DEFAULT_CACHE,
+    split_by: str = "slide",
+    num_workers: int | None = None,
+) -> Path:
     """The simulated layout folder (generated once, then reused from the cache).
 
     ``split_by='slide'`` holds whole slides (stainings) out for validation and
     test, the harder and default case; ``'random'`` mixes every slide into
     every split. ``num_workers``: render processes (default: the simulator's)."""
-    return simulator().default_dataset(Path(cache_dir).expanduser() / "simulated", num_images,
-                                       image_size, seed, split_by=split_by,
-                                       num_workers=num_workers)
+    return simulator().default_dataset(
+        Path(cache_dir).expanduser() / "simulated",
+        num_images,
+        image_size,
+        seed,
+        split_by=split_by,
+        num_workers=num_workers,
+    )
 
 
 def peak_flops(device: str) -> tuple[float | None, str]:
@@ -130,9 +144,11 @@ def peak_flops(device: str) -> tuple[float | None, str]:
             flags = ""
         per_cycle = 64 if " avx512f" in flags else 32  # float32 FMA, two units
         cores = os.cpu_count() or 1
-        return (cores * 3.0e9 * per_cycle,
-                f"nominal CPU peak, an estimate: {cores} cores x 3 GHz x {per_cycle} "
-                "float32 FLOP/cycle")
+        return (
+            cores * 3.0e9 * per_cycle,
+            f"nominal CPU peak, an estimate: {cores} cores x 3 GHz x {per_cycle} "
+            "float32 FLOP/cycle",
+        )
     return None, f"no known peak for {device!r}"
 
 
@@ -142,8 +158,11 @@ def peak_rss_mb() -> float:
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
-    return {"median": float(statistics.median(values)), "min": float(min(values)),
-            "max": float(max(values))}
+    return {
+        "median": float(statistics.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
 
 
 def command_line(module: str) -> str:
@@ -164,6 +183,7 @@ def child_pythonpath() -> str:
 
 def _pump(stream, keep: collections.deque, echo=None) -> threading.Thread:
     """Read ``stream`` line by line in a thread, keeping the lines (and echoing them)."""
+
     def run() -> None:
         for line in stream:
             keep.append(line)
@@ -176,8 +196,9 @@ def _pump(stream, keep: collections.deque, echo=None) -> threading.Thread:
     return thread
 
 
-def run_child(module: str, job: dict, timeout: float | None = None,
-              env: dict[str, str] | None = None) -> dict:
+def run_child(
+    module: str, job: dict, timeout: float | None = None, env: dict[str, str] | None = None
+) -> dict:
     """Run ``python -m module --child JOB_JSON`` and return the JSON it emitted.
 
     The child's log goes to this process's stderr as it runs; a failure comes
@@ -187,8 +208,15 @@ def run_child(module: str, job: dict, timeout: float | None = None,
     """
     cmd = [sys.executable, "-m", module, "--child", json.dumps(job)]
     child_env = {**os.environ, "PYTHONPATH": child_pythonpath(), **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, process_group=0)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
     out: collections.deque = collections.deque()
     err: collections.deque = collections.deque(maxlen=3)
     pumps = [_pump(proc.stdout, out), _pump(proc.stderr, err, echo=sys.stderr)]
@@ -206,7 +234,7 @@ def run_child(module: str, job: dict, timeout: float | None = None,
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(out):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = " | ".join(line.strip() for line in err if line.strip())
     return {"error": f"exit code {proc.returncode}, no result ({tail[-400:]})"}
 
@@ -216,8 +244,14 @@ def time_left(deadline: float | None) -> float:
     return math.inf if deadline is None else deadline - time.monotonic()
 
 
-def run_child_capped(module: str, job: dict, cap_s: float, deadline: float | None = None,
-                     min_s: float = 5.0, env: dict[str, str] | None = None) -> dict:
+def run_child_capped(
+    module: str,
+    job: dict,
+    cap_s: float,
+    deadline: float | None = None,
+    min_s: float = 5.0,
+    env: dict[str, str] | None = None,
+) -> dict:
     """``run_child`` for at most ``cap_s`` and never past ``deadline``; with less
     than ``min_s`` left it does not start and says so (``{"skipped": ...}``).
     The child's wall time is added as ``wall_s``."""
@@ -240,8 +274,10 @@ def fmt(value, digits: int = 1) -> str:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) if not isinstance(v, str) else v for v in row) + " |"
-              for row in rows]
+    lines += [
+        "| " + " | ".join(fmt(v) if not isinstance(v, str) else v for v in row) + " |"
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -256,12 +292,41 @@ def stagejax_config(**fields):
     return config
 
 
-def finish(module: str, job: dict, results: dict, ratio: dict, table: str,
-           warning: str | None, json_path: str | None) -> None:
+def finish(
+    module: str,
+    job: dict,
+    results: dict,
+    ratio: dict,
+    table: str,
+    warning: str | None,
+    json_path: str | None,
+) -> None:
     """Print the markdown table and write the JSON report (machine, command, results)."""
-    report = {"machine": machine_info(), "command": command_line(module),
-              "warning": warning, "job": job, "results": results, "ratios": ratio}
+    report = {
+        "machine": machine_info(),
+        "command": command_line(module),
+        "warning": warning,
+        "job": job,
+        "results": results,
+        "ratios": ratio,
+    }
     print("\n" + table + "\n")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def start(parser, argv, child: Callable[[dict], dict], validate: Callable):
+    """The opening every benchmark's ``main`` shares: parse ``argv``; as a child
+    (``--child JOB``), run the job, print its JSON and return None; else set up
+    logging and return ``(args, validate(args))``, a ``ValueError`` from which is
+    the exit message."""
+    args = parser.parse_args(argv)
+    if args.child:
+        emit(child(json.loads(args.child)))
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        return args, validate(args)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None

@@ -49,8 +49,15 @@ from benchmarks import gpu_suite_report as report
 MODULE = "benchmarks.gpu_suite"
 JSON_NAME, MARKDOWN_NAME = "gpu_suite.json", "gpu_suite.md"
 # Recorded beside the benchmarks' usual list: what the GPU image or the wheels bring.
-MORE_PACKAGES = ("orbax-checkpoint", "tensorflow-datasets", "array-record", "protobuf",
-                 "jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cudnn-cu13")
+MORE_PACKAGES = (
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "array-record",
+    "protobuf",
+    "jax-cuda13-plugin",
+    "jax-cuda13-pjrt",
+    "nvidia-cudnn-cu13",
+)
 log = logging.getLogger("gpu_suite")
 
 
@@ -83,20 +90,42 @@ class Sizes:
 
 
 GPU = Sizes(
-    mode="gpu", model="resnet50", crop_size=896, crop_range=128, num_images=96,
+    mode="gpu",
+    model="resnet50",
+    crop_size=896,
+    crop_range=128,
+    num_images=96,
     train=("stagejax@48", "torch@12", "torch_tuned@48", "stagejax@12"),
     headline={"stagejax": "stagejax@48", "study": "torch@12", "tuned": "torch_tuned@48"},
-    steps=40, warmup=5, window=5, rounds=2, precision="bfloat16", torch_compile="on",
-    predict_batch=64, predict_steps=5, predict_warmup=2,
+    steps=40,
+    warmup=5,
+    window=5,
+    rounds=2,
+    precision="bfloat16",
+    torch_compile="on",
+    predict_batch=64,
+    predict_steps=5,
+    predict_warmup=2,
     child_cap_s={"stagejax": 150, "torch": 90, "torch_tuned": 180, "predict": 75},
     budget_s=450,
 )
 SMOKE = Sizes(
-    mode="smoke", model="resnet18", crop_size=72, crop_range=10, num_images=36,
+    mode="smoke",
+    model="resnet18",
+    crop_size=72,
+    crop_range=10,
+    num_images=36,
     train=("stagejax@24", "torch@12", "torch_tuned@24", "stagejax@12"),
     headline={"stagejax": "stagejax@24", "study": "torch@12", "tuned": "torch_tuned@24"},
-    steps=1, warmup=0, window=1, rounds=1, precision="float32", torch_compile="off",
-    predict_batch=4, predict_steps=2, predict_warmup=1,
+    steps=1,
+    warmup=0,
+    window=1,
+    rounds=1,
+    precision="float32",
+    torch_compile="off",
+    predict_batch=4,
+    predict_steps=2,
+    predict_warmup=1,
     child_cap_s={"stagejax": 90, "torch": 60, "torch_tuned": 60, "predict": 60},
     budget_s=300,
 )
@@ -126,11 +155,18 @@ class Context:
 
 # --- parts -----------------------------------------------------------------------------
 
+
 def prepare(ctx: Context, deadline: float) -> dict:
     s = ctx.sizes
-    job = {"part": "prepare", "num_images": s.num_images, "image_size": s.image_size,
-           "crop_size": s.crop_size, "crop_range": s.crop_range, "cache_dir": ctx.cache_dir,
-           "render_workers": os.cpu_count() or 1}
+    job = {
+        "part": "prepare",
+        "num_images": s.num_images,
+        "image_size": s.image_size,
+        "crop_size": s.crop_size,
+        "crop_range": s.crop_range,
+        "cache_dir": ctx.cache_dir,
+        "render_workers": os.cpu_count() or 1,
+    }
     out = common.run_child_capped(MODULE, job, deadline - time.monotonic(), deadline)
     if "data_dir" in out:
         ctx.data_dir = out["data_dir"]
@@ -142,26 +178,50 @@ def prepare_child(job: dict) -> dict:
     from stagejax import data as data_lib
 
     t0 = time.monotonic()
-    root = common.simulated_root(job["num_images"], job["image_size"],
-                                 cache_dir=job["cache_dir"], num_workers=job["render_workers"])
+    root = common.simulated_root(
+        job["num_images"],
+        job["image_size"],
+        cache_dir=job["cache_dir"],
+        num_workers=job["render_workers"],
+    )
     render_s = time.monotonic() - t0
-    config = common.stagejax_config(data_dir=str(root), cache_dir=job["cache_dir"],
-                                    crop_size=job["crop_size"], crop_range=job["crop_range"])
+    config = common.stagejax_config(
+        data_dir=str(root),
+        cache_dir=job["cache_dir"],
+        crop_size=job["crop_size"],
+        crop_range=job["crop_range"],
+    )
     dataset = data_lib.load(config)
-    return {"data_dir": str(root), "num_images": job["num_images"],
-            "image_size": job["image_size"], "render_workers": job["render_workers"],
-            "render_s": render_s, "cache_s": time.monotonic() - t0 - render_s,
-            "train_images": len(dataset.splits["train"].labels)}
+    return {
+        "data_dir": str(root),
+        "num_images": job["num_images"],
+        "image_size": job["image_size"],
+        "render_workers": job["render_workers"],
+        "render_s": render_s,
+        "cache_s": time.monotonic() - t0 - render_s,
+        "train_images": len(dataset.splits["train"].labels),
+    }
 
 
 def train_throughput(ctx: Context, deadline: float) -> dict:
     s = ctx.sizes
     specs = throughput.parse_specs(",".join(s.train), global_batch=12)
-    job = {"model": s.model, "image_size": s.crop_size, "crop_range": s.crop_range,
-           "steps": s.steps, "warmup": s.warmup, "window": s.window,
-           "precision": s.precision, "num_workers": ctx.num_workers,
-           "torch_compile": s.torch_compile, "seed": 109, "data_dir": ctx.data_dir,
-           "cache_dir": ctx.cache_dir, "flops": True, "profile_repeats": 1}
+    job = {
+        "model": s.model,
+        "image_size": s.crop_size,
+        "crop_range": s.crop_range,
+        "steps": s.steps,
+        "warmup": s.warmup,
+        "window": s.window,
+        "precision": s.precision,
+        "num_workers": ctx.num_workers,
+        "torch_compile": s.torch_compile,
+        "seed": 109,
+        "data_dir": ctx.data_dir,
+        "cache_dir": ctx.cache_dir,
+        "flops": True,
+        "profile_repeats": 1,
+    }
     part = ctx.part("train_throughput")
     part["rounds"] = {}
 
@@ -180,17 +240,24 @@ def train_throughput(ctx: Context, deadline: float) -> dict:
 
 def predict(ctx: Context, deadline: float) -> dict:
     s = ctx.sizes
-    job = {"model": s.model, "image_size": s.crop_size, "batch": s.predict_batch,
-           "steps": s.predict_steps, "warmup": s.predict_warmup, "seed": 0,
-           "precision": "auto"}
+    job = {
+        "model": s.model,
+        "image_size": s.crop_size,
+        "batch": s.predict_batch,
+        "steps": s.predict_steps,
+        "warmup": s.predict_warmup,
+        "seed": 0,
+        "precision": "auto",
+    }
     part = ctx.part("predict")
 
     def partial(name: str, out: dict) -> None:
         part.setdefault("results", {})[name] = out
         ctx.save()
 
-    results = predict_speed.measure(list(predict_speed.FRAMEWORKS), job,
-                                    s.child_cap_s["predict"], deadline, on_result=partial)
+    results = predict_speed.measure(
+        list(predict_speed.FRAMEWORKS), job, s.child_cap_s["predict"], deadline, on_result=partial
+    )
     return {"results": results, "ratios": predict_speed.ratios(results)}
 
 
@@ -216,16 +283,23 @@ PARTS = (
     Part("mfu", report.mfu, derived=True),
     Part("predict", predict, cap_s=120, floor_s=50),
     # Hooks: give each a function (and a cap) once the feature exists.
-    Part("memory_remat", None, pending="waits for the memory issue: no remat option yet "
-         "(peak device memory with and without remat at batch 48)"),
-    Part("section", None, pending="waits for part 2 of the section work: no whole-section "
-         "benchmark yet"),
+    Part(
+        "memory_remat",
+        None,
+        pending="waits for the memory issue: no remat option yet "
+        "(peak device memory with and without remat at batch 48)",
+    ),
+    Part(
+        "section",
+        None,
+        pending="waits for part 2 of the section work: no whole-section benchmark yet",
+    ),
 )
 
 
 def part_deadline(index: int, ctx: Context) -> float:
     """Now + the part's cap, but leaving the later parts their floors."""
-    later = sum(p.floor_s for p in PARTS[index + 1:] if p.run and not p.derived)
+    later = sum(p.floor_s for p in PARTS[index + 1 :] if p.run and not p.derived)
     return min(time.monotonic() + PARTS[index].cap_s, ctx.deadline - later)
 
 
@@ -261,12 +335,17 @@ def run_parts(ctx: Context) -> None:
 
 # --- main ------------------------------------------------------------------------------
 
+
 def gpu_info() -> str | None:
     """nvidia-smi's name, memory and driver (no CUDA context in this process)."""
     try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                               "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=30, check=False)
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None
@@ -296,14 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir", nargs="?", default="", help="where the JSON and markdown go")
     p.add_argument("--smoke", action="store_true", help="toy sizes on a CPU (CI)")
-    p.add_argument("--budget_s", type=float, default=None,
-                   help="whole run, from --started_at (default: 450 s GPU, 300 s smoke)")
-    p.add_argument("--started_at", type=float, default=None,
-                   help="the shell script's start (Unix time), so the install counts")
-    p.add_argument("--cache_dir", default="/tmp/stagejax_gpu_suite",
-                   help="simulated images, their ArrayRecord cache, compilation caches")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help="loader workers (stagejax, tuned torch); default CPUs - 2, smoke 1")
+    p.add_argument(
+        "--budget_s",
+        type=float,
+        default=None,
+        help="whole run, from --started_at (default: 450 s GPU, 300 s smoke)",
+    )
+    p.add_argument(
+        "--started_at",
+        type=float,
+        default=None,
+        help="the shell script's start (Unix time), so the install counts",
+    )
+    p.add_argument(
+        "--cache_dir",
+        default="/tmp/stagejax_gpu_suite",
+        help="simulated images, their ArrayRecord cache, compilation caches",
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="loader workers (stagejax, tuned torch); default CPUs - 2, smoke 1",
+    )
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     return p
 
@@ -319,21 +413,37 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SMOKE if args.smoke else GPU
     budget = args.budget_s if args.budget_s is not None else sizes.budget_s
     spent = time.time() - args.started_at if args.started_at else 0.0
-    workers = args.num_workers if args.num_workers is not None else (
-        1 if args.smoke else max(1, (os.cpu_count() or 2) - 2))
+    workers = (
+        args.num_workers
+        if args.num_workers is not None
+        else (1 if args.smoke else max(1, (os.cpu_count() or 2) - 2))
+    )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     child_env(sizes, args.cache_dir)
-    ctx = Context(sizes=sizes, out_dir=out_dir, cache_dir=args.cache_dir, num_workers=workers,
-                  deadline=time.monotonic() + budget - spent, report={
-                      "suite": MODULE, "mode": sizes.mode,
-                      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                      "command": command_line(args),
-                      "machine": {**common.machine_info(), "gpu": gpu_info(),
-                                  "versions": common.versions(common.PACKAGES + MORE_PACKAGES)},
-                      "budget_s": budget, "setup_s": spent, "num_workers": workers,
-                      "sizes": dataclasses.asdict(sizes),
-                      "parts": {p.name: {"status": "waiting"} for p in PARTS}})
+    ctx = Context(
+        sizes=sizes,
+        out_dir=out_dir,
+        cache_dir=args.cache_dir,
+        num_workers=workers,
+        deadline=time.monotonic() + budget - spent,
+        report={
+            "suite": MODULE,
+            "mode": sizes.mode,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": command_line(args),
+            "machine": {
+                **common.machine_info(),
+                "gpu": gpu_info(),
+                "versions": common.versions(common.PACKAGES + MORE_PACKAGES),
+            },
+            "budget_s": budget,
+            "setup_s": spent,
+            "num_workers": workers,
+            "sizes": dataclasses.asdict(sizes),
+            "parts": {p.name: {"status": "waiting"} for p in PARTS},
+        },
+    )
     run_parts(ctx)
     ctx.report["wall_s"] = spent + budget - common.time_left(ctx.deadline)
     ctx.save()

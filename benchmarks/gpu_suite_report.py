@@ -26,9 +26,11 @@ def loader_share(ctx, _deadline: float) -> dict:
             continue
         e2e = r["end_to_end"]["images_per_s"]["median"]
         model = r["model_only"]["images_per_s"]["median"]
-        out[key] = {"loader_wait_fraction": r["end_to_end"]["loader_wait_fraction"],
-                    "end_to_end_slowdown": max(0.0, 1.0 - e2e / model),
-                    "num_workers": r["num_workers"]}
+        out[key] = {
+            "loader_wait_fraction": r["end_to_end"]["loader_wait_fraction"],
+            "end_to_end_slowdown": max(0.0, 1.0 - e2e / model),
+            "num_workers": r["num_workers"],
+        }
     return {"results": out, "goal": f"loader wait <= {LOADER_GOAL:.0%} of the step"}
 
 
@@ -50,8 +52,7 @@ def status_of(name: str, out: dict) -> str:
 
 
 def _ratio(report: dict, a: str, b: str) -> float | None:
-    return report["parts"].get("train_throughput", {}).get("ratios", {}).get(
-        f"{a}/{b} end_to_end")
+    return report["parts"].get("train_throughput", {}).get("ratios", {}).get(f"{a}/{b} end_to_end")
 
 
 def targets(report: dict) -> list[dict]:
@@ -62,18 +63,40 @@ def targets(report: dict) -> list[dict]:
     share = parts.get("loader_share", {}).get("results", {}).get(sj, {})
     util = parts.get("mfu", {}).get("results", {}).get(sj, {})
     rows = [
-        (f"{sj} / {h['study']} (study recipe), end to end", _ratio(report, sj, h["study"]),
-         ">= 3x", lambda v: v >= 3),
-        (f"{sj} / {h['tuned']} (tuned PyTorch), end to end", _ratio(report, sj, h["tuned"]),
-         ">= 1.2x", lambda v: v >= 1.2),
-        (f"loader wait, share of the {sj} end-to-end step", share.get("loader_wait_fraction"),
-         f"<= {LOADER_GOAL:.0%}", lambda v: v <= LOADER_GOAL),
-        (f"MFU of the {sj} step, model only", util.get("model_only"),
-         f">= {MFU_GOAL:.0%} (goal; reported)", lambda v: v >= MFU_GOAL),
+        (
+            f"{sj} / {h['study']} (study recipe), end to end",
+            _ratio(report, sj, h["study"]),
+            ">= 3x",
+            lambda v: v >= 3,
+        ),
+        (
+            f"{sj} / {h['tuned']} (tuned PyTorch), end to end",
+            _ratio(report, sj, h["tuned"]),
+            ">= 1.2x",
+            lambda v: v >= 1.2,
+        ),
+        (
+            f"loader wait, share of the {sj} end-to-end step",
+            share.get("loader_wait_fraction"),
+            f"<= {LOADER_GOAL:.0%}",
+            lambda v: v <= LOADER_GOAL,
+        ),
+        (
+            f"MFU of the {sj} step, model only",
+            util.get("model_only"),
+            f">= {MFU_GOAL:.0%} (goal; reported)",
+            lambda v: v >= MFU_GOAL,
+        ),
     ]
-    return [{"target": name, "value": value, "goal": goal,
-             "met": None if value is None else bool(ok(value))}
-            for name, value, goal, ok in rows]
+    return [
+        {
+            "target": name,
+            "value": value,
+            "goal": goal,
+            "met": None if value is None else bool(ok(value)),
+        }
+        for name, value, goal, ok in rows
+    ]
 
 
 def _fmt_target(t: dict) -> list[str]:
@@ -96,10 +119,22 @@ def _part_note(entry: dict) -> str:
 
 def _share_table(results: dict) -> str:
     return common.markdown_table(
-        ["stagejax run", "loader workers", "loader wait (share of the e2e step)",
-         "end to end slower than model only by"],
-        [[k, str(r["num_workers"]), f"{100 * r['loader_wait_fraction']:.1f}%",
-          f"{100 * r['end_to_end_slowdown']:.1f}%"] for k, r in results.items()])
+        [
+            "stagejax run",
+            "loader workers",
+            "loader wait (share of the e2e step)",
+            "end to end slower than model only by",
+        ],
+        [
+            [
+                k,
+                str(r["num_workers"]),
+                f"{100 * r['loader_wait_fraction']:.1f}%",
+                f"{100 * r['end_to_end_slowdown']:.1f}%",
+            ]
+            for k, r in results.items()
+        ],
+    )
 
 
 def _header(report: dict) -> list[str]:
@@ -107,16 +142,20 @@ def _header(report: dict) -> list[str]:
     v = m["versions"]
     lines = [f"# GPU suite ({report['mode']} mode), {report['date']}", ""]
     if report["mode"] == "smoke":
-        lines += ["**SMOKE MODE: toy sizes on a CPU, to check the script runs. The numbers "
-                  "mean nothing.**", ""]
-    lines += [f"- command: `{report['command']}`",
-              f"- GPU: {m.get('gpu') or 'none (nvidia-smi absent)'}; CPU: {m['cpu']}, "
-              f"{m['cpu_count']} cores",
-              "- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)
-                                         if v[k] != "not installed"),
-              f"- budget {report['budget_s']:.0f} s (setup before Python: "
-              f"{report['setup_s']:.0f} s); loader workers {report['num_workers']}",
-              "- images: SIMULATED tubules (not real data)"]
+        lines += [
+            "**SMOKE MODE: toy sizes on a CPU, to check the script runs. The numbers "
+            "mean nothing.**",
+            "",
+        ]
+    lines += [
+        f"- command: `{report['command']}`",
+        f"- GPU: {m.get('gpu') or 'none (nvidia-smi absent)'}; CPU: {m['cpu']}, "
+        f"{m['cpu_count']} cores",
+        "- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v) if v[k] != "not installed"),
+        f"- budget {report['budget_s']:.0f} s (setup before Python: "
+        f"{report['setup_s']:.0f} s); loader workers {report['num_workers']}",
+        "- images: SIMULATED tubules (not real data)",
+    ]
     if "wall_s" in report:
         lines.append(f"- wall time {report['wall_s']:.0f} s")
     return [*lines, ""]
@@ -125,31 +164,56 @@ def _header(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     parts = report["parts"]
     lines = _header(report)
-    lines += ["## Parts", "", common.markdown_table(
-        ["part", "status", "wall s", "note"],
-        [[name, e["status"], e.get("wall_s"), _part_note(e)] for name, e in parts.items()]), ""]
+    lines += [
+        "## Parts",
+        "",
+        common.markdown_table(
+            ["part", "status", "wall s", "note"],
+            [[name, e["status"], e.get("wall_s"), _part_note(e)] for name, e in parts.items()],
+        ),
+        "",
+    ]
     if "targets" in report:
-        lines += ["## Targets", "", common.markdown_table(
-            ["target", "value", "goal", "status"], [_fmt_target(t) for t in report["targets"]]),
-            ""]
+        lines += [
+            "## Targets",
+            "",
+            common.markdown_table(
+                ["target", "value", "goal", "status"], [_fmt_target(t) for t in report["targets"]]
+            ),
+            "",
+        ]
     prep = parts.get("prepare", {})
     if "render_s" in prep:
-        lines += [f"Prepare: {prep['num_images']} simulated images of {prep['image_size']} px "
-                  f"rendered in {prep['render_s']:.1f} s on {prep['render_workers']} processes "
-                  f"(0 when cached); ArrayRecord cache {prep['cache_s']:.1f} s; "
-                  f"{prep['train_images']} training images.", ""]
+        lines += [
+            f"Prepare: {prep['num_images']} simulated images of {prep['image_size']} px "
+            f"rendered in {prep['render_s']:.1f} s on {prep['render_workers']} processes "
+            f"(0 when cached); ArrayRecord cache {prep['cache_s']:.1f} s; "
+            f"{prep['train_images']} training images.",
+            "",
+        ]
     train = parts.get("train_throughput", {})
     if "results" in train:
-        lines += ["## Training throughput", "",
-                  throughput_report.markdown(train["results"], train.get("ratios", {})), ""]
+        lines += [
+            "## Training throughput",
+            "",
+            throughput_report.markdown(train["results"], train.get("ratios", {})),
+            "",
+        ]
     elif train.get("rounds"):
-        lines += ["## Training throughput (in progress)", "",
-                  ", ".join(f"{k}: {len(v)} round(s) done" for k, v in train["rounds"].items()),
-                  ""]
+        lines += [
+            "## Training throughput (in progress)",
+            "",
+            ", ".join(f"{k}: {len(v)} round(s) done" for k, v in train["rounds"].items()),
+            "",
+        ]
     if parts.get("loader_share", {}).get("results"):
         lines += ["## Loader share", "", _share_table(parts["loader_share"]["results"]), ""]
     pred = parts.get("predict", {})
     if "results" in pred:
-        lines += ["## Prediction", "",
-                  predict_speed.markdown(pred["results"], pred.get("ratios", {})), ""]
+        lines += [
+            "## Prediction",
+            "",
+            predict_speed.markdown(pred["results"], pred.get("ratios", {})),
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"

@@ -49,11 +49,14 @@ def noise_image(seed: int, size: int) -> np.ndarray:
     image[...] = (225, 190, 215)
     r = np.hypot(y - size / 2, x - size / 2)
     image[np.abs(r - size * 0.4) < size * 0.01] = (190, 80, 160)  # membrane
-    for cy, cx, rad in zip(rng.uniform(0, size, 400), rng.uniform(0, size, 400),
-                           rng.uniform(4, 14, 400), strict=True):
-        sl = (slice(max(int(cy - rad), 0), int(cy + rad) + 1),
-              slice(max(int(cx - rad), 0), int(cx + rad) + 1))
-        inside = (y[sl] - cy) ** 2 + (x[sl] - cx) ** 2 < rad ** 2
+    for cy, cx, rad in zip(
+        rng.uniform(0, size, 400), rng.uniform(0, size, 400), rng.uniform(4, 14, 400), strict=True
+    ):
+        sl = (
+            slice(max(int(cy - rad), 0), int(cy + rad) + 1),
+            slice(max(int(cx - rad), 0), int(cx + rad) + 1),
+        )
+        inside = (y[sl] - cy) ** 2 + (x[sl] - cx) ** 2 < rad**2
         image[sl][inside] = (90, 60, 150)  # nuclei
     image += rng.normal(0, 8, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
@@ -85,8 +88,9 @@ def component_timings(data: bytes, crop: int, crop_range: int, repeats: int) -> 
     crop_t = augment.TrainCrop(crop, crop_range)
     rng = np.random.default_rng(0)
     cropped = crop_t.random_map({"image": image}, rng)["image"]
-    aug = ml_collections.ConfigDict(dict(rot90=True, flip=True, stain_jitter=0.05,
-                                         brightness=0.1, contrast=0.1))
+    aug = ml_collections.ConfigDict(
+        dict(rot90=True, flip=True, stain_jitter=0.05, brightness=0.1, contrast=0.1)
+    )
     batch = jnp.asarray(np.stack([cropped] * 12))
     device_fn = jax.jit(lambda im, k: augment.device_preprocess(im, k, aug, True, False))
     key = jax.random.key(0)
@@ -101,7 +105,8 @@ def component_timings(data: bytes, crop: int, crop_range: int, repeats: int) -> 
         "decode_image_ms": per_image_ms(lambda: decode_image(data, "bench.png"), repeats),
         "pil_decode_without_verify_ms": per_image_ms(plain_pil, repeats),
         "crop_rot90_flip_uint8_ms": per_image_ms(
-            lambda: crop_t.random_map({"image": image}, rng), repeats),
+            lambda: crop_t.random_map({"image": image}, rng), repeats
+        ),
         "host_float32_min_max_ms": per_image_ms(lambda: host_float_min_max(cropped), repeats),
         f"device_preprocess_{jax.default_backend()}_ms": device_ms,
         "bytes_per_crop_uint8": cropped.nbytes,
@@ -131,8 +136,9 @@ def main() -> None:
     parser.add_argument("--crop_size", type=int, default=896)
     parser.add_argument("--num_images", type=int, default=12)
     parser.add_argument("--num_batches", type=int, default=4, help="timed batches of 12")
-    parser.add_argument("--trials", type=int, default=3,
-                        help="timed runs per worker count (the median is reported)")
+    parser.add_argument(
+        "--trials", type=int, default=3, help="timed runs per worker count (the median is reported)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="per component timing")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
@@ -141,41 +147,68 @@ def main() -> None:
     labels = np.arange(args.num_images, dtype=np.int32) % 12
     images = benchmark_pngs(args.images, args.num_images, args.image_size)
     split = types.SimpleNamespace(
-        source=[dict(image=im, label=int(lb), file_name=f"bench_{i}_{lb + 1}-{i}.png")
-                for i, (im, lb) in enumerate(zip(images, labels, strict=True))],
-        labels=labels, file_names=[f"bench_{i}.png" for i in range(args.num_images)])
+        source=[
+            dict(image=im, label=int(lb), file_name=f"bench_{i}_{lb + 1}-{i}.png")
+            for i, (im, lb) in enumerate(zip(images, labels, strict=True))
+        ],
+        labels=labels,
+        file_names=[f"bench_{i}.png" for i in range(args.num_images)],
+    )
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-                    "processor": platform.processor() or platform.machine(),
-                    "jax_backend": jax.default_backend()},
-        "images": args.images, "image_size": args.image_size, "crop_size": args.crop_size,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0],
+            "processor": platform.processor() or platform.machine(),
+            "jax_backend": jax.default_backend(),
+        },
+        "images": args.images,
+        "image_size": args.image_size,
+        "crop_size": args.crop_size,
         "components": component_timings(images[0], args.crop_size, 128, args.repeats),
         "loader": [],
     }
     for w in (int(v) for v in args.workers.split(",")):
-        config = ml_collections.ConfigDict(dict(
-            crop_size=args.crop_size, crop_range=128, global_batch_size=12, seed=0,
-            num_workers=w, augment=dict(rot90=True, flip=True)))
+        config = ml_collections.ConfigDict(
+            dict(
+                crop_size=args.crop_size,
+                crop_range=128,
+                global_batch_size=12,
+                seed=0,
+                num_workers=w,
+                augment=dict(rot90=True, flip=True),
+            )
+        )
         rates = loader_images_per_s(split, config, args.num_batches, args.trials)
         rate = float(np.median(rates))
-        result["loader"].append({"workers": w, "images_per_s": rate,
-                                 "images_per_s_best": max(rates),
-                                 "images_per_s_per_worker": rate / max(w, 1)})
+        result["loader"].append(
+            {
+                "workers": w,
+                "images_per_s": rate,
+                "images_per_s_best": max(rates),
+                "images_per_s_per_worker": rate / max(w, 1),
+            }
+        )
 
     c, m = result["components"], result["machine"]
-    print(f"\n{args.images} {args.image_size}px PNG ({c['png_bytes'] / 1e6:.1f} MB) -> "
-          f"{args.crop_size}px crop, {m['cpus']} CPUs, load {m['load_avg_1min']:.1f}\n")
+    print(
+        f"\n{args.images} {args.image_size}px PNG ({c['png_bytes'] / 1e6:.1f} MB) -> "
+        f"{args.crop_size}px crop, {m['cpus']} CPUs, load {m['load_avg_1min']:.1f}\n"
+    )
     print("| host step (one image, main process) | ms |\n|---|---|")
     for k, v in c.items():
         if k.endswith("_ms"):
             print(f"| {k[:-3]} | {v:.1f} |")
-    print(f"\ncrop bytes: uint8 {c['bytes_per_crop_uint8'] / 1e6:.1f} MB, "
-          f"float32 {c['bytes_per_crop_float32'] / 1e6:.1f} MB\n")
+    print(
+        f"\ncrop bytes: uint8 {c['bytes_per_crop_uint8'] / 1e6:.1f} MB, "
+        f"float32 {c['bytes_per_crop_float32'] / 1e6:.1f} MB\n"
+    )
     print("| grain workers | images/s (median) | best | images/s per worker |\n|---|---|---|---|")
     for row in result["loader"]:
-        print(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['images_per_s_best']:.1f} "
-              f"| {row['images_per_s_per_worker']:.1f} |")
+        print(
+            f"| {row['workers']} | {row['images_per_s']:.1f} | {row['images_per_s_best']:.1f} "
+            f"| {row['images_per_s_per_worker']:.1f} |"
+        )
     text = json.dumps(result, indent=2)
     print("\n" + text)
     if args.json:

@@ -75,8 +75,12 @@ def time_batches(predict: Callable[[], object], warmup: int, steps: int) -> dict
 def rate_summary(batch_s: list[float], batch: int) -> dict:
     """Images/s at the median, fastest and slowest timed batch."""
     s = common.summary(batch_s)
-    return {"images_per_s": batch / s["median"], "images_per_s_min": batch / s["max"],
-            "images_per_s_max": batch / s["min"], "batch_s": s}
+    return {
+        "images_per_s": batch / s["median"],
+        "images_per_s_min": batch / s["max"],
+        "images_per_s_max": batch / s["min"],
+        "batch_s": s,
+    }
 
 
 def bench_stagejax(job: dict, tta: bool) -> dict:
@@ -87,9 +91,14 @@ def bench_stagejax(job: dict, tta: bool) -> dict:
     precision = job["precision"]
     if precision == "auto":
         precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    config = common.stagejax_config(model=job["model"], crop_size=job["image_size"],
-                                    eval_batch_size=job["batch"], precision=precision,
-                                    seed=job["seed"], tta=tta)
+    config = common.stagejax_config(
+        model=job["model"],
+        crop_size=job["image_size"],
+        eval_batch_size=job["batch"],
+        precision=precision,
+        seed=job["seed"],
+        tta=tta,
+    )
     # As predict.py builds it: weights and BatchNorm statistics, no optimizer.
     model = Model.from_config(config)
     par, state, step = model.parallel, model.device_state(), model.eval_step(tta)
@@ -100,10 +109,15 @@ def bench_stagejax(job: dict, tta: bool) -> dict:
         out["probs"] = jax.block_until_ready(step(state, batch))["probs"]
 
     timing = time_batches(run, job["warmup"], job["steps"])
-    return {"framework": "stagejax_tta" if tta else "stagejax", "device":
-            f"{jax.default_backend()}: {jax.devices()[0].device_kind}", "precision": precision,
-            "views": 8 if tta else 1, **timing, **rate_summary(timing["batch_s"], job["batch"]),
-            "peak_rss_mb": common.peak_rss_mb()}
+    return {
+        "framework": "stagejax_tta" if tta else "stagejax",
+        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+        "precision": precision,
+        "views": 8 if tta else 1,
+        **timing,
+        **rate_summary(timing["batch_s"], job["batch"]),
+        "peak_rss_mb": common.peak_rss_mb(),
+    }
 
 
 def bench_torch(job: dict, channels_last: bool) -> dict:
@@ -129,10 +143,15 @@ def bench_torch(job: dict, channels_last: bool) -> dict:
 
     timing = time_batches(run, job["warmup"], job["steps"])
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
-    return {"framework": "torch_channels_last" if channels_last else "torch",
-            "device": f"{device.type}: {dev}", "precision": "float32", **timing,
-            **rate_summary(timing["batch_s"], job["batch"]),
-            "peak_rss_mb": common.peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+    return {
+        "framework": "torch_channels_last" if channels_last else "torch",
+        "device": f"{device.type}: {dev}",
+        "precision": "float32",
+        **timing,
+        **rate_summary(timing["batch_s"], job["batch"]),
+        "peak_rss_mb": common.peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def child(job: dict) -> dict:
@@ -152,8 +171,13 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def measure(names: list[str], job: dict, cap_s: float, deadline: float | None = None,
-            on_result: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+def measure(
+    names: list[str],
+    job: dict,
+    cap_s: float,
+    deadline: float | None = None,
+    on_result: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
     """Each framework in its own process, one after the other, each for at most
     ``cap_s`` seconds and never past ``deadline`` (later ones are then not run)."""
     results = {}
@@ -172,17 +196,34 @@ def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
         if "error" in r:
             rows.append([name, f"error: {r['error']}", "", "", "", "", ""])
             continue
-        rows.append([name, r.get("precision", ""), f"{r['images_per_s']:.3f}",
-                     f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
-                     f"{r['batch_s']['median']:.2f}", f"{r['first_batch_s']:.1f}",
-                     f"{r['peak_rss_mb']:.0f}"])
+        rows.append(
+            [
+                name,
+                r.get("precision", ""),
+                f"{r['images_per_s']:.3f}",
+                f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
+                f"{r['batch_s']['median']:.2f}",
+                f"{r['first_batch_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+            ]
+        )
     text = common.markdown_table(
-        ["framework", "precision", "images/s (median batch)", "images/s range", "s/batch (median)",
-         "first batch s (incl. compile)", "peak RSS MB"], rows)
+        [
+            "framework",
+            "precision",
+            "images/s (median batch)",
+            "images/s range",
+            "s/batch (median)",
+            "first batch s (incl. compile)",
+            "peak RSS MB",
+        ],
+        rows,
+    )
     if ratio:
         text += "\n\n" + common.markdown_table(
             ["same-run ratio (median images/s)", "value"],
-            [[k, f"{v:.2f}x"] for k, v in ratio.items()])
+            [[k, f"{v:.2f}x"] for k, v in ratio.items()],
+        )
     return text
 
 
@@ -202,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed batches")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches (>= 1: compiles)")
     p.add_argument("--frameworks", default="stagejax,torch,torch_channels_last")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="stagejax compute dtype (auto: float32 on a CPU, else bfloat16)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="stagejax compute dtype (auto: float32 on a CPU, else bfloat16)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
     p.add_argument("--json", default="", help="also write all results here")
@@ -221,30 +266,35 @@ def validate(args: argparse.Namespace) -> list[str]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if args.image_size < 32:
-        raise ValueError(f"--image_size: {args.image_size} is below the 32 px a ResNet "
-                         "downsamples by")
+        raise ValueError(
+            f"--image_size: {args.image_size} is below the 32 px a ResNet downsamples by"
+        )
     return parse_frameworks(args.frameworks)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        common.emit(child(json.loads(args.child)))
+    started = common.start(build_parser(), argv, child, validate)
+    if started is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        names = validate(args)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    args, names = started
     shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
-    job = {"model": args.model, "image_size": args.image_size, "batch": args.batch,
-           "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-           "precision": args.precision}
-    results = measure(names, job, args.timeout, on_result=lambda name, r: print(
-        json.dumps({"name": name, **r}), flush=True))
+    job = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "precision": args.precision,
+    }
+    results = measure(
+        names,
+        job,
+        args.timeout,
+        on_result=lambda name, r: print(json.dumps({"name": name, **r}), flush=True),
+    )
     ratio = ratios(results)
-    common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning,
-                  args.json)
+    common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning, args.json)
 
 
 if __name__ == "__main__":

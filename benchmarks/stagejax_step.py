@@ -16,10 +16,16 @@ from benchmarks import common
 
 def stagejax_config(job: dict):
     return common.stagejax_config(
-        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
-        crop_size=job["image_size"], crop_range=job["crop_range"],
-        global_batch_size=job["global_batch"], eval_batch_size=job["global_batch"],
-        num_workers=job["num_workers"], precision=job["precision"], seed=job["seed"],
+        model=job["model"],
+        data_dir=job["data_dir"],
+        cache_dir=job["cache_dir"],
+        crop_size=job["image_size"],
+        crop_range=job["crop_range"],
+        global_batch_size=job["global_batch"],
+        eval_batch_size=job["global_batch"],
+        num_workers=job["num_workers"],
+        precision=job["precision"],
+        seed=job["seed"],
     )
 
 
@@ -27,8 +33,8 @@ def build_run(job: dict):
     """The config (``--precision auto`` resolved for this backend) and the trainer's ``Run``."""
     import jax
 
-    from stagejax.train import loop as trainer
     from stagejax.data import input_pipeline
+    from stagejax.train import loop as trainer
 
     input_pipeline.ensure_absl_flags_parsed()
     config = stagejax_config(job)
@@ -93,8 +99,8 @@ def profile_stagejax(job: dict) -> dict:
     import optax
     from flax import nnx
 
-    from stagejax.train import step as step_lib
     from stagejax.data import input_pipeline
+    from stagejax.train import step as step_lib
 
     config, run = build_run(job)
     par = run.parallel
@@ -159,5 +165,3 @@ def profile_stagejax(job: dict) -> dict:
     else:
         out["step_gflops"] = "unavailable on this backend"
     return out
-
-

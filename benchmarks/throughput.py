@@ -60,8 +60,10 @@ log = logging.getLogger("throughput")
 
 # --- timing ----------------------------------------------------------------------------
 
-def timed_windows(step: Callable[[], object], sync: Callable[[object], None], steps: int,
-                  window: int, batch: int) -> tuple[list[float], list[float]]:
+
+def timed_windows(
+    step: Callable[[], object], sync: Callable[[object], None], steps: int, window: int, batch: int
+) -> tuple[list[float], list[float]]:
     """Run ``steps`` steps in windows; returns (images/s per window, s/step per window)."""
     rates, step_times = [], []
     done = 0
@@ -82,8 +84,12 @@ def timed_windows(step: Callable[[], object], sync: Callable[[object], None], st
 def phase_result(rates: list[float], step_times: list[float]) -> dict:
     """Summaries plus the raw windows (kept so that rounds can be pooled)."""
     ms = [1e3 * t for t in step_times]
-    return {"images_per_s": common.summary(rates), "step_time_ms": common.summary(ms),
-            "windows_images_per_s": rates, "windows_step_time_ms": ms}
+    return {
+        "images_per_s": common.summary(rates),
+        "step_time_ms": common.summary(ms),
+        "windows_images_per_s": rates,
+        "windows_step_time_ms": ms,
+    }
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
@@ -103,7 +109,8 @@ def pool_rounds(rounds: list[dict]) -> dict:
         merged = phase_result(rates, [t / 1e3 for t in ms])
         if phase == "end_to_end":
             merged["loader_wait_fraction"] = statistics.median(
-                r[phase]["loader_wait_fraction"] for r in ok)
+                r[phase]["loader_wait_fraction"] for r in ok
+            )
         out[phase] = merged
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
     return out
@@ -123,6 +130,7 @@ class WaitClock:
 
 
 # --- stagejax --------------------------------------------------------------------------
+
 
 def bench_stagejax(job: dict) -> dict:
     import jax
@@ -164,14 +172,23 @@ def bench_stagejax(job: dict) -> dict:
     e2e = phase_result(*timed_windows(e2e_step, sync, job["steps"], w, b))
     e2e["loader_wait_fraction"] = batches.waited / (time.perf_counter() - t0)
     flops = xla_flops(run.train_step, holder["state"], resident) if job.get("flops") else {}
-    return {"framework": "stagejax", "device": f"{jax.default_backend()}: "
-            f"{jax.devices()[0].device_kind}", "precision": config.precision, "batch": b,
-            "num_workers": config.num_workers, "first_step_s": first_step_s,
-            "model_only": model_only, "end_to_end": e2e, **flops,
-            "peak_device_memory_mb": jax_peak_memory_mb(), "peak_rss_mb": common.peak_rss_mb()}
+    return {
+        "framework": "stagejax",
+        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+        "precision": config.precision,
+        "batch": b,
+        "num_workers": config.num_workers,
+        "first_step_s": first_step_s,
+        "model_only": model_only,
+        "end_to_end": e2e,
+        **flops,
+        "peak_device_memory_mb": jax_peak_memory_mb(),
+        "peak_rss_mb": common.peak_rss_mb(),
+    }
 
 
 # --- torch -----------------------------------------------------------------------------
+
 
 def bench_torch(job: dict, variant: str) -> dict:
     import torch
@@ -179,16 +196,20 @@ def bench_torch(job: dict, variant: str) -> dict:
     from benchmarks import torch_baseline as tb
 
     device = tb.default_device()
-    tuning = tb.STUDY if variant == "torch" else tb.tuned(device, job["num_workers"],
-                                                          job["torch_compile"])
+    tuning = (
+        tb.STUDY
+        if variant == "torch"
+        else tb.tuned(device, job["num_workers"], job["torch_compile"])
+    )
     split = tb.read_split(job["data_dir"], "train")
     trainer = tb.Trainer(job["model"], tuning, device, seed=job["seed"])
     trainer.model.train()
     b, w = job["global_batch"], job["window"]
     total = 1 + 2 * job["warmup"] + job["steps"] + 1
     sampler = tb.make_sampler("reference", split.labels, b, job["seed"], total)
-    loader = iter(tb.train_loader(split, job["image_size"], job["crop_range"], sampler,
-                                  tuning, job["seed"]))
+    loader = iter(
+        tb.train_loader(split, job["image_size"], job["crop_range"], sampler, tuning, job["seed"])
+    )
     x, y = trainer.to_device(*next(loader))
 
     def sync(_):
@@ -220,17 +241,27 @@ def bench_torch(job: dict, variant: str) -> dict:
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     flops = {}
     if job.get("flops"):
-        flops = {"step_flops": tb.train_step_flops(trainer, x, y),
-                 "flops_source": "torch.utils.flop_counter, one eager forward + backward"}
+        flops = {
+            "step_flops": tb.train_step_flops(trainer, x, y),
+            "flops_source": "torch.utils.flop_counter, one eager forward + backward",
+        }
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
-    return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b, **flops,
-            "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
-            "num_workers": tuning.num_workers, "first_step_s": first_step_s,
-            "model_only": model_only, "end_to_end": e2e,
-            "peak_device_memory_mb": peak_mb,
-            "peak_rss_mb": common.peak_rss_mb(), "notes": trainer.notes,
-            "torch_compile": trainer.compile_status,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "framework": variant,
+        "device": f"{device.type}: {dev}",
+        "batch": b,
+        **flops,
+        "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
+        "num_workers": tuning.num_workers,
+        "first_step_s": first_step_s,
+        "model_only": model_only,
+        "end_to_end": e2e,
+        "peak_device_memory_mb": peak_mb,
+        "peak_rss_mb": common.peak_rss_mb(),
+        "notes": trainer.notes,
+        "torch_compile": trainer.compile_status,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def child(job: dict) -> dict:
@@ -245,8 +276,10 @@ def child(job: dict) -> dict:
 
 # --- running -----------------------------------------------------------------------------
 
-def parse_specs(text: str, global_batch: int, study_batch: int | None = None
-                ) -> list[tuple[str, str, int]]:
+
+def parse_specs(
+    text: str, global_batch: int, study_batch: int | None = None
+) -> list[tuple[str, str, int]]:
     """``NAME[@BATCH],...`` -> ``(key, framework, batch)``; without ``@BATCH``,
     ``torch`` takes ``study_batch`` (when given) and the others ``global_batch``."""
     specs = []
@@ -255,13 +288,19 @@ def parse_specs(text: str, global_batch: int, study_batch: int | None = None
             continue
         name, _, batch = item.partition("@")
         if name not in FRAMEWORKS or (batch and not batch.isdigit()):
-            raise ValueError(f"--frameworks: {item!r}; NAME[@BATCH] with NAME one of "
-                             f"{', '.join(FRAMEWORKS)}")
-        b = int(batch) if batch else (study_batch if name == "torch" and study_batch
-                                      else global_batch)
+            raise ValueError(
+                f"--frameworks: {item!r}; NAME[@BATCH] with NAME one of {', '.join(FRAMEWORKS)}"
+            )
+        b = (
+            int(batch)
+            if batch
+            else (study_batch if name == "torch" and study_batch else global_batch)
+        )
         if b < 12 or b % 12:
-            raise ValueError(f"--frameworks: {item!r}: batch {b} is not a positive multiple of "
-                             "12 (the study's sampler takes batch / 12 images of every stage)")
+            raise ValueError(
+                f"--frameworks: {item!r}: batch {b} is not a positive multiple of "
+                "12 (the study's sampler takes batch / 12 images of every stage)"
+            )
         specs.append((item, name, b))
     keys = [k for k, _, _ in specs]
     if len(set(keys)) != len(keys):
@@ -269,9 +308,14 @@ def parse_specs(text: str, global_batch: int, study_batch: int | None = None
     return specs
 
 
-def measure(specs: list[tuple[str, str, int]], job: dict, rounds: int,
-            cap_s: Callable[[str], float], deadline: float | None = None,
-            on_result: Callable[[str, int, dict], None] | None = None) -> dict[str, dict]:
+def measure(
+    specs: list[tuple[str, str, int]],
+    job: dict,
+    rounds: int,
+    cap_s: Callable[[str], float],
+    deadline: float | None = None,
+    on_result: Callable[[str, int, dict], None] | None = None,
+) -> dict[str, dict]:
     """Every spec ``rounds`` times, interleaved (spec 1, spec 2, ..., spec 1, ...), each
     child in a fresh process for at most ``cap_s(key)`` seconds and never past
     ``deadline``; the rounds of each spec pooled. A later round is left out (and
@@ -283,9 +327,13 @@ def measure(specs: list[tuple[str, str, int]], job: dict, rounds: int,
             done = per_round[key]
             need = done[0].get("wall_s", 5.0) if done else 5.0
             log.info("measuring %s (round %d/%d)", key, r + 1, rounds)
-            out = common.run_child_capped(MODULE, {**job, "framework": name,
-                                                   "global_batch": batch},
-                                          cap_s(key), deadline, min_s=need)
+            out = common.run_child_capped(
+                MODULE,
+                {**job, "framework": name, "global_batch": batch},
+                cap_s(key),
+                deadline,
+                min_s=need,
+            )
             if "skipped" in out:
                 if not done:
                     done.append({"error": f"not run: {out['skipped']}"})
@@ -310,12 +358,16 @@ def validate(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     for name in ("global_batch", "study_batch"):
         b = getattr(args, name)
         if b is not None and (b < 12 or b % 12):
-            raise ValueError(f"--{name}: {b} is not a positive multiple of 12 (the study's "
-                             "sampler takes batch / 12 images of every stage)")
+            raise ValueError(
+                f"--{name}: {b} is not a positive multiple of 12 (the study's "
+                "sampler takes batch / 12 images of every stage)"
+            )
     specs = parse_specs(args.frameworks, args.global_batch, args.study_batch)
     if not (specs or args.profile):
-        raise ValueError(f"--frameworks: {args.frameworks!r}; a list of distinct names from "
-                         f"{', '.join(FRAMEWORKS)} (may be empty with --profile)")
+        raise ValueError(
+            f"--frameworks: {args.frameworks!r}; a list of distinct names from "
+            f"{', '.join(FRAMEWORKS)} (may be empty with --profile)"
+        )
     if args.model not in models.NAMES:
         raise ValueError(f"--model: {args.model!r} is not one of {', '.join(models.NAMES)}")
     for name in ("steps", "window", "rounds", "profile_repeats"):
@@ -324,8 +376,9 @@ def validate(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     if args.warmup < 0:
         raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
     if args.image_size < 32:
-        raise ValueError(f"--image_size: {args.image_size} is below the 32 px a ResNet "
-                         "downsamples by")
+        raise ValueError(
+            f"--image_size: {args.image_size} is below the 32 px a ResNet downsamples by"
+        )
     return specs
 
 
@@ -333,69 +386,96 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image_size", type=int, default=896, help="crop size (px)")
-    p.add_argument("--crop_range", type=int, default=None,
-                   help="default: 128 scaled to image_size")
+    p.add_argument("--crop_range", type=int, default=None, help="default: 128 scaled to image_size")
     p.add_argument("--global_batch", type=int, default=48)
-    p.add_argument("--study_batch", type=int, default=None,
-                   help="batch of the 'torch' (study recipe) variant only; the study used 12. "
-                        "Default: --global_batch")
+    p.add_argument(
+        "--study_batch",
+        type=int,
+        default=None,
+        help="batch of the 'torch' (study recipe) variant only; the study used 12. "
+        "Default: --global_batch",
+    )
     p.add_argument("--steps", type=int, default=50, help="measured steps per phase")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps per phase")
     p.add_argument("--window", type=int, default=5, help="steps per timing window")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
-                   help="NAME[@BATCH],... with NAME from " + ", ".join(FRAMEWORKS))
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="stagejax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help="loader workers for stagejax and torch_tuned (torch, as the study, "
-                        "uses 0); default: 0 on a CPU-only machine, else min(8, CPUs - 2)")
+    p.add_argument(
+        "--frameworks",
+        default=",".join(FRAMEWORKS),
+        help="NAME[@BATCH],... with NAME from " + ", ".join(FRAMEWORKS),
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="stagejax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="loader workers for stagejax and torch_tuned (torch, as the study, "
+        "uses 0); default: 0 on a CPU-only machine, else min(8, CPUs - 2)",
+    )
     p.add_argument("--torch_compile", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--num_images", type=int, default=96, help="simulated dataset size")
     p.add_argument("--seed", type=int, default=109)
     p.add_argument("--cache_dir", default=common.DEFAULT_CACHE)
     p.add_argument("--profile", action="store_true", help="add the stagejax step breakdown")
     p.add_argument("--profile_repeats", type=int, default=5)
-    p.add_argument("--flops", action="store_true",
-                   help="add each step's FLOPs and the model FLOP utilisation")
+    p.add_argument(
+        "--flops", action="store_true", help="add each step's FLOPs and the model FLOP utilisation"
+    )
     p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
     p.add_argument("--json", default="", help="also write all results here")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat every framework this many times, interleaved (noisy machines)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every framework this many times, interleaved (noisy machines)",
+    )
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     return p
 
 
 def make_job(args: argparse.Namespace, data_dir: str, crop_range: int) -> dict:
     """What every child is told (the framework and its batch are added per child)."""
-    return {"model": args.model, "image_size": args.image_size, "crop_range": crop_range,
-            "global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup,
-            "window": args.window, "precision": args.precision,
-            "num_workers": args.num_workers, "torch_compile": args.torch_compile,
-            "seed": args.seed, "data_dir": data_dir, "flops": args.flops,
-            "cache_dir": str(os.path.expanduser(args.cache_dir)),
-            "profile_repeats": args.profile_repeats}
+    return {
+        "model": args.model,
+        "image_size": args.image_size,
+        "crop_range": crop_range,
+        "global_batch": args.global_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "window": args.window,
+        "precision": args.precision,
+        "num_workers": args.num_workers,
+        "torch_compile": args.torch_compile,
+        "seed": args.seed,
+        "data_dir": data_dir,
+        "flops": args.flops,
+        "cache_dir": str(os.path.expanduser(args.cache_dir)),
+        "profile_repeats": args.profile_repeats,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.child:
-        common.emit(child(json.loads(args.child)))
+    started = common.start(build_parser(), argv, child, validate)
+    if started is None:
         return
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        specs = validate(args)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    args, specs = started
     shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
-    crop_range = args.crop_range if args.crop_range is not None else \
-        common.scaled_crop_range(args.image_size)
+    crop_range = (
+        args.crop_range
+        if args.crop_range is not None
+        else common.scaled_crop_range(args.image_size)
+    )
     if args.num_workers is None:
         import torch  # cheap accelerator probe (jax would claim the device in this process)
 
         args.num_workers = min(8, (os.cpu_count() or 2) - 2) if torch.cuda.is_available() else 0
-    root = common.simulated_root(args.num_images, args.image_size + 2 * crop_range,
-                                 cache_dir=args.cache_dir)
+    root = common.simulated_root(
+        args.num_images, args.image_size + 2 * crop_range, cache_dir=args.cache_dir
+    )
     job = make_job(args, str(root), crop_range)
 
     def show(key: str, r: int, out: dict) -> None:
@@ -405,13 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         log.info("measuring stagejax_profile")
         results["stagejax_profile"] = common.run_child(
-            MODULE, {**job, "framework": "stagejax_profile"}, args.timeout)
-        print(json.dumps({"name": "stagejax_profile", **results["stagejax_profile"]}),
-              flush=True)
+            MODULE, {**job, "framework": "stagejax_profile"}, args.timeout
+        )
+        print(json.dumps({"name": "stagejax_profile", **results["stagejax_profile"]}), flush=True)
     report.add_mfu(results)
     ratio = report.ratios(results)
-    common.finish(MODULE, job, results, ratio, report.markdown(results, ratio), shape_warning,
-                  args.json)
+    common.finish(
+        MODULE, job, results, ratio, report.markdown(results, ratio), shape_warning, args.json
+    )
 
 
 if __name__ == "__main__":

@@ -30,12 +30,18 @@ def add_mfu(results: dict[str, dict]) -> None:
         source = r.get("flops_source", "")
         hlo = r.get("step_flops_hlo")
         if hlo and (not flops or flops < 0.5 * hlo):
-            source = (f"XLA cost analysis of the step's HLO before optimisation (the "
-                      f"compiled step counted {flops or 0:.3g})")
+            source = (
+                f"XLA cost analysis of the step's HLO before optimisation (the "
+                f"compiled step counted {flops or 0:.3g})"
+            )
             flops = hlo
         peak, peak_source = common.peak_flops(r.get("device", ""))
-        mfu = {"step_flops": flops, "flops_source": source, "peak_flops": peak,
-               "peak_source": peak_source}
+        mfu = {
+            "step_flops": flops,
+            "flops_source": source,
+            "peak_flops": peak,
+            "peak_source": peak_source,
+        }
         for phase in ("model_only", "end_to_end"):
             rate = _rate(r, phase)
             achieved = flops * rate / r["batch"] if rate else None
@@ -78,14 +84,24 @@ def _pct(x: float | None) -> str:
 
 
 def mfu_table(results: dict[str, dict]) -> str:
-    rows = [[name, f"{r['mfu']['step_flops'] / 1e9:.1f}", _pct(r["mfu"]["model_only"]),
-             _pct(r["mfu"]["end_to_end"]), r["mfu"]["flops_source"],
-             r["mfu"]["peak_source"]]
-            for name, r in results.items() if "mfu" in r]
+    rows = [
+        [
+            name,
+            f"{r['mfu']['step_flops'] / 1e9:.1f}",
+            _pct(r["mfu"]["model_only"]),
+            _pct(r["mfu"]["end_to_end"]),
+            r["mfu"]["flops_source"],
+            r["mfu"]["peak_source"],
+        ]
+        for name, r in results.items()
+        if "mfu" in r
+    ]
     if not rows:
         return ""
-    return common.markdown_table(["framework", "GFLOP per step", "MFU model only",
-                                  "MFU end to end", "FLOPs from", "peak"], rows)
+    return common.markdown_table(
+        ["framework", "GFLOP per step", "MFU model only", "MFU end to end", "FLOPs from", "peak"],
+        rows,
+    )
 
 
 def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
@@ -98,34 +114,60 @@ def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
             continue
         e, m = r["end_to_end"], r["model_only"]
         mem = r["peak_device_memory_mb"]
-        rows.append([
-            name, str(r.get("batch", "")), r["precision"], str(r["num_workers"]),
-            _range(e["images_per_s"]), _range(m["images_per_s"]),
-            e["step_time_ms"]["median"], m["step_time_ms"]["median"],
-            f"{100 * e['loader_wait_fraction']:.1f}%", r["first_step_s"],
-            f"{mem:.0f} (device)" if mem is not None else f"{r['peak_rss_mb']:.0f} (RSS)"])
+        rows.append(
+            [
+                name,
+                str(r.get("batch", "")),
+                r["precision"],
+                str(r["num_workers"]),
+                _range(e["images_per_s"]),
+                _range(m["images_per_s"]),
+                e["step_time_ms"]["median"],
+                m["step_time_ms"]["median"],
+                f"{100 * e['loader_wait_fraction']:.1f}%",
+                r["first_step_s"],
+                f"{mem:.0f} (device)" if mem is not None else f"{r['peak_rss_mb']:.0f} (RSS)",
+            ]
+        )
     text = common.markdown_table(
-        ["framework", "batch", "precision", "loader workers", "end-to-end images/s (min-max)",
-         "model-only images/s (min-max)", "e2e step ms", "model step ms", "loader wait",
-         "first step s", "peak MB"], rows)
+        [
+            "framework",
+            "batch",
+            "precision",
+            "loader workers",
+            "end-to-end images/s (min-max)",
+            "model-only images/s (min-max)",
+            "e2e step ms",
+            "model step ms",
+            "loader wait",
+            "first step s",
+            "peak MB",
+        ],
+        rows,
+    )
     if ratio:
         text += "\n\n" + common.markdown_table(
             ["same-run ratio (median images/s)", "value"],
-            [[k, f"{v:.2f}x"] for k, v in ratio.items()])
+            [[k, f"{v:.2f}x"] for k, v in ratio.items()],
+        )
     if table := mfu_table(results):
         text += "\n\n" + table
-    notes = [_notes_line(name, r) for name, r in results.items()
-             if "error" not in r and name != "stagejax_profile"]
+    notes = [
+        _notes_line(name, r)
+        for name, r in results.items()
+        if "error" not in r and name != "stagejax_profile"
+    ]
     if notes:
         text += "\n\n" + "\n".join(notes)
     prof = results.get("stagejax_profile")
     if prof and "parts_ms" in prof:
         text += "\n\n" + common.markdown_table(
             ["stagejax step part (timed alone)", "ms (median)"],
-            [[k, v] for k, v in prof["parts_ms"].items()])
+            [[k, v] for k, v in prof["parts_ms"].items()],
+        )
         if isinstance(prof.get("step_gflops"), float):
-            text += (f"\n\nXLA cost analysis: {prof['step_gflops']:.1f} GFLOP per step, "
-                     f"{prof['achieved_gflops_per_s']:.1f} GFLOP/s achieved.")
+            text += (
+                f"\n\nXLA cost analysis: {prof['step_gflops']:.1f} GFLOP per step, "
+                f"{prof['achieved_gflops_per_s']:.1f} GFLOP/s achieved."
+            )
     return text
-
-

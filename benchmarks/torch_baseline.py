@@ -49,6 +49,7 @@ FLIP_PROBABILITY = 2.0 / 3.0
 
 # --- data ------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     paths: tuple[Path, ...]
@@ -59,11 +60,14 @@ def read_split(root: str | Path, split: str) -> Split:
     """One split of a study-layout folder; labels from the file names."""
     root = Path(root)
     names = [s.strip() for s in (root / "label_list.txt").read_text().splitlines() if s.strip()]
-    files = [s.strip() for s in (root / "split_list" / f"{split}.txt").read_text().splitlines()
-             if s.strip()]
+    files = [
+        s.strip()
+        for s in (root / "split_list" / f"{split}.txt").read_text().splitlines()
+        if s.strip()
+    ]
     labels = []
     for f in files:
-        stage = f[f.rfind("_") + 1:f.rfind("-")]
+        stage = f[f.rfind("_") + 1 : f.rfind("-")]
         if stage not in names:
             raise ValueError(f"{root / 'images' / f}: stage {stage!r} is not in label_list.txt")
         labels.append(names.index(stage))
@@ -82,14 +86,15 @@ def crop_origin(size: int, crop_size: int, shift: int) -> int:
     return start if 0 <= start <= size - crop_size else 0
 
 
-def train_view(image: np.ndarray, crop_size: int, crop_range: int,
-               rng: np.random.Generator) -> np.ndarray:
+def train_view(
+    image: np.ndarray, crop_size: int, crop_range: int, rng: np.random.Generator
+) -> np.ndarray:
     """The study's train augmentation on uint8 HWC: shifted crop, rot90 by k in
     {0..4} (4 = none, so no rotation is twice as likely), vertical flip p=2/3."""
     h, w = image.shape[:2]
     dy, dx = rng.integers(-crop_range, crop_range + 1, size=2)
     top, left = crop_origin(h, crop_size, int(dy)), crop_origin(w, crop_size, int(dx))
-    out = image[top:top + crop_size, left:left + crop_size]
+    out = image[top : top + crop_size, left : left + crop_size]
     out = np.rot90(out, int(rng.integers(0, 5)) % 4)
     if rng.random() < FLIP_PROBABILITY:
         out = out[::-1]
@@ -98,7 +103,7 @@ def train_view(image: np.ndarray, crop_size: int, crop_range: int,
 
 def center_view(image: np.ndarray, crop_size: int) -> np.ndarray:
     top, left = (image.shape[0] - crop_size) // 2, (image.shape[1] - crop_size) // 2
-    return np.ascontiguousarray(image[top:top + crop_size, left:left + crop_size])
+    return np.ascontiguousarray(image[top : top + crop_size, left : left + crop_size])
 
 
 def min_max(x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +122,15 @@ class TubuleImages(torch.utils.data.Dataset):
     Eval items are record indices. Yields float32 CHW in [0, 1] (host min-max,
     as the study) or, with ``host_normalize=False``, the uint8 HWC crop."""
 
-    def __init__(self, split: Split, crop_size: int, crop_range: int, train: bool, seed: int,
-                 host_normalize: bool = True):
+    def __init__(
+        self,
+        split: Split,
+        crop_size: int,
+        crop_range: int,
+        train: bool,
+        seed: int,
+        host_normalize: bool = True,
+    ):
         self.split, self.crop_size, self.crop_range = split, crop_size, crop_range
         self.train, self.seed, self.host_normalize = train, seed, host_normalize
 
@@ -129,8 +141,9 @@ class TubuleImages(torch.utils.data.Dataset):
         if self.train:
             record, position = item
             rng = np.random.default_rng((self.seed, position))
-            image = train_view(decode(self.split.paths[record]), self.crop_size,
-                               self.crop_range, rng)
+            image = train_view(
+                decode(self.split.paths[record]), self.crop_size, self.crop_range, rng
+            )
         else:
             record = item
             image = center_view(decode(self.split.paths[record]), self.crop_size)
@@ -173,7 +186,7 @@ class BalancedBatches(torch.utils.data.Sampler):
             if self._next[s] + want > pool.size:
                 self._pools[s] = pool = self._rng.permutation(pool)
                 self._next[s] = 0
-            taken += pool[self._next[s]:self._next[s] + want].tolist()
+            taken += pool[self._next[s] : self._next[s] + want].tolist()
             self._next[s] += want
         return taken
 
@@ -205,8 +218,9 @@ class StagejaxBatches(torch.utils.data.Sampler):
             self._batch += 1
 
 
-def make_sampler(kind: str, labels: np.ndarray, batch_size: int, seed: int,
-                 num_batches: int) -> torch.utils.data.Sampler:
+def make_sampler(
+    kind: str, labels: np.ndarray, batch_size: int, seed: int, num_batches: int
+) -> torch.utils.data.Sampler:
     if kind == "reference":
         return BalancedBatches(labels, batch_size, seed, num_batches)
     if kind == "stagejax":
@@ -215,6 +229,7 @@ def make_sampler(kind: str, labels: np.ndarray, batch_size: int, seed: int,
 
 
 # --- variants --------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -259,13 +274,23 @@ def tuned(device: torch.device, num_workers: int = 2, compile_mode: str = "auto"
     if compile_mode == "auto":
         do_compile = device.type == "cuda"
         if not do_compile:
-            notes.append("torch.compile off: auto mode skips it on a CPU "
-                         "(compile time, see RESULTS.md); --torch_compile on to force")
+            notes.append(
+                "torch.compile off: auto mode skips it on a CPU "
+                "(compile time, see RESULTS.md); --torch_compile on to force"
+            )
     else:
         do_compile = compile_mode == "on"
-    return Tuning(name="tuned", bf16=bf16, channels_last=True, compile=do_compile,
-                  fused_adam=True, num_workers=num_workers, pin_memory=device.type == "cuda",
-                  device_normalize=True, notes=tuple(notes))
+    return Tuning(
+        name="tuned",
+        bf16=bf16,
+        channels_last=True,
+        compile=do_compile,
+        fused_adam=True,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        device_normalize=True,
+        notes=tuple(notes),
+    )
 
 
 def create_model(name: str, num_classes: int = NUM_STAGES) -> torch.nn.Module:
@@ -273,8 +298,9 @@ def create_model(name: str, num_classes: int = NUM_STAGES) -> torch.nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-def create_optimizer(params, lr: float, weight_decay: float,
-                     fused: bool = False) -> tuple[torch.optim.Optimizer, str]:
+def create_optimizer(
+    params, lr: float, weight_decay: float, fused: bool = False
+) -> tuple[torch.optim.Optimizer, str]:
     """``torch.optim.Adam``: ``weight_decay`` is an L2 term added to the gradient."""
     params = list(params)
     if fused:
@@ -288,8 +314,16 @@ def create_optimizer(params, lr: float, weight_decay: float,
 class Trainer:
     """Model, optimizer and one train step for a variant on a device."""
 
-    def __init__(self, model_name: str, tuning: Tuning, device: torch.device, *,
-                 lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 109):
+    def __init__(
+        self,
+        model_name: str,
+        tuning: Tuning,
+        device: torch.device,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        seed: int = 109,
+    ):
         torch.manual_seed(seed)
         self.tuning, self.device = tuning, device
         self.notes = list(tuning.notes)
@@ -297,8 +331,9 @@ class Trainer:
         if tuning.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer, kind = create_optimizer(model.parameters(), lr, weight_decay,
-                                                tuning.fused_adam)
+        self.optimizer, kind = create_optimizer(
+            model.parameters(), lr, weight_decay, tuning.fused_adam
+        )
         if tuning.fused_adam:
             self.notes.append(f"Adam: {kind}")
         self._forward = torch.compile(model) if tuning.compile else model
@@ -371,35 +406,50 @@ def train_step_flops(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> floa
     return float(counter.get_total_flops())
 
 
-def train_loader(split: Split, crop_size: int, crop_range: int, sampler, tuning: Tuning,
-                 seed: int) -> torch.utils.data.DataLoader:
-    ds = TubuleImages(split, crop_size, crop_range, True, seed,
-                      host_normalize=not tuning.device_normalize)
+def train_loader(
+    split: Split, crop_size: int, crop_range: int, sampler, tuning: Tuning, seed: int
+) -> torch.utils.data.DataLoader:
+    ds = TubuleImages(
+        split, crop_size, crop_range, True, seed, host_normalize=not tuning.device_normalize
+    )
     workers = tuning.num_workers
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, num_workers=workers, pin_memory=tuning.pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+        ds,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=tuning.pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+    )
 
 
-def eval_loader(split: Split, crop_size: int, batch_size: int,
-                tuning: Tuning) -> torch.utils.data.DataLoader:
+def eval_loader(
+    split: Split, crop_size: int, batch_size: int, tuning: Tuning
+) -> torch.utils.data.DataLoader:
     ds = TubuleImages(split, crop_size, 0, False, 0, host_normalize=not tuning.device_normalize)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                       num_workers=tuning.num_workers,
-                                       pin_memory=tuning.pin_memory)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=tuning.num_workers,
+        pin_memory=tuning.pin_memory,
+    )
 
 
 # --- evaluation ------------------------------------------------------------------------
+
 
 def stage_metrics(labels: Sequence[int], preds: Sequence[int]) -> dict:
     """Accuracy, balanced accuracy (mean recall over the stages present) and
     +/-1-stage accuracy (stage order, not cyclic, as the study)."""
     labels, preds = np.asarray(labels), np.asarray(preds)
     recalls = [float(np.mean(preds[labels == s] == s)) for s in np.unique(labels)]
-    return {"num_examples": int(labels.size),
-            "accuracy": float(np.mean(preds == labels)),
-            "balanced_accuracy": float(np.mean(recalls)),
-            "within1_accuracy": float(np.mean(np.abs(preds - labels) <= 1))}
+    return {
+        "num_examples": int(labels.size),
+        "accuracy": float(np.mean(preds == labels)),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "within1_accuracy": float(np.mean(np.abs(preds - labels) <= 1)),
+    }
 
 
 def evaluate(trainer: Trainer, split: Split, crop_size: int, batch_size: int) -> dict:
@@ -413,6 +463,7 @@ def evaluate(trainer: Trainer, split: Split, crop_size: int, batch_size: int) ->
 
 
 # --- the recipe ------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -428,19 +479,25 @@ class Recipe:
     sampler: str = "reference"  # reference | stagejax
 
 
-def train_and_evaluate(data_dir: str | Path, recipe: Recipe, tuning: Tuning = STUDY,
-                       device: torch.device | None = None) -> dict:
+def train_and_evaluate(
+    data_dir: str | Path, recipe: Recipe, tuning: Tuning = STUDY, device: torch.device | None = None
+) -> dict:
     """Train, keep the epoch with the best validation balanced accuracy (ties: the
     later epoch), and return its test metrics with the wall time."""
     device = device or default_device()
     t0 = time.perf_counter()
     train, val, test = (read_split(data_dir, s) for s in ("train", "validation", "test"))
-    trainer = Trainer(recipe.model, tuning, device, lr=recipe.learning_rate,
-                      weight_decay=recipe.weight_decay, seed=recipe.seed)
+    trainer = Trainer(
+        recipe.model,
+        tuning,
+        device,
+        lr=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        seed=recipe.seed,
+    )
     steps = max(1, len(train.labels) // recipe.batch_size)
     sampler = make_sampler(recipe.sampler, train.labels, recipe.batch_size, recipe.seed, steps)
-    loader = train_loader(train, recipe.crop_size, recipe.crop_range, sampler, tuning,
-                          recipe.seed)
+    loader = train_loader(train, recipe.crop_size, recipe.crop_range, sampler, tuning, recipe.seed)
     best, best_epoch, best_state, history = -1.0, 0, None, []
     trainer.model.train()
     for epoch in range(1, recipe.num_epochs + 1):
@@ -448,18 +505,35 @@ def train_and_evaluate(data_dir: str | Path, recipe: Recipe, tuning: Tuning = ST
         for images, labels in loader:
             losses.append(trainer.train_step(*trainer.to_device(images, labels)))
         val_metrics = evaluate(trainer, val, recipe.crop_size, recipe.eval_batch_size)
-        history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).mean()),
-                        **{f"val_{k}": v for k, v in val_metrics.items()}})
-        log.info("epoch %d/%d: loss %.4f, validation balanced accuracy %.4f", epoch,
-                 recipe.num_epochs, history[-1]["train_loss"], val_metrics["balanced_accuracy"])
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(torch.stack(losses).mean()),
+                **{f"val_{k}": v for k, v in val_metrics.items()},
+            }
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, validation balanced accuracy %.4f",
+            epoch,
+            recipe.num_epochs,
+            history[-1]["train_loss"],
+            val_metrics["balanced_accuracy"],
+        )
         if val_metrics["balanced_accuracy"] >= best:
             best, best_epoch = val_metrics["balanced_accuracy"], epoch
             best_state = copy.deepcopy(trainer.model.state_dict())
     trainer.model.load_state_dict(best_state)
     result = evaluate(trainer, test, recipe.crop_size, recipe.eval_batch_size)
-    result.update(best_epoch=best_epoch, best_val_balanced_accuracy=best, history=history,
-                  wall_s=time.perf_counter() - t0, steps_per_epoch=steps,
-                  variant=tuning.name, notes=trainer.notes, device=str(device))
+    result.update(
+        best_epoch=best_epoch,
+        best_val_balanced_accuracy=best,
+        history=history,
+        wall_s=time.perf_counter() - t0,
+        steps_per_epoch=steps,
+        variant=tuning.name,
+        notes=trainer.notes,
+        device=str(device),
+    )
     return result
 
 
@@ -468,8 +542,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--data_dir", required=True, help="study-layout folder")
     defaults = Recipe()
     for f in dataclasses.fields(Recipe):
-        p.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name))
+        p.add_argument(
+            f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name)
+        )
     p.add_argument("--epochs", type=int, dest="num_epochs", default=argparse.SUPPRESS)
     p.add_argument("--variant", choices=("study", "tuned"), default="study")
     p.add_argument("--num_workers", type=int, default=2, help="tuned variant only")
@@ -479,8 +554,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     device = default_device()
-    tuning = STUDY if args.variant == "study" else tuned(device, args.num_workers,
-                                                         args.torch_compile)
+    tuning = (
+        STUDY if args.variant == "study" else tuned(device, args.num_workers, args.torch_compile)
+    )
     result = train_and_evaluate(args.data_dir, recipe, tuning, device)
     text = json.dumps({"recipe": dataclasses.asdict(recipe), **result}, indent=1)
     print(text)

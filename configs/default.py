@@ -27,7 +27,6 @@ import ml_collections
 
 from stagejax.errors import ConfigError
 
-
 VARIANTS = ("study", "demo")
 
 
@@ -35,8 +34,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """The ``variant`` (one of ``VARIANTS``; None: ``study``) of the shared defaults."""
     variant = variant or "study"
     if variant not in VARIANTS:
-        raise ConfigError(f"--config=...:{variant}: unknown variant; choose one of "
-                          f"{', '.join(VARIANTS)}")
+        raise ConfigError(
+            f"--config=...:{variant}: unknown variant; choose one of {', '.join(VARIANTS)}"
+        )
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.model = "resnet50"

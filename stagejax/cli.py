@@ -31,8 +31,9 @@ def exit_with(line: str, code: int) -> None:
     sys.exit(code)
 
 
-def parse_flags(argv: Sequence[str],
-                check: Callable[[Sequence[str]], None] | None = None) -> list[str]:
+def parse_flags(
+    argv: Sequence[str], check: Callable[[Sequence[str]], None] | None = None
+) -> list[str]:
     """absl's parsing, with a bad flag (or what ``check(argv)`` raises) as one
     ``error:`` line and exit status 2."""
     try:

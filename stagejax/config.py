@@ -39,9 +39,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax import models
 from stagejax.errors import ConfigError
+from stagejax.runtime import checkpoint as ckpt_lib
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": models.NAMES,
@@ -80,14 +80,26 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "augment.brightness": (lambda v: v >= 0, ">= 0 (0: off)"),
     "augment.contrast": (lambda v: v >= 0, ">= 0 (0: off)"),
     "simulated.num_images": (
-        lambda v: v >= 18, ">= 18 (70% go to train, which must hold all 12 stages)"),
+        lambda v: v >= 18,
+        ">= 18 (70% go to train, which must hold all 12 stages)",
+    ),
     "simulated.image_size": (lambda v: v >= 16, ">= 16"),
     "simulated.seed": (lambda v: v >= 0, ">= 0"),
 }
 _INTEGER_FIELDS = {
-    "num_classes", "eval_batch_size", "num_epochs", "crop_size", "crop_range", "seed",
-    "log_every_steps", "checkpoint_every_steps", "num_workers", "global_batch_size",
-    "simulated.num_images", "simulated.image_size", "simulated.seed",
+    "num_classes",
+    "eval_batch_size",
+    "num_epochs",
+    "crop_size",
+    "crop_range",
+    "seed",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "num_workers",
+    "global_batch_size",
+    "simulated.num_images",
+    "simulated.image_size",
+    "simulated.seed",
 }
 
 
@@ -148,9 +160,12 @@ def _check_simulated_sizes(config: ml_collections.ConfigDict) -> None:
     """With no data_dir the crop is cut from the simulated images."""
     size, crop = _get(config, "simulated.image_size"), _get(config, "crop_size")
     if _MISSING not in (size, crop) and not _get(config, "data_dir") and size < crop:
-        raise _fail("simulated.image_size", size,
-                    f">= config.crop_size ({crop}): with no data_dir the crop is cut from "
-                    "the simulated images")
+        raise _fail(
+            "simulated.image_size",
+            size,
+            f">= config.crop_size ({crop}): with no data_dir the crop is cut from "
+            "the simulated images",
+        )
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -160,8 +175,10 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         return
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"config.init_from: {directory}: no such model directory (make one "
-                          "with python -m stagejax.convert)")
+        raise ConfigError(
+            f"config.init_from: {directory}: no such model directory (make one "
+            "with python -m stagejax.convert)"
+        )
     meta = ckpt_lib.read_model_json(path)
     arch, classes, channels = meta["arch"], meta["num_classes"], meta["in_channels"]
     want_arch = _get(config, "model")
@@ -171,17 +188,20 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     if want_arch is not _MISSING and arch != want_arch:
         raise ConfigError(
             f"{there}, but config.model is {want_arch!r}; pass --config.model={arch}, or import "
-            f"{want_arch} weights with python -m stagejax.convert --arch {want_arch}")
+            f"{want_arch} weights with python -m stagejax.convert --arch {want_arch}"
+        )
     if want_classes is not _MISSING and classes != want_classes:
         raise ConfigError(
             f"{there}, but config.num_classes is {want_classes}; re-import the weights with a "
             f"fresh {want_classes}-class head: python -m stagejax.convert --from FILE "
-            f"--arch {arch} --new_head --num_classes {want_classes} --out NEW_DIR")
+            f"--arch {arch} --new_head --num_classes {want_classes} --out NEW_DIR"
+        )
     want_channels = 3 if gray in (_MISSING, False) else 1
     if channels != want_channels:
         raise ConfigError(
             f"{there} and {channels} input channel(s), but config.grayscale is {bool(gray)} "
-            f"({want_channels} channel(s)); pass --config.grayscale={channels == 1}")
+            f"({want_channels} channel(s)); pass --config.grayscale={channels == 1}"
+        )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -236,8 +256,9 @@ def default_variant(data_dir: str, mode: str) -> str:
     return "demo" if not data_dir and mode in ("train", "eval") else "study"
 
 
-def resolve(spec: str, overrides: dict[str, Any], mode: str = "train"
-            ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+def resolve(
+    spec: str, overrides: dict[str, Any], mode: str = "train"
+) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """(config that runs, its defaults) for ``--config=spec`` and the command line's
     ``overrides`` (flat ``{'a.b': value}``, as ``config_flags`` parsed them).
 

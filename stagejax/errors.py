@@ -22,6 +22,10 @@ class CheckpointError(StagejaxError):
     """A checkpoint or model directory that cannot be read or does not fit the model."""
 
 
+class ConversionError(CheckpointError):
+    """A PyTorch file that cannot be read or does not fit the architecture."""
+
+
 class WorkdirError(StagejaxError):
     """The workdir cannot be used for this run."""
 

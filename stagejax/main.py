@@ -34,17 +34,25 @@ from stagejax.train import interrupts, memory
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                  "train: train, keep the best epoch, evaluate it on the test split. "
-                  "eval: evaluate the best checkpoint. predict: stage unlabeled images.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "predict"],
+    "train: train, keep the best epoch, evaluate it on the test split. "
+    "eval: evaluate the best checkpoint. predict: stage unlabeled images.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_integer("heartbeat_timeout", 60,
-                     "Multi-host: seconds without a heartbeat after which a process counts "
-                     "as dead and all the others stop with an error instead of hanging.")
-flags.DEFINE_integer("initialization_timeout", 300,
-                     "Multi-host: seconds to wait for every process to join.")
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    60,
+    "Multi-host: seconds without a heartbeat after which a process counts "
+    "as dead and all the others stop with an error instead of hanging.",
+)
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("stagejax")
@@ -55,8 +63,10 @@ def initialize_distributed() -> None:
 
     Must run before anything touches the devices.
     """
-    timeouts = dict(initialization_timeout=FLAGS.initialization_timeout,
-                    heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    timeouts = dict(
+        initialization_timeout=FLAGS.initialization_timeout,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
+    )
     if FLAGS.coordinator_address or FLAGS.num_processes:
         # CPU processes need a collectives backend to talk to each other (gloo is
         # jax 0.10's default; set it so that a changed default cannot hang a run).
@@ -78,7 +88,8 @@ class _QuietLibraries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or not any(
-            n in record.pathname for n in self.NOISY)
+            n in record.pathname for n in self.NOISY
+        )
 
 
 def setup_logging() -> None:
@@ -96,22 +107,34 @@ def run(argv) -> None:
         initialize_distributed()
         setup_logging()
         config, defaults = config_lib.resolve(
-            FLAGS["config"].config_filename, FLAGS["config"].override_values, FLAGS.mode)
-        log.info("JAX %s: %d process(es), %d device(s) [%s]", jax.__version__,
-                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+            FLAGS["config"].config_filename, FLAGS["config"].override_values, FLAGS.mode
+        )
+        log.info(
+            "JAX %s: %d process(es), %d device(s) [%s]",
+            jax.__version__,
+            jax.process_count(),
+            jax.device_count(),
+            jax.devices()[0].platform,
+        )
         config_lib.validate(config)  # every value, before any data is read
         agree = _all_agree if jax.process_count() > 1 else None
         # The lock is taken before the data is read (a second run is refused at once);
         # a failure before the run's first checkpoint takes back what it wrote.
-        with writing(FLAGS.workdir), lock.claim(
-                FLAGS.workdir, hold=jax.process_index() == 0, agree=agree) as claim:
+        with (
+            writing(FLAGS.workdir),
+            lock.claim(FLAGS.workdir, hold=jax.process_index() == 0, agree=agree) as claim,
+        ):
             _run_mode(config, defaults, claim)
     except StagejaxError as e:
         _exit(f"error: {e}", 2)
     except interrupts.Interrupted as e:  # exit status 130 (SIGINT) or 143 (SIGTERM)
         when = "before training started" if FLAGS.mode == "train" else f"(--mode={FLAGS.mode})"
-        _exit(str(e) if e.final else f"{e} {when}; the workdir is as it was; rerun the same "
-              "command to start again", e.exit_code)
+        _exit(
+            str(e)
+            if e.final
+            else f"{e} {when}; the workdir is as it was; rerun the same command to start again",
+            e.exit_code,
+        )
     except jax.errors.JaxRuntimeError as e:
         oom = memory.out_of_memory(e, config) if config is not None else None
         if oom is None:
@@ -139,8 +162,7 @@ def _run_mode(config, defaults, claim: lock.Claim) -> None:
     from stagejax.train import loop
 
     if FLAGS.mode == "train":
-        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False,
-                                              defaults=defaults)
+        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False, defaults=defaults)
         loop.train_and_evaluate(config, workdir, claim=claim)
         return
     workdir, config = _eval_workdir_and_config(config)

@@ -22,13 +22,35 @@ import numpy as np
 from stagejax.errors import ConfigError, DatasetError
 
 STAGES: tuple[str, ...] = (
-    "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII",
+    "I",
+    "II",
+    "III",
+    "IV",
+    "V",
+    "VI",
+    "VII",
+    "VIII",
+    "IX",
+    "X",
+    "XI",
+    "XII",
 )
 NUM_STAGES = len(STAGES)
 
 # Hours spent in each stage (classic mouse estimates, see stages.md).
 STAGE_DURATION_HOURS: tuple[float, ...] = (
-    22.6, 18.1, 8.7, 18.6, 11.3, 18.1, 20.6, 20.8, 15.2, 11.3, 18.6, 20.0,
+    22.6,
+    18.1,
+    8.7,
+    18.6,
+    11.3,
+    18.1,
+    20.6,
+    20.8,
+    15.2,
+    11.3,
+    18.6,
+    20.0,
 )
 
 _ROMAN_RANK = {name: i for i, name in enumerate(STAGES)}
@@ -65,7 +87,8 @@ def _split_order(stage_order: str | Sequence[str]) -> list[str]:
 
 
 def stage_ranks(
-    label_names: Sequence[str], stage_order: str | Sequence[str] = "",
+    label_names: Sequence[str],
+    stage_order: str | Sequence[str] = "",
     source: str = "label_list.txt",
 ) -> tuple[int, ...]:
     """The rank (0 = stage I ... 11 = XII) of each class id; ``label_names[i]`` is class i.
@@ -84,10 +107,12 @@ def stage_ranks(
         if rank is None:
             raise DatasetError(
                 f"{source}: label {name!r} is not a stage name (I..XII or 1..12); give the "
-                "biological order as --config.stage_order=NAME_OF_I,NAME_OF_II,...")
+                "biological order as --config.stage_order=NAME_OF_I,NAME_OF_II,..."
+            )
         if rank in seen:
             raise DatasetError(
-                f"{source}: labels {seen[rank]!r} and {name!r} are both stage {STAGES[rank]}")
+                f"{source}: labels {seen[rank]!r} and {name!r} are both stage {STAGES[rank]}"
+            )
         seen[rank] = name
         ranks.append(rank)
     return tuple(ranks)
@@ -95,8 +120,9 @@ def stage_ranks(
 
 def _ranks_from_order(names: list[str], order: list[str], source: str) -> tuple[int, ...]:
     if len(order) > NUM_STAGES:
-        raise ConfigError(f"config.stage_order: {len(order)} names; the cycle has "
-                          f"{NUM_STAGES} stages")
+        raise ConfigError(
+            f"config.stage_order: {len(order)} names; the cycle has {NUM_STAGES} stages"
+        )
     for i, name in enumerate(order):
         if name in order[:i]:
             raise ConfigError(f"config.stage_order: {name!r} listed twice")

@@ -22,8 +22,9 @@ def coord_image(h, w):
 
 
 def aug_config(**kw):
-    c = ml_collections.ConfigDict(dict(rot90=True, flip=True, stain_jitter=0.0,
-                                       brightness=0.0, contrast=0.0))
+    c = ml_collections.ConfigDict(
+        dict(rot90=True, flip=True, stain_jitter=0.0, brightness=0.0, contrast=0.0)
+    )
     c.update(kw)
     return c
 
@@ -43,23 +44,29 @@ def test_crop_start_stays_inside_and_falls_back_to_zero(size, crop, shift):
 
 
 @settings(max_examples=40, deadline=None)
-@given(h=st.integers(20, 80), w=st.integers(20, 80), crop=st.integers(4, 20),
-       crop_range=st.integers(0, 30), seed=st.integers(0, 2**31))
+@given(
+    h=st.integers(20, 80),
+    w=st.integers(20, 80),
+    crop=st.integers(4, 20),
+    crop_range=st.integers(0, 30),
+    seed=st.integers(0, 2**31),
+)
 def test_train_crop_matches_reference_rules(h, w, crop, crop_range, seed):
     image = coord_image(h, w)
     out = augment.TrainCrop(crop, crop_range).random_map(
-        {"image": image, "label": 3}, np.random.default_rng(seed))
-    shift_y, shift_x, k, flip = augment.sample_train_params(np.random.default_rng(seed),
-                                                            crop_range)
+        {"image": image, "label": 3}, np.random.default_rng(seed)
+    )
+    shift_y, shift_x, k, flip = augment.sample_train_params(np.random.default_rng(seed), crop_range)
     top, left = augment.crop_start(h, crop, shift_y), augment.crop_start(w, crop, shift_x)
-    expected = np.rot90(image[top:top + crop, left:left + crop], k % 4)
+    expected = np.rot90(image[top : top + crop, left : left + crop], k % 4)
     expected = expected[::-1] if flip else expected
     assert out["label"] == 3
     assert out["image"].dtype == np.uint8 and out["image"].flags.c_contiguous
     np.testing.assert_array_equal(out["image"], expected)
     # Without rotation and flip, the corner pixel is the crop's top-left.
     plain = augment.TrainCrop(crop, crop_range, rot90=False, flip=False).random_map(
-        {"image": image}, np.random.default_rng(seed))["image"]
+        {"image": image}, np.random.default_rng(seed)
+    )["image"]
     assert tuple(plain[0, 0, :2]) == (top, left)
 
 
@@ -117,8 +124,9 @@ def random_images(seed, b=3, size=16):
 
 
 def preprocess(images, rng, aug, train, grayscale=False):
-    fn = jax.jit(functools.partial(augment.device_preprocess, aug=aug, train=train,
-                                   grayscale=grayscale))
+    fn = jax.jit(
+        functools.partial(augment.device_preprocess, aug=aug, train=train, grayscale=grayscale)
+    )
     return np.asarray(fn(jnp.asarray(images), rng))
 
 

@@ -14,9 +14,9 @@ import torch
 
 from benchmarks import accuracy, common, predict_speed, throughput, throughput_report
 from benchmarks import torch_baseline as tb
-from stagejax.evaluate import metrics as metrics_lib
 from stagejax.data import augment
 from stagejax.data.sampler import StageBalancedSampler
+from stagejax.evaluate import metrics as metrics_lib
 
 # --- the baseline's recipe pieces equal stagejax's ---------------------------------------
 
@@ -30,8 +30,9 @@ def test_crop_origin_equals_stagejax_crop_start():
                 assert tb.crop_origin(size, crop, shift) == augment.crop_start(size, crop, shift)
 
 
-@pytest.mark.parametrize("shape,crop,crop_range", [((40, 40), 32, 4), ((50, 37), 30, 9),
-                                                   ((33, 33), 33, 3)])
+@pytest.mark.parametrize(
+    "shape,crop,crop_range", [((40, 40), 32, 4), ((50, 37), 30, 9), ((33, 33), 33, 3)]
+)
 def test_train_view_equals_stagejax_train_crop_for_the_same_rng(shape, crop, crop_range):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
@@ -45,8 +46,9 @@ def test_train_view_equals_stagejax_train_crop_for_the_same_rng(shape, crop, cro
 
 def test_center_view_equals_stagejax_center_crop():
     image = np.random.default_rng(1).integers(0, 256, (45, 52, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(tb.center_view(image, 31),
-                                  augment.CenterCrop(31).map({"image": image})["image"])
+    np.testing.assert_array_equal(
+        tb.center_view(image, 31), augment.CenterCrop(31).map({"image": image})["image"]
+    )
 
 
 def test_min_max_equals_stagejax_min_max():
@@ -88,6 +90,7 @@ def test_read_split_labels_from_file_names(tmp_path):
 
 # --- the baseline's balanced sampler ----------------------------------------------------
 
+
 def uneven_labels() -> np.ndarray:
     """Stage s has s + 1 images (stage 0: one, so it repeats within a batch of 24)."""
     return np.concatenate([np.full(s + 1, s) for s in range(12)])
@@ -119,7 +122,7 @@ def test_balanced_batches_draw_each_stage_without_replacement_until_reshuffle():
             continue
         cycle = (n // per_stage) * per_stage  # a pass ends when fewer than 2 remain
         for start in range(0, len(seq) - cycle + 1, cycle):
-            chunk = seq[start:start + cycle]
+            chunk = seq[start : start + cycle]
             assert len(set(chunk)) == cycle, (s, chunk)
 
 
@@ -141,6 +144,7 @@ def test_stagejax_batches_follow_stagejax_sampler():
 
 # --- the tuned variant and its torch.compile fallback -----------------------------------
 
+
 def test_tuned_on_cpu_skips_compile_unless_asked():
     cpu = torch.device("cpu")
     auto = tb.tuned(cpu, 0, "auto")
@@ -157,6 +161,7 @@ def test_trainer_records_what_torch_compile_did(monkeypatch, works):
 
         def broken(_):
             raise RuntimeError("inductor: no C++ compiler")
+
         return broken
 
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -171,6 +176,7 @@ def test_trainer_records_what_torch_compile_did(monkeypatch, works):
 
 
 # --- common -----------------------------------------------------------------------------
+
 
 def test_common_helpers():
     assert common.scaled_crop_range(896) == 128
@@ -204,10 +210,11 @@ def test_emit_is_what_run_child_reads(capsys):
     common.emit({"a": 1})
     line = capsys.readouterr().out.strip()
     assert line.startswith(common.RESULT_PREFIX)
-    assert json.loads(line[len(common.RESULT_PREFIX):]) == {"a": 1}
+    assert json.loads(line[len(common.RESULT_PREFIX) :]) == {"a": 1}
 
 
 # --- throughput -------------------------------------------------------------------------
+
 
 def fake_throughput(e2e: float, model: float, windows: int = 3) -> dict:
     def phase(rate):
@@ -215,17 +222,29 @@ def fake_throughput(e2e: float, model: float, windows: int = 3) -> dict:
 
     e = phase(e2e)
     e["loader_wait_fraction"] = 0.1
-    return {"framework": "x", "precision": "float32", "num_workers": 0, "first_step_s": 2.0,
-            "model_only": phase(model), "end_to_end": e, "peak_device_memory_mb": None,
-            "peak_rss_mb": 100.0}
+    return {
+        "framework": "x",
+        "precision": "float32",
+        "num_workers": 0,
+        "first_step_s": 2.0,
+        "model_only": phase(model),
+        "end_to_end": e,
+        "peak_device_memory_mb": None,
+        "peak_rss_mb": 100.0,
+    }
 
 
 def test_throughput_ratios_and_table():
-    results = {"stagejax": fake_throughput(30, 60), "torch": fake_throughput(10, 20),
-               "torch_tuned": {"error": "timed out after 5 s"}}
+    results = {
+        "stagejax": fake_throughput(30, 60),
+        "torch": fake_throughput(10, 20),
+        "torch_tuned": {"error": "timed out after 5 s"},
+    }
     ratio = throughput_report.ratios(results)
-    assert ratio == {"stagejax/torch end_to_end": pytest.approx(3.0),
-                     "stagejax/torch model_only": pytest.approx(3.0)}
+    assert ratio == {
+        "stagejax/torch end_to_end": pytest.approx(3.0),
+        "stagejax/torch model_only": pytest.approx(3.0),
+    }
     text = throughput_report.markdown(results, ratio)
     assert "| torch_tuned | error: timed out after 5 s |" in text
     assert "3.00x" in text
@@ -257,16 +276,19 @@ def test_throughput_timed_windows_cover_every_step():
     assert len(calls) == 7 and len(rates) == len(times) == 3
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--frameworks", "stagejax,jax"], "frameworks"),
-    (["--frameworks", "torch,torch"], "frameworks"),
-    (["--frameworks", ""], "frameworks"),
-    (["--global_batch", "30"], "multiple of 12"),
-    (["--study_batch", "6"], "study_batch"),
-    (["--model", "vgg16"], "model"),
-    (["--steps", "0"], "steps"),
-    (["--image_size", "16"], "image_size"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--frameworks", "stagejax,jax"], "frameworks"),
+        (["--frameworks", "torch,torch"], "frameworks"),
+        (["--frameworks", ""], "frameworks"),
+        (["--global_batch", "30"], "multiple of 12"),
+        (["--study_batch", "6"], "study_batch"),
+        (["--model", "vgg16"], "model"),
+        (["--steps", "0"], "steps"),
+        (["--image_size", "16"], "image_size"),
+    ],
+)
 def test_throughput_refuses_bad_arguments(argv, match):
     args = throughput.build_parser().parse_args(argv)
     with pytest.raises(ValueError, match=match):
@@ -275,11 +297,19 @@ def test_throughput_refuses_bad_arguments(argv, match):
 
 def test_throughput_frameworks_may_name_their_batch():
     specs = throughput.parse_specs("stagejax@48, torch,torch_tuned@24,stagejax@12", 36, 12)
-    assert specs == [("stagejax@48", "stagejax", 48), ("torch", "torch", 12),
-                     ("torch_tuned@24", "torch_tuned", 24), ("stagejax@12", "stagejax", 12)]
+    assert specs == [
+        ("stagejax@48", "stagejax", 48),
+        ("torch", "torch", 12),
+        ("torch_tuned@24", "torch_tuned", 24),
+        ("stagejax@12", "stagejax", 12),
+    ]
     assert throughput.parse_specs("torch", 36) == [("torch", "torch", 36)]
-    for bad, match in (("stagejax@30", "multiple of 12"), ("stagejax@x", "NAME"),
-                       ("jax@12", "NAME"), ("torch@12,torch@12", "twice")):
+    for bad, match in (
+        ("stagejax@30", "multiple of 12"),
+        ("stagejax@x", "NAME"),
+        ("jax@12", "NAME"),
+        ("torch@12,torch@12", "twice"),
+    ):
         with pytest.raises(ValueError, match=match):
             throughput.parse_specs(bad, 12)
 
@@ -297,8 +327,14 @@ def test_throughput_measure_interleaves_and_skips_rounds_that_do_not_fit(monkeyp
     monkeypatch.setattr(common.time, "monotonic", lambda: clock["t"])
     specs = throughput.parse_specs("stagejax@24,torch@12", 12)
     seen = []
-    results = throughput.measure(specs, {"x": 1}, rounds=2, cap_s=lambda key: 50.0,
-                                 deadline=70.0, on_result=lambda k, r, out: seen.append((k, r)))
+    results = throughput.measure(
+        specs,
+        {"x": 1},
+        rounds=2,
+        cap_s=lambda key: 50.0,
+        deadline=70.0,
+        on_result=lambda k, r, out: seen.append((k, r)),
+    )
     # Interleaved; each child capped by its cap and by the deadline; round 2 of torch
     # is left out: 10 s are left and its first round took 20.
     assert calls == [("stagejax", 24, 50.0), ("torch", 12, 50.0), ("stagejax", 24, 30.0)]
@@ -312,13 +348,22 @@ def test_throughput_measure_interleaves_and_skips_rounds_that_do_not_fit(monkeyp
 
 def test_add_mfu_uses_the_compiled_count_unless_it_is_implausible():
     def result(flops, hlo, device):
-        r = {**fake_throughput(48.0, 96.0), "batch": 48, "device": device,
-             "step_flops": flops, "step_flops_hlo": hlo, "flops_source": "compiled"}
+        r = {
+            **fake_throughput(48.0, 96.0),
+            "batch": 48,
+            "device": device,
+            "step_flops": flops,
+            "step_flops_hlo": hlo,
+            "flops_source": "compiled",
+        }
         return r
 
-    results = {"stagejax@48": result(1e13, 1.1e13, "gpu: NVIDIA H200"),
-               "odd": result(1e9, 1e13, "gpu: NVIDIA H200"),
-               "cpu": result(1e9, None, "cpu: cpu"), "none": fake_throughput(1, 1)}
+    results = {
+        "stagejax@48": result(1e13, 1.1e13, "gpu: NVIDIA H200"),
+        "odd": result(1e9, 1e13, "gpu: NVIDIA H200"),
+        "cpu": result(1e9, None, "cpu: cpu"),
+        "none": fake_throughput(1, 1),
+    }
     throughput_report.add_mfu(results)
     m = results["stagejax@48"]["mfu"]
     # 96 images/s at batch 48 = 2 steps/s of 1e13 FLOPs over the H200's 790 TFLOP/s.
@@ -370,23 +415,35 @@ def test_throughput_accepts_profile_alone():
 
 # --- predict_speed ----------------------------------------------------------------------
 
+
 def test_predict_speed_rates_and_ratios():
     r = predict_speed.rate_summary([2.0, 4.0, 1.0], batch=8)
     assert r["images_per_s"] == pytest.approx(4.0)
     assert (r["images_per_s_min"], r["images_per_s_max"]) == (2.0, 8.0)
-    results = {"stagejax": {"images_per_s": 6.0}, "torch": {"images_per_s": 3.0},
-               "torch_channels_last": {"error": "x"}}
+    results = {
+        "stagejax": {"images_per_s": 6.0},
+        "torch": {"images_per_s": 3.0},
+        "torch_channels_last": {"error": "x"},
+    }
     assert predict_speed.ratios(results) == {"stagejax/torch": pytest.approx(2.0)}
-    assert "error: x" in predict_speed.markdown(
-        {"torch_channels_last": {"error": "x"}}, {})
+    assert "error: x" in predict_speed.markdown({"torch_channels_last": {"error": "x"}}, {})
 
 
 def test_predict_speed_ratios_leave_tta_out_and_measure_stops_at_the_deadline(monkeypatch):
-    results = {"stagejax": {"images_per_s": 8.0}, "stagejax_tta": {"images_per_s": 1.0},
-               "torch": {"images_per_s": 4.0}}
+    results = {
+        "stagejax": {"images_per_s": 8.0},
+        "stagejax_tta": {"images_per_s": 1.0},
+        "torch": {"images_per_s": 4.0},
+    }
     assert predict_speed.ratios(results) == {"stagejax/torch": pytest.approx(2.0)}
-    monkeypatch.setattr(common, "run_child", lambda module, job, timeout=None, env=None: {
-        "framework": job["framework"], "images_per_s": 1.0})
+    monkeypatch.setattr(
+        common,
+        "run_child",
+        lambda module, job, timeout=None, env=None: {
+            "framework": job["framework"],
+            "images_per_s": 1.0,
+        },
+    )
     out = predict_speed.measure(["stagejax", "torch"], {}, cap_s=10, deadline=None)
     assert out["torch"]["framework"] == "torch" and out["torch"]["wall_s"] >= 0
     out = predict_speed.measure(["stagejax"], {}, cap_s=10, deadline=common.time.monotonic())
@@ -405,12 +462,15 @@ def test_predict_speed_input_is_seeded_uint8():
     np.testing.assert_array_equal(a, predict_speed.input_batch(2, 16, seed=3))
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--frameworks", "stagejax,tf"], "frameworks"),
-    (["--model", "alexnet"], "model"),
-    (["--batch", "0"], "batch"),
-    (["--image_size", "8"], "image_size"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--frameworks", "stagejax,tf"], "frameworks"),
+        (["--model", "alexnet"], "model"),
+        (["--batch", "0"], "batch"),
+        (["--image_size", "8"], "image_size"),
+    ],
+)
 def test_predict_speed_refuses_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
         predict_speed.validate(predict_speed.build_parser().parse_args(argv))
@@ -418,18 +478,31 @@ def test_predict_speed_refuses_bad_arguments(argv, match):
 
 # --- accuracy ---------------------------------------------------------------------------
 
+
 def run(fw: str, seed: int, bal: float, wall: float = 10.0) -> dict:
-    return {"framework": fw, "seed": seed, "balanced_accuracy": bal, "accuracy": bal - 0.05,
-            "within1_accuracy": 0.9, "best_epoch": 3, "wall_s": wall}
+    return {
+        "framework": fw,
+        "seed": seed,
+        "balanced_accuracy": bal,
+        "accuracy": bal - 0.05,
+        "within1_accuracy": 0.9,
+        "best_epoch": 3,
+        "wall_s": wall,
+    }
 
 
 def test_accuracy_aggregate_and_parity():
-    runs = [run("stagejax", 1, 0.50), run("torch", 1, 0.53), run("stagejax", 2, 0.60),
-            run("torch", 2, 0.55), {"framework": "torch", "seed": 3, "error": "boom"}]
+    runs = [
+        run("stagejax", 1, 0.50),
+        run("torch", 1, 0.53),
+        run("stagejax", 2, 0.60),
+        run("torch", 2, 0.55),
+        {"framework": "torch", "seed": 3, "error": "boom"},
+    ]
     agg = accuracy.aggregate(runs)
     assert agg["stagejax"]["runs"] == 2 and agg["torch"]["runs"] == 2
     assert agg["stagejax"]["balanced_accuracy"]["mean"] == pytest.approx(0.55)
-    assert agg["stagejax"]["balanced_accuracy"]["std"] == pytest.approx(np.std([.5, .6], ddof=1))
+    assert agg["stagejax"]["balanced_accuracy"]["std"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
     par = accuracy.parity(agg)
     assert par["stagejax_minus_torch_points"] == pytest.approx(1.0) and par["met"]
     text = accuracy.markdown(runs, agg, par)
@@ -451,20 +524,32 @@ def test_accuracy_seeds():
             accuracy.parse_seeds(bad)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--batch", "18"], "multiple of 12"),
-    (["--frameworks", "stagejax,keras"], "frameworks"),
-    (["--crop_size", "120", "--image_size", "96"], "crop_size"),
-    (["--epochs", "0"], "epochs"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--batch", "18"], "multiple of 12"),
+        (["--frameworks", "stagejax,keras"], "frameworks"),
+        (["--crop_size", "120", "--image_size", "96"], "crop_size"),
+        (["--epochs", "0"], "epochs"),
+    ],
+)
 def test_accuracy_refuses_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
         accuracy.validate(accuracy.build_parser().parse_args(argv))
 
 
 def test_accuracy_stagejax_config_is_the_study_recipe():
-    job = {"model": "resnet18", "data_dir": "/d", "cache_dir": "/c", "crop_size": 80,
-           "crop_range": 8, "batch": 24, "eval_batch": 24, "epochs": 6, "seed": 110}
+    job = {
+        "model": "resnet18",
+        "data_dir": "/d",
+        "cache_dir": "/c",
+        "crop_size": 80,
+        "crop_range": 8,
+        "batch": 24,
+        "eval_batch": 24,
+        "epochs": 6,
+        "seed": 110,
+    }
     c = accuracy.stagejax_config(job)
     assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adam", 1e-3, 5e-4)
     assert (c.schedule, c.label_smoothing, c.precision) == ("constant", 0.0, "float32")

@@ -88,34 +88,39 @@ def test_bad_value_is_refused_naming_the_field(field, value, must):
 
 def test_batch_sizes_must_divide_by_the_devices():
     config_lib.validate(_config(eval_batch_size=8), num_devices=8)  # demo: batch 24
-    with pytest.raises(ConfigError, match=r"^config\.global_batch_size: 24; must be "
-                                          r"a multiple of the 16 devices"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config\.global_batch_size: 24; must be "
+        r"a multiple of the 16 devices",
+    ):
         config_lib.validate(_config(eval_batch_size=16), num_devices=16)
     study = dict(variant="study", data_dir="/data")
     with pytest.raises(ConfigError, match=r"^config\.global_batch_size: 12; .*of the 8 devices"):
         config_lib.validate(_config(eval_batch_size=8, **study), num_devices=8)
     with pytest.raises(ConfigError, match=r"^config\.eval_batch_size: 12; .*of the 8 devices"):
         config_lib.validate(_config(global_batch_size=16, **study), num_devices=8)
-    config_lib.validate(_config(global_batch_size=16, eval_batch_size=8, **study),
-                        num_devices=8)
+    config_lib.validate(_config(global_batch_size=16, eval_batch_size=8, **study), num_devices=8)
 
 
 def test_absent_fields_are_skipped():
     """Older configs (a run's config.json) and fields others add still validate."""
-    config = ml_collections.ConfigDict({"model": "resnet18", "learning_rate": 0.1,
-                                        "augment": {"rot90": True}})
+    config = ml_collections.ConfigDict(
+        {"model": "resnet18", "learning_rate": 0.1, "augment": {"rot90": True}}
+    )
     config_lib.validate(config, num_devices=1)
     config.learning_rate = -0.1
     with pytest.raises(ConfigError, match="config.learning_rate"):
         config_lib.validate(config, num_devices=1)
 
 
-def _model_dir(path: Path, arch: str = "resnet18", num_classes: int = 12,
-               in_channels: int = 3) -> Path:
+def _model_dir(
+    path: Path, arch: str = "resnet18", num_classes: int = 12, in_channels: int = 3
+) -> Path:
     """What validate reads of a model directory: its model.json."""
     path.mkdir()
-    (path / "model.json").write_text(json.dumps(
-        {"arch": arch, "num_classes": num_classes, "in_channels": in_channels}))
+    (path / "model.json").write_text(
+        json.dumps({"arch": arch, "num_classes": num_classes, "in_channels": in_channels})
+    )
     return path
 
 
@@ -131,30 +136,42 @@ def test_init_from_must_fit_the_config(tmp_path):
     assert "config.num_classes is 12" in message and "--new_head" in message
     assert "python -m stagejax.convert" in message
 
-    with pytest.raises(ConfigError, match=r"holds a resnet18 .* but config.model is 'resnet50'; "
-                                          r"pass --config.model=resnet18"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds a resnet18 .* but config.model is 'resnet50'; "
+        r"pass --config.model=resnet18",
+    ):
         config_lib.validate(_config(init_from=str(ok)), num_devices=1)
     with pytest.raises(ConfigError, match=r"3 input channel\(s\), but config.grayscale is True"):
-        config_lib.validate(_config(model="resnet18", grayscale=True, init_from=str(ok)),
-                            num_devices=1)
+        config_lib.validate(
+            _config(model="resnet18", grayscale=True, init_from=str(ok)), num_devices=1
+        )
     gray = _model_dir(tmp_path / "gray", in_channels=1)
-    config_lib.validate(_config(model="resnet18", grayscale=True, init_from=str(gray)),
-                        num_devices=1)
+    config_lib.validate(
+        _config(model="resnet18", grayscale=True, init_from=str(gray)), num_devices=1
+    )
     with pytest.raises(ConfigError, match="config.init_from: .*absent: no such model directory"):
         config_lib.validate(_config(init_from=str(tmp_path / "absent")), num_devices=1)
 
 
-@pytest.mark.parametrize("flag,field", [
-    ("--config.global_batch_size=0", "config.global_batch_size: 0"),
-    ("--config.learning_rate=-1", "config.learning_rate: -1.0"),
-    ("--config.model=resnet", "config.model: 'resnet'"),
-])
+@pytest.mark.parametrize(
+    "flag,field",
+    [
+        ("--config.global_batch_size=0", "config.global_batch_size: 0"),
+        ("--config.learning_rate=-1", "config.learning_rate: -1.0"),
+        ("--config.model=resnet", "config.model: 'resnet'"),
+    ],
+)
 def test_bad_value_on_the_command_line(flag, field, tmp_path):
     """Checked before the data: the data folder does not even exist here, and the
     error is about the field, not the folder."""
     workdir = tmp_path / "workdir"
-    overrides = {"data_dir": str(tmp_path / "no_such_data"), "cache_dir": str(tmp_path / "c"),
-                 "model": "resnet18", "crop_size": 32}
+    overrides = {
+        "data_dir": str(tmp_path / "no_such_data"),
+        "cache_dir": str(tmp_path / "c"),
+        "model": "resnet18",
+        "crop_size": 32,
+    }
     res = _run(workdir, overrides, flag)
     line = _error_line(res)
     assert res.returncode == 2 and line.startswith(f"error: {field}; must be "), line
@@ -178,11 +195,19 @@ RESNET = str(REPO / "configs" / "resnet.py")
 def test_variant_is_chosen_by_data_unless_named():
     demo, defaults = config_lib.resolve(RESNET, {})
     assert (demo.variant, demo.crop_size, demo.num_epochs, demo.global_batch_size) == (
-        "demo", 96, 8, 24)
+        "demo",
+        96,
+        8,
+        24,
+    )
     assert defaults.to_dict() == demo.to_dict()
     study, _ = config_lib.resolve(RESNET, {"data_dir": "/data"})
     assert (study.variant, study.crop_size, study.num_epochs, study.global_batch_size) == (
-        "study", 896, 10, 12)
+        "study",
+        896,
+        10,
+        12,
+    )
     # Named variants are used as named; predicting reads no dataset: the study's recipe.
     assert config_lib.resolve(f"{RESNET}:study", {})[0].crop_size == 896
     assert config_lib.resolve(f"{RESNET}:demo", {"data_dir": "/data"})[0].crop_size == 96
@@ -199,10 +224,14 @@ def test_a_field_given_on_the_command_line_always_wins():
 
 
 def test_unknown_override_is_refused_before_parsing():
-    config_lib.check_overrides(["prog", f"--config={RESNET}", "--config.augment.flip=False",
-                                "--noconfig.tta"])
-    with pytest.raises(ConfigError, match=r"^--config\.num_epoch: no such config field; "
-                                          r"did you mean 'num_epochs'\?$"):
+    config_lib.check_overrides(
+        ["prog", f"--config={RESNET}", "--config.augment.flip=False", "--noconfig.tta"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^--config\.num_epoch: no such config field; "
+        r"did you mean 'num_epochs'\?$",
+    ):
         config_lib.check_overrides(["prog", f"--config={RESNET}:study", "--config.num_epoch=2"])
     with pytest.raises(ConfigError, match=r"^--config\.simulated\.crop_size: no such config"):
         config_lib.check_overrides(["prog", f"--config={RESNET}", "--config.simulated.crop_size=8"])
@@ -214,18 +243,43 @@ def test_demo_run_does_what_the_command_line_says(tmp_path):
     from tests.test_reliability import TIMEOUT
 
     workdir = tmp_path / "w"
-    flags = [f"--config.{k}={v}" for k, v in {
-        "num_epochs": 1, "model": "resnet18", "cache_dir": tmp_path / "cache",
-        "simulated.num_images": 36, "eval_batch_size": 24}.items()]
+    flags = [
+        f"--config.{k}={v}"
+        for k, v in {
+            "num_epochs": 1,
+            "model": "resnet18",
+            "cache_dir": tmp_path / "cache",
+            "simulated.num_images": 36,
+            "eval_batch_size": 24,
+        }.items()
+    ]
     res = subprocess.run(
-        [sys.executable, "-m", "stagejax.main", f"--config={RESNET}", f"--workdir={workdir}",
-         *flags], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-        text=True, timeout=TIMEOUT)
+        [
+            sys.executable,
+            "-m",
+            "stagejax.main",
+            f"--config={RESNET}",
+            f"--workdir={workdir}",
+            *flags,
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     ran = json.loads((workdir / "config.json").read_text())
     assert (ran["variant"], ran["num_epochs"], ran["crop_size"], ran["global_batch_size"]) == (
-        "demo", 1, 96, 24)
-    epochs = [r["train/epoch"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
-              if "train/epoch" in r]
+        "demo",
+        1,
+        96,
+        24,
+    )
+    epochs = [
+        r["train/epoch"]
+        for r in map(json.loads, (workdir / "metrics.jsonl").open())
+        if "train/epoch" in r
+    ]
     assert epochs and max(epochs) == 1.0
     assert json.loads((workdir / "eval_test" / "metrics.json").read_text())["num_examples"] > 0

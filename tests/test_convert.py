@@ -24,8 +24,8 @@ import torchvision
 from flax import nnx
 
 from stagejax import convert, models
-from stagejax.runtime.checkpoint import load_model_weights
 from stagejax.convert import ConversionError
+from stagejax.runtime.checkpoint import load_model_weights
 from tests.conftest import REPO
 
 X = np.random.default_rng(0).uniform(0.0, 1.0, (2, 3, 64, 64)).astype(np.float32)
@@ -119,7 +119,10 @@ def test_torchvision_weights_give_the_same_logits_and_batch_statistics(name):
     for path, var in stats:
         ref = expected[convert.torch_name(path)].numpy()
         np.testing.assert_allclose(
-            var[...], ref, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(ref).max()),
+            var[...],
+            ref,
+            rtol=1e-4,
+            atol=1e-5 * max(1.0, np.abs(ref).max()),
             err_msg=convert.torch_name(path),
         )
 
@@ -136,8 +139,10 @@ def test_gray_input_and_class_count_are_inferred():
 
 def study_state(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The study's ResNet-50 names: ``identity_downsample`` for torchvision's ``downsample``."""
-    return {k.replace(".downsample.", ".identity_downsample."): v
-            for k, v in reference.state_dict().items()}
+    return {
+        k.replace(".downsample.", ".identity_downsample."): v
+        for k, v in reference.state_dict().items()
+    }
 
 
 def test_study_naming_imports_for_resnet50(tmp_path):
@@ -211,8 +216,11 @@ def test_wrong_architecture_is_listed_and_the_right_one_named(resnet18_state):
     assert "more)]" in message and "unexpected" not in message
     assert message.endswith("; the file matches --arch resnet18") and "\n" not in message
 
-    with pytest.raises(ConversionError, match=r"^mobilenet_v3_small: missing keys \[.*; "
-                                              r"unexpected keys \[conv1.weight, bn1.weight, "):
+    with pytest.raises(
+        ConversionError,
+        match=r"^mobilenet_v3_small: missing keys \[.*; "
+        r"unexpected keys \[conv1.weight, bn1.weight, ",
+    ):
         convert.convert_state_dict(resnet18_state, "mobilenet_v3_small")
 
 
@@ -229,7 +237,8 @@ def test_missing_extra_and_misshapen_keys_are_listed(resnet18_state):
         convert.convert_state_dict(state, "resnet18")
     assert str(err.value) == (
         "resnet18: shape mismatches [layer1.0.conv1.weight: file (64, 64, 1, 1) vs model "
-        "(64, 64, 3, 3)]")
+        "(64, 64, 3, 3)]"
+    )
 
     # Only the classifier differs: the message says how to replace or keep it.
     with pytest.raises(ConversionError) as err:
@@ -268,7 +277,9 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert convert.main(["--from", str(src), *args]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {out} (mobilenet_v3_small, 12 classes)")
     assert json.loads((out / "model.json").read_text()) == {
-        "arch": "mobilenet_v3_small", "num_classes": 12, "in_channels": 3,
+        "arch": "mobilenet_v3_small",
+        "num_classes": 12,
+        "in_channels": 3,
     }
 
     model = load_model_weights(out)
@@ -284,9 +295,11 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert convert.main(["--from", str(tmp_path / "whole.pth"), *other]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--trust_pickle" in err and "\n" not in err
-    for bad, text in ([["--arch", "resnet", "--from", str(src), "--out", "x"], "--arch=resnet"],
-                      [["--from", str(src)], "--arch, --out required"],
-                      [["--from", str(src), *other, "--bogus"], "bogus"]):
+    for bad, text in (
+        [["--arch", "resnet", "--from", str(src), "--out", "x"], "--arch=resnet"],
+        [["--from", str(src)], "--arch, --out required"],
+        [["--from", str(src), *other, "--bogus"], "bogus"],
+    ):
         assert convert.main(bad) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and text in err and "\n" not in err, err
@@ -306,14 +319,20 @@ def test_new_head_keeps_the_backbone_and_starts_a_12_stage_classifier():
     assert float(jnp.abs(model.fc.kernel[...]).max()) > 0  # initialised, not left at zero
     x = jnp.asarray(X.transpose(0, 2, 3, 1))
     reference.fc = torch.nn.Identity()  # the backbone's embedding, before any head
-    np.testing.assert_allclose(model.embed(model.backbone(x)), torch_logits(reference),
-                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        model.embed(model.backbone(x)), torch_logits(reference), rtol=0, atol=1e-4
+    )
 
 
 def _convert_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stagejax.convert", *args], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "stagejax.convert", *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _one_error_line(res: subprocess.CompletedProcess) -> str:
@@ -331,13 +350,15 @@ def test_command_line_refuses_another_head_and_an_existing_out(tmp_path):
     src = tmp_path / "resnet18_imagenet.pth"
     torch.save(torchvision.models.resnet18().state_dict(), src)
     out = tmp_path / "model"
-    line = _one_error_line(_convert_cli("--from", str(src), "--arch", "resnet18",
-                                        "--out", str(out)))
+    line = _one_error_line(
+        _convert_cli("--from", str(src), "--arch", "resnet18", "--out", str(out))
+    )
     assert "final classifier has 1000 outputs, not --num_classes 12" in line, line
     assert "pass --new_head" in line and not out.exists()
 
     out.write_text("my notes\n")
-    line = _one_error_line(_convert_cli("--from", str(src), "--arch", "resnet18", "--new_head",
-                                        "--out", str(out)))
+    line = _one_error_line(
+        _convert_cli("--from", str(src), "--arch", "resnet18", "--new_head", "--out", str(out))
+    )
     assert line == f"error: --out {out}: exists and is a file; choose a new directory"
     assert out.read_text() == "my notes\n"

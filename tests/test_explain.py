@@ -62,8 +62,14 @@ class QuadrantNet(nnx.Module):
 def quadrant_means(heat):
     """Mean heat of the [top-left, top-right, bottom-left, bottom-right] quadrants."""
     h, w = heat.shape[-2] // 2, heat.shape[-1] // 2
-    return np.array([heat[..., :h, :w].mean(), heat[..., :h, w:].mean(),
-                     heat[..., h:, :w].mean(), heat[..., h:, w:].mean()])
+    return np.array(
+        [
+            heat[..., :h, :w].mean(),
+            heat[..., :h, w:].mean(),
+            heat[..., h:, :w].mean(),
+            heat[..., h:, w:].mean(),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +110,9 @@ def test_gradcam_of_target_vs_predicted_stage(model, images):
 def test_gradcam_batch_equals_one_by_one(model, images):
     batch = gradcam(model, images, target=np.array([0, 1, 0, 1]))
     for i, t in enumerate([0, 1, 0, 1]):
-        np.testing.assert_allclose(batch[i], gradcam(model, images[i:i + 1], target=[t])[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            batch[i], gradcam(model, images[i : i + 1], target=[t])[0], atol=1e-5
+        )
 
 
 def test_gradcam_uses_eval_mode_without_changing_the_callers_module(images):
@@ -210,8 +217,7 @@ def write_fake_eval(workdir, split="test", dim=32, per_stage=5):
     (eval_dir / "features_files.txt").write_text("\n".join(names) + "\n")
     with (eval_dir / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file_name", "true_stage", "pred_stage",
-                         *[f"prob_{s}" for s in STAGES]])
+        writer.writerow(["file_name", "true_stage", "pred_stage", *[f"prob_{s}" for s in STAGES]])
         for name, s in zip(names, labels, strict=True):
             writer.writerow([name, STAGES[s], STAGES[s], *np.eye(NUM_STAGES)[s]])
     return eval_dir
@@ -287,8 +293,23 @@ def test_gradcam_cli_writes_pairs_and_stage_grids(tmp_path):
 
     # A folder of images, explaining a chosen stage, into another folder.
     other = tmp_path / "folder_out"
-    cli_main(["gradcam", "--workdir", str(workdir), "--images", str(root / "images"),
-              "--stage", "VII", "--max_images", "2", "--batch_size", "4", "--out", str(other)])
+    cli_main(
+        [
+            "gradcam",
+            "--workdir",
+            str(workdir),
+            "--images",
+            str(root / "images"),
+            "--stage",
+            "VII",
+            "--max_images",
+            "2",
+            "--batch_size",
+            "4",
+            "--out",
+            str(other),
+        ]
+    )
     assert len(list(other.glob("*.png"))) == 2 + 2  # two pairs, two stage grids
     with pytest.raises(ConfigError, match="--stage"):
         cli_main(["gradcam", "--workdir", str(workdir), "--stage", "XIII"])

@@ -24,9 +24,15 @@ def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_suite")
     out = tmp / "out"
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(SCRIPT), str(out), "--smoke", "--cache_dir",
-                           str(tmp / "cache")], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--smoke", "--cache_dir", str(tmp / "cache")],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, json.loads((out / gpu_suite.JSON_NAME).read_text())
 
@@ -105,17 +111,23 @@ def test_script_refuses_a_missing_output_folder_argument():
 
 
 def _report_so_far() -> dict:
-    return {"mode": "gpu", "date": "d", "command": "c", "budget_s": 450, "setup_s": 10,
-            "num_workers": 14, "sizes": {"headline": gpu_suite.GPU.headline},
-            "machine": {"cpu": "x", "cpu_count": 16, "gpu": None, "versions": {"jax": "0"}},
-            "parts": {p.name: {"status": "waiting"} for p in gpu_suite.PARTS}}
+    return {
+        "mode": "gpu",
+        "date": "d",
+        "command": "c",
+        "budget_s": 450,
+        "setup_s": 10,
+        "num_workers": 14,
+        "sizes": {"headline": gpu_suite.GPU.headline},
+        "machine": {"cpu": "x", "cpu_count": 16, "gpu": None, "versions": {"jax": "0"}},
+        "parts": {p.name: {"status": "waiting"} for p in gpu_suite.PARTS},
+    }
 
 
 def test_markdown_and_targets_of_a_run_cut_short():
     report = _report_so_far()
     report["parts"]["prepare"] = {"status": "failed", "error": "timed out after 90 s"}
-    report["parts"]["train_throughput"] = {"status": "running",
-                                           "rounds": {"stagejax@48": [{}]}}
+    report["parts"]["train_throughput"] = {"status": "running", "rounds": {"stagejax@48": [{}]}}
     text = gpu_suite_report.markdown(report)
     assert "| prepare | failed | n/a | error: timed out after 90 s |" in text
     assert "stagejax@48: 1 round(s) done" in text
@@ -124,13 +136,20 @@ def test_markdown_and_targets_of_a_run_cut_short():
 
 def test_part_deadlines_leave_the_later_parts_their_floors(monkeypatch):
     monkeypatch.setattr(gpu_suite.time, "monotonic", lambda: 1000.0)
-    ctx = gpu_suite.Context(sizes=gpu_suite.GPU, out_dir=REPO, cache_dir="", num_workers=1,
-                            deadline=1300.0, report=_report_so_far())
+    ctx = gpu_suite.Context(
+        sizes=gpu_suite.GPU,
+        out_dir=REPO,
+        cache_dir="",
+        num_workers=1,
+        deadline=1300.0,
+        report=_report_so_far(),
+    )
     names = [p.name for p in gpu_suite.PARTS]
     train, pred = names.index("train_throughput"), names.index("predict")
     floor = gpu_suite.PARTS[pred].floor_s
-    assert gpu_suite.part_deadline(train, ctx) == min(1000 + gpu_suite.PARTS[train].cap_s,
-                                                      1300 - floor)
+    assert gpu_suite.part_deadline(train, ctx) == min(
+        1000 + gpu_suite.PARTS[train].cap_s, 1300 - floor
+    )
     assert gpu_suite.part_deadline(pred, ctx) == min(1000 + gpu_suite.PARTS[pred].cap_s, 1300)
     ctx.deadline = 1030.0  # little left: the cap gives way to the run's deadline
     assert gpu_suite.part_deadline(pred, ctx) == 1030.0
@@ -151,13 +170,24 @@ def test_a_crashing_part_keeps_its_traceback_and_the_later_parts_run(monkeypatch
     def fine(ctx, deadline):
         return {"results": {"x": {"images_per_s": 1.0}}}
 
-    monkeypatch.setattr(gpu_suite, "PARTS", (
-        gpu_suite.Part("a", broken, cap_s=10), gpu_suite.Part("b", fine, cap_s=10),
-        gpu_suite.Part("c", None, pending="later")))
+    monkeypatch.setattr(
+        gpu_suite,
+        "PARTS",
+        (
+            gpu_suite.Part("a", broken, cap_s=10),
+            gpu_suite.Part("b", fine, cap_s=10),
+            gpu_suite.Part("c", None, pending="later"),
+        ),
+    )
     report = {**_report_so_far(), "parts": {n: {"status": "waiting"} for n in "abc"}}
-    ctx = gpu_suite.Context(sizes=gpu_suite.SMOKE, out_dir=tmp_path, cache_dir="",
-                            num_workers=1, deadline=gpu_suite.time.monotonic() + 60,
-                            report=report)
+    ctx = gpu_suite.Context(
+        sizes=gpu_suite.SMOKE,
+        out_dir=tmp_path,
+        cache_dir="",
+        num_workers=1,
+        deadline=gpu_suite.time.monotonic() + 60,
+        report=report,
+    )
     gpu_suite.run_parts(ctx)
     parts = json.loads((tmp_path / gpu_suite.JSON_NAME).read_text())["parts"]
     assert parts["a"]["status"] == "crashed" and "KeyError: 'bug'" in parts["a"]["traceback"]

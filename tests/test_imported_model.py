@@ -32,12 +32,13 @@ def _torch_probs(model: torch.nn.Module, path: Path, tta: bool = False) -> np.nd
     image = np.asarray(Image.open(path).convert("RGB"), np.float32)
     h, w = image.shape[:2]
     top, left = (h - CROP) // 2, (w - CROP) // 2
-    x = image[top:top + CROP, left:left + CROP]
+    x = image[top : top + CROP, left : left + CROP]
     x = torch.from_numpy((x - x.min()) / (x.max() - x.min())).permute(2, 0, 1)[None]
     views = [x]
     if tta:
-        views = [v for k in range(4) for r in [torch.rot90(x, k, dims=(2, 3))]
-                 for v in (r, r.flip(3))]
+        views = [
+            v for k in range(4) for r in [torch.rot90(x, k, dims=(2, 3))] for v in (r, r.flip(3))
+        ]
     with torch.inference_mode():
         return np.mean([torch.softmax(model(v), -1)[0].numpy() for v in views], axis=0)
 
@@ -51,9 +52,18 @@ def _read_probs(path: Path) -> dict[str, np.ndarray]:
 
 
 def _main(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "stagejax.main", "--config=configs/resnet.py",
-           f"--workdir={workdir}", "--config.model=resnet18", f"--config.crop_size={CROP}",
-           "--config.crop_range=4", f"--config.cache_dir={workdir.parent / 'cache'}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stagejax.main",
+        "--config=configs/resnet.py",
+        f"--workdir={workdir}",
+        "--config.model=resnet18",
+        f"--config.crop_size={CROP}",
+        "--config.crop_range=4",
+        f"--config.cache_dir={workdir.parent / 'cache'}",
+        *args,
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -63,8 +73,12 @@ def imported(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     reference = randomize(torchvision.models.resnet18(num_classes=12)).eval()
     tmp = tmp_path_factory.mktemp("imported")
     torch.save(reference.state_dict(), tmp / "resnet18.pth")
-    assert convert.main(["--from", str(tmp / "resnet18.pth"), "--arch", "resnet18",
-                         "--out", str(tmp / "model")]) == 0
+    assert (
+        convert.main(
+            ["--from", str(tmp / "resnet18.pth"), "--arch", "resnet18", "--out", str(tmp / "model")]
+        )
+        == 0
+    )
     return reference, tmp / "model"
 
 
@@ -75,8 +89,12 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
     expected = {f: _torch_probs(reference, images / f) for f in test_files}
 
     workdir = tmp_path / "eval"
-    r = _main(workdir, "--mode=eval", f"--config.init_from={model_dir}",
-              f"--config.data_dir={tiny_sim_dir}")
+    r = _main(
+        workdir,
+        "--mode=eval",
+        f"--config.init_from={model_dir}",
+        f"--config.data_dir={tiny_sim_dir}",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = _read_probs(workdir / "eval_test" / "predictions.csv")
     assert sorted(got) == sorted(test_files)
@@ -92,16 +110,21 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
     got = _read_probs(workdir / "eval_validation" / "predictions.csv")
     assert sorted(got) == sorted(val_files)
     for f in val_files:
-        np.testing.assert_allclose(got[f], _torch_probs(reference, images / f), atol=1e-4,
-                                   err_msg=f)
+        np.testing.assert_allclose(
+            got[f], _torch_probs(reference, images / f), atol=1e-4, err_msg=f
+        )
 
     folder = tmp_path / "unlabeled"
     folder.mkdir()
     for f in test_files[:5]:
         (folder / f).write_bytes((images / f).read_bytes())
     workdir = tmp_path / "predict"
-    r = _main(workdir, "--mode=predict", f"--config.init_from={model_dir}",
-              f"--config.predict_dir={folder}")
+    r = _main(
+        workdir,
+        "--mode=predict",
+        f"--config.init_from={model_dir}",
+        f"--config.predict_dir={folder}",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = _read_probs(workdir / "predict" / "unlabeled" / "predictions.csv")
     assert sorted(got) == sorted(test_files[:5])
@@ -110,15 +133,25 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
 
     # Test-time augmentation: the mean over the 8 rotations/flips, not the plain crop.
     workdir = tmp_path / "predict_tta"
-    r = _main(workdir, "--mode=predict", f"--config.init_from={model_dir}",
-              f"--config.predict_dir={folder}", "--config.tta=True")
+    r = _main(
+        workdir,
+        "--mode=predict",
+        f"--config.init_from={model_dir}",
+        f"--config.predict_dir={folder}",
+        "--config.tta=True",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = _read_probs(workdir / "predict" / "unlabeled" / "predictions.csv")
     for f in test_files[:5]:
         tta = _torch_probs(reference, images / f, tta=True)
         np.testing.assert_allclose(got[f], tta, atol=1e-4, err_msg=f)
-    assert max(np.abs(_torch_probs(reference, images / f, tta=True) - expected[f]).max()
-               for f in test_files[:5]) > 1e-3  # TTA changes the answer: the check has teeth
+    assert (
+        max(
+            np.abs(_torch_probs(reference, images / f, tta=True) - expected[f]).max()
+            for f in test_files[:5]
+        )
+        > 1e-3
+    )  # TTA changes the answer: the check has teeth
 
 
 def test_eval_without_a_model_is_a_one_line_error(tmp_path, tiny_sim_dir):

@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 from stagejax.data import input_pipeline
-from stagejax.errors import DatasetError
 from stagejax.data.sampler import StageBalancedSampler
-from stagejax.errors import ConfigError
+from stagejax.errors import ConfigError, DatasetError
 
 COUNTS = [1, 2, 3, 4, 2, 3, 2, 1, 3, 2, 4, 3]  # 30 images, stage I and VIII single.
 SIZE, CROP = 40, 32
@@ -36,17 +35,25 @@ def record_image(index, label, size=SIZE):
 def make_split():
     labels = np.random.default_rng(0).permutation(np.repeat(np.arange(12), COUNTS))
     names = [f"slide_{i}_{label + 1}-{i}.png" for i, label in enumerate(labels)]
-    source = [dict(image=png_bytes(record_image(i, int(label))), label=int(label),
-                   file_name=names[i]) for i, label in enumerate(labels)]
-    return types.SimpleNamespace(source=source, labels=labels.astype(np.int32),
-                                 file_names=names)
+    source = [
+        dict(image=png_bytes(record_image(i, int(label))), label=int(label), file_name=names[i])
+        for i, label in enumerate(labels)
+    ]
+    return types.SimpleNamespace(source=source, labels=labels.astype(np.int32), file_names=names)
 
 
 def make_config(**kw):
-    c = ml_collections.ConfigDict(dict(
-        crop_size=CROP, crop_range=4, global_batch_size=24, eval_batch_size=8, seed=3,
-        num_workers=0,
-        augment=dict(rot90=True, flip=True, stain_jitter=0.0, brightness=0.0, contrast=0.0)))
+    c = ml_collections.ConfigDict(
+        dict(
+            crop_size=CROP,
+            crop_range=4,
+            global_batch_size=24,
+            eval_batch_size=8,
+            seed=3,
+            num_workers=0,
+            augment=dict(rot90=True, flip=True, stain_jitter=0.0, brightness=0.0, contrast=0.0),
+        )
+    )
     c.update(kw)
     return c
 
@@ -60,8 +67,7 @@ def take(iterator, n):
 
 def test_train_batches_shapes_stages_and_images():
     config = make_config()
-    batches = take(input_pipeline.train_batches(SPLIT, config, process_index=0,
-                                                process_count=1), 4)
+    batches = take(input_pipeline.train_batches(SPLIT, config, process_index=0, process_count=1), 4)
     sampler = StageBalancedSampler(SPLIT.labels, 24, config.seed)
     for step, batch in enumerate(batches):
         assert set(batch) == {"image", "label"}
@@ -76,10 +82,18 @@ def test_train_batches_shapes_stages_and_images():
 
 def test_train_batches_two_processes_with_workers_and_resume():
     config = make_config(num_workers=2)
-    single = take(input_pipeline.train_batches(SPLIT, make_config(), process_index=0,
-                                               process_count=1), 3)
-    parts = [take(input_pipeline.train_batches(SPLIT, config, start_step=1, process_index=p,
-                                               process_count=2), 2) for p in range(2)]
+    single = take(
+        input_pipeline.train_batches(SPLIT, make_config(), process_index=0, process_count=1), 3
+    )
+    parts = [
+        take(
+            input_pipeline.train_batches(
+                SPLIT, config, start_step=1, process_index=p, process_count=2
+            ),
+            2,
+        )
+        for p in range(2)
+    ]
     for t in range(2):
         for key in ("image", "label"):
             got = np.concatenate([parts[0][t][key], parts[1][t][key]])
@@ -88,8 +102,10 @@ def test_train_batches_two_processes_with_workers_and_resume():
 
 def test_eval_two_processes_cover_each_example_once():
     config = make_config(num_workers=0)
-    per_process = [list(input_pipeline.eval_batches(SPLIT, config, process_index=p,
-                                                    process_count=2)) for p in range(2)]
+    per_process = [
+        list(input_pipeline.eval_batches(SPLIT, config, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     assert len(per_process[0]) == len(per_process[1]) == 4  # ceil(30 / 8)
     seen = []
     for batches in per_process:
@@ -118,8 +134,9 @@ def test_eval_with_workers_keeps_the_exact_order():
 
 def test_eval_batch_size_must_split_between_processes():
     with pytest.raises(ConfigError, match="eval_batch_size"):
-        input_pipeline.eval_batches(SPLIT, make_config(eval_batch_size=5), process_index=0,
-                                    process_count=2)
+        input_pipeline.eval_batches(
+            SPLIT, make_config(eval_batch_size=5), process_index=0, process_count=2
+        )
 
 
 def test_predict_batches_from_files(tmp_path):
@@ -128,8 +145,11 @@ def test_predict_batches_from_files(tmp_path):
         path = tmp_path / f"unlabelled_{i}.png"
         path.write_bytes(png_bytes(record_image(50 + i, 0, size=36)))
         paths.append(path)
-    batches = list(input_pipeline.predict_batches(paths, make_config(eval_batch_size=2),
-                                                  process_index=0, process_count=1))
+    batches = list(
+        input_pipeline.predict_batches(
+            paths, make_config(eval_batch_size=2), process_index=0, process_count=1
+        )
+    )
     assert [set(b) for b in batches] == [{"image", "index", "mask", "size", "error"}] * 2
     index = np.concatenate([b["index"] for b in batches])
     np.testing.assert_array_equal(index, [0, 1, 2, -1])
@@ -144,8 +164,9 @@ def test_predict_batches_from_files(tmp_path):
     small = tmp_path / "small.png"
     small.write_bytes(png_bytes(record_image(0, 0, size=20)))
     files = [small, tmp_path / "missing.png", paths[0]]
-    (batch,) = input_pipeline.predict_batches(files, make_config(eval_batch_size=3),
-                                              process_index=0, process_count=1)
+    (batch,) = input_pipeline.predict_batches(
+        files, make_config(eval_batch_size=3), process_index=0, process_count=1
+    )
     assert batch["mask"].all()
     assert "small.png: image is 20x20, smaller than crop_size 32" in batch["error"][0]
     assert "missing.png: cannot read" in batch["error"][1] and batch["error"][2] == ""
@@ -155,8 +176,10 @@ def test_predict_batches_from_files(tmp_path):
     assert input_pipeline.predict_file_error(paths[0], 32) == ""
 
     # Evaluation still stops at a bad record (its data were checked when prepared).
-    split = types.SimpleNamespace(source=[dict(image=b"junk", label=0, file_name="junk.png")],
-                                  labels=np.zeros(1, np.int32), file_names=["junk.png"])
+    split = types.SimpleNamespace(
+        source=[dict(image=b"junk", label=0, file_name="junk.png")],
+        labels=np.zeros(1, np.int32),
+        file_names=["junk.png"],
+    )
     with pytest.raises(DatasetError, match="junk.png"):
-        list(input_pipeline.eval_batches(split, make_config(), process_index=0,
-                                         process_count=1))
+        list(input_pipeline.eval_batches(split, make_config(), process_index=0, process_count=1))

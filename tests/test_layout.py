@@ -41,9 +41,17 @@ def rgb16_tiff(pixels: np.ndarray) -> bytes:
     height, width, _ = pixels.shape
     data = pixels.astype("<u2").tobytes()
     # (tag, type 3=SHORT/4=LONG, count, value); 258 and 273 point past the IFD.
-    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, None), (259, 3, 1, 1),
-            (262, 3, 1, 2), (273, 4, 1, None), (277, 3, 1, 3), (278, 3, 1, height),
-            (279, 4, 1, len(data))]
+    tags = [
+        (256, 3, 1, width),
+        (257, 3, 1, height),
+        (258, 3, 3, None),
+        (259, 3, 1, 1),
+        (262, 3, 1, 2),
+        (273, 4, 1, None),
+        (277, 3, 1, 3),
+        (278, 3, 1, height),
+        (279, 4, 1, len(data)),
+    ]
     bits_offset = 8 + 2 + 12 * len(tags) + 4
     out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
     for tag, typ, count, value in tags:
@@ -68,13 +76,16 @@ def _fresh_conversion_log(monkeypatch):
 # ---------------------------------------------------------------- label parsing
 
 
-@pytest.mark.parametrize("name,stage", [
-    ("20211015_a_7-12.tif", "7"),
-    ("slide_XII-3.png", "XII"),
-    ("a_b_10-1.jpeg", "10"),
-    ("sub/dir_x_4-1.png", "4"),
-    ("a_7-1-2.png", "7-1"),  # the *last* '-' ends the stage
-])
+@pytest.mark.parametrize(
+    "name,stage",
+    [
+        ("20211015_a_7-12.tif", "7"),
+        ("slide_XII-3.png", "XII"),
+        ("a_b_10-1.jpeg", "10"),
+        ("sub/dir_x_4-1.png", "4"),
+        ("a_7-1-2.png", "7-1"),  # the *last* '-' ends the stage
+    ],
+)
 def test_stage_from_file_name(name, stage):
     assert stage_from_file_name(name) == stage
 
@@ -90,7 +101,8 @@ def test_read_layout_labels_order_and_tolerant_lists(tmp_path):
     # Blank lines, trailing whitespace and CRLF line ends are tolerated everywhere.
     (tmp_path / "label_list.txt").write_text("1 \r\n\n2\t\r\n3\n\n\n")
     (tmp_path / "split_list" / "train.txt").write_text(
-        "\n\n" + "  \r\n".join(names["train"]) + "   \n\n")
+        "\n\n" + "  \r\n".join(names["train"]) + "   \n\n"
+    )
     layout = read_layout(tmp_path)
     assert layout.root == tmp_path
     assert layout.label_names == ["1", "2", "3"]
@@ -122,6 +134,7 @@ def test_unlisted_images_are_ignored(tmp_path):
 def _overwrite(name: str, data: bytes):
     def mutate(root: Path, names):
         (root / "images" / names["train"][int(name)]).write_bytes(data)
+
     return mutate
 
 
@@ -129,12 +142,14 @@ def _truncate(fmt: str, **kwargs):
     def mutate(root: Path, names):
         data = _encode(_pixels(1, (40, 40, 3)), fmt, **kwargs)
         (root / "images" / names["train"][0]).write_bytes(data[: len(data) // 2])
+
     return mutate
 
 
 def _write(relpath: str, text: str):
     def mutate(root: Path, names):
         (root / relpath).write_text(text)
+
     return mutate
 
 
@@ -147,6 +162,7 @@ def _remove(relpath: str):
             path.rmdir()
         else:
             path.unlink()
+
     return mutate
 
 
@@ -154,6 +170,7 @@ def _append_to_split(split: str, line: str):
     def mutate(root: Path, names):
         with open(root / "split_list" / f"{split}.txt", "a") as f:
             f.write(line + "\n")
+
     return mutate
 
 
@@ -161,6 +178,7 @@ def _add_image(name: str, split: str):
     def mutate(root: Path, names):
         Image.fromarray(_pixels(5)).save(root / "images" / name)
         _append_to_split(split, name)(root, names)
+
     return mutate
 
 
@@ -170,36 +188,59 @@ BAD_INPUTS = {
     "missing split file": (_remove("split_list/validation.txt"), r"validation.txt: missing"),
     "missing label list": (_remove("label_list.txt"), r"label_list.txt: missing"),
     "empty split": (_write("split_list/test.txt", "\n  \n"), r"test.txt: empty split"),
-    "listed file absent": (_append_to_split("test", "2021_x_1-99.png"),
-                           r"2021_x_1-99.png: listed in .*test.txt but missing"),
+    "listed file absent": (
+        _append_to_split("test", "2021_x_1-99.png"),
+        r"2021_x_1-99.png: listed in .*test.txt but missing",
+    ),
     "no stage in name": (_add_image("nostage.png", "test"), r"nostage.png: no stage"),
-    "stage not in label list": (_add_image("s_13-1.png", "test"),
-                                r"s_13-1.png: stage '13' is not in .*label_list.txt"),
-    "duplicate label": (_write("label_list.txt", "1\n2\n3\n2\n"),
-                        r"label_list.txt: label '2' listed twice"),
-    "file in two splits": (_append_to_split("test", "2021_train_1-0.png"),
-                           r"test.txt: 2021_train_1-0.png listed also in split 'train'"),
-    "file twice in a split": (_append_to_split("validation", "2021_validation_2-0.png"),
-                              r"validation.txt: 2021_validation_2-0.png listed twice"),
-    "train lacks a stage": (_write("split_list/train.txt", "2021_train_1-0.png\n"
-                                   "2021_train_2-1.png\n2021_train_1-3.png\n"),
-                            r"train.txt: no training image of stage '3'"),
+    "stage not in label list": (
+        _add_image("s_13-1.png", "test"),
+        r"s_13-1.png: stage '13' is not in .*label_list.txt",
+    ),
+    "duplicate label": (
+        _write("label_list.txt", "1\n2\n3\n2\n"),
+        r"label_list.txt: label '2' listed twice",
+    ),
+    "file in two splits": (
+        _append_to_split("test", "2021_train_1-0.png"),
+        r"test.txt: 2021_train_1-0.png listed also in split 'train'",
+    ),
+    "file twice in a split": (
+        _append_to_split("validation", "2021_validation_2-0.png"),
+        r"validation.txt: 2021_validation_2-0.png listed twice",
+    ),
+    "train lacks a stage": (
+        _write(
+            "split_list/train.txt", "2021_train_1-0.png\n2021_train_2-1.png\n2021_train_1-3.png\n"
+        ),
+        r"train.txt: no training image of stage '3'",
+    ),
     "zero-byte file": (_overwrite("1", b""), r"2021_train_2-1.png: empty \(zero-byte\)"),
-    "text with image suffix": (_overwrite("1", b"not an image, just text\n" * 10),
-                               r"2021_train_2-1.png: not a readable PNG, JPEG or TIFF"),
-    "GIF with png suffix": (_overwrite("1", _encode(_pixels(1), "GIF")),
-                            r"2021_train_2-1.png: GIF image"),
+    "text with image suffix": (
+        _overwrite("1", b"not an image, just text\n" * 10),
+        r"2021_train_2-1.png: not a readable PNG, JPEG or TIFF",
+    ),
+    "GIF with png suffix": (
+        _overwrite("1", _encode(_pixels(1), "GIF")),
+        r"2021_train_2-1.png: GIF image",
+    ),
     "truncated PNG": (_truncate("PNG"), r"2021_train_1-0.png: cannot decode"),
     "truncated JPEG": (_truncate("JPEG"), r"2021_train_1-0.png: cannot decode"),
     "truncated TIFF": (_truncate("TIFF"), r"2021_train_1-0.png: cannot decode"),
-    "truncated LZW TIFF": (_truncate("TIFF", compression="tiff_lzw"),
-                           r"2021_train_1-0.png: not a readable"),
+    "truncated LZW TIFF": (
+        _truncate("TIFF", compression="tiff_lzw"),
+        r"2021_train_1-0.png: not a readable",
+    ),
     "PNG without end chunk": (
         lambda root, names: (root / "images" / names["train"][0]).write_bytes(
-            _encode(_pixels(1), "PNG")[:-12]),
-        r"2021_train_1-0.png: cannot decode"),
-    "float TIFF": (_overwrite("0", _encode(np.zeros((24, 32), np.float32), "TIFF")),
-                   r"2021_train_1-0.png: unsupported pixel type F \(32 bits"),
+            _encode(_pixels(1), "PNG")[:-12]
+        ),
+        r"2021_train_1-0.png: cannot decode",
+    ),
+    "float TIFF": (
+        _overwrite("0", _encode(np.zeros((24, 32), np.float32), "TIFF")),
+        r"2021_train_1-0.png: unsupported pixel type F \(32 bits",
+    ),
 }
 
 
@@ -219,8 +260,9 @@ def test_bad_input_raises_one_line_naming_the_file(tmp_path, case):
 def test_image_smaller_than_crop(tmp_path):
     names = make_dataset(tmp_path)
     assert read_layout(tmp_path, crop_size=24).splits["train"]
-    with pytest.raises(DatasetError, match=f"{names['train'][0]}: image is 24x32, smaller than "
-                                           "crop_size 25"):
+    with pytest.raises(
+        DatasetError, match=f"{names['train'][0]}: image is 24x32, smaller than crop_size 25"
+    ):
         read_layout(tmp_path, crop_size=25)
 
 
@@ -236,10 +278,15 @@ def test_without_image_checks_only_names_and_existence_are_checked(tmp_path):
 # ---------------------------------------------------------------- decoding
 
 
-@pytest.mark.parametrize("fmt,kwargs", [
-    ("PNG", {}), ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}),
-    ("TIFF", {"compression": "tiff_adobe_deflate"}),
-])
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("PNG", {}),
+        ("TIFF", {}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("TIFF", {"compression": "tiff_adobe_deflate"}),
+    ],
+)
 def test_lossless_8bit_rgb_decodes_exactly(fmt, kwargs, caplog):
     pixels = _pixels(3)
     with caplog.at_level(logging.WARNING):
@@ -272,15 +319,17 @@ def test_16bit_gray_scaled_and_replicated(fmt):
 
 def test_gray_rgba_palette_converted_to_rgb():
     gray = _pixels(1, (8, 9))
-    np.testing.assert_array_equal(decode_image(_encode(gray, "PNG"), "g"),
-                                  np.stack([gray] * 3, axis=-1))
+    np.testing.assert_array_equal(
+        decode_image(_encode(gray, "PNG"), "g"), np.stack([gray] * 3, axis=-1)
+    )
     rgba = _pixels(2, (8, 9, 4))
     np.testing.assert_array_equal(decode_image(_encode(rgba, "PNG"), "a"), rgba[..., :3])
     palette = Image.fromarray(_pixels(3, (8, 9, 3))).quantize(colors=16)
     buf = io.BytesIO()
     palette.save(buf, format="PNG")
-    np.testing.assert_array_equal(decode_image(buf.getvalue(), "p"),
-                                  np.asarray(palette.convert("RGB")))
+    np.testing.assert_array_equal(
+        decode_image(buf.getvalue(), "p"), np.asarray(palette.convert("RGB"))
+    )
 
 
 def test_each_conversion_kind_logged_once(caplog):
@@ -288,8 +337,14 @@ def test_each_conversion_kind_logged_once(caplog):
     rgba = _encode(_pixels(2, (8, 9, 4)), "PNG")
     gray16 = _encode(np.full((4, 4), 4000, np.uint16), "TIFF")
     with caplog.at_level(logging.WARNING):
-        for name, data in [("g1", gray), ("g2", gray), ("a1", rgba), ("a2", rgba),
-                           ("d1", gray16), ("d2", gray16)]:
+        for name, data in [
+            ("g1", gray),
+            ("g2", gray),
+            ("a1", rgba),
+            ("a2", rgba),
+            ("d1", gray16),
+            ("d2", gray16),
+        ]:
             decode_image(data, name)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages

@@ -34,9 +34,7 @@ def _sklearn_summary(y, p) -> dict:
 
 
 def _check_against_sklearn(y: np.ndarray, p: np.ndarray, confusion: np.ndarray) -> dict:
-    np.testing.assert_array_equal(
-        confusion, skm.confusion_matrix(y, p, labels=range(NUM_STAGES))
-    )
+    np.testing.assert_array_equal(confusion, skm.confusion_matrix(y, p, labels=range(NUM_STAGES)))
     got = metrics.summarize(confusion, loss=0.5)
     want = _sklearn_summary(y, p)
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "weighted_f1"):

@@ -65,8 +65,9 @@ def test_parameter_count_and_feature_shapes(name):
         reference = getattr(torchvision.models, name)(num_classes=12)
     model = models.create_uninitialized(name, num_classes=12)
     assert n_params(model) == sum(p.numel() for p in reference.parameters())
-    assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))) \
-        == sum(b.numel() for n, b in reference.named_buffers() if "running" in n)
+    assert sum(
+        int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+    ) == sum(b.numel() for n, b in reference.named_buffers() if "running" in n)
 
     x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
     fmap = nnx.eval_shape(lambda m, x: m.backbone(x), model, x)

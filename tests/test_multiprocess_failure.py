@@ -52,20 +52,34 @@ def _trained_steps(workdir: Path) -> int:
 def test_survivor_exits_with_an_error_when_a_peer_is_killed(victim, tmp_path, tiny_sim_dir):
     workdir = tmp_path / "run"
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = []
     for i in range(2):
-        cmd = [sys.executable, "-m", "stagejax.main",
-               f"--config={REPO / 'configs' / 'resnet.py'}", f"--workdir={workdir}",
-               f"--config.data_dir={tiny_sim_dir}", f"--config.cache_dir={tmp_path / 'cache'}",
-               "--config.model=resnet18", "--config.crop_size=32", "--config.crop_range=4",
-               "--config.num_epochs=100", "--config.log_every_steps=1",
-               "--config.checkpoint_every_steps=1000",
-               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-               f"--process_id={i}", f"--heartbeat_timeout={HEARTBEAT}",
-               "--initialization_timeout=120"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stagejax.main",
+            f"--config={REPO / 'configs' / 'resnet.py'}",
+            f"--workdir={workdir}",
+            f"--config.data_dir={tiny_sim_dir}",
+            f"--config.cache_dir={tmp_path / 'cache'}",
+            "--config.model=resnet18",
+            "--config.crop_size=32",
+            "--config.crop_range=4",
+            "--config.num_epochs=100",
+            "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=1000",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            f"--heartbeat_timeout={HEARTBEAT}",
+            "--initialization_timeout=120",
+        ]
         with logs[i].open("w") as log:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log))
     try:
@@ -74,8 +88,7 @@ def test_survivor_exits_with_an_error_when_a_peer_is_killed(victim, tmp_path, ti
         deadline = time.monotonic() + START_TIMEOUT
         while _trained_steps(workdir) < 2:
             for i, p in enumerate(procs):
-                assert p.poll() is None, f"process {i} exited early:\n" \
-                    f"{logs[i].read_text()[-3000:]}"
+                assert p.poll() is None, f"process {i} exited early:\n{logs[i].read_text()[-3000:]}"
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
 
@@ -86,8 +99,10 @@ def test_survivor_exits_with_an_error_when_a_peer_is_killed(victim, tmp_path, ti
         try:
             rc = survivor.wait(timeout=EXIT_BOUND)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"process {1 - victim} still running {EXIT_BOUND} s after its peer "
-                        f"died:\n{logs[1 - victim].read_text()[-3000:]}")
+            pytest.fail(
+                f"process {1 - victim} still running {EXIT_BOUND} s after its peer "
+                f"died:\n{logs[1 - victim].read_text()[-3000:]}"
+            )
         elapsed = time.monotonic() - killed_at
     finally:
         for p in procs:

@@ -24,17 +24,31 @@ def _free_port() -> int:
 
 def _probe(tmp_path, name, data, *extra, procs=1, timeout=600):
     out = tmp_path / f"{name}.npz"
-    base = [sys.executable, PROBE, "--out", str(out), "--data", str(data),
-            "--cache", str(tmp_path / "cache"), *extra]
+    base = [
+        sys.executable,
+        PROBE,
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--cache",
+        str(tmp_path / "cache"),
+        *extra,
+    ]
     if procs == 1:
         res = subprocess.run(base, capture_output=True, text=True, timeout=timeout)
         assert res.returncode == 0, res.stderr[-3000:]
     else:
         port = _free_port()
-        ps = [subprocess.Popen(base + ["--num_processes", str(procs), "--process_id", str(i),
-                                       "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for i in range(procs)]
+        ps = [
+            subprocess.Popen(
+                base + ["--num_processes", str(procs), "--process_id", str(i), "--port", str(port)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(procs)
+        ]
         for p in ps:
             _, err = p.communicate(timeout=timeout)
             assert p.returncode == 0, err[-3000:]
@@ -61,8 +75,9 @@ def test_jit_mesh_and_pmap_match_one_device(tmp_path, tiny_sim_dir, single):
     ref_leaves, ref_losses, traces = single
     assert traces == 1, "the jitted train step was traced more than once"
     for mode in ("jit", "pmap"):
-        leaves, losses, traces = _probe(tmp_path, mode, tiny_sim_dir, "--devices", "8",
-                                        "--mode", mode)
+        leaves, losses, traces = _probe(
+            tmp_path, mode, tiny_sim_dir, "--devices", "8", "--mode", mode
+        )
         assert traces == 1, f"{mode}: the train step was traced more than once"
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
         _assert_same(leaves, ref_leaves)
@@ -79,8 +94,23 @@ def test_two_processes_match_one_process(tmp_path, tiny_sim_dir):
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path, tiny_sim_dir):
     res = subprocess.run(
-        [sys.executable, PROBE, "--out", str(tmp_path / "x.npz"), "--data", str(tiny_sim_dir),
-         "--cache", str(tmp_path / "cache"), "--devices", "8", "--batch", "20"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            PROBE,
+            "--out",
+            str(tmp_path / "x.npz"),
+            "--data",
+            str(tiny_sim_dir),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--devices",
+            "8",
+            "--batch",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0
     assert "config.global_batch_size: 20 does not divide by the 8 devices" in res.stderr

@@ -56,12 +56,28 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _predict(workdir: Path, model: Path, folder: Path, *extra: str):
-    cmd = [sys.executable, "-m", "stagejax.main", "--config=configs/resnet.py",
-           f"--workdir={workdir}", "--mode=predict", "--config.model=resnet18",
-           f"--config.crop_size={CROP}", f"--config.init_from={model}",
-           f"--config.predict_dir={folder}", "--config.eval_batch_size=4", *extra]
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "stagejax.main",
+        "--config=configs/resnet.py",
+        f"--workdir={workdir}",
+        "--mode=predict",
+        "--config.model=resnet18",
+        f"--config.crop_size={CROP}",
+        f"--config.init_from={model}",
+        f"--config.predict_dir={folder}",
+        "--config.eval_batch_size=4",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _rows(path: Path) -> dict[str, dict[str, str]]:
@@ -128,13 +144,20 @@ def test_reference_size_of_a_trained_run(tmp_path, tiny_sim_dir):
     short side of its prepared training images; otherwise the crop."""
     from stagejax.data import prepared as prepared_lib
 
-    config = ml_collections.ConfigDict({"data_dir": "", "crop_size": CROP,
-                                        "cache_dir": str(tmp_path / "cache"),
-                                        "simulated": {"image_size": 112}})
+    config = ml_collections.ConfigDict(
+        {
+            "data_dir": "",
+            "crop_size": CROP,
+            "cache_dir": str(tmp_path / "cache"),
+            "simulated": {"image_size": 112},
+        }
+    )
     assert predict.reference_size(config, trained=True) == (112, "the simulated training images")
     config.data_dir = str(tiny_sim_dir)
     assert predict.reference_size(config, trained=True)[0] == CROP  # not prepared yet
     prepared_lib.prepare(tiny_sim_dir, tmp_path / "cache" / "prepared")
     assert predict.reference_size(config, trained=True) == (
-        48, "the training images (median short side)")
+        48,
+        "the training images (median short side)",
+    )
     assert predict.reference_size(config, trained=False)[0] == CROP  # imported weights

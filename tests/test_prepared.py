@@ -80,8 +80,7 @@ def test_records_round_trip_through_grain(tmp_path):
         listed = (tmp_path / "data" / "split_list" / f"{split}.txt").read_text().split()
         assert ss.file_names == listed  # split-list order, not the tfds key-hash order
         assert ss.labels.dtype == np.int32
-        assert ss.labels.tolist() == [LABELS.index(n.split("_")[-1].split("-")[0])
-                                      for n in listed]
+        assert ss.labels.tolist() == [LABELS.index(n.split("_")[-1].split("-")[0]) for n in listed]
         records = list(grain.MapDataset.source(ss.source))
         assert len(ss.source) == len(records) == len(items)
         for record, name, label in zip(records, ss.file_names, ss.labels, strict=True):
@@ -138,7 +137,8 @@ def test_rebuilt_after_an_image_changes(tmp_path, count_builds):
     assert len(count_builds) == 2
     assert second.cache_path != first.cache_path
     np.testing.assert_array_equal(
-        decode_image(second.splits["test"].source[0]["image"], name), new_pixels)
+        decode_image(second.splits["test"].source[0]["image"], name), new_pixels
+    )
 
 
 def test_rebuilt_after_split_list_changes(tmp_path, count_builds):
@@ -201,7 +201,10 @@ def test_bad_input_raises_before_anything_is_built(tmp_path, count_builds):
 def test_crop_size_checked_also_when_cache_is_reused(tmp_path, count_builds):
     make_dataset(tmp_path / "data")
     prepared_lib.prepare(tmp_path / "data", tmp_path / "cache", crop_size=24)
-    with pytest.raises(DatasetError, match=r"images/slide_train_\w+-\d\.\w+: image is 24x32, "
-                                           r"smaller than crop_size 25"):
+    with pytest.raises(
+        DatasetError,
+        match=r"images/slide_train_\w+-\d\.\w+: image is 24x32, "
+        r"smaller than crop_size 25",
+    ):
         prepared_lib.prepare(tmp_path / "data", tmp_path / "cache", crop_size=25)
     assert len(count_builds) == 1

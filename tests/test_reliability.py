@@ -180,16 +180,34 @@ DATA_CASES: dict[str, Callable[[Path], tuple[Path, str]]] = {
 
 
 def _overrides(data_dir: Path, cache_dir: Path) -> dict:
-    return {"data_dir": str(data_dir), "cache_dir": str(cache_dir), "model": "resnet18",
-            "crop_size": CROP, "crop_range": 4, "num_epochs": 3}
+    return {
+        "data_dir": str(data_dir),
+        "cache_dir": str(cache_dir),
+        "model": "resnet18",
+        "crop_size": CROP,
+        "crop_range": 4,
+        "num_epochs": 3,
+    }
 
 
 def _run(workdir: Path, overrides: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "stagejax.main",
-           f"--config={REPO / 'configs' / 'resnet.py'}", f"--workdir={workdir}",
-           *(f"--config.{k}={v}" for k, v in overrides.items()), *extra]
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "stagejax.main",
+        f"--config={REPO / 'configs' / 'resnet.py'}",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def _error_line(res: subprocess.CompletedProcess) -> str:
@@ -220,13 +238,13 @@ def _snapshot(path: Path) -> dict[str, tuple]:
     for p in sorted(path.rglob("*")):
         st = p.stat()
         out[str(p.relative_to(path))] = (
-            (p.read_bytes(), st.st_mtime_ns) if p.is_file() else ("dir", st.st_mtime_ns))
+            (p.read_bytes(), st.st_mtime_ns) if p.is_file() else ("dir", st.st_mtime_ns)
+        )
     return out
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_bad_dataset_is_one_error_line_and_leaves_workdir_untouched(case, tmp_path,
-                                                                    valid_dir):
+def test_bad_dataset_is_one_error_line_and_leaves_workdir_untouched(case, tmp_path, valid_dir):
     root = tmp_path / "data"
     shutil.copytree(valid_dir, root)
     data_dir, culprit = DATA_CASES[case](root)
@@ -285,12 +303,15 @@ def test_workdir_that_cannot_be_created(tmp_path, valid_dir):
     assert blocker.read_text() == "not a folder\n"
 
 
-@pytest.mark.parametrize("flag,field", [
-    ("--config.nosuchfield=1", "nosuchfield"),
-    ("--config.augment.nosuchfield=1", "nosuchfield"),
-    ("--config.num_epochs=abc", "num_epochs"),
-    ("--config.crop_size=1.5", "crop_size"),
-])
+@pytest.mark.parametrize(
+    "flag,field",
+    [
+        ("--config.nosuchfield=1", "nosuchfield"),
+        ("--config.augment.nosuchfield=1", "nosuchfield"),
+        ("--config.num_epochs=abc", "num_epochs"),
+        ("--config.crop_size=1.5", "crop_size"),
+    ],
+)
 def test_bad_config_override_is_one_error_line(flag, field, tmp_path, valid_dir):
     overrides = _overrides(valid_dir, tmp_path / "cache")
     workdir = tmp_path / "workdir"
@@ -316,9 +337,15 @@ def test_diverging_run_stops_and_keeps_only_finite_checkpoints(tmp_path, valid_d
     """Step 1 has learning rate 0 (warmup from 0), step 2 a learning rate near the
     float32 maximum: its loss is still finite (computed before the update) but the
     update overflows the weights. No checkpoint may hold them."""
-    overrides = {**_overrides(valid_dir, tmp_path / "cache"), "optimizer": "sgd",
-                 "learning_rate": 3e38, "schedule": "cosine", "warmup_epochs": 0.5,
-                 "checkpoint_every_steps": 1, "log_every_steps": 10}
+    overrides = {
+        **_overrides(valid_dir, tmp_path / "cache"),
+        "optimizer": "sgd",
+        "learning_rate": 3e38,
+        "schedule": "cosine",
+        "warmup_epochs": 0.5,
+        "checkpoint_every_steps": 1,
+        "log_every_steps": 10,
+    }
     workdir = tmp_path / "workdir"
 
     res = _run(workdir, overrides)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stagejax.evaluate import metrics, report
 from stagejax.errors import WorkdirError
+from stagejax.evaluate import metrics, report
 from stagejax.stages import NUM_STAGES, STAGES
 
 
@@ -61,8 +61,10 @@ def test_report_files_and_contents(tmp_path):
     np.testing.assert_array_equal(np.load(out / "features.npy"), features)
     assert (out / "features_files.txt").read_text().splitlines() == names
 
-    for name, min_size in (("confusion_matrix.png", (1200, 600)),
-                           ("confusion_per_stage.png", (1000, 800))):
+    for name, min_size in (
+        ("confusion_matrix.png", (1200, 600)),
+        ("confusion_per_stage.png", (1000, 800)),
+    ):
         with Image.open(out / name) as im:
             im.verify()
         with Image.open(out / name) as im:
@@ -87,7 +89,7 @@ def test_refuses_foreign_directory(tmp_path):
     foreign = tmp_path / "my_data"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="my_data"):
+    with pytest.raises(WorkdirError, match="my_data"):
         report.write_eval_report(foreign, names, labels, probs)
     assert (foreign / "notes.txt").read_text() == "precious"
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
@@ -96,7 +98,7 @@ def test_refuses_foreign_directory(tmp_path):
     out = tmp_path / "eval"
     report.write_eval_report(out, names, labels, probs)
     (out / "my_analysis.xlsx").write_text("x")
-    with pytest.raises(FileExistsError, match="my_analysis.xlsx"):
+    with pytest.raises(WorkdirError, match="my_analysis.xlsx"):
         report.write_eval_report(out, names, labels, probs)
 
 
@@ -125,8 +127,9 @@ def test_write_predictions(tmp_path):
     names, _, probs, _ = _fake_eval(n=7)
     path = report.write_predictions(tmp_path / "out" / "predictions.csv", names, probs)
     rows = _read_csv(path)
-    assert rows[0] == (["file_name", "pred_stage", "confidence"]
-                       + [f"prob_{s}" for s in STAGES] + ["error"])
+    assert rows[0] == (
+        ["file_name", "pred_stage", "confidence"] + [f"prob_{s}" for s in STAGES] + ["error"]
+    )
     assert [r[0] for r in rows[1:]] == names
     for r, p in zip(rows[1:], probs, strict=True):
         assert r[1] == STAGES[int(p.argmax())]

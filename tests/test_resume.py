@@ -37,10 +37,18 @@ LAUNCH_TIMEOUT = 180  # s, one process from start to exit
 
 def _command(workdir: Path, data: Path, cache: Path) -> list[str]:
     return [
-        sys.executable, "-m", "stagejax.main", f"--config={REPO / 'configs' / 'resnet.py'}",
-        f"--workdir={workdir}", f"--config.data_dir={data}", f"--config.cache_dir={cache}",
-        "--config.model=resnet18", "--config.crop_size=32", "--config.crop_range=4",
-        f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every_steps=2",
+        sys.executable,
+        "-m",
+        "stagejax.main",
+        f"--config={REPO / 'configs' / 'resnet.py'}",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data}",
+        f"--config.cache_dir={cache}",
+        "--config.model=resnet18",
+        "--config.crop_size=32",
+        "--config.crop_range=4",
+        f"--config.num_epochs={EPOCHS}",
+        "--config.checkpoint_every_steps=2",
         "--config.log_every_steps=1",
     ]
 
@@ -50,8 +58,12 @@ def env(tmp_path_factory) -> dict[str, str]:
     """CPU only; a shared persistent compilation cache so that each restart loads the
     compiled steps instead of compiling them again (the same executable either way)."""
     cache = tmp_path_factory.mktemp("xla_cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +71,14 @@ def reference(tmp_path_factory, tiny_sim_dir, env) -> dict:
     """One uninterrupted run."""
     tmp = tmp_path_factory.mktemp("reference")
     workdir, cache = tmp / "run", tmp / "cache"
-    res = subprocess.run(_command(workdir, tiny_sim_dir, cache), cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    res = subprocess.run(
+        _command(workdir, tiny_sim_dir, cache),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return {"workdir": workdir, "cache": cache}
 
@@ -122,9 +140,11 @@ def _assert_same_result(workdir: Path, ref: Path) -> None:
     # The same epoch was chosen as best, from the same validation history.
     assert _best_meta(workdir) == _best_meta(ref)
     assert _meta(workdir / "checkpoints" / "latest" / str(TOTAL)) == _best_meta(ref)[1] | {
-        "epoch": EPOCHS}
-    assert ((workdir / "eval_test" / "predictions.csv").read_bytes()
-            == (ref / "eval_test" / "predictions.csv").read_bytes())
+        "epoch": EPOCHS
+    }
+    assert (workdir / "eval_test" / "predictions.csv").read_bytes() == (
+        ref / "eval_test" / "predictions.csv"
+    ).read_bytes()
     step, state = _latest_state(workdir)
     ref_step, ref_state = _latest_state(ref)
     assert step == ref_step == TOTAL
@@ -140,8 +160,7 @@ def _by_step(records: list[dict], key: str) -> dict[int, list[float]]:
     return out
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_sim_dir, env,
-                                                        reference):
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_sim_dir, env, reference):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     # Steps after which each of the kills comes (plus a random delay, so kills also
@@ -156,21 +175,27 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_sim_dir, 
     for i, (target, delay) in enumerate([*zip(targets, delays, strict=True), (None, None)]):
         log_path = tmp_path / f"launch{i}.log"
         logs.append(log_path)
-        offset = (workdir / "metrics.jsonl").stat().st_size if (
-            workdir / "metrics.jsonl").is_file() else 0
+        offset = (
+            (workdir / "metrics.jsonl").stat().st_size
+            if (workdir / "metrics.jsonl").is_file()
+            else 0
+        )
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=log_file)
         try:
             if target is None:  # the last launch runs to the end
                 assert proc.wait(timeout=LAUNCH_TIMEOUT) == 0, (
-                    f"{info}\n{log_path.read_text()[-3000:]}")
+                    f"{info}\n{log_path.read_text()[-3000:]}"
+                )
                 break
             deadline = time.monotonic() + LAUNCH_TIMEOUT
-            while not any(r.get("step", 0) >= target and "train/loss" in r
-                          for r in _records(workdir, offset)):
+            while not any(
+                r.get("step", 0) >= target and "train/loss" in r for r in _records(workdir, offset)
+            ):
                 assert proc.poll() is None, (
                     f"{info}: launch {i} exited before step {target}\n"
-                    f"{log_path.read_text()[-3000:]}")
+                    f"{log_path.read_text()[-3000:]}"
+                )
                 assert time.monotonic() < deadline, f"{info}: launch {i} too slow"
                 time.sleep(0.05)
             time.sleep(delay)
@@ -197,8 +222,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_sim_dir, 
     # Every step was trained and logged, and a step replayed after a resume had exactly
     # the loss and accuracy of the uninterrupted run; so had each epoch's validation.
     records, ref_records = _records(workdir), _records(ref)
-    for key in ("train/loss", "train/accuracy", "validation/balanced_accuracy",
-                "validation/loss"):
+    for key in ("train/loss", "train/accuracy", "validation/balanced_accuracy", "validation/loss"):
         want = {s: v[0] for s, v in _by_step(ref_records, key).items()}
         got = _by_step(records, key)
         assert set(got) == set(want), f"{info}: {key} logged at different steps"
@@ -209,8 +233,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_sim_dir, 
     assert not leftovers, f"{info}: {leftovers}"
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, env, reference,
-                                                                  tiny_sim_dir):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path, env, reference, tiny_sim_dir
+):
     ref = reference["workdir"]
     workdir = tmp_path / "run"
     shutil.copytree(ref, workdir)
@@ -219,8 +244,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, env,
     assert steps[-1] == TOTAL and len(steps) == 2
     # Truncate the array data of the newest checkpoint, as a full disk or a crash
     # of the storage underneath Orbax could.
-    data_files = [p for p in (latest / str(TOTAL) / "state").rglob("*")
-                  if p.is_file() and p.parent.name == "d"]
+    data_files = [
+        p
+        for p in (latest / str(TOTAL) / "state").rglob("*")
+        if p.is_file() and p.parent.name == "d"
+    ]
     assert data_files
     for p in data_files:
         os.truncate(p, p.stat().st_size // 2)
@@ -229,11 +257,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, env,
     (workdir / ".best_model.old" / "junk").write_text("x")
     shutil.rmtree(workdir / "eval_test")
 
-    res = subprocess.run(_command(workdir, tiny_sim_dir, reference["cache"]), cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    res = subprocess.run(
+        _command(workdir, tiny_sim_dir, reference["cache"]),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    warnings = [line for line in res.stderr.splitlines()
-                if f"{latest}/{TOTAL} is unreadable" in line]
+    warnings = [
+        line for line in res.stderr.splitlines() if f"{latest}/{TOTAL} is unreadable" in line
+    ]
     assert len(warnings) == 1 and warnings[0].startswith("W"), res.stderr[-3000:]
     assert f"resuming from step {steps[0]} " in res.stderr
     # The steps after the fallback were trained again and the corrupt checkpoint

@@ -61,7 +61,7 @@ def test_each_stage_is_drawn_without_replacement(labels, g, seed):
         seq = [draws[k] for k in range(len(draws))]
         n = len(members)
         for start in range(0, len(seq) - n + 1, n):
-            assert sorted(seq[start:start + n]) == sorted(members)
+            assert sorted(seq[start : start + n]) == sorted(members)
 
 
 @settings(max_examples=15, deadline=None)
@@ -77,12 +77,16 @@ def test_leftover_slots_cycle_through_all_images(labels, g, seed):
         layout = sampler.batch_layout(b)
         order = np.argsort(layout)[num_mandatory:]  # Leftover slots by draw number.
         leftovers += [sampler[b * g + int(q)].record_key for q in order]
-    assert sorted(leftovers[:labels.size]) == list(range(labels.size))
+    assert sorted(leftovers[: labels.size]) == list(range(labels.size))
 
 
 @settings(max_examples=10, deadline=None)
-@given(labels=label_arrays(), g=st.integers(12, 96), seed=st.integers(0, 2**31),
-       order_seed=st.integers(0, 100))
+@given(
+    labels=label_arrays(),
+    g=st.integers(12, 96),
+    seed=st.integers(0, 2**31),
+    order_seed=st.integers(0, 100),
+)
 def test_stateless_in_position(labels, g, seed, order_seed):
     positions = np.arange(6 * g)
     forward = StageBalancedSampler(labels, g, seed)
@@ -140,17 +144,41 @@ def _loader_steps(sampler, g, process_count, worker_count, start_step, num_steps
 
 
 @settings(max_examples=2, deadline=None)
-@given(labels=label_arrays(), process_count=st.sampled_from([1, 2, 4]),
-       batches_per_process=st.integers(3, 24), seed=st.integers(0, 2**31),
-       start_step=st.integers(0, 3), worker_count=st.just(2))
-@example(labels=np.repeat(np.arange(12), 2)[1:], process_count=4, batches_per_process=3,
-         seed=7, start_step=2, worker_count=2)
-@example(labels=np.repeat(np.arange(12), 2)[1:], process_count=1, batches_per_process=30,
-         seed=8, start_step=0, worker_count=2)
-@example(labels=np.repeat(np.arange(12), 2)[1:], process_count=2, batches_per_process=11,
-         seed=7, start_step=1, worker_count=0)
+@given(
+    labels=label_arrays(),
+    process_count=st.sampled_from([1, 2, 4]),
+    batches_per_process=st.integers(3, 24),
+    seed=st.integers(0, 2**31),
+    start_step=st.integers(0, 3),
+    worker_count=st.just(2),
+)
+@example(
+    labels=np.repeat(np.arange(12), 2)[1:],
+    process_count=4,
+    batches_per_process=3,
+    seed=7,
+    start_step=2,
+    worker_count=2,
+)
+@example(
+    labels=np.repeat(np.arange(12), 2)[1:],
+    process_count=1,
+    batches_per_process=30,
+    seed=8,
+    start_step=0,
+    worker_count=2,
+)
+@example(
+    labels=np.repeat(np.arange(12), 2)[1:],
+    process_count=2,
+    batches_per_process=11,
+    seed=7,
+    start_step=1,
+    worker_count=0,
+)
 def test_data_loader_shards_concatenate_to_global_batches(
-        labels, process_count, batches_per_process, seed, start_step, worker_count):
+    labels, process_count, batches_per_process, seed, start_step, worker_count
+):
     """Per-process batches of each step, concatenated in process order, are exactly
     the global batch (keys and per-record rngs); a start step resumes exactly."""
     ensure_absl_flags_parsed()

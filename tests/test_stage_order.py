@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from stagejax import models
-from stagejax.evaluate import metrics, report
-from stagejax.runtime import checkpoint
 from stagejax.data.layout import read_layout, stage_from_file_name
 from stagejax.errors import ConfigError, DatasetError
+from stagejax.evaluate import metrics, report
+from stagejax.runtime import checkpoint
 from stagejax.stages import NUM_STAGES, STAGES, parse_stage, stage_ranks
 from tests.conftest import REPO
 
@@ -46,7 +46,13 @@ def test_ranks_follow_the_names_in_any_line_order(names):
 
 def test_names_are_case_and_space_tolerant():
     assert [parse_stage(n) for n in (" vii ", "Vii", "V I I", "07", "12", "xii")] == [
-        6, 6, 6, 6, 11, 11]
+        6,
+        6,
+        6,
+        6,
+        11,
+        11,
+    ]
     assert [parse_stage(n) for n in ("13", "0", "IIII", "7b", "", "٧")] == [None] * 6
 
 
@@ -98,10 +104,17 @@ def test_summarize_is_the_same_in_lexicographic_order():
     dist = np.abs(true - pred)
     assert lex["within1_accuracy"] == pytest.approx(np.mean(dist <= 1))
     assert lex["within1_cyclic_accuracy"] == pytest.approx(
-        np.mean(np.minimum(dist, NUM_STAGES - dist) <= 1))
+        np.mean(np.minimum(dist, NUM_STAGES - dist) <= 1)
+    )
     assert np.mean(np.minimum(dist, NUM_STAGES - dist) <= 1) > np.mean(dist <= 1)  # wraps
-    for key in ("accuracy", "balanced_accuracy", "within1_accuracy", "within1_cyclic_accuracy",
-                "macro_f1", "weighted_f1"):
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "within1_accuracy",
+        "within1_cyclic_accuracy",
+        "macro_f1",
+        "weighted_f1",
+    ):
         assert lex[key] == pytest.approx(canonical[key]), key
     assert lex["per_stage_recall"] == pytest.approx(canonical["per_stage_recall"])
     assert list(lex["per_stage_recall"]) == list(STAGES)  # listed in cycle order
@@ -120,8 +133,7 @@ def test_report_names_and_numbers_in_lexicographic_order(tmp_path):
     true, pred = _biological_eval(60)
     files = [f"slide_{i}_{STAGES[s]}-{i}.png" for i, s in enumerate(true)]
     t, p = _as_class_ids(true, LEXICOGRAPHIC), _as_class_ids(pred, LEXICOGRAPHIC)
-    lex = report.write_eval_report(tmp_path / "lex", files, t, _probs(p),
-                                   label_names=LEXICOGRAPHIC)
+    lex = report.write_eval_report(tmp_path / "lex", files, t, _probs(p), label_names=LEXICOGRAPHIC)
     canonical = report.write_eval_report(tmp_path / "canon", files, true, _probs(pred))
     with (tmp_path / "lex" / "predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -141,13 +153,15 @@ def test_report_with_a_stated_order(tmp_path):
     ranks = stage_ranks(names, ",".join(CUSTOM))
     t = np.array([names.index(CUSTOM[s]) for s in true])
     p = np.array([names.index(CUSTOM[s]) for s in pred])
-    got = report.write_eval_report(tmp_path / "r", [f"f{i}" for i in range(40)], t, _probs(p),
-                                   label_names=names, ranks=ranks)
+    got = report.write_eval_report(
+        tmp_path / "r", [f"f{i}" for i in range(40)], t, _probs(p), label_names=names, ranks=ranks
+    )
     assert got["within1_accuracy"] == pytest.approx(np.mean(np.abs(true - pred) <= 1))
     assert got["stage_order"] == CUSTOM
     with pytest.raises(DatasetError, match="stage_order"):  # no order stated
-        report.write_eval_report(tmp_path / "r2", ["f"], [0], _probs(np.array([0])),
-                                 label_names=names)
+        report.write_eval_report(
+            tmp_path / "r2", ["f"], [0], _probs(np.array([0])), label_names=names
+        )
 
 
 # --------------------------------------------------------------------------
@@ -171,8 +185,7 @@ def _layout(root: Path, label_lines: list[str], stages: list[str]) -> Path:
 
 
 def test_layout_keeps_line_positions_and_finds_ranks(tmp_path):
-    layout = read_layout(_layout(tmp_path / "lex", LEXICOGRAPHIC, list(STAGES)),
-                         check_images=False)
+    layout = read_layout(_layout(tmp_path / "lex", LEXICOGRAPHIC, list(STAGES)), check_images=False)
     for ex in layout.splits["test"]:
         assert layout.label_names[ex.label] == stage_from_file_name(ex.file_name)
         assert ex.label == LEXICOGRAPHIC.index(stage_from_file_name(ex.file_name))
@@ -195,8 +208,11 @@ def test_exported_model_carries_the_label_names(tmp_path):
     assert meta["label_names"] == LEXICOGRAPHIC and meta["stage_ranks"] == list(ranks)
     # model.json of an older run (no label names) means I..XII.
     path = tmp_path / "m" / "model.json"
-    old = {k: v for k, v in json.loads(path.read_text()).items()
-           if k not in ("label_names", "stage_ranks")}
+    old = {
+        k: v
+        for k, v in json.loads(path.read_text()).items()
+        if k not in ("label_names", "stage_ranks")
+    }
     path.write_text(json.dumps(old))
     meta = checkpoint.read_model_json(tmp_path / "m")
     assert meta["label_names"] == list(STAGES) and meta["stage_ranks"] == list(range(12))
@@ -226,15 +242,28 @@ def _roman_lexicographic_copy(sim_dir: Path, root: Path) -> Path:
 def test_cli_train_and_predict_with_a_lexicographic_label_list(tmp_path, tiny_sim_dir):
     data = _roman_lexicographic_copy(tiny_sim_dir, tmp_path / "data")
     workdir = tmp_path / "run"
-    common = [f"--config={REPO / 'configs' / 'resnet.py'}", f"--workdir={workdir}",
-              "--config.model=resnet18", f"--config.cache_dir={tmp_path / 'cache'}",
-              "--config.crop_size=32", "--config.crop_range=4", "--config.num_epochs=1",
-              "--config.global_batch_size=12", "--config.eval_batch_size=12"]
+    common = [
+        f"--config={REPO / 'configs' / 'resnet.py'}",
+        f"--workdir={workdir}",
+        "--config.model=resnet18",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+        "--config.crop_size=32",
+        "--config.crop_range=4",
+        "--config.num_epochs=1",
+        "--config.global_batch_size=12",
+        "--config.eval_batch_size=12",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def main(*flags: str) -> None:
-        res = subprocess.run([sys.executable, "-m", "stagejax.main", *common, *flags],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-m", "stagejax.main", *common, *flags],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
 
     main(f"--config.data_dir={data}")
@@ -265,8 +294,9 @@ def test_cycle_analysis_reads_biological_positions(tmp_path):
     files = [f"slide_{i}_{STAGES[s]}-{i}.png" for i, s in enumerate(true)]
     t = _as_class_ids(true, LEXICOGRAPHIC)
     features = np.random.default_rng(0).normal(size=(36, 4))
-    report.write_eval_report(tmp_path, files, t, _probs(t), features=features,
-                             label_names=LEXICOGRAPHIC)
+    report.write_eval_report(
+        tmp_path, files, t, _probs(t), features=features, label_names=LEXICOGRAPHIC
+    )
     _, positions, names = cycle.read_eval_outputs(tmp_path)
     np.testing.assert_array_equal(positions, true)  # cycle positions, not class ids
     assert names == files
@@ -274,7 +304,7 @@ def test_cycle_analysis_reads_biological_positions(tmp_path):
 
 
 def test_gradcam_stage_names_map_to_class_ids():
-    from stagejax.explain.gradcam import class_index
+    from stagejax.explain.gradcam_report import class_index
 
     ranks = stage_ranks(LEXICOGRAPHIC)
     assert class_index("IX", LEXICOGRAPHIC, ranks) == 4  # the label as written

@@ -28,16 +28,22 @@ import pytest
 
 from configs import default
 from stagejax import data, models
-from stagejax.train import loop as trainer
 from stagejax.data import input_pipeline
-from tests.tracing import count_traces
+from stagejax.train import loop as trainer
 from tests.conftest import REPO
+from tests.tracing import count_traces
 
 STEPS = 2
 # pmap for one architecture of each family (every NAMES entry is trained under jit):
 # all nine would take the file well past 4 minutes on 2 cores.
-PMAP_MODELS = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2",
-               "mobilenet_v3_large", "mobilenet_v3_small")
+PMAP_MODELS = (
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+)
 # Also under jit on the same 2 devices, compared with pmap (dropout: MobileNetV3;
 # tests/test_parallel.py compares jit and pmap for resnet18).
 COMPARE_MODELS = ("mobilenet_v3_small",)
@@ -66,7 +72,8 @@ def _train(run: trainer.Run, config, initial) -> tuple[list, list, object]:
     """STEPS steps from host state ``initial``: host metrics per step, final params, state."""
     state = run.parallel.put_state(initial)  # new device buffers: the step donates them
     batches = run.parallel.prefetch(
-        input_pipeline.train_batches(run.dataset.splits["train"], config))
+        input_pipeline.train_batches(run.dataset.splits["train"], config)
+    )
     metrics = []
     for _ in range(STEPS):
         state, m = run.train_step(state, next(batches))
@@ -94,7 +101,7 @@ def train_briefly(model: str, data_dir: Path, cache_dir: Path, parallelism: str)
         "traces": counter["traces"],
         "changed": float(np.mean([np.any(a != b) for a, b in zip(after, before, strict=True)])),
         "repeats": [float(h["loss"]) for h in host_again] == [float(h["loss"]) for h in host]
-                   and all(np.array_equal(a, b) for a, b in zip(after, after_again, strict=True)),
+        and all(np.array_equal(a, b) for a, b in zip(after, after_again, strict=True)),
         "params": after,
         "probs": out["probs"],
         "balanced_accuracy": summary["balanced_accuracy"],
@@ -127,12 +134,26 @@ def two_devices(tmp_path_factory, tiny_sim_dir, cache_dir):
     tests on the other (half the file's time on 2 cores)."""
     tmp = tmp_path_factory.mktemp("pmap")
     out, log = tmp / "pmap.json", tmp / "stderr.txt"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
     with log.open("w") as err:  # a file, not a pipe: nobody reads it until the end
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_train_all_models", str(out), str(cache_dir),
-             str(tiny_sim_dir)], stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "tests.test_train_all_models",
+                str(out),
+                str(cache_dir),
+                str(tiny_sim_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            cwd=REPO,
+        )
     yield proc, out, log
     if proc.poll() is None:  # e.g. only some tests of the file were selected
         proc.kill()
@@ -163,8 +184,10 @@ def test_trains_under_pmap_and_matches_jit(two_devices):
 
 
 def _json_ready(result: dict) -> dict:
-    return {**{k: v for k, v in result.items() if k != "params"},
-            "probs": np.asarray(result["probs"]).tolist()}
+    return {
+        **{k: v for k, v in result.items() if k != "params"},
+        "probs": np.asarray(result["probs"]).tolist(),
+    }
 
 
 def _two_device_main(out: str, cache: str, data_dir: str) -> None:
@@ -174,13 +197,15 @@ def _two_device_main(out: str, cache: str, data_dir: str) -> None:
     for name in PMAP_MODELS:
         modes = ("pmap", "jit") if name in COMPARE_MODELS else ("pmap",)
         runs = {mode: train_briefly(name, Path(data_dir), Path(cache), mode) for mode in modes}
-        results[name] = {"devices": jax.device_count(),
-                         **{mode: _json_ready(r) for mode, r in runs.items()}}
+        results[name] = {
+            "devices": jax.device_count(),
+            **{mode: _json_ready(r) for mode, r in runs.items()},
+        }
         if "jit" in runs:
             a, b = runs["pmap"], runs["jit"]
             results[name]["max_param_diff"] = max(
-                float(np.max(np.abs(x - y))) for x, y in zip(a["params"], b["params"],
-                                                              strict=True))
+                float(np.max(np.abs(x - y))) for x, y in zip(a["params"], b["params"], strict=True)
+            )
             results[name]["max_prob_diff"] = float(np.max(np.abs(a["probs"] - b["probs"])))
     Path(out).write_text(json.dumps(results))
 

@@ -28,9 +28,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from stagejax.errors import ResourceError
 from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax.train import memory
-from stagejax.errors import ResourceError
 from tests.conftest import REPO
 from tests.test_resume import _assert_trees_equal, _best_model, _latest_state
 
@@ -39,19 +39,34 @@ TIMEOUT = 240
 
 
 def _command(workdir: Path, data: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "stagejax.main", f"--config={REPO / 'configs' / 'resnet.py'}",
-            f"--workdir={workdir}", f"--config.data_dir={data}", f"--config.cache_dir={cache}",
-            "--config.model=resnet18", "--config.crop_size=32", "--config.crop_range=4",
-            "--config.num_epochs=2", "--config.optimizer=sgd", "--config.log_every_steps=1",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "stagejax.main",
+        f"--config={REPO / 'configs' / 'resnet.py'}",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data}",
+        f"--config.cache_dir={cache}",
+        "--config.model=resnet18",
+        "--config.crop_size=32",
+        "--config.crop_range=4",
+        "--config.num_epochs=2",
+        "--config.optimizer=sgd",
+        "--config.log_every_steps=1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """CPU; one persistent compilation cache, so later launches load the compiled steps."""
     cache = tmp_path_factory.mktemp("xla_cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +76,7 @@ def cmd(tiny_sim_dir, tmp_path_factory):
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _last_line(stderr: str) -> str:
@@ -83,8 +97,7 @@ def _tree(path: Path) -> dict[str, tuple]:
     out = {".": ("dir", path.stat().st_mtime_ns)}
     for p in sorted(path.rglob("*")):
         st = p.stat()
-        out[str(p.relative_to(path))] = (p.read_bytes() if p.is_file() else "dir",
-                                        st.st_mtime_ns)
+        out[str(p.relative_to(path))] = (p.read_bytes() if p.is_file() else "dir", st.st_mtime_ns)
     return out
 
 
@@ -103,16 +116,30 @@ def reference(tmp_path_factory, cmd, env) -> dict:
     workdir.mkdir()
     os.utime(workdir, ns=(10**18, 10**18))
     before = _tree(workdir)
-    failed = _run(cmd(workdir, "--config.learning_rate=3e38", "--config.schedule=cosine",
-                      "--config.warmup_epochs=0.25"), env)
+    failed = _run(
+        cmd(
+            workdir,
+            "--config.learning_rate=3e38",
+            "--config.schedule=cosine",
+            "--config.warmup_epochs=0.25",
+        ),
+        env,
+    )
     after = _tree(workdir)
     stale_pid = _dead_pid()
-    (workdir / ".stagejax.lock").write_text(json.dumps(
-        {"pid": stale_pid, "host": "elsewhere", "started": "2026-01-01 00:00:00"}))
+    (workdir / ".stagejax.lock").write_text(
+        json.dumps({"pid": stale_pid, "host": "elsewhere", "started": "2026-01-01 00:00:00"})
+    )
     retry = _run(cmd(workdir), {**env, "JAX_LOG_COMPILES": "1"})
     assert retry.returncode == 0, retry.stderr[-3000:]
-    return {"workdir": workdir, "failed": failed, "before": before, "after": after,
-            "retry": retry, "stale_pid": stale_pid}
+    return {
+        "workdir": workdir,
+        "failed": failed,
+        "before": before,
+        "after": after,
+        "retry": retry,
+        "stale_pid": stale_pid,
+    }
 
 
 def test_failure_before_first_checkpoint_leaves_workdir_as_found(reference):
@@ -125,8 +152,11 @@ def test_failure_before_first_checkpoint_leaves_workdir_as_found(reference):
 
 
 def test_stale_lock_is_taken_over_with_a_warning(reference):
-    warnings = [line for line in reference["retry"].stderr.splitlines()
-                if "taking over the stale lock" in line]
+    warnings = [
+        line
+        for line in reference["retry"].stderr.splitlines()
+        if "taking over the stale lock" in line
+    ]
     assert len(warnings) == 1 and warnings[0].startswith("W"), reference["retry"].stderr[-3000:]
     assert f"pid {reference['stale_pid']} on elsewhere" in warnings[0]
     assert not (reference["workdir"] / ".stagejax.lock").exists()  # released at the end
@@ -136,8 +166,11 @@ def test_every_run_logs_its_memory_need_and_compiles_the_step_once(reference):
     stderr = reference["retry"].stderr
     lines = [line for line in stderr.splitlines() if "memory: " in line]
     assert len(lines) == 1, stderr[-3000:]
-    assert re.search(r"train step needs [\d.]+ GiB per device \(temporaries [\d.]+, "
-                     r"arguments [\d.]+, outputs [\d.]+\); device has [\d.]+ GiB", lines[0])
+    assert re.search(
+        r"train step needs [\d.]+ GiB per device \(temporaries [\d.]+, "
+        r"arguments [\d.]+, outputs [\d.]+\); device has [\d.]+ GiB",
+        lines[0],
+    )
     # The step compiled ahead of time for the estimate is the one that trains.
     assert stderr.count("Compiling jit(step_fn)") == 1, stderr[-3000:]
 
@@ -157,7 +190,8 @@ def _trained_steps(workdir: Path) -> list[int]:
 
 
 def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
-        tmp_path, cmd, env, reference):
+    tmp_path, cmd, env, reference
+):
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     args = cmd(workdir)
     with log.open("w") as f:
@@ -177,8 +211,11 @@ def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
             first.kill()
             first.wait()
     line = _last_line(log.read_text())
-    m = re.fullmatch(r"stopped by SIGINT at step (\d+) \(checkpoint saved in (.+)\); "
-                     r"rerun the same command to resume", line)
+    m = re.fullmatch(
+        r"stopped by SIGINT at step (\d+) \(checkpoint saved in (.+)\); "
+        r"rerun the same command to resume",
+        line,
+    )
     assert m and int(m[1]) < STEPS and m[2] == str(workdir / "checkpoints" / "latest"), line
     assert _latest_state(workdir)[0] == int(m[1])
 
@@ -188,7 +225,8 @@ def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
     ref = reference["workdir"]
     for name in ("metrics.json", "predictions.csv"):
         assert (workdir / "eval_test" / name).read_bytes() == (
-            ref / "eval_test" / name).read_bytes()
+            ref / "eval_test" / name
+        ).read_bytes()
     (step, state), (ref_step, ref_state) = _latest_state(workdir), _latest_state(ref)
     assert step == ref_step == STEPS
     _assert_trees_equal(state, ref_state, "final train state")
@@ -201,8 +239,9 @@ def test_sigterm_before_the_first_checkpoint_removes_the_new_workdir(tmp_path, c
         proc = subprocess.Popen(cmd(workdir), cwd=REPO, env=env, stdout=f, stderr=f)
     lock = workdir / ".stagejax.lock"
     try:
-        _wait_for(lambda: lock.is_file() and str(proc.pid) in lock.read_text(), proc, log,
-                  "the lock")
+        _wait_for(
+            lambda: lock.is_file() and str(proc.pid) in lock.read_text(), proc, log, "the lock"
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 143, log.read_text()[-3000:]
     finally:
@@ -235,8 +274,9 @@ def test_eval_of_an_incomplete_best_checkpoint_is_one_line(tmp_path, cmd, env, r
     line = _error_line(res)
     assert f"{step_dir.parent}: no best checkpoint" in line and "incomplete" in line, line
     assert "'meta'" in line, line
-    assert any(x.startswith("W") and f"{step_dir} is incomplete" in x
-               for x in res.stderr.splitlines()), res.stderr[-3000:]
+    assert any(
+        x.startswith("W") and f"{step_dir} is incomplete" in x for x in res.stderr.splitlines()
+    ), res.stderr[-3000:]
 
 
 @pytest.fixture
@@ -247,11 +287,13 @@ def tmpfs(tmp_path):
     def mount(size_bytes: int) -> Path:
         path = tmp_path / "tmpfs"
         path.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
-                              str(path)], capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode:
-            pytest.skip(f"cannot mount a tmpfs ({res.stderr.strip()}); see the injected "
-                        "test below")
+            pytest.skip(f"cannot mount a tmpfs ({res.stderr.strip()}); see the injected test below")
         mounted.append(path)
         return path
 
@@ -260,16 +302,19 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cmd, env,
-                                                                 reference, tmpfs):
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path, cmd, env, reference, tmpfs
+):
     ref_step = reference["workdir"] / "checkpoints" / "latest" / str(STEPS)
     size = sum(p.stat().st_size for p in ref_step.rglob("*") if p.is_file())
     # Room for two checkpoints and a half: latest 2 fits, then best 4, then latest 4 not.
     workdir = tmpfs(int(2.5 * size)) / "run"
     res = _run(cmd(workdir, "--config.checkpoint_every_steps=2"), env)
     line = _error_line(res)
-    assert line.startswith(f"error: {workdir / 'checkpoints' / 'latest'}: cannot write the "
-                           "checkpoint of step 4 (No space left on device"), line
+    assert line.startswith(
+        f"error: {workdir / 'checkpoints' / 'latest'}: cannot write the "
+        "checkpoint of step 4 (No space left on device"
+    ), line
     assert re.search(r", [\d.]+ (bytes|KiB|MiB|GiB) free\)", line), line
     assert "the previous checkpoint (step 2) is intact" in line, line
     with ocp.StandardCheckpointer() as ckptr:
@@ -282,6 +327,7 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cmd, 
 
 # -- in-process checks of the same guarantees, fast and without root -----------
 
+
 def _tiny_state(value: float) -> dict:
     return {"w": np.full((64,), value, np.float32)}
 
@@ -290,24 +336,27 @@ def _abstract() -> dict:
     return {"w": jax.ShapeDtypeStruct((64,), np.float32)}
 
 
-def test_injected_disk_full_is_one_line_and_leaves_no_temporary_directory(tmp_path,
-                                                                          monkeypatch):
+def test_injected_disk_full_is_one_line_and_leaves_no_temporary_directory(tmp_path, monkeypatch):
     ckpts = ckpt_lib.TrainCheckpoints(tmp_path)
     ckpts.save_latest(1, _tiny_state(1.0), {"epoch": 0})
     real_save = ocp.CheckpointManager.save
 
     def full_disk(self, step, *args, **kwargs):
         (Path(self.directory) / f"{step}{ckpt_lib.TMP_MARKER}" / "state").mkdir(parents=True)
-        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0": Failed to write 256 bytes '
-                         "to file 11: No space left on device [os_error_code='28']")
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "w/0": Failed to write 256 bytes '
+            "to file 11: No space left on device [os_error_code='28']"
+        )
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
     with pytest.raises(ResourceError) as e:
         ckpts.save_latest(2, _tiny_state(2.0), {"epoch": 0})
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     msg = str(e.value)
-    assert msg.startswith(f"{tmp_path / 'checkpoints' / 'latest'}: cannot write the checkpoint "
-                          "of step 2 (No space left on device"), msg
+    assert msg.startswith(
+        f"{tmp_path / 'checkpoints' / 'latest'}: cannot write the checkpoint "
+        "of step 2 (No space left on device"
+    ), msg
     assert "free)" in msg and "previous checkpoint (step 1) is intact" in msg, msg
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir()) == ["1"]
     state, _ = ckpts.restore_latest(_abstract())
@@ -350,10 +399,15 @@ def test_new_best_is_committed_before_the_old_one_goes(tmp_path, monkeypatch, ca
 
 
 def test_out_of_memory_at_run_time_is_one_line():
-    config = ml_collections.ConfigDict({"crop_size": 896, "global_batch_size": 12,
-                                        "precision": "float32"})
-    err = memory.out_of_memory(jax.errors.JaxRuntimeError(
-        "RESOURCE_EXHAUSTED: Out of memory allocating 25598862696 bytes.\nmore detail"), config)
+    config = ml_collections.ConfigDict(
+        {"crop_size": 896, "global_batch_size": 12, "precision": "float32"}
+    )
+    err = memory.out_of_memory(
+        jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory allocating 25598862696 bytes.\nmore detail"
+        ),
+        config,
+    )
     assert isinstance(err, ResourceError)
     assert "\n" not in str(err) and "25598862696 bytes" in str(err)
     assert "config.crop_size (896)" in str(err) and "bfloat16" in str(err)
@@ -369,17 +423,29 @@ class _FakeDevice:
 
 class _FakeCompiled:
     def memory_analysis(self):
-        return type("Stats", (), dict(temp_size_in_bytes=24 * memory.GIB,
-                                      argument_size_in_bytes=memory.GIB // 2,
-                                      output_size_in_bytes=memory.GIB // 2,
-                                      alias_size_in_bytes=memory.GIB // 2))()
+        return type(
+            "Stats",
+            (),
+            dict(
+                temp_size_in_bytes=24 * memory.GIB,
+                argument_size_in_bytes=memory.GIB // 2,
+                output_size_in_bytes=memory.GIB // 2,
+                alias_size_in_bytes=memory.GIB // 2,
+            ),
+        )()
 
 
 def test_memory_check_uses_the_accelerator_limit_and_the_override(monkeypatch):
     monkeypatch.setattr(jax, "local_devices", lambda: [_FakeDevice(), _FakeDevice()])
-    config = ml_collections.ConfigDict({"crop_size": 896, "global_batch_size": 12,
-                                        "precision": "float32", "device_memory_gb": 0.0,
-                                        "remat": False})
+    config = ml_collections.ConfigDict(
+        {
+            "crop_size": 896,
+            "global_batch_size": 12,
+            "precision": "float32",
+            "device_memory_gb": 0.0,
+            "remat": False,
+        }
+    )
     assert memory.device_capacity(config) == (23 * memory.GIB, "gpu memory limit")
     with pytest.raises(ResourceError) as e:
         memory.check_train_step(_FakeCompiled(), config)
@@ -387,6 +453,7 @@ def test_memory_check_uses_the_accelerator_limit_and_the_override(monkeypatch):
         "memory: the train step needs 24.5 GiB per device (temporaries 24.0, arguments 0.5, "
         "outputs 0.0) but the device has 23.0 GiB (gpu memory limit); lower "
         "config.crop_size (896) or config.global_batch_size (12), or use "
-        "--config.precision=bfloat16 or --config.remat=True"), str(e.value)
+        "--config.precision=bfloat16 or --config.remat=True"
+    ), str(e.value)
     config.device_memory_gb = 30.0  # e.g. a larger share, or a smaller one for a shared GPU
     memory.check_train_step(_FakeCompiled(), config)

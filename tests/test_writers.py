@@ -1,9 +1,8 @@
 """Writers produce readable files; the progress logger computes the right speeds."""
 
 import json
-import struct
-
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -122,8 +121,9 @@ def test_progress_logger_with_fake_clock():
 
 def test_progress_logger_sparse_calls_and_last_step():
     clock = FakeClock()
-    progress = writers.ProgressLogger(total_steps=25, global_batch_size=4, every_steps=10,
-                                      clock=clock)
+    progress = writers.ProgressLogger(
+        total_steps=25, global_batch_size=4, every_steps=10, clock=clock
+    )
     assert progress(0) == {}  # e.g. the loop calls it only at logging steps
     clock.now += 20.0  # 10 steps in 20 s
     out = progress(10)

@@ -35,16 +35,19 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 if args.num_processes > 1:
     jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
-        process_id=args.process_id, initialization_timeout=60, heartbeat_timeout_seconds=10,
+        coordinator_address=f"127.0.0.1:{args.port}",
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=10,
     )
 
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from stagejax import data  # noqa: E402
-from stagejax.train import loop as trainer  # noqa: E402
 from stagejax.data import input_pipeline  # noqa: E402
+from stagejax.train import loop as trainer  # noqa: E402
 from tests.tracing import count_traces  # noqa: E402
 
 config = default.get_config()
@@ -79,6 +82,11 @@ losses = [float(x) for x in run.parallel.metrics_to_host(losses)]
 host = run.parallel.host_state(state)
 leaves = [np.asarray(x) for x in jax.tree.leaves((host.params, host.batch_stats))]
 if jax.process_index() == 0:
-    np.savez(args.out, *leaves, losses=np.array(losses), traces=counter["traces"],
-             traces_after_first=traces_after_first)
+    np.savez(
+        args.out,
+        *leaves,
+        losses=np.array(losses),
+        traces=counter["traces"],
+        traces_after_first=traces_after_first,
+    )
 print("probe done", jax.process_index(), losses, flush=True)

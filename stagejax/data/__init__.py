@@ -15,6 +15,7 @@ from stagejax.data import prepared as prepared_lib
 
 log = logging.getLogger(__name__)
 
+
 def uses_simulated_data(config: ml_collections.ConfigDict) -> bool:
     return not config.data_dir
 
@@ -30,13 +31,22 @@ def load(config: ml_collections.ConfigDict):
     cache = Path(config.cache_dir).expanduser()
     if uses_simulated_data(config):
         sim = config.simulated
-        root = simulate.default_dataset(cache / "simulated", sim.num_images, sim.image_size,
-                                        sim.seed)
+        root = simulate.default_dataset(
+            cache / "simulated", sim.num_images, sim.image_size, sim.seed
+        )
         log.warning(
             "No data_dir given: using the SIMULATED H-PAS dataset (%d images of %d px, seed %d) "
             "at %s. Numbers from this run say nothing about real tubules.",
-            sim.num_images, sim.image_size, sim.seed, root)
+            sim.num_images,
+            sim.image_size,
+            sim.seed,
+            root,
+        )
     else:
         root = Path(config.data_dir).expanduser()
-    return prepared_lib.prepare(root, cache / "prepared", crop_size=config.crop_size,
-                                stage_order=config.get("stage_order", ""))
+    return prepared_lib.prepare(
+        root,
+        cache / "prepared",
+        crop_size=config.crop_size,
+        stage_order=config.get("stage_order", ""),
+    )

@@ -74,7 +74,7 @@ class TrainCrop(grain.RandomMapTransform):
         shift_y, shift_x, k, flip = sample_train_params(rng, self.crop_range)
         top = crop_start(image.shape[0], self.crop_size, shift_y)
         left = crop_start(image.shape[1], self.crop_size, shift_x)
-        out = image[top:top + self.crop_size, left:left + self.crop_size]
+        out = image[top : top + self.crop_size, left : left + self.crop_size]
         if self.rot90:
             out = np.rot90(out, k % 4)
         if self.flip and flip:
@@ -93,12 +93,13 @@ class CenterCrop(grain.MapTransform):
         _check_size(image, self.crop_size, element)
         top = (image.shape[0] - self.crop_size) // 2
         left = (image.shape[1] - self.crop_size) // 2
-        out = image[top:top + self.crop_size, left:left + self.crop_size]
+        out = image[top : top + self.crop_size, left : left + self.crop_size]
         return {**element, "image": np.ascontiguousarray(out)}
 
 
 # ---------------------------------------------------------------------------
 # Device side.
+
 
 def _stain_matrix() -> np.ndarray:
     """Rows: optical-density colour of haematoxylin and eosin (Ruifrok & Johnston
@@ -166,13 +167,17 @@ def contrast_curve(x: jax.Array, rng: jax.Array, strength: float) -> jax.Array:
     """``x^a / (x^a + (1-x)^a)`` with ``a = exp(U(-s, s))``: an S-curve (a > 1,
     more contrast) or its inverse (a < 1), 0 and 1 fixed, for the same reason."""
     a = _random_exponent(rng, x.shape[0], strength)
-    xa = x ** a
+    xa = x**a
     return xa / (xa + (1.0 - x) ** a)
 
 
-def device_preprocess(images_uint8: jax.Array, rng: jax.Array | None,
-                      aug: ml_collections.ConfigDict | None, train: bool,
-                      grayscale: bool) -> jax.Array:
+def device_preprocess(
+    images_uint8: jax.Array,
+    rng: jax.Array | None,
+    aug: ml_collections.ConfigDict | None,
+    train: bool,
+    grayscale: bool,
+) -> jax.Array:
     """uint8 [B,H,W,3] -> float32 [B,H,W,C] in [0, 1], C = 1 if ``grayscale`` else 3.
 
     In train mode, when enabled in ``aug`` (fields ``stain_jitter``,

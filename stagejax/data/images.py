@@ -100,7 +100,8 @@ def _decode(data: bytes, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
         raise DatasetError(f"{name}: image too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DatasetError(
-            f"{name}: cannot decode image (truncated or corrupt): {first_line(e)}") from None
+            f"{name}: cannot decode image (truncated or corrupt): {first_line(e)}"
+        ) from None
 
 
 def _to_rgb(im: Image.Image, bits: int, name: str) -> tuple[np.ndarray, tuple[str, ...]]:

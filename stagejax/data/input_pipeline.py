@@ -30,9 +30,8 @@ from absl import flags
 
 from stagejax.data.augment import CenterCrop, TrainCrop
 from stagejax.data.images import decode_image
-from stagejax.errors import DatasetError
 from stagejax.data.sampler import ShardedOrder, StageBalancedSampler
-from stagejax.errors import ConfigError
+from stagejax.errors import ConfigError, DatasetError
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -43,14 +42,18 @@ def ensure_absl_flags_parsed() -> None:
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    return (jax.process_index() if process_index is None else process_index,
-            jax.process_count() if process_count is None else process_count)
+    return (
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
 
 
 def _local_batch_size(field: str, batch_size: int, process_count: int) -> int:
     if batch_size < 1 or batch_size % process_count:
-        raise ConfigError(f"config.{field}: {batch_size} is not a positive multiple of the "
-                         f"{process_count} processes")
+        raise ConfigError(
+            f"config.{field}: {batch_size} is not a positive multiple of the "
+            f"{process_count} processes"
+        )
     return batch_size // process_count
 
 
@@ -64,17 +67,23 @@ class _TrainOutput(grain.MapTransform):
         return {"image": element["image"], "label": np.int32(element["label"])}
 
 
-def train_batches(split, config: ml_collections.ConfigDict, *, start_step: int = 0,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> Iterator[dict]:
+def train_batches(
+    split,
+    config: ml_collections.ConfigDict,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict]:
     """Endless ``{'image': uint8 [B/P, crop, crop, 3], 'label': int32 [B/P]}``, steps
     ``start_step, start_step + 1, ...``; the batches of one step concatenated in
     process order are global batch ``step`` of `StageBalancedSampler`."""
     process_index, process_count = _processes(process_index, process_count)
     local = _local_batch_size("global_batch_size", config.global_batch_size, process_count)
     sampler = StageBalancedSampler(split.labels, config.global_batch_size, config.seed)
-    order = ShardedOrder(sampler, config.global_batch_size, process_count,
-                         config.num_workers, start_step)
+    order = ShardedOrder(
+        sampler, config.global_batch_size, process_count, config.num_workers, start_step
+    )
     if config.num_workers:
         ensure_absl_flags_parsed()
     loader = grain.DataLoader(
@@ -82,8 +91,12 @@ def train_batches(split, config: ml_collections.ConfigDict, *, start_step: int =
         sampler=order,
         operations=[
             _Decode(),
-            TrainCrop(config.crop_size, config.crop_range, rot90=config.augment.rot90,
-                      flip=config.augment.flip),
+            TrainCrop(
+                config.crop_size,
+                config.crop_range,
+                rot90=config.augment.rot90,
+                flip=config.augment.flip,
+            ),
             _TrainOutput(),
             grain.Batch(local, drop_remainder=True),
         ],
@@ -95,8 +108,9 @@ def train_batches(split, config: ml_collections.ConfigDict, *, start_step: int =
     return iter(loader)
 
 
-def eval_positions(num_examples: int, eval_batch_size: int, process_index: int,
-                   process_count: int) -> np.ndarray:
+def eval_positions(
+    num_examples: int, eval_batch_size: int, process_index: int, process_count: int
+) -> np.ndarray:
     """``[num_batches, eval_batch_size // process_count]`` split positions of one
     process, -1 for padding; the same shape on every process."""
     local = _local_batch_size("eval_batch_size", eval_batch_size, process_count)
@@ -165,9 +179,14 @@ class _EvalExample(grain.MapTransform):
     def map(self, element: dict) -> dict:
         index = np.int32(element["index"])
         crop = self._crop.crop_size
-        out = {"image": np.zeros((crop, crop, 3), np.uint8), "label": np.int32(0),
-               "index": index, "mask": np.bool_(index >= 0), "size": np.zeros(2, np.int32),
-               "error": ""}
+        out = {
+            "image": np.zeros((crop, crop, 3), np.uint8),
+            "label": np.int32(0),
+            "index": index,
+            "mask": np.bool_(index >= 0),
+            "size": np.zeros(2, np.int32),
+            "error": "",
+        }
         if index < 0:
             return out
         name = element["file_name"]
@@ -185,12 +204,17 @@ class _EvalExample(grain.MapTransform):
         return out
 
 
-def _one_pass(source, num_examples: int, config: ml_collections.ConfigDict,
-              process_index: int | None, process_count: int | None,
-              keys: tuple[str, ...], skip_errors: bool = False) -> Iterator[dict]:
+def _one_pass(
+    source,
+    num_examples: int,
+    config: ml_collections.ConfigDict,
+    process_index: int | None,
+    process_count: int | None,
+    keys: tuple[str, ...],
+    skip_errors: bool = False,
+) -> Iterator[dict]:
     process_index, process_count = _processes(process_index, process_count)
-    positions = eval_positions(num_examples, config.eval_batch_size, process_index,
-                               process_count)
+    positions = eval_positions(num_examples, config.eval_batch_size, process_index, process_count)
     num_batches, local = positions.shape
     if num_batches == 0:
         return iter(())
@@ -218,18 +242,33 @@ def _one_pass(source, num_examples: int, config: ml_collections.ConfigDict,
     return batches()
 
 
-def eval_batches(split, config: ml_collections.ConfigDict, *, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+def eval_batches(
+    split,
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict]:
     """One pass over ``split``, centre crop: ``{'image': uint8 [E/P, crop, crop, 3],
     'label': int32, 'index': int32 (position in split.file_names, -1 = padding),
     'mask': bool}``. Every example appears exactly once over all processes."""
-    return _one_pass(split.source, len(split.labels), config, process_index, process_count,
-                     ("image", "label", "index", "mask"))
+    return _one_pass(
+        split.source,
+        len(split.labels),
+        config,
+        process_index,
+        process_count,
+        ("image", "label", "index", "mask"),
+    )
 
 
-def predict_batches(image_paths: Sequence[str | Path], config: ml_collections.ConfigDict, *,
-                    process_index: int | None = None,
-                    process_count: int | None = None) -> Iterator[dict]:
+def predict_batches(
+    image_paths: Sequence[str | Path],
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict]:
     """Like `eval_batches` for unlabelled files: ``{'image', 'index' (position in
     image_paths), 'mask', 'size' (int32 [B, 2]: height, width before the crop),
     'error' (str: empty, or why the file could not be used)}``.
@@ -237,9 +276,15 @@ def predict_batches(image_paths: Sequence[str | Path], config: ml_collections.Co
     A file that cannot be read, decoded or centre-cropped does not raise: its
     ``error`` says why and its ``image`` is black (see `_EvalExample`).
     """
-    return _one_pass(_FileSource(image_paths), len(image_paths), config, process_index,
-                     process_count, ("image", "index", "mask", "size", "error"),
-                     skip_errors=True)
+    return _one_pass(
+        _FileSource(image_paths),
+        len(image_paths),
+        config,
+        process_index,
+        process_count,
+        ("image", "index", "mask", "size", "error"),
+        skip_errors=True,
+    )
 
 
 def predict_file_error(path: str | Path, crop_size: int) -> str:

@@ -74,8 +74,52 @@ def _first_duplicate(items: Iterable[str]) -> str | None:
     return None
 
 
+def _read_labels(label_file: Path) -> list[str]:
+    label_names = _read_lines(label_file)
+    if not label_names:
+        raise DatasetError(f"{label_file}: no labels listed")
+    if (dup := _first_duplicate(label_names)) is not None:
+        raise DatasetError(f"{label_file}: label {dup!r} listed twice")
+    return label_names
+
+
+def _read_splits(
+    root: Path, label_file: Path, label_ids: dict[str, int]
+) -> dict[str, list[Example]]:
+    """Every split's examples; a file in two splits, a stage not in the label list
+    or a missing file is a ``DatasetError``."""
+    splits: dict[str, list[Example]] = {}
+    split_of: dict[str, str] = {}
+    for split in SPLITS:
+        split_file = root / "split_list" / f"{split}.txt"
+        names = _read_lines(split_file)
+        if not names:
+            raise DatasetError(f"{split_file}: empty split")
+        examples = []
+        for name in names:
+            if name in split_of:
+                where = (
+                    "twice in this split"
+                    if split_of[name] == split
+                    else (f"also in split {split_of[name]!r}")
+                )
+                raise DatasetError(f"{split_file}: {name} listed {where}")
+            split_of[name] = split
+            path = root / "images" / name
+            stage = stage_from_file_name(str(path))
+            if stage not in label_ids:
+                raise DatasetError(f"{path}: stage {stage!r} is not in {label_file}")
+            if not path.is_file():
+                raise DatasetError(f"{path}: listed in {split_file} but missing")
+            examples.append(Example(name, path, label_ids[stage]))
+        splits[split] = examples
+    return splits
+
+
 def read_layout(
-    root: str | Path, crop_size: int | None = None, check_images: bool = True,
+    root: str | Path,
+    crop_size: int | None = None,
+    check_images: bool = True,
     stage_order: str = "",
 ) -> Layout:
     """Parses and validates `root`; raises DatasetError at the first problem.
@@ -92,55 +136,32 @@ def read_layout(
     image_dir = root / "images"
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: missing images folder")
-
     label_file = root / "label_list.txt"
-    label_names = _read_lines(label_file)
-    if not label_names:
-        raise DatasetError(f"{label_file}: no labels listed")
-    if (dup := _first_duplicate(label_names)) is not None:
-        raise DatasetError(f"{label_file}: label {dup!r} listed twice")
+    label_names = _read_labels(label_file)
     ranks = stage_ranks(label_names, stage_order, source=str(label_file))
-    label_ids = {name: i for i, name in enumerate(label_names)}
-
-    splits: dict[str, list[Example]] = {}
-    split_of: dict[str, str] = {}
-    for split in SPLITS:
-        split_file = root / "split_list" / f"{split}.txt"
-        names = _read_lines(split_file)
-        if not names:
-            raise DatasetError(f"{split_file}: empty split")
-        examples = []
-        for name in names:
-            if name in split_of:
-                where = "twice in this split" if split_of[name] == split else (
-                    f"also in split {split_of[name]!r}")
-                raise DatasetError(f"{split_file}: {name} listed {where}")
-            split_of[name] = split
-            path = image_dir / name
-            stage = stage_from_file_name(str(path))
-            if stage not in label_ids:
-                raise DatasetError(f"{path}: stage {stage!r} is not in {label_file}")
-            if not path.is_file():
-                raise DatasetError(f"{path}: listed in {split_file} but missing")
-            examples.append(Example(name, path, label_ids[stage]))
-        splits[split] = examples
+    splits = _read_splits(root, label_file, {name: i for i, name in enumerate(label_names)})
 
     present = {ex.label for ex in splits["train"]}
     if missing := [n for i, n in enumerate(label_names) if i not in present]:
         raise DatasetError(
             f"{root / 'split_list' / 'train.txt'}: no training image of stage {missing[0]!r}"
-            + (f" (nor of {missing[1:]})" if len(missing) > 1 else ""))
+            + (f" (nor of {missing[1:]})" if len(missing) > 1 else "")
+        )
 
     if check_images:
         for examples in splits.values():
             for ex in examples:
                 _check_image(ex.path, crop_size)
-        unused = sum(1 for p in image_dir.iterdir() if p.is_file()) - len(split_of)
+        listed = sum(len(examples) for examples in splits.values())
+        unused = sum(1 for p in image_dir.iterdir() if p.is_file()) - listed
         if unused > 0:
             log.info("%s: %d file(s) are in no split and are not used.", image_dir, unused)
     log.info(
-        "%s: %d labels; %s.", root, len(label_names),
-        ", ".join(f"{s} {len(splits[s])} images" for s in SPLITS))
+        "%s: %d labels; %s.",
+        root,
+        len(label_names),
+        ", ".join(f"{s} {len(splits[s])} images" for s in SPLITS),
+    )
     return Layout(root=root, label_names=label_names, splits=splits, stage_ranks=ranks)
 
 
@@ -151,5 +172,4 @@ def _check_image(path: Path, crop_size: int | None) -> None:
         raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
     height, width = image_info(data, str(path))
     if crop_size is not None and min(height, width) < crop_size:
-        raise DatasetError(
-            f"{path}: image is {height}x{width}, smaller than crop_size {crop_size}")
+        raise DatasetError(f"{path}: image is {height}x{width}, smaller than crop_size {crop_size}")

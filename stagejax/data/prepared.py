@@ -14,9 +14,9 @@ then renamed into place, so an interrupted build is never read.
 """
 
 import dataclasses
-import logging
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -56,12 +56,14 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description="H-PAS seminiferous tubule images with their stage label.",
-            features=tfds.features.FeaturesDict({
-                # Encoded PNG/JPEG/TIFF bytes: tfds.features.Image would need TF to decode.
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "label": tfds.features.ClassLabel(names=self._layout.label_names),
-                "file_name": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    # Encoded PNG/JPEG/TIFF bytes: tfds.features.Image would need TF to decode.
+                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "label": tfds.features.ClassLabel(names=self._layout.label_names),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
             disable_shuffling=True,  # keep split-list order (needs integer keys)
         )
 
@@ -138,7 +140,9 @@ def cache_key(layout: Layout) -> str:
 
 
 def prepare(
-    data_dir: str | Path, cache_dir: str | Path, crop_size: int | None = None,
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    crop_size: int | None = None,
     stage_order: str = "",
 ) -> PreparedDataset:
     """Validates `data_dir`, builds (or reuses) its ArrayRecord cache, returns grain sources.
@@ -153,8 +157,9 @@ def prepare(
     if (path / _MARKER).is_file():
         log.info("Reusing dataset cache %s.", path)
     else:
-        layout = read_layout(data_dir, crop_size=crop_size, check_images=True,
-                             stage_order=stage_order)
+        layout = read_layout(
+            data_dir, crop_size=crop_size, check_images=True, stage_order=stage_order
+        )
         _build(layout, path)
     prepared = _load(path, layout.root / "images", crop_size)
     return dataclasses.replace(prepared, stage_ranks=layout.stage_ranks)
@@ -164,15 +169,18 @@ def _build(layout: Layout, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*"))
     if leftovers:
-        log.warning("Ignoring unfinished cache build(s) %s; delete them to free space.",
-                        ", ".join(map(str, leftovers)))
+        log.warning(
+            "Ignoring unfinished cache build(s) %s; delete them to free space.",
+            ", ".join(map(str, leftovers)),
+        )
     log.info("Building dataset cache %s from %s.", path, layout.root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         builder = _LayoutBuilder(layout, data_dir=str(tmp), file_format="array_record")
         tfds.disable_progress_bar()  # we log progress ourselves
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
         index = {
             "label_names": layout.label_names,
             "splits": {
@@ -200,19 +208,24 @@ def _build(layout: Layout, path: Path) -> None:
 def _load(path: Path, image_dir: Path, crop_size: int | None) -> PreparedDataset:
     index = json.loads((path / _INDEX).read_text())
     builder = tfds.builder_from_directory(
-        str(path / _LayoutBuilder.name / str(_LayoutBuilder.VERSION)))
+        str(path / _LayoutBuilder.name / str(_LayoutBuilder.VERSION))
+    )
     splits = {}
     for split in SPLITS:
         entry = index["splits"][split]
         if crop_size is not None:
             for name, (height, width) in zip(entry["file_names"], entry["sizes"], strict=True):
                 if min(height, width) < crop_size:
-                    raise DatasetError(f"{image_dir / name}: image is {height}x{width}, "
-                                       f"smaller than crop_size {crop_size}")
+                    raise DatasetError(
+                        f"{image_dir / name}: image is {height}x{width}, "
+                        f"smaller than crop_size {crop_size}"
+                    )
         source = RecordSource(builder.as_data_source(split=split), path, split)
         if len(source) != len(entry["file_names"]):
-            raise DatasetError(f"{path}: cache holds {len(source)} {split} records, index "
-                               f"{len(entry['file_names'])}; delete the directory to rebuild")
+            raise DatasetError(
+                f"{path}: cache holds {len(source)} {split} records, index "
+                f"{len(entry['file_names'])}; delete the directory to rebuild"
+            )
         splits[split] = SplitSource(
             source=source,
             labels=np.asarray(entry["labels"], dtype=np.int32),

@@ -65,26 +65,31 @@ class StageBalancedSampler:
     ``(seed, i)`` for the host-side augmentation. Endless: ``len`` is ``sys.maxsize``.
     """
 
-    def __init__(self, labels, global_batch_size: int, seed: int,
-                 num_stages: int = NUM_STAGES):
+    def __init__(self, labels, global_batch_size: int, seed: int, num_stages: int = NUM_STAGES):
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError(f"labels: expected a non-empty 1-D array, got shape {labels.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels: expected integer class ids, got dtype {labels.dtype}")
         if labels.min() < 0 or labels.max() >= num_stages:
-            raise ValueError(f"labels: class ids must be in [0, {num_stages}), got "
-                             f"[{labels.min()}, {labels.max()}]")
+            raise ValueError(
+                f"labels: class ids must be in [0, {num_stages}), got "
+                f"[{labels.min()}, {labels.max()}]"
+            )
         if global_batch_size < num_stages:
-            raise ValueError(f"global_batch_size: {global_batch_size} is smaller than the "
-                             f"{num_stages} stages that every batch must hold")
+            raise ValueError(
+                f"global_batch_size: {global_batch_size} is smaller than the "
+                f"{num_stages} stages that every batch must hold"
+            )
         if int(seed) < 0:
             raise ValueError(f"seed: must be non-negative, got {seed}")
         self._by_stage = [np.flatnonzero(labels == s) for s in range(num_stages)]
         for s, members in enumerate(self._by_stage):
             if members.size == 0:
-                raise ValueError(f"labels: stage {_stage_name(s, num_stages)} (class id {s}) "
-                                 "has no images; every batch must hold every stage")
+                raise ValueError(
+                    f"labels: stage {_stage_name(s, num_stages)} (class id {s}) "
+                    "has no images; every batch must hold every stage"
+                )
         self.num_records = labels.size
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
@@ -98,9 +103,11 @@ class StageBalancedSampler:
         return sys.maxsize
 
     def __repr__(self) -> str:
-        return (f"StageBalancedSampler(num_records={self.num_records}, "
-                f"global_batch_size={self.global_batch_size}, seed={self.seed}, "
-                f"num_stages={self.num_stages}, labels_crc32={self._labels_crc})")
+        return (
+            f"StageBalancedSampler(num_records={self.num_records}, "
+            f"global_batch_size={self.global_batch_size}, seed={self.seed}, "
+            f"num_stages={self.num_stages}, labels_crc32={self._labels_crc})"
+        )
 
     def batch_layout(self, batch: int) -> np.ndarray:
         """Slot ``q`` of ``batch`` holds canonical slot ``layout[q]``: values below
@@ -148,11 +155,19 @@ class ShardedOrder:
     valid for any process or worker count.
     """
 
-    def __init__(self, sampler, global_batch_size: int, process_count: int = 1,
-                 worker_count: int = 0, start_step: int = 0):
+    def __init__(
+        self,
+        sampler,
+        global_batch_size: int,
+        process_count: int = 1,
+        worker_count: int = 0,
+        start_step: int = 0,
+    ):
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size: {global_batch_size} is not divisible by "
-                             f"the {process_count} processes")
+            raise ValueError(
+                f"global_batch_size: {global_batch_size} is not divisible by "
+                f"the {process_count} processes"
+            )
         if start_step < 0:
             raise ValueError(f"start_step: must be non-negative, got {start_step}")
         self.sampler = sampler
@@ -166,9 +181,11 @@ class ShardedOrder:
         return sys.maxsize
 
     def __repr__(self) -> str:
-        return (f"ShardedOrder({self.sampler!r}, global_batch_size={self.global_batch_size}, "
-                f"process_count={self.process_count}, worker_count={self.worker_count}, "
-                f"start_step={self.start_step})")
+        return (
+            f"ShardedOrder({self.sampler!r}, global_batch_size={self.global_batch_size}, "
+            f"process_count={self.process_count}, worker_count={self.worker_count}, "
+            f"start_step={self.start_step})"
+        )
 
     def canonical_position(self, g: int) -> int:
         local, p = divmod(g, self.process_count)

@@ -28,25 +28,34 @@ log = logging.getLogger(__name__)
 BEST_MODEL = "best_model"
 
 
-def evaluate_best(model: Model, dataset: Any, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
-                  split_name: str) -> dict:
+def evaluate_best(
+    model: Model, dataset: Any, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path, split_name: str
+) -> dict:
     """Evaluate the best checkpoint on ``split_name``; export its weights; write the report."""
     abstract = step_lib.abstract_train_state(model.params, model.batch_stats, model.config)
     restored = ckpts.restore_best(abstract)
     if restored is None:
         why = "; ".join(ckpts.skipped["best"])
-        raise CheckpointError(f"{ckpts.directory('best')}: no best checkpoint to "
-                              f"evaluate{f' ({why})' if why else ''}")
+        raise CheckpointError(
+            f"{ckpts.directory('best')}: no best checkpoint to evaluate{f' ({why})' if why else ''}"
+        )
     host_state, meta = restored
     if jax.process_index() == 0:
         export_model(model, dataset, host_state, workdir / BEST_MODEL)
     state = model.parallel.put_state(host_state)
-    return evaluate_and_report(model, dataset, state, workdir, split_name,
-                               {"best_epoch": meta["best_epoch"]})
+    return evaluate_and_report(
+        model, dataset, state, workdir, split_name, {"best_epoch": meta["best_epoch"]}
+    )
 
 
-def evaluate_and_report(model: Model, dataset: Any, state: Any, workdir: Path, split_name: str,
-                        extra: dict | None = None) -> dict:
+def evaluate_and_report(
+    model: Model,
+    dataset: Any,
+    state: Any,
+    workdir: Path,
+    split_name: str,
+    extra: dict | None = None,
+) -> dict:
     """Metrics of device ``state`` on ``split_name``, and their report in
     ``workdir/eval_<split>/``."""
     out_dir = workdir / f"eval_{split_name}"
@@ -56,12 +65,23 @@ def evaluate_and_report(model: Model, dataset: Any, state: Any, workdir: Path, s
         split = dataset.splits[split_name]
         if jax.process_index() == 0:
             report.write_eval_report(
-                out_dir, split.file_names, split.labels, out["probs"], out["features"],
-                loss=metrics.get("loss"), label_names=dataset.label_names,
-                ranks=dataset.stage_ranks)
-    log.info("%s: accuracy %.4f, balanced accuracy %.4f, +/-1 accuracy %.4f -> %s",
-             split_name, metrics["accuracy"], metrics["balanced_accuracy"],
-             metrics["within1_accuracy"], out_dir)
+                out_dir,
+                split.file_names,
+                split.labels,
+                out["probs"],
+                out["features"],
+                loss=metrics.get("loss"),
+                label_names=dataset.label_names,
+                ranks=dataset.stage_ranks,
+            )
+    log.info(
+        "%s: accuracy %.4f, balanced accuracy %.4f, +/-1 accuracy %.4f -> %s",
+        split_name,
+        metrics["accuracy"],
+        metrics["balanced_accuracy"],
+        metrics["within1_accuracy"],
+        out_dir,
+    )
     return metrics
 
 
@@ -72,9 +92,15 @@ def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -
 
     def fill(tmp: Path) -> None:
         with ckpt_lib.orbax_errors_silenced():
-            ckpt_lib.save_model_weights(tmp, model.module(host_state), config.model,
-                                        config.num_classes, 1 if config.grayscale else 3,
-                                        dataset.label_names, dataset.stage_ranks)
+            ckpt_lib.save_model_weights(
+                tmp,
+                model.module(host_state),
+                config.model,
+                config.num_classes,
+                1 if config.grayscale else 3,
+                dataset.label_names,
+                dataset.stage_ranks,
+            )
 
     files.replace_dir(directory, fill, "the best model")
 
@@ -88,8 +114,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     ckpts = ckpt_lib.TrainCheckpoints(workdir)
     try:
         if not ckpts.has_best() and config.init_from:
-            return evaluate_and_report(model, dataset, model.device_state(), workdir,
-                                       config.eval_split)
+            return evaluate_and_report(
+                model, dataset, model.device_state(), workdir, config.eval_split
+            )
         return evaluate_best(model, dataset, ckpts, workdir, config.eval_split)
     finally:
         ckpts.close()

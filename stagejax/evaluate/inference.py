@@ -48,8 +48,9 @@ def run_inference(
     t0 = last = time.time()
     for batch in batches:
         index, mask = _host_gather(batch["index"]), _host_gather(batch["mask"])
-        device_batch = parallel.put_batch({k: v for k, v in batch.items()
-                                           if k in ("image", "label")})
+        device_batch = parallel.put_batch(
+            {k: v for k, v in batch.items() if k in ("image", "label")}
+        )
         result = parallel.gather(eval_step(state, device_batch))
         for k, v in result.items():
             if k not in out:
@@ -59,8 +60,14 @@ def run_inference(
         now = time.time()
         if now - last > log_every_s:
             rate = seen / (now - t0)
-            log.info("%s: %d/%d images (%.1f images/s, ETA %.0fs)", desc, seen, num_examples,
-                     rate, (num_examples - seen) / max(rate, 1e-9))
+            log.info(
+                "%s: %d/%d images (%.1f images/s, ETA %.0fs)",
+                desc,
+                seen,
+                num_examples,
+                rate,
+                (num_examples - seen) / max(rate, 1e-9),
+            )
             last = now
     if seen != num_examples:
         raise RuntimeError(f"{desc}: evaluated {seen} images, expected {num_examples}")
@@ -68,8 +75,9 @@ def run_inference(
     return out
 
 
-def summarize(labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None,
-              label_names=STAGES, ranks=None) -> dict:
+def summarize(
+    labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None, label_names=STAGES, ranks=None
+) -> dict:
     """Metrics of one pass (`stagejax.evaluate.metrics.summarize` of its confusion matrix).
 
     The matrix is counted here, on the host, from the per-example predictions
@@ -77,18 +85,26 @@ def summarize(labels: np.ndarray, probs: np.ndarray, loss: np.ndarray | None,
     accumulated on the devices that would have to agree with it.
     """
     cm = metrics_lib.confusion_matrix(labels, probs.argmax(-1), probs.shape[-1])
-    return metrics_lib.summarize(cm, None if loss is None else float(np.mean(loss)),
-                                 label_names, ranks)
+    return metrics_lib.summarize(
+        cm, None if loss is None else float(np.mean(loss)), label_names, ranks
+    )
 
 
-def evaluate_split(model, state: Any, dataset, split_name: str,
-                   tta: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+def evaluate_split(
+    model, state: Any, dataset, split_name: str, tta: bool = False
+) -> tuple[dict, dict[str, np.ndarray]]:
     """(metrics, per-example outputs in file order) of ``model`` (an
     `stagejax.evaluate.model.Model`) with device ``state`` on one split."""
     split = dataset.splits[split_name]
-    out = run_inference(model.parallel, model.eval_step(tta), state,
-                        input_pipeline.eval_batches(split, model.config), len(split.labels),
-                        desc=f"eval {split_name}")
-    metrics = summarize(split.labels, out["probs"], out.get("loss"), dataset.label_names,
-                        dataset.stage_ranks)
+    out = run_inference(
+        model.parallel,
+        model.eval_step(tta),
+        state,
+        input_pipeline.eval_batches(split, model.config),
+        len(split.labels),
+        desc=f"eval {split_name}",
+    )
+    metrics = summarize(
+        split.labels, out["probs"], out.get("loss"), dataset.label_names, dataset.stage_ranks
+    )
     return metrics, out

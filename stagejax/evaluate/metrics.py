@@ -39,6 +39,27 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num) / float(den) if den > 0 else None
 
 
+def _per_stage_ratios(c: np.ndarray) -> tuple[list, list, list]:
+    """Recall, precision and F1 per class (None where the denominator is empty)."""
+    tp, support, predicted = np.diag(c), c.sum(axis=1), c.sum(axis=0)
+    recall = [_ratio(t, s) for t, s in zip(tp, support, strict=True)]
+    precision = [_ratio(t, p) for t, p in zip(tp, predicted, strict=True)]
+    f1_den = 2 * tp + (predicted - tp) + (support - tp)  # 2TP + FP + FN
+    f1 = [_ratio(2 * t, d) for t, d in zip(tp, f1_den, strict=True)]  # None: stage never seen
+    return recall, precision, f1
+
+
+def _cycle_distances(label_names, ranks) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Stage distances between classes (plain and cyclic) and the classes in cycle order."""
+    k = len(label_names)
+    r = np.asarray(stage_ranks(label_names) if ranks is None else ranks)
+    if r.shape != (k,):
+        raise ValueError(f"ranks: {r.shape[0]} ranks for {k} label names")
+    dist = stage_distance(r[:, None], r[None, :])
+    cyclic_dist = stage_distance(r[:, None], r[None, :], cyclic=True)
+    return dist, cyclic_dist, biological_order(r.tolist())
+
+
 def summarize(
     confusion: np.ndarray,
     loss: float | None = None,
@@ -73,23 +94,11 @@ def summarize(
     if c.shape != (k, k):
         raise ValueError(f"confusion: shape {c.shape} does not match {k} label names")
     n = int(c.sum())
-    tp = np.diag(c)
-    support = c.sum(axis=1)  # true count per stage
-    predicted = c.sum(axis=0)  # predicted count per stage
-
-    recall = [_ratio(tp[i], support[i]) for i in range(k)]
-    precision = [_ratio(tp[i], predicted[i]) for i in range(k)]
-    f1_den = 2 * tp + (predicted - tp) + (support - tp)  # 2TP + FP + FN
-    f1 = [_ratio(2 * tp[i], f1_den[i]) for i in range(k)]  # None iff stage never seen
-
+    tp, support = np.diag(c), c.sum(axis=1)  # support: true count per stage
+    recall, precision, f1 = _per_stage_ratios(c)
     present_recall = [r for r in recall if r is not None]
     present_f1 = [f for f in f1 if f is not None]
-    r = np.asarray(stage_ranks(label_names) if ranks is None else ranks)
-    if r.shape != (k,):
-        raise ValueError(f"ranks: {r.shape[0]} ranks for {k} label names")
-    dist = stage_distance(r[:, None], r[None, :])
-    cyclic_dist = stage_distance(r[:, None], r[None, :], cyclic=True)
-    order = biological_order(r.tolist())
+    dist, cyclic_dist, order = _cycle_distances(label_names, ranks)
 
     def per_stage(values) -> dict:
         return {label_names[i]: values[i] for i in order}

@@ -29,8 +29,9 @@ from stagejax.train import step as step_lib
 log = logging.getLogger(__name__)
 
 
-def create_module(config: ml_collections.ConfigDict, bn_axis_name: str | None = None,
-                  seed: int | None = None) -> nnx.Module:
+def create_module(
+    config: ml_collections.ConfigDict, bn_axis_name: str | None = None, seed: int | None = None
+) -> nnx.Module:
     """A new ``config.model`` with fresh weights (``config.seed`` unless ``seed``)."""
     return models.create(
         config.model,
@@ -65,8 +66,9 @@ class Model:
     _eval_steps: dict[bool, Callable] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict,
-                    parallel: Parallel | None = None) -> Model:
+    def from_config(
+        cls, config: ml_collections.ConfigDict, parallel: Parallel | None = None
+    ) -> Model:
         """A new ``config.model``, with the weights of ``config.init_from`` if given."""
         parallel = parallel or make_parallel(config)
         module = create_module(config, parallel.bn_axis_name)
@@ -76,17 +78,28 @@ class Model:
         return cls(config, parallel, *step_lib.split_model(module))
 
     @classmethod
-    def from_directory(cls, config: ml_collections.ConfigDict, directory: str | Path,
-                       parallel: Parallel | None = None, precision: str | None = None) -> Model:
+    def from_directory(
+        cls,
+        config: ml_collections.ConfigDict,
+        directory: str | Path,
+        parallel: Parallel | None = None,
+        precision: str | None = None,
+    ) -> Model:
         """The model saved in ``directory``; ``precision`` overrides ``config.precision``."""
         parallel = parallel or make_parallel(config)
         directory = Path(directory).expanduser()
         meta = ckpt_lib.read_model_json(directory)
         dtype = step_lib.DTYPES[precision] if precision else step_lib.compute_dtype(config)
-        module = ckpt_lib.load_model_weights(directory, dtype=dtype,
-                                             bn_axis_name=parallel.bn_axis_name)
-        return cls(config, parallel, *step_lib.split_model(module),
-                   label_names=meta["label_names"], stage_ranks=meta["stage_ranks"])
+        module = ckpt_lib.load_model_weights(
+            directory, dtype=dtype, bn_axis_name=parallel.bn_axis_name
+        )
+        return cls(
+            config,
+            parallel,
+            *step_lib.split_model(module),
+            label_names=meta["label_names"],
+            stage_ranks=meta["stage_ranks"],
+        )
 
     def state(self, tx: optax.GradientTransformation | None = None) -> step_lib.TrainState:
         """Host state of the model's weights (with ``tx``'s fresh optimizer state)."""

@@ -117,8 +117,10 @@ class _FileProblems:
             bad = np.asarray(multihost_utils.process_allgather(bad, tiled=True))
         if bad.any():
             i = int(index[bad].min())
-            raise DatasetError(f"{self.message(i)} (config.strict=True stops at the first "
-                               "unusable image; without it such images are skipped and listed)")
+            raise DatasetError(
+                f"{self.message(i)} (config.strict=True stops at the first "
+                "unusable image; without it such images are skipped and listed)"
+            )
 
     def message(self, i: int) -> str:
         """Why image ``i`` was skipped, starting with its path (found again if
@@ -133,8 +135,10 @@ class _FileProblems:
 
     def errors(self) -> list[str]:
         """Per image: empty, or why it was skipped (without its path: the CSV has it)."""
-        return [self.message(i).removeprefix(f"{p}: ") if b else ""
-                for i, (p, b) in enumerate(zip(self.paths, self.bad, strict=True))]
+        return [
+            self.message(i).removeprefix(f"{p}: ") if b else ""
+            for i, (p, b) in enumerate(zip(self.paths, self.bad, strict=True))
+        ]
 
 
 def _warn_off_scale(problems: _FileProblems, reference: tuple[int, str], crop: int) -> None:
@@ -145,12 +149,40 @@ def _warn_off_scale(problems: _FileProblems, reference: tuple[int, str], crop: i
         if not bad and max(ratio, 1 / ratio) > SCALE_TOLERANCE:
             off.append(path.name)
             if len(off) <= _MAX_NAMED:
-                log.warning("%s: %dx%d px, %.1fx the %d px of %s; the model sees its centre "
-                            "%d px crop at the training scale, so at another magnification its "
-                            "stage is unreliable", path, h, w, ratio, ref, what, crop)
+                log.warning(
+                    "%s: %dx%d px, %.1fx the %d px of %s; the model sees its centre "
+                    "%d px crop at the training scale, so at another magnification its "
+                    "stage is unreliable",
+                    path,
+                    h,
+                    w,
+                    ratio,
+                    ref,
+                    what,
+                    crop,
+                )
     if off:
-        log.warning("%d image(s) differ in size from %s (%d px) by more than %gx: %s",
-                    len(off), what, ref, SCALE_TOLERANCE, _named(off))
+        log.warning(
+            "%d image(s) differ in size from %s (%d px) by more than %gx: %s",
+            len(off),
+            what,
+            ref,
+            SCALE_TOLERANCE,
+            _named(off),
+        )
+
+
+def _model_dir(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, bool]:
+    """(model directory, whether it is the workdir's trained model): ``best_model``,
+    else ``config.init_from``."""
+    model_dir = workdir / BEST_MODEL
+    if model_dir.is_dir():
+        return model_dir, True
+    if not config.init_from:
+        raise CheckpointError(
+            f"{model_dir}: missing; train first or pass --config.init_from=MODEL_DIR"
+        )
+    return Path(config.init_from).expanduser(), False
 
 
 def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -165,37 +197,50 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
     dest = output_path(workdir, config.predict_dir)
     replacing = dest.exists()
     if replacing and not config.get("overwrite", False):
-        raise WorkdirError(f"{dest}: exists (an earlier prediction of a folder named "
-                           f"{dest.parent.name!r}); pass --config.overwrite=True to replace it")
-    model_dir = workdir / BEST_MODEL
-    trained = model_dir.is_dir()
-    if not trained:
-        if not config.init_from:
-            raise CheckpointError(
-                f"{model_dir}: missing; train first or pass --config.init_from=MODEL_DIR")
-        model_dir = Path(config.init_from).expanduser()
+        raise WorkdirError(
+            f"{dest}: exists (an earlier prediction of a folder named "
+            f"{dest.parent.name!r}); pass --config.overwrite=True to replace it"
+        )
+    model_dir, trained = _model_dir(config, workdir)
     model = Model.from_directory(config, model_dir)
-    log.info("predicting %d images from %s%s", len(paths), config.predict_dir,
-             " with 8-fold test-time augmentation" if config.tta else "")
+    log.info(
+        "predicting %d images from %s%s",
+        len(paths),
+        config.predict_dir,
+        " with 8-fold test-time augmentation" if config.tta else "",
+    )
     problems = _FileProblems(paths, config.crop_size, config.get("strict", False))
-    out = run_inference(model.parallel, model.eval_step(config.tta), model.device_state(),
-                        problems.watch(input_pipeline.predict_batches(paths, config)),
-                        len(paths), desc="predict")
+    out = run_inference(
+        model.parallel,
+        model.eval_step(config.tta),
+        model.device_state(),
+        problems.watch(input_pipeline.predict_batches(paths, config)),
+        len(paths),
+        desc="predict",
+    )
     problems.gather()
     skipped = [p.name for p, b in zip(paths, problems.bad, strict=True) if b]
     if jax.process_index() == 0:
-        report.write_predictions(dest, [p.name for p in paths], out["probs"],
-                                 model.label_names,
-                                 errors=problems.errors())
-        if replacing:
-            log.warning("replaced %s (config.overwrite=True)", dest)
-        else:
-            log.info("wrote %s", dest)
+        report.write_predictions(
+            dest, [p.name for p in paths], out["probs"], model.label_names, errors=problems.errors()
+        )
+        log.log(
+            logging.WARNING if replacing else logging.INFO,
+            "replaced %s (config.overwrite=True)" if replacing else "wrote %s",
+            dest,
+        )
         _warn_off_scale(problems, reference_size(config, trained), config.crop_size)
         if skipped:
-            log.warning("%d of %d images could not be used and were skipped (column error of "
-                        "%s): %s", len(skipped), len(paths), dest, _named(skipped))
+            log.warning(
+                "%d of %d images could not be used and were skipped (column error of %s): %s",
+                len(skipped),
+                len(paths),
+                dest,
+                _named(skipped),
+            )
     if len(skipped) == len(paths):
-        raise DatasetError(f"{config.predict_dir}: none of the {len(paths)} images could be "
-                           f"used ({problems.message(0)}); see {dest}")
+        raise DatasetError(
+            f"{config.predict_dir}: none of the {len(paths)} images could be "
+            f"used ({problems.message(0)}); see {dest}"
+        )
     return dest

@@ -37,6 +37,7 @@ from stagejax import __version__
 from stagejax.errors import WorkdirError
 from stagejax.evaluate.metrics import confusion_matrix, summarize
 from stagejax.evaluate.report_figures import plot_confusion_matrix, plot_per_stage
+from stagejax.runtime.files import TMP_PREFIX, atomic_write
 from stagejax.stages import STAGES, biological_order, stage_ranks
 
 MARKER = ".stagejax_report"
@@ -48,7 +49,6 @@ REPORT_FILES = (
     "features.npy",
     "features_files.txt",
 )
-_TMP_PREFIX = ".stagejax_tmp_"
 
 
 # ---------------------------------------------------------------------------
@@ -58,18 +58,18 @@ _TMP_PREFIX = ".stagejax_tmp_"
 def _claim_dir(out_dir: Path) -> None:
     """Makes ``out_dir`` ours: new, empty, or a previous stagejax report (then cleared)."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+        raise WorkdirError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = set(os.listdir(out_dir))
     ours = set(REPORT_FILES) | {MARKER}
     if entries and MARKER not in entries:
-        raise FileExistsError(
+        raise WorkdirError(
             f"{out_dir}: not empty and not a stagejax report directory; "
             "choose a new output directory"
         )
-    foreign = sorted(e for e in entries if e not in ours and not e.startswith(_TMP_PREFIX))
+    foreign = sorted(e for e in entries if e not in ours and not e.startswith(TMP_PREFIX))
     if foreign:
-        raise FileExistsError(
+        raise WorkdirError(
             f"{out_dir}: holds files a stagejax report did not write ({foreign[0]!r}, ...); "
             "refusing to overwrite"
         )
@@ -79,13 +79,6 @@ def _claim_dir(out_dir: Path) -> None:
     (out_dir / MARKER).write_text(
         json.dumps({"written_by": f"stagejax {__version__}", "files": list(REPORT_FILES)}) + "\n"
     )
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Writes via a temporary file then renames, so readers never see half a file."""
-    tmp = path.with_name(_TMP_PREFIX + path.name)
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _fmt_probs(row: np.ndarray) -> list[str]:
@@ -131,10 +124,10 @@ def write_predictions(
     if probs.ndim != 2 or len(probs) != len(file_names):
         _check_inputs(file_names, probs, label_names)  # raises: wrong shape
     good = np.array([not e for e in errors], bool)
-    _check_inputs([n for n, e in zip(file_names, errors, strict=True) if not e], probs[good],
-                  label_names)
-    header = ["file_name", "pred_stage", "confidence", *(f"prob_{s}" for s in label_names),
-              "error"]
+    _check_inputs(
+        [n for n, e in zip(file_names, errors, strict=True) if not e], probs[good], label_names
+    )
+    header = ["file_name", "pred_stage", "confidence", *(f"prob_{s}" for s in label_names), "error"]
     if out_path.exists():
         with out_path.open(newline="", encoding="utf-8") as f:
             first = next(csv.reader(f), None)
@@ -153,7 +146,7 @@ def write_predictions(
                     p = int(row.argmax())
                     w.writerow([name, label_names[p], f"{row[p]:.4f}", *_fmt_probs(row), ""])
 
-    _atomic_write(out_path, write)
+    atomic_write(out_path, write)
     return out_path
 
 
@@ -183,24 +176,13 @@ def write_eval_report(
     out_dir = Path(out_dir)
     label_names = list(label_names)
     ranks = list(stage_ranks(label_names) if ranks is None else ranks)
-    k = len(label_names)
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    _check_inputs(file_names, probs, label_names)
-    if labels.shape[0] != probs.shape[0]:
-        raise ValueError(f"labels: {labels.shape[0]} labels for {probs.shape[0]} rows of probs")
-    if np.any((labels < -1) | (labels >= k)):
-        raise ValueError(f"labels: values must be in [0, {k}) or -1 for unknown")
-    if features is not None:
-        features = np.asarray(features)
-        if features.ndim != 2 or features.shape[0] != probs.shape[0]:
-            raise ValueError(
-                f"features: expected shape [{probs.shape[0]}, D], got {features.shape}"
-            )
-
+    features = None if features is None else np.asarray(features)
+    _check_report_inputs(file_names, labels, probs, features, label_names)
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     known = labels >= 0
-    confusion = confusion_matrix(labels, pred, k)
+    confusion = confusion_matrix(labels, pred, len(label_names))
     summary = summarize(confusion, loss, label_names, ranks)
     metrics = {
         **summary,
@@ -215,14 +197,39 @@ def write_eval_report(
     }
 
     _claim_dir(out_dir)
-    _atomic_write(
+    atomic_write(
         out_dir / "metrics.json",
         lambda p: p.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"),
     )
 
+    _write_eval_csv(out_dir / "predictions.csv", file_names, labels, pred, probs, label_names)
+    if known.any():
+        _write_figures(out_dir, confusion, label_names, ranks, summary)
+    if features is not None:
+        atomic_write(out_dir / "features.npy", lambda p: _save_npy(p, features))
+        atomic_write(
+            out_dir / "features_files.txt",
+            lambda p: p.write_text("".join(f"{n}\n" for n in file_names), encoding="utf-8"),
+        )
+    return metrics
+
+
+def _check_report_inputs(file_names, labels, probs, features, label_names) -> None:
+    k = len(label_names)
+    _check_inputs(file_names, probs, label_names)
+    if labels.shape[0] != probs.shape[0]:
+        raise ValueError(f"labels: {labels.shape[0]} labels for {probs.shape[0]} rows of probs")
+    if np.any((labels < -1) | (labels >= k)):
+        raise ValueError(f"labels: values must be in [0, {k}) or -1 for unknown")
+    if features is not None and (features.ndim != 2 or features.shape[0] != probs.shape[0]):
+        raise ValueError(f"features: expected shape [{probs.shape[0]}, D], got {features.shape}")
+
+
+def _write_eval_csv(path: Path, file_names, labels, pred, probs, label_names) -> None:
+    """predictions.csv of a labelled split: file_name, true_stage, pred_stage, prob_*."""
     header = ["file_name", "true_stage", "pred_stage"] + [f"prob_{s}" for s in label_names]
 
-    def write_csv(tmp: Path) -> None:
+    def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
@@ -230,30 +237,25 @@ def write_eval_report(
                 true = label_names[y] if y >= 0 else ""
                 w.writerow([name, true, label_names[p], *_fmt_probs(row)])
 
-    _atomic_write(out_dir / "predictions.csv", write_csv)
-
-    if known.any():
-        _write_figures(out_dir, confusion, label_names, ranks, summary)
-    if features is not None:
-        _atomic_write(out_dir / "features.npy", lambda p: _save_npy(p, features))
-        _atomic_write(
-            out_dir / "features_files.txt",
-            lambda p: p.write_text("".join(f"{n}\n" for n in file_names), encoding="utf-8"),
-        )
-    return metrics
+    atomic_write(path, write)
 
 
-def _write_figures(out_dir: Path, confusion: np.ndarray, label_names: list[str],
-                   ranks: Sequence[int], summary: dict) -> None:
+def _write_figures(
+    out_dir: Path,
+    confusion: np.ndarray,
+    label_names: list[str],
+    ranks: Sequence[int],
+    summary: dict,
+) -> None:
     """The two figures, in cycle order: the +/-1 band is then the matrix's tridiagonal."""
     order = biological_order(ranks)
     cycle_confusion = confusion[np.ix_(order, order)]
     cycle_names = [label_names[i] for i in order]
-    _atomic_write(
+    atomic_write(
         out_dir / "confusion_matrix.png",
         lambda p: plot_confusion_matrix(p, cycle_confusion, cycle_names, summary),
     )
-    _atomic_write(
+    atomic_write(
         out_dir / "confusion_per_stage.png",
         lambda p: plot_per_stage(p, cycle_confusion, cycle_names),
     )

@@ -19,10 +19,7 @@ from absl import flags
 
 from stagejax import cli
 from stagejax.errors import ConfigError
-from stagejax.explain import cycle
-
-# `stagejax.explain.gradcam` the attribute is the function, hence the direct import.
-from stagejax.explain.gradcam import render as render_gradcam
+from stagejax.explain import cycle, gradcam_report
 
 FLAGS = flags.FLAGS
 
@@ -32,19 +29,24 @@ flags.DEFINE_string("split", None, "Dataset split to explain or score (default: 
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/explain/<command>).")
 # gradcam only.
 flags.DEFINE_string("images", None, "gradcam: a folder of images to explain instead of a split.")
-flags.DEFINE_string("stage", None,
-                    "gradcam: explain this stage (I..XII or 1..12) instead of the prediction.")
-flags.DEFINE_integer("max_images", None,
-                     "gradcam: at most this many images, taken in turn from each true stage.")
+flags.DEFINE_string(
+    "stage", None, "gradcam: explain this stage (I..XII or 1..12) instead of the prediction."
+)
+flags.DEFINE_integer(
+    "max_images", None, "gradcam: at most this many images, taken in turn from each true stage."
+)
 flags.DEFINE_integer("batch_size", 8, "gradcam: images per jitted batch.")
 flags.DEFINE_float("alpha", 0.4, "gradcam: heatmap opacity in the overlays.")
-flags.DEFINE_string("data_dir", None,
-                    "gradcam: dataset root if it moved since training (default: the run's).")
-flags.DEFINE_string("cache_dir", None,
-                    "gradcam: dataset cache if it moved since training (default: the run's).")
+flags.DEFINE_string(
+    "data_dir", None, "gradcam: dataset root if it moved since training (default: the run's)."
+)
+flags.DEFINE_string(
+    "cache_dir", None, "gradcam: dataset cache if it moved since training (default: the run's)."
+)
 # cycle only.
-flags.DEFINE_integer("num_permutations", 200,
-                     "cycle: label shuffles for the random baseline (>= 1).")
+flags.DEFINE_integer(
+    "num_permutations", 200, "cycle: label shuffles for the random baseline (>= 1)."
+)
 flags.DEFINE_integer("seed", 0, "cycle: seed of the shuffles and of t-SNE.")
 
 
@@ -58,17 +60,30 @@ def gradcam_command() -> None:
     """``gradcam``: overlays and per-stage grids."""
     if FLAGS.images and FLAGS.split:
         raise ConfigError("--split and --images: give one (a dataset split or a folder)")
-    out, count = render_gradcam(
-        _workdir(), split=FLAGS.split or "test", images=FLAGS.images, stage=FLAGS.stage,
-        out=FLAGS.out, max_images=FLAGS.max_images, batch_size=FLAGS.batch_size,
-        alpha=FLAGS.alpha, data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir)
+    out, count = gradcam_report.render(
+        _workdir(),
+        split=FLAGS.split or "test",
+        images=FLAGS.images,
+        stage=FLAGS.stage,
+        out=FLAGS.out,
+        max_images=FLAGS.max_images,
+        batch_size=FLAGS.batch_size,
+        alpha=FLAGS.alpha,
+        data_dir=FLAGS.data_dir,
+        cache_dir=FLAGS.cache_dir,
+    )
     print(f"Grad-CAM of {count} images written to {out}")
 
 
 def cycle_command() -> None:
     """``cycle``: embeddings, plots and the cycle score."""
-    path = cycle.analyse(_workdir(), split=FLAGS.split or "test", out=FLAGS.out,
-                         num_permutations=FLAGS.num_permutations, seed=FLAGS.seed)
+    path = cycle.analyse(
+        _workdir(),
+        split=FLAGS.split or "test",
+        out=FLAGS.out,
+        num_permutations=FLAGS.num_permutations,
+        seed=FLAGS.seed,
+    )
     print(cycle.summary_line(path))
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from stagejax.errors import ConfigError, DatasetError
+from stagejax.explain import cycle_plots
 from stagejax.stages import NUM_STAGES, STAGES, names_by_rank, parse_stage, stage_ranks
 
 # --------------------------------------------------------------------------
@@ -86,7 +87,10 @@ def _statistics(features: np.ndarray, labels: np.ndarray, stages: np.ndarray):
 
 
 def cycle_score(
-    features: np.ndarray, labels: np.ndarray, num_permutations: int = 200, seed: int = 0,
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_permutations: int = 200,
+    seed: int = 0,
     stage_names: Sequence[str] = STAGES,
 ) -> dict:
     """How well stage centroids of ``features`` [N,D] follow the cycle I..XII -> I.
@@ -107,40 +111,16 @@ def cycle_score(
     """
     features = np.asarray(features, np.float64)
     labels = np.asarray(labels).astype(np.int64)
-    if features.ndim != 2 or features.shape[1] < 2:
-        raise ValueError(f"features: expected [N, D>=2], got shape {features.shape}")
-    if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels: expected shape ({features.shape[0]},), got {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_STAGES):
-        raise ValueError(f"labels: stage indices must be in 0..{NUM_STAGES - 1}")
-    if not np.all(np.isfinite(features)):
-        raise ValueError("features: contain NaN or inf")
-    stages = np.unique(labels)
-    if len(stages) < 3:
-        raise ValueError(f"labels: need at least 3 different stages for a cycle, got {len(stages)}")
-
+    stages = _check_inputs(features, labels)
     score, direction, ranks, neighbour = _statistics(features, labels, stages)
     rng = np.random.default_rng(seed)
     null = np.empty((num_permutations, 2))  # columns: score, neighbour_fraction
     for i in range(num_permutations):
         shuffled = _statistics(features, rng.permutation(labels), stages)
         null[i] = shuffled[0], shuffled[3]
-
-    # Going round the circle from stage I (or the first stage present).
-    order = np.argsort(ranks)
-    order = np.roll(order, -int(np.flatnonzero(order == 0)[0]))
-    if direction < 0:
-        order = np.concatenate([order[:1], order[1:][::-1]])
-
-    def baseline(observed: float, samples: np.ndarray) -> tuple:
-        """mean, std and one-sided permutation p-value (None without permutations)."""
-        if not len(samples):
-            return None, None, None
-        p = (1 + np.sum(samples >= observed - 1e-12)) / (1 + len(samples))
-        return float(samples.mean()), float(samples.std()), float(p)
-
-    mean, std, p = baseline(score, null[:, 0])
-    n_mean, n_std, n_p = baseline(neighbour, null[:, 1])
+    order = _angular_order(ranks, direction)
+    mean, std, p = _baseline(score, null[:, 0])
+    n_mean, n_std, n_p = _baseline(neighbour, null[:, 1])
     return {
         "score": score,
         "random_mean": mean,
@@ -155,6 +135,41 @@ def cycle_score(
         "num_images": int(features.shape[0]),
         "num_permutations": int(num_permutations),
     }
+
+
+def _check_inputs(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The stages present; ``ValueError`` for inputs no cycle can be scored on."""
+    if features.ndim != 2 or features.shape[1] < 2:
+        raise ValueError(f"features: expected [N, D>=2], got shape {features.shape}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"labels: expected shape ({features.shape[0]},), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_STAGES):
+        raise ValueError(f"labels: stage indices must be in 0..{NUM_STAGES - 1}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError("features: contain NaN or inf")
+    stages = np.unique(labels)
+    if len(stages) < 3:
+        raise ValueError(f"labels: need at least 3 different stages for a cycle, got {len(stages)}")
+
+    return stages
+
+
+def _angular_order(ranks: np.ndarray, direction: int) -> np.ndarray:
+    """Indices of the stages present, going round the circle from stage I (or the
+    first stage present) in the direction that fits the cycle best."""
+    order = np.argsort(ranks)
+    order = np.roll(order, -int(np.flatnonzero(order == 0)[0]))
+    if direction < 0:
+        order = np.concatenate([order[:1], order[1:][::-1]])
+    return order
+
+
+def _baseline(observed: float, samples: np.ndarray) -> tuple:
+    """mean, std and one-sided permutation p-value (None without permutations)."""
+    if not len(samples):
+        return None, None, None
+    p = (1 + np.sum(samples >= observed - 1e-12)) / (1 + len(samples))
+    return float(samples.mean()), float(samples.std()), float(p)
 
 
 # --------------------------------------------------------------------------
@@ -181,69 +196,14 @@ def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
     n, d = features.shape
     if d > 50 and n > 50:  # usual denoising / speed-up before t-SNE
         features = PCA(n_components=50, random_state=seed).fit_transform(features)
-    tsne = TSNE(n_components=2, perplexity=tsne_perplexity(n), init="pca",
-                learning_rate="auto", random_state=seed)
+    tsne = TSNE(
+        n_components=2,
+        perplexity=tsne_perplexity(n),
+        init="pca",
+        learning_rate="auto",
+        random_state=seed,
+    )
     return tsne.fit_transform(features)
-
-
-def stage_colours() -> np.ndarray:
-    """Cyclic colours for the 12 stages: XII sits next to I on the colour wheel."""
-    import matplotlib
-
-    return matplotlib.colormaps["hsv"](np.arange(NUM_STAGES) / NUM_STAGES)
-
-
-def plot_embedding(path: Path, points: np.ndarray, labels: np.ndarray, title: str,
-                   xlabel: str, ylabel: str, stage_names: Sequence[str] = STAGES) -> None:
-    """Scatter coloured by stage (``labels``: cycle positions), stage centroids joined
-    in cycle order (XII -> I); stages named by ``stage_names``."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    colours = stage_colours()
-    fig = Figure(figsize=(10.5, 8), layout="constrained")
-    ax = fig.subplots()
-    stages = np.unique(labels)
-    for s in stages:
-        pts = points[labels == s]
-        ax.scatter(pts[:, 0], pts[:, 1], s=22, color=colours[s], edgecolors="0.25",
-                   linewidths=0.4, alpha=0.8, label=f"{stage_names[s]}  (n={len(pts)})")
-    centroids = np.stack([points[labels == s].mean(axis=0) for s in stages])
-    loop = np.concatenate([centroids, centroids[:1]])
-    ax.plot(loop[:, 0], loop[:, 1], color="black", lw=1.4, alpha=0.7, zorder=3)
-    for k, (s, c) in enumerate(zip(stages, centroids, strict=True)):
-        nxt = loop[k + 1]  # arrow at mid-segment: direction of the cycle
-        mid = (c + nxt) / 2
-        ax.annotate("", xy=mid, xytext=c + 0.45 * (nxt - c), zorder=3,
-                    arrowprops=dict(arrowstyle="-|>", color="black", lw=1.2, alpha=0.7))
-        ax.scatter(*c, s=420, color=colours[s], edgecolors="black", linewidths=1.5, zorder=4)
-        r, g, b = colours[s][:3]
-        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # white text on dark markers
-        ax.text(*c, stage_names[s], ha="center", va="center", fontsize=8, fontweight="bold",
-                color="white" if dark else "black", zorder=5)
-    handles, names = ax.get_legend_handles_labels()
-    handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="white",
-                          markersize=11, lw=1.4))
-    first, last = stage_names[stages[0]], stage_names[stages[-1]]
-    names.append(f"stage centroid,\njoined {first} -> ... -> {last} -> {first}")
-    ax.legend(handles, names, title="true stage", loc="center left",
-              bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.suptitle(title, fontsize=11)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    fig.savefig(path, dpi=110)
-
-
-def _score_text(name: str, stats: dict) -> str:
-    n = len(stats["stages"])
-    return (f"cycle score {name}: {stats['score']:.2f} "
-            f"(random labels: {stats['random_mean']:.2f} ± {stats['random_std']:.2f}); "
-            f"nearest centroid is a neighbouring stage for "
-            f"{round(stats['neighbour_fraction'] * n)}/{n} stages")
-
-
-# --------------------------------------------------------------------------
-# CLI
 
 
 def read_stage_names(eval_dir: Path) -> tuple[dict[str, int] | None, list[str]]:
@@ -291,8 +251,9 @@ def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]
         labels.append(rank)
         names.append(row.get("file_name", ""))
     if len(labels) != features.shape[0]:
-        raise DatasetError(f"{features_path}: {features.shape[0]} rows but {csv_path.name} "
-                           f"has {len(labels)}")
+        raise DatasetError(
+            f"{features_path}: {features.shape[0]} rows but {csv_path.name} has {len(labels)}"
+        )
     files_txt = eval_dir / "features_files.txt"
     if files_txt.is_file() and rows and "file_name" in rows[0]:
         listed = [line.strip() for line in files_txt.read_text().splitlines() if line.strip()]
@@ -301,8 +262,13 @@ def read_eval_outputs(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]
     return features, np.asarray(labels, np.int64), names
 
 
-def analyse(workdir: str | Path, split: str = "test", out: str | Path | None = None,
-            num_permutations: int = 200, seed: int = 0) -> Path:
+def analyse(
+    workdir: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    num_permutations: int = 200,
+    seed: int = 0,
+) -> Path:
     """Score and plot the stage cycle of a run's evaluation features (``eval_<split>/``);
     returns the path of ``cycle.json``."""
     if num_permutations < 1:
@@ -322,21 +288,9 @@ def analyse(workdir: str | Path, split: str = "test", out: str | Path | None = N
         "tsne": cycle_score(tsne_points, labels, **kw),
     }
     n, d = features.shape
-    header = f"{split} split: {n} tubules, {d}-D penultimate features"
-    legend = ("(cycle score 1 = stage centroids go round in the order "
-              f"{', '.join(stage_names[:2])}, ..., {stage_names[-1]}, {stage_names[0]})")
-    plot_embedding(
-        out / "cycle_pca.png", pca_points, labels,
-        f"PCA of network features, {header}\n"
-        f"{_score_text('in the full feature space', spaces['features'])}\n"
-        f"{_score_text('in this PCA plane', spaces['pca'])}\n{legend}",
-        f"PC 1 ({pca_var[0]:.0%} of variance)", f"PC 2 ({pca_var[1]:.0%} of variance)",
-        stage_names)
-    plot_embedding(
-        out / "cycle_tsne.png", tsne_points, labels,
-        f"t-SNE of network features (perplexity {tsne_perplexity(n):.0f}), {header}\n"
-        f"{_score_text('in this t-SNE map', spaces['tsne'])}\n{legend}",
-        "t-SNE 1", "t-SNE 2", stage_names)
+    _plot_spaces(
+        out, split, features, labels, stage_names, spaces, pca_points, pca_var, tsne_points
+    )
     result = {
         "split": split,
         "num_images": int(n),
@@ -347,7 +301,8 @@ def analyse(workdir: str | Path, split: str = "test", out: str | Path | None = N
             "score: circular rank correlation between the angular order of stage "
             "centroids (in the plane of their 2 main axes) and the cycle order I..XII->I, "
             "1 = perfect cycle; neighbour_fraction: share of stages whose nearest centroid "
-            "is a cycle neighbour; random_*: same statistic with shuffled labels"),
+            "is a cycle neighbour; random_*: same statistic with shuffled labels"
+        ),
         "spaces": spaces,
     }
     json_path = out / "cycle.json"
@@ -358,5 +313,40 @@ def analyse(workdir: str | Path, split: str = "test", out: str | Path | None = N
 def summary_line(json_path: Path) -> str:
     """One line for the terminal: the full feature space's score against chance."""
     s = json.loads(Path(json_path).read_text())["spaces"]["features"]
-    return (f"cycle score (features) {s['score']:.3f}, random {s['random_mean']:.3f} ± "
-            f"{s['random_std']:.3f}, p = {s['p_value']:.3g}; written to {json_path.parent}")
+    return (
+        f"cycle score (features) {s['score']:.3f}, random {s['random_mean']:.3f} ± "
+        f"{s['random_std']:.3f}, p = {s['p_value']:.3g}; written to {json_path.parent}"
+    )
+
+
+def _plot_spaces(
+    out: Path, split: str, features, labels, stage_names, spaces, pca_points, pca_var, tsne_points
+) -> None:
+    """cycle_pca.png and cycle_tsne.png, titled with their scores."""
+    n, d = features.shape
+    header = f"{split} split: {n} tubules, {d}-D penultimate features"
+    legend = (
+        "(cycle score 1 = stage centroids go round in the order "
+        f"{', '.join(stage_names[:2])}, ..., {stage_names[-1]}, {stage_names[0]})"
+    )
+    cycle_plots.plot_embedding(
+        out / "cycle_pca.png",
+        pca_points,
+        labels,
+        f"PCA of network features, {header}\n"
+        f"{cycle_plots.score_text('in the full feature space', spaces['features'])}\n"
+        f"{cycle_plots.score_text('in this PCA plane', spaces['pca'])}\n{legend}",
+        f"PC 1 ({pca_var[0]:.0%} of variance)",
+        f"PC 2 ({pca_var[1]:.0%} of variance)",
+        stage_names,
+    )
+    cycle_plots.plot_embedding(
+        out / "cycle_tsne.png",
+        tsne_points,
+        labels,
+        f"t-SNE of network features (perplexity {tsne_perplexity(n):.0f}), {header}\n"
+        f"{cycle_plots.score_text('in this t-SNE map', spaces['tsne'])}\n{legend}",
+        "t-SNE 1",
+        "t-SNE 2",
+        stage_names,
+    )

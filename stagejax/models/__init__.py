@@ -84,8 +84,13 @@ def create_uninitialized(
 
 
 def _build(
-    name: str, num_classes: int, in_channels: int, dtype: Any, param_dtype: Any,
-    bn_axis_name: str | None, seed: int,
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    dtype: Any,
+    param_dtype: Any,
+    bn_axis_name: str | None,
+    seed: int,
 ) -> nnx.Module:
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     if name in mobilenet.CONFIGS:

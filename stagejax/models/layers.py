@@ -66,8 +66,12 @@ def init_weights(model: nnx.Module, seed: int, linear_std: float | None) -> None
                 put(module.kernel, rng.normal(0.0, linear_std, module.kernel.shape))
                 put(module.bias, np.zeros(module.bias.shape))
         elif isinstance(module, BatchNorm):
-            for var, value in ((module.scale, 1.0), (module.bias, 0.0),
-                               (module.mean, 0.0), (module.var, 1.0)):
+            for var, value in (
+                (module.scale, 1.0),
+                (module.bias, 0.0),
+                (module.mean, 0.0),
+                (module.var, 1.0),
+            ):
                 put(var, np.full(var.shape, value))
 
 
@@ -163,22 +167,39 @@ class Layers:
         """
         pad = (kernel - 1) // 2
         return nnx.Conv(
-            in_ch, out_ch, (kernel, kernel), (stride, stride),
-            padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
-            dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_zeros, bias_init=_zeros, rngs=self.rngs,
+            in_ch,
+            out_ch,
+            (kernel, kernel),
+            (stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            feature_group_count=groups,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_zeros,
+            bias_init=_zeros,
+            rngs=self.rngs,
         )
 
     def batch_norm(self, features: int) -> BatchNorm:
         return BatchNorm(
-            features, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-            param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
+            features,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            axis_name=self.bn_axis_name,
         )
 
     def linear(self, in_features: int, out_features: int) -> nnx.Linear:
         return nnx.Linear(
-            in_features, out_features, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_zeros, bias_init=_zeros, rngs=self.rngs,
+            in_features,
+            out_features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_zeros,
+            bias_init=_zeros,
+            rngs=self.rngs,
         )
 
 

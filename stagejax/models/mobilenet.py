@@ -96,10 +96,17 @@ class InvertedResidual(nnx.Module):
         block: list[nnx.Module] = []
         if cfg.expanded != cfg.in_ch:
             block.append(ConvBN(layers, cfg.in_ch, cfg.expanded, 1, activation=act))
-        block.append(ConvBN(
-            layers, cfg.expanded, cfg.expanded, cfg.kernel, cfg.stride,
-            groups=cfg.expanded, activation=act,
-        ))
+        block.append(
+            ConvBN(
+                layers,
+                cfg.expanded,
+                cfg.expanded,
+                cfg.kernel,
+                cfg.stride,
+                groups=cfg.expanded,
+                activation=act,
+            )
+        )
         if cfg.use_se:
             block.append(
                 SqueezeExcitation(layers, cfg.expanded, make_divisible(cfg.expanded // 4, 8))

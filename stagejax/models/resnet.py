@@ -47,8 +47,14 @@ class Bottleneck(nnx.Module):
     expansion = 4
 
     def __init__(
-        self, layers: Layers, in_ch: int, planes: int, stride: int, *,
-        groups: int = 1, width_per_group: int = 64,
+        self,
+        layers: Layers,
+        in_ch: int,
+        planes: int,
+        stride: int,
+        *,
+        groups: int = 1,
+        width_per_group: int = 64,
     ):
         width = int(planes * (width_per_group / 64.0)) * groups
         out_ch = planes * self.expansion
@@ -107,10 +113,16 @@ class ResNet(nnx.Module):
             blocks = []
             for j in range(size):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(config.block(
-                    layers, in_ch, planes, stride,
-                    groups=config.groups, width_per_group=config.width_per_group,
-                ))
+                blocks.append(
+                    config.block(
+                        layers,
+                        in_ch,
+                        planes,
+                        stride,
+                        groups=config.groups,
+                        width_per_group=config.width_per_group,
+                    )
+                )
                 in_ch = planes * config.block.expansion
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
         self.embed_dim = in_ch

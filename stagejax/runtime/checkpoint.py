@@ -93,15 +93,20 @@ def read_model_json(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: malformed ({e})") from None
     if len(names) != out["num_classes"] or (ranks is not None and len(ranks) != len(names)):
-        raise CheckpointError(f"{path}: malformed (label_names or stage_ranks do not match "
-                              f"num_classes {out['num_classes']})")
+        raise CheckpointError(
+            f"{path}: malformed (label_names or stage_ranks do not match "
+            f"num_classes {out['num_classes']})"
+        )
     if ranks is None:
         try:
             ranks = stages.stage_ranks(names, source=str(path))
         except DatasetError:
             ranks = None  # e.g. a 1000-class import: names only
-    return {**out, "label_names": [str(n) for n in names],
-            "stage_ranks": None if ranks is None else [int(r) for r in ranks]}
+    return {
+        **out,
+        "label_names": [str(n) for n in names],
+        "stage_ranks": None if ranks is None else [int(r) for r in ranks],
+    }
 
 
 def load_model_weights(directory: str | Path, **create_kwargs: Any) -> nnx.Module:
@@ -112,7 +117,9 @@ def load_model_weights(directory: str | Path, **create_kwargs: Any) -> nnx.Modul
     directory = Path(directory).absolute()
     meta = read_model_json(directory)
     model = models.create_uninitialized(
-        meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+        meta["arch"],
+        num_classes=meta["num_classes"],
+        in_channels=meta["in_channels"],
         **create_kwargs,
     )
     load_weights_into(model, directory)
@@ -124,15 +131,14 @@ def load_weights_into(model: nnx.Module, directory: str | Path) -> None:
     """Restore saved weights into an already built model of the same architecture."""
     directory = Path(directory).absolute()
     state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict()
-    )
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(directory / WEIGHTS_ITEM, target)
     except Exception as e:  # orbax raises a variety of errors for bad trees
         raise CheckpointError(
-            f"{directory / WEIGHTS_ITEM}: cannot restore ({first_line(e)})") from None
+            f"{directory / WEIGHTS_ITEM}: cannot restore ({first_line(e)})"
+        ) from None
     state.replace_by_pure_dict(restored)
     nnx.update(model, state)
 
@@ -163,9 +169,11 @@ class TrainCheckpoints:
             if not create and not self.directory(name).is_dir():
                 return None
             opts = ocp.CheckpointManagerOptions(
-                max_to_keep=None, create=True, enable_async_checkpointing=False)
+                max_to_keep=None, create=True, enable_async_checkpointing=False
+            )
             self._managers[name] = ocp.CheckpointManager(
-                self.directory(name), options=opts, item_names=STEP_ITEMS)
+                self.directory(name), options=opts, item_names=STEP_ITEMS
+            )
         return self._managers[name]
 
     def _all_steps(self, name: str) -> list[int]:
@@ -200,7 +208,8 @@ class TrainCheckpoints:
         mngr = self._manager(name, create=True)
         if step in mngr.all_steps():
             if self._incomplete(name, step) is None and not (
-                    name == "latest" and step in self._unreadable):
+                name == "latest" and step in self._unreadable
+            ):
                 return  # Same step re-reached after a resume: content is identical.
             self._unreadable.discard(step)
             self._remove(name, step)  # a broken one: replace it
@@ -208,8 +217,12 @@ class TrainCheckpoints:
         _ignore_closed_loop_callbacks()
         try:
             with orbax_errors_silenced():
-                mngr.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                mngr.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                    ),
+                )
                 mngr.wait_until_finished()
         except Exception as e:  # only a full or read-only disk becomes one line
             mngr.reload()
@@ -218,16 +231,21 @@ class TrainCheckpoints:
             if reason is None:
                 raise
             previous = max(self.steps(name), default=None)
-            kept = (f"the previous checkpoint (step {previous}) is intact"
-                    if previous is not None else "no earlier checkpoint here")
+            kept = (
+                f"the previous checkpoint (step {previous}) is intact"
+                if previous is not None
+                else "no earlier checkpoint here"
+            )
             size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
             raise files.write_error(
-                self.directory(name), f"{reason}; it needs about "
-                f"{files.format_bytes(size)}", f"the checkpoint of step {step}",
-                kept) from None
+                self.directory(name),
+                f"{reason}; it needs about {files.format_bytes(size)}",
+                f"the checkpoint of step {step}",
+                kept,
+            ) from None
         if why := self._incomplete(name, step):
             raise CheckpointError(f"{self.directory(name) / str(step)}: not written ({why})")
-        keep = self.steps(name)[-self._keep[name]:]
+        keep = self.steps(name)[-self._keep[name] :]
         for old in self._all_steps(name):  # older ones, and any broken one
             if old not in keep:
                 self._remove(name, old)
@@ -264,21 +282,35 @@ class TrainCheckpoints:
         mngr = self._manager(name)
         if mngr is not None:
             for p in sorted(self.directory(name).glob(f"*{TMP_MARKER}*")):
-                log.warning("checkpoint %s is an unfinished save (its run was stopped while "
-                            "writing it); ignoring it", p)
+                log.warning(
+                    "checkpoint %s is an unfinished save (its run was stopped while "
+                    "writing it); ignoring it",
+                    p,
+                )
         for step in reversed(self._all_steps(name)):
             if why := self._incomplete(name, step):
-                self._skip(name, step, f"is incomplete ({why}: its run was stopped while "
-                           "writing or deleting it)", "skipping it")
+                self._skip(
+                    name,
+                    step,
+                    f"is incomplete ({why}: its run was stopped while writing or deleting it)",
+                    "skipping it",
+                )
                 continue
             try:
-                out = mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    meta=ocp.args.JsonRestore()))
+                out = mngr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
+                )
                 return out["state"], dict(out["meta"])
             except Exception as e:  # corrupt or truncated files
-                self._skip(name, step, f"is unreadable ({first_line(e)})",
-                           "falling back to the previous one")
+                self._skip(
+                    name,
+                    step,
+                    f"is unreadable ({first_line(e)})",
+                    "falling back to the previous one",
+                )
         return None
 
     def _skip(self, name: str, step: int, problem: str, action: str) -> None:

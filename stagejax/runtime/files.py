@@ -82,8 +82,10 @@ def write_error(path: str | Path, reason: str, what: str = "", note: str = "") -
     """The one-line error of a write to ``path`` that the storage refused."""
     what = f" {what}" if what else ""
     note = f"{note}; " if note else ""
-    return ResourceError(f"{path}: cannot write{what} ({reason}, {free_space(path)} free); "
-                         f"{note}free some space (or choose another --workdir) and rerun")
+    return ResourceError(
+        f"{path}: cannot write{what} ({reason}, {free_space(path)} free); "
+        f"{note}free some space (or choose another --workdir) and rerun"
+    )
 
 
 def storage_failure(error: BaseException) -> str | None:

@@ -47,16 +47,23 @@ class _Lock:
                 os.close(self.fd)
                 raise WorkdirError(
                     f"{root}: in use by another stagejax run ({holder}); wait for it to end "
-                    "or choose another --workdir") from None
+                    "or choose another --workdir"
+                ) from None
             # The holder may have released (and removed) the file between open and flock.
             if self._same_file():
                 break
             os.close(self.fd)
         if stale := self._holder(default=""):
-            log.warning("%s: taking over the stale lock of %s, which ended without releasing "
-                        "it", root, stale)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": datetime.datetime.now().isoformat(sep=" ", timespec="seconds")}
+            log.warning(
+                "%s: taking over the stale lock of %s, which ended without releasing it",
+                root,
+                stale,
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(sep=" ", timespec="seconds"),
+        }
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
 
@@ -89,8 +96,11 @@ class _Snapshot:
         for path in self._walk():
             st = path.lstat()
             self.stats[str(path.relative_to(root))] = (
-                path.is_dir() and not path.is_symlink(), st.st_size, st.st_atime_ns,
-                st.st_mtime_ns)
+                path.is_dir() and not path.is_symlink(),
+                st.st_size,
+                st.st_atime_ns,
+                st.st_mtime_ns,
+            )
         self.stats["."] = (True, 0, *root_mtime)
         config = root / CONFIG_FILE
         self.config = config.read_bytes() if config.is_file() else None
@@ -169,8 +179,9 @@ def _take(path: Path) -> tuple[_Lock, Path | None, os.stat_result]:
 
 
 @contextlib.contextmanager
-def claim(workdir: str | Path, hold: bool = True,
-          agree: Callable[[bool], bool] | None = None) -> Iterator[Claim]:
+def claim(
+    workdir: str | Path, hold: bool = True, agree: Callable[[bool], bool] | None = None
+) -> Iterator[Claim]:
     """Lock ``workdir`` for this run, and undo what the run added if it fails
     before ``Claim.keep()`` (a workdir it created is removed again).
 

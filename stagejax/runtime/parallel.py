@@ -37,8 +37,10 @@ class Parallel:
         if mode not in ("jit", "pmap"):
             raise ConfigError(f"config.parallelism: {mode!r} is not one of 'jit', 'pmap'")
         n = jax.device_count()
-        for field, size in (("global_batch_size", global_batch_size),
-                            ("eval_batch_size", eval_batch_size)):
+        for field, size in (
+            ("global_batch_size", global_batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if size is not None and size % n:
                 raise ConfigError(
                     f"config.{field}: {size} does not divide by the {n} devices "
@@ -50,8 +52,9 @@ class Parallel:
         if mode == "jit":
             # Auto axes: XLA propagates the batch sharding (classic GSPMD), so the
             # model code needs no sharding annotations.
-            self.mesh = jax.make_mesh((n,), ("data",), devices=jax.devices(),
-                                      axis_types=(jax.sharding.AxisType.Auto,))
+            self.mesh = jax.make_mesh(
+                (n,), ("data",), devices=jax.devices(), axis_types=(jax.sharding.AxisType.Auto,)
+            )
             self.data_sharding = NamedSharding(self.mesh, P("data"))
             self.replicated = NamedSharding(self.mesh, P())
         else:
@@ -77,8 +80,14 @@ class Parallel:
         """The state as one copy, for checkpoints and export."""
         if self.mode == "jit":
             return state
-        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
-                            if hasattr(x, "addressable_shards") else x[0], state)
+        return jax.tree.map(
+            lambda x: (
+                np.asarray(x.addressable_shards[0].data)[0]
+                if hasattr(x, "addressable_shards")
+                else x[0]
+            ),
+            state,
+        )
 
     # -- batches ----------------------------------------------------------
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

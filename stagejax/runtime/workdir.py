@@ -25,22 +25,49 @@ from stagejax.errors import WorkdirError
 from stagejax.runtime.files import atomic_write_text
 from stagejax.runtime.lock import CONFIG_FILE, LOCK_FILE, Claim, claim
 
-__all__ = ["CONFIG_FILE", "Claim", "claim", "eval_config", "load_run_config",
-           "prepare_workdir", "write_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "Claim",
+    "claim",
+    "eval_config",
+    "load_run_config",
+    "prepare_workdir",
+    "write_config",
+]
 
 _SCRATCH = {".write_test", LOCK_FILE}  # ours, never a sign of someone else's files
 
 # Fields that may change when resuming a run (they do not change what a step does).
 RESUMABLE_FIELDS = {
-    "num_epochs", "log_every_steps", "checkpoint_every_steps", "num_workers",
-    "eval_batch_size", "eval_split", "predict_dir", "tta", "cache_dir", "init_from",
-    "strict", "overwrite", "device_memory_gb", "variant",
+    "num_epochs",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "num_workers",
+    "eval_batch_size",
+    "eval_split",
+    "predict_dir",
+    "tta",
+    "cache_dir",
+    "init_from",
+    "strict",
+    "overwrite",
+    "device_memory_gb",
+    "variant",
 }
 
 # Fields that --mode=eval/predict take from the command line; the rest (model, crop,
 # precision of the weights' training...) come from the run's config.json.
-EVAL_FIELDS = ("eval_batch_size", "eval_split", "predict_dir", "tta", "cache_dir",
-               "num_workers", "parallelism", "strict", "overwrite")
+EVAL_FIELDS = (
+    "eval_batch_size",
+    "eval_split",
+    "predict_dir",
+    "tta",
+    "cache_dir",
+    "num_workers",
+    "parallelism",
+    "strict",
+    "overwrite",
+)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -79,9 +106,13 @@ def _check_writable(path: Path) -> None:
         raise WorkdirError(f"{path}: workdir is not writable ({e.strerror or e})") from None
 
 
-def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
-                    write: bool = True, must_exist: bool = False,
-                    defaults: ml_collections.ConfigDict | None = None) -> Path:
+def prepare_workdir(
+    workdir: str | Path,
+    config: ml_collections.ConfigDict,
+    write: bool = True,
+    must_exist: bool = False,
+    defaults: ml_collections.ConfigDict | None = None,
+) -> Path:
     """Create/check ``workdir`` for ``config``; raises ``WorkdirError`` in one line.
 
     ``defaults``: the config file's values without the command line's overrides
@@ -93,11 +124,18 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
         raise WorkdirError(f"{cfg_path}: missing; is {path} the workdir of a training run?")
     _check_writable(path)
     if cfg_path.is_file() and not must_exist:
-        _check_same_run(path, json.loads(config.to_json()),
-                        None if defaults is None else json.loads(defaults.to_json()))
-    elif not cfg_path.is_file() and not must_exist and any(
-            p.name not in _SCRATCH and not p.name.startswith(".write_test")
-            for p in path.iterdir()):
+        _check_same_run(
+            path,
+            json.loads(config.to_json()),
+            None if defaults is None else json.loads(defaults.to_json()),
+        )
+    elif (
+        not cfg_path.is_file()
+        and not must_exist
+        and any(
+            p.name not in _SCRATCH and not p.name.startswith(".write_test") for p in path.iterdir()
+        )
+    ):
         raise WorkdirError(
             f"{path}: not empty and not a stagejax workdir (no {CONFIG_FILE}); "
             "choose an empty or new --workdir"
@@ -130,8 +168,9 @@ def write_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None
     atomic_write_text(Path(workdir) / CONFIG_FILE, text)
 
 
-def eval_config(workdir: str | Path,
-                cli_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def eval_config(
+    workdir: str | Path, cli_config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
     """The config to evaluate or predict with a trained ``workdir``: the run's own,
     so the crop and model match training, with ``EVAL_FIELDS`` (and a non-empty
     ``data_dir``, to evaluate on another dataset) from the command line. Fields
@@ -151,7 +190,8 @@ def _fill_missing(config: ml_collections.ConfigDict, source: Any) -> None:
         if k not in config:
             config[k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
         elif isinstance(v, ml_collections.ConfigDict) and isinstance(
-                config[k], ml_collections.ConfigDict):
+            config[k], ml_collections.ConfigDict
+        ):
             _fill_missing(config[k], v)
 
 

@@ -83,8 +83,9 @@ class TensorBoardWriter(MetricWriter):
     def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
         with writing(self.logdir, "TensorBoard events"):
             for k, v in scalars.items():
-                event = event_pb2.Event(wall_time=time.time(), step=int(step),
-                                        summary=summary.scalar(k, _to_float(v)))
+                event = event_pb2.Event(
+                    wall_time=time.time(), step=int(step), summary=summary.scalar(k, _to_float(v))
+                )
                 self._events.write_event(event)
             self._events.flush()
 
@@ -208,8 +209,11 @@ class ProgressLogger:
         }
         log.info(
             "step %d/%d (%.1f%%): %.2f steps/s, %.1f images/s, ETA %s",
-            step, self.total_steps, 100.0 * step / max(self.total_steps, 1),
-            out["steps_per_sec"], out["images_per_sec"],
+            step,
+            self.total_steps,
+            100.0 * step / max(self.total_steps, 1),
+            out["steps_per_sec"],
+            out["images_per_sec"],
             datetime.timedelta(seconds=round(eta)),
         )
         return out

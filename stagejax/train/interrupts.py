@@ -46,8 +46,11 @@ def _handler(signum: int, frame) -> None:
     del frame
     if _STATE.deferring and _STATE.pending is None:
         _STATE.pending = signum
-        log.warning("%s received: stopping after this step with a checkpoint (send it again "
-                    "to stop at once)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: stopping after this step with a checkpoint (send it again "
+            "to stop at once)",
+            signal.Signals(signum).name,
+        )
         return
     raise Interrupted(signum)
 

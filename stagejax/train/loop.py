@@ -49,17 +49,18 @@ class Run:
         self.model = Model.from_config(config)
         self.parallel = self.model.parallel
         self.steps_per_epoch = step_lib.steps_per_epoch(
-            len(self.dataset.splits["train"].labels), config.global_batch_size)
+            len(self.dataset.splits["train"].labels), config.global_batch_size
+        )
         self.total_steps = config.num_epochs * self.steps_per_epoch
         self.tx = step_lib.create_optimizer(config, self.steps_per_epoch)
         self.initial_state = self.model.state(self.tx)
-        self.train_step_fn = step_lib.make_train_step(self.model.modeldef, self.tx, config,
-                                                      self.parallel)
+        self.train_step_fn = step_lib.make_train_step(
+            self.model.modeldef, self.tx, config, self.parallel
+        )
         self.train_step = self.parallel.compile_train_step(self.train_step_fn)
 
     def abstract_state(self):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            self.initial_state)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.initial_state)
 
     def evaluate(self, state, split_name: str) -> tuple[dict, dict[str, np.ndarray]]:
         """(metrics, per-example outputs) of device ``state`` on one split."""
@@ -72,9 +73,11 @@ def _check_finite(pending: list, step: int, ckpts: ckpt_lib.TrainCheckpoints) ->
     finite = np.asarray(jax.device_get([m["finite"] for m in pending]))
     if not finite.all():
         last = ckpts.latest_step()
-        keep = (f"the last good checkpoint (step {last}) is kept in "
-                f"{ckpts.directory('latest')}" if last is not None
-                else "no checkpoint had been written yet")
+        keep = (
+            f"the last good checkpoint (step {last}) is kept in {ckpts.directory('latest')}"
+            if last is not None
+            else "no checkpoint had been written yet"
+        )
         raise NonFiniteLossError(
             f"loss or weights became NaN/Inf by step {step}; training stopped and {keep}. "
             "Try a lower --config.learning_rate or --config.precision=float32."
@@ -92,14 +95,22 @@ def compile_train_step(run: Run, state, batch) -> Any:
 class _Loop:
     """The training loop's state: train state, pending metrics, checkpoints, writers."""
 
-    def __init__(self, run: Run, ckpts: ckpt_lib.TrainCheckpoints, writer, state, meta: dict,
-                 claim: lock.Claim | None):
+    def __init__(
+        self,
+        run: Run,
+        ckpts: ckpt_lib.TrainCheckpoints,
+        writer,
+        state,
+        meta: dict,
+        claim: lock.Claim | None,
+    ):
         self.run, self.ckpts, self.writer, self.claim = run, ckpts, writer, claim
         self.state, self.meta = state, meta
         self.pending: list[dict] = []
         self.saved_step: int | None = None
-        self.progress = writers.ProgressLogger(run.total_steps, run.config.global_batch_size,
-                                               run.config.log_every_steps)
+        self.progress = writers.ProgressLogger(
+            run.total_steps, run.config.global_batch_size, run.config.log_every_steps
+        )
 
     def _committed(self, step: int) -> None:
         self.saved_step = step
@@ -129,11 +140,16 @@ class _Loop:
         epoch = done // run.steps_per_epoch
         _check_finite(self.pending, done, self.ckpts)
         val, _ = run.evaluate(self.state, "validation")
-        self.writer.write_scalars(done, {f"validation/{k}": v for k, v in val.items()
-                                         if isinstance(v, float | int)})
-        log.info("epoch %d/%d: validation balanced accuracy %.4f, +/-1 accuracy %.4f",
-                 epoch, run.config.num_epochs, val["balanced_accuracy"],
-                 val["within1_accuracy"])
+        self.writer.write_scalars(
+            done, {f"validation/{k}": v for k, v in val.items() if isinstance(v, float | int)}
+        )
+        log.info(
+            "epoch %d/%d: validation balanced accuracy %.4f, +/-1 accuracy %.4f",
+            epoch,
+            run.config.num_epochs,
+            val["balanced_accuracy"],
+            val["within1_accuracy"],
+        )
         meta["epoch"] = epoch
         if val["balanced_accuracy"] >= meta["best_balanced_accuracy"]:  # ties: later epoch
             meta["best_balanced_accuracy"] = float(val["balanced_accuracy"])
@@ -161,27 +177,40 @@ class _Loop:
                 if (signum := interrupts.pending()) is not None:
                     if self.saved_step != done:
                         self.save_latest(done)
-                    raise interrupts.Interrupted(signum, (
-                        f"stopped by {signal.Signals(signum).name} at step {done} (checkpoint "
-                        f"saved in {self.ckpts.directory('latest')}); rerun the same command "
-                        "to resume"))
+                    raise interrupts.Interrupted(
+                        signum,
+                        (
+                            f"stopped by {signal.Signals(signum).name} at step {done} (checkpoint "
+                            f"saved in {self.ckpts.directory('latest')}); rerun the same command "
+                            "to resume"
+                        ),
+                    )
 
 
-def _stopped(e: interrupts.Interrupted, ckpts: ckpt_lib.TrainCheckpoints,
-             step: int) -> interrupts.Interrupted:
+def _stopped(
+    e: interrupts.Interrupted, ckpts: ckpt_lib.TrainCheckpoints, step: int
+) -> interrupts.Interrupted:
     """The one line of a run stopped at once (outside the loop, or a second signal)."""
     last = ckpts.latest_step()
     if last is None:
-        text = (f"stopped by {e.name} at step {step}, before the first checkpoint; the workdir "
-                "is as it was; rerun the same command to start again")
+        text = (
+            f"stopped by {e.name} at step {step}, before the first checkpoint; the workdir "
+            "is as it was; rerun the same command to start again"
+        )
     else:
-        text = (f"stopped by {e.name} at step {step}; rerun the same command to resume from "
-                f"the checkpoint of step {last} in {ckpts.directory('latest')}")
+        text = (
+            f"stopped by {e.name} at step {step}; rerun the same command to resume from "
+            f"the checkpoint of step {last} in {ckpts.directory('latest')}"
+        )
     return interrupts.Interrupted(e.signum, text)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       dataset=None, claim: lock.Claim | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    dataset=None,
+    claim: lock.Claim | None = None,
+) -> dict:
     """Train (resuming if possible), keep the best epoch, evaluate it on the test split.
 
     Nothing is written before the data, the model and the compiled step's memory
@@ -202,8 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         ckpts.close()
 
 
-def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path,
-                        claim: lock.Claim | None, where: dict) -> dict:
+def _train_and_evaluate(
+    run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path, claim: lock.Claim | None, where: dict
+) -> dict:
     config, par = run.config, run.parallel
     is_main = jax.process_index() == 0
     state = run.initial_state
@@ -211,19 +241,25 @@ def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Pat
     restored = ckpts.restore_latest(run.abstract_state())
     if restored is not None:
         state, meta = restored
-        log.info("resuming from step %d (epoch %d) in %s", int(state.step), meta["epoch"],
-                  workdir)
+        log.info("resuming from step %d (epoch %d) in %s", int(state.step), meta["epoch"], workdir)
     start_step = where["step"] = int(state.step)
     state = par.put_state(state)
 
-    log.info("training %s (%s parameters): %d train images, %d steps/epoch x %d epochs, "
-             "global batch %d on %d device(s) (%s)", config.model,
-             f"{parameter_overview.count_parameters(run.model.params.to_pure_dict()):,}",
-             len(run.dataset.splits["train"].labels),
-             run.steps_per_epoch, config.num_epochs, config.global_batch_size,
-             jax.device_count(), config.parallelism)
-    batches = par.prefetch(input_pipeline.train_batches(
-        run.dataset.splits["train"], config, start_step=start_step))
+    log.info(
+        "training %s (%s parameters): %d train images, %d steps/epoch x %d epochs, "
+        "global batch %d on %d device(s) (%s)",
+        config.model,
+        f"{parameter_overview.count_parameters(run.model.params.to_pure_dict()):,}",
+        len(run.dataset.splits["train"].labels),
+        run.steps_per_epoch,
+        config.num_epochs,
+        config.global_batch_size,
+        jax.device_count(),
+        config.parallelism,
+    )
+    batches = par.prefetch(
+        input_pipeline.train_batches(run.dataset.splits["train"], config, start_step=start_step)
+    )
     step_fn = None
     if start_step < run.total_steps:
         first = next(batches)
@@ -237,14 +273,15 @@ def _train_and_evaluate(run: Run, ckpts: ckpt_lib.TrainCheckpoints, workdir: Pat
         if step_fn is not None:
             loop.train(step_fn, batches, start_step, where)
         writer.flush()
-        log.info("best epoch %d (validation balanced accuracy %.4f)", meta["best_epoch"],
-                 meta["best_balanced_accuracy"])
-        result = best.evaluate_best(run.model, run.dataset, ckpts, workdir,
-                                    config.eval_split)
+        log.info(
+            "best epoch %d (validation balanced accuracy %.4f)",
+            meta["best_epoch"],
+            meta["best_balanced_accuracy"],
+        )
+        result = best.evaluate_best(run.model, run.dataset, ckpts, workdir, config.eval_split)
     except BaseException:
         with contextlib.suppress(Exception):  # the error under way is the one to report
             writer.close()
         raise
     writer.close()
     return result
-

@@ -36,8 +36,11 @@ def step_need(compiled: Any) -> dict[str, int] | None:
     if stats is None:
         return None
     outputs = max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0)
-    need = {"temporaries": stats.temp_size_in_bytes,
-            "arguments": stats.argument_size_in_bytes, "outputs": outputs}
+    need = {
+        "temporaries": stats.temp_size_in_bytes,
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": outputs,
+    }
     need["total"] = sum(need.values())
     return need
 
@@ -63,13 +66,16 @@ def device_capacity(config: ml_collections.ConfigDict) -> tuple[int, str]:
         return min(limits), f"{devices[0].platform} memory limit"
     # CPU: the devices share the host's RAM.
     return _host_available() // len(devices), "host RAM available" + (
-        f" / {len(devices)} devices" if len(devices) > 1 else "")
+        f" / {len(devices)} devices" if len(devices) > 1 else ""
+    )
 
 
 def remedies(config: ml_collections.ConfigDict) -> str:
     """The config fields that shrink a train step, as a clause."""
-    out = [f"config.crop_size ({config.crop_size})",
-           f"config.global_batch_size ({config.global_batch_size})"]
+    out = [
+        f"config.crop_size ({config.crop_size})",
+        f"config.global_batch_size ({config.global_batch_size})",
+    ]
     text = "lower " + " or ".join(out)
     extra = []
     if config.precision != "bfloat16":
@@ -89,14 +95,21 @@ def check_train_step(compiled: Any, config: ml_collections.ConfigDict) -> None:
         return
     capacity, source = device_capacity(config)
     total = need["total"]
-    parts = ", ".join(f"{k} {_gib(need[k], total)}"
-                      for k in ("temporaries", "arguments", "outputs"))
-    log.info("memory: train step needs %s GiB per device (%s); device has %s GiB (%s)",
-             _gib(total), parts, _gib(capacity), source)
+    parts = ", ".join(
+        f"{k} {_gib(need[k], total)}" for k in ("temporaries", "arguments", "outputs")
+    )
+    log.info(
+        "memory: train step needs %s GiB per device (%s); device has %s GiB (%s)",
+        _gib(total),
+        parts,
+        _gib(capacity),
+        source,
+    )
     if total > capacity:
         raise ResourceError(
             f"memory: the train step needs {_gib(total)} GiB per device ({parts}) but the "
-            f"device has {_gib(capacity)} GiB ({source}); {remedies(config)}")
+            f"device has {_gib(capacity)} GiB ({source}); {remedies(config)}"
+        )
 
 
 def out_of_memory(error: Exception, config: ml_collections.ConfigDict) -> ResourceError | None:
@@ -104,6 +117,8 @@ def out_of_memory(error: Exception, config: ml_collections.ConfigDict) -> Resour
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text:
         return None
-    first = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line),
-                 "RESOURCE_EXHAUSTED")
+    first = next(
+        (line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line),
+        "RESOURCE_EXHAUSTED",
+    )
     return ResourceError(f"out of device memory ({first}); {remedies(config)}")

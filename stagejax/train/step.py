@@ -78,7 +78,9 @@ def create_learning_rate(config: ml_collections.ConfigDict, steps_per_epoch: int
     if config.schedule == "cosine":
         warmup = int(round(config.warmup_epochs * steps_per_epoch))
         return optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, warmup_steps=max(warmup, 0),
+            0.0,
+            config.learning_rate,
+            warmup_steps=max(warmup, 0),
             decay_steps=max(total, warmup + 1),
         )
     raise ConfigError(f"config.schedule: {config.schedule!r} is not one of 'constant', 'cosine'")
@@ -96,23 +98,31 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     if config.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=config.momentum))
     raise ConfigError(
-        f"config.optimizer: {config.optimizer!r} is not one of 'adam', 'adamw', 'sgd'")
+        f"config.optimizer: {config.optimizer!r} is not one of 'adam', 'adamw', 'sgd'"
+    )
 
 
-def create_train_state(params: Any, batch_stats: Any, tx: optax.GradientTransformation,
-                       seed: int) -> TrainState:
+def create_train_state(
+    params: Any, batch_stats: Any, tx: optax.GradientTransformation | None, seed: int
+) -> TrainState:
+    """Step 0 of a run; without ``tx`` (inference only) there is no optimizer state."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
-        opt_state=tx.init(params),
+        opt_state=None if tx is None else tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
 
 
-def preprocess(images: jax.Array, config: ml_collections.ConfigDict, train: bool = False,
-               rng_data: jax.Array | None = None, step: jax.Array | int = 0,
-               example_offset: jax.Array | int = 0) -> jax.Array:
+def preprocess(
+    images: jax.Array,
+    config: ml_collections.ConfigDict,
+    train: bool = False,
+    rng_data: jax.Array | None = None,
+    step: jax.Array | int = 0,
+    example_offset: jax.Array | int = 0,
+) -> jax.Array:
     """uint8 batch -> normalised float images, as the train and eval steps see them.
 
     In train mode the random device augmentations draw one key per example (the
@@ -122,15 +132,15 @@ def preprocess(images: jax.Array, config: ml_collections.ConfigDict, train: bool
     aug = config.augment
     randomized = train and (aug.stain_jitter or aug.brightness or aug.contrast)
     if not randomized:
-        return augment.device_preprocess(images, None, aug, train=train,
-                                         grayscale=config.grayscale)
+        return augment.device_preprocess(images, None, aug, train=train, grayscale=config.grayscale)
     key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
     idx = example_offset + jnp.arange(images.shape[0])
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
     def one(img, k):
-        return augment.device_preprocess(img[None], k, aug, train=True,
-                                         grayscale=config.grayscale)[0]
+        return augment.device_preprocess(img[None], k, aug, train=True, grayscale=config.grayscale)[
+            0
+        ]
 
     return jax.vmap(one)(images, keys)
 
@@ -152,8 +162,12 @@ def _example_offset(parallel_mode: str, per_device: int):
     return 0
 
 
-def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict, parallel: Parallel) -> Callable:
+def make_train_step(
+    modeldef: ModelDef,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    parallel: Parallel,
+) -> Callable:
     """A pure ``(state, batch) -> (state, metrics)`` to hand to ``parallel.compile_train_step``."""
     dtype = compute_dtype(config)
     pmap = parallel.mode == "pmap"
@@ -177,8 +191,7 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
             loss = optax.softmax_cross_entropy(logits, targets).mean()
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         if pmap:
             grads = jax.lax.pmean(grads, PMAP_AXIS)
@@ -186,8 +199,9 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation,
             accuracy = jax.lax.pmean(accuracy, PMAP_AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                                  opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+        )
         # The loss of step s is computed before its update: a finite loss can still
         # leave NaN/Inf weights behind. The flag covers what a checkpoint would save.
         finite = jnp.isfinite(loss) & _all_finite((params, new_stats))
@@ -202,8 +216,9 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_eval_step(modeldef: ModelDef, config: ml_collections.ConfigDict,
-                   tta: bool = False) -> Callable:
+def make_eval_step(
+    modeldef: ModelDef, config: ml_collections.ConfigDict, tta: bool = False
+) -> Callable:
     """``(state, batch) -> {'probs', 'features', 'loss'}`` per example, in eval mode.
 
     With ``tta`` the 8 rotations/flips of each image are averaged (probabilities
@@ -224,8 +239,9 @@ def make_eval_step(modeldef: ModelDef, config: ml_collections.ConfigDict,
         label = batch.get("label")
         out = {"probs": probs, "features": feats}
         if label is not None:
-            out["loss"] = -jnp.log(jnp.take_along_axis(
-                probs, jnp.maximum(label, 0)[:, None], axis=1)[:, 0] + 1e-12)
+            out["loss"] = -jnp.log(
+                jnp.take_along_axis(probs, jnp.maximum(label, 0)[:, None], axis=1)[:, 0] + 1e-12
+            )
         return out
 
     return eval_fn
@@ -245,8 +261,9 @@ def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
     return max(1, math.floor(num_train / global_batch_size))
 
 
-def abstract_train_state(params: Any, batch_stats: Any,
-                         config: ml_collections.ConfigDict) -> TrainState:
+def abstract_train_state(
+    params: Any, batch_stats: Any, config: ml_collections.ConfigDict
+) -> TrainState:
     """Shapes and dtypes of a run's train state, which restoring a checkpoint needs.
 
     Needs no dataset: the optimizer state's structure does not depend on the

@@ -15,19 +15,14 @@ says they trust it (``--trust_pickle``). Classes that cannot be imported here
 (the study's own ResNet class) are replaced by plain ``torch.nn.Module``
 stand-ins, which is enough to read the weights back out.
 
-Torch is imported only inside this module's functions: it is an optional
-dependency (``pip install stagejax[baseline]``).
+Torch is imported only to read a file (`stagejax.convert.torch_file`): it is an
+optional dependency (``pip install stagejax[baseline]``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import pickle
 import sys
-import types
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +32,8 @@ from absl import flags
 from flax import nnx
 
 from stagejax import models
-from stagejax.errors import CheckpointError, StagejaxError
-
-
-class ConversionError(CheckpointError):
-    """Weights that cannot be imported; the message lists every offending key."""
-
+from stagejax.convert.torch_file import load_torch_state_dict
+from stagejax.errors import ConversionError, StagejaxError
 
 # stagejax variable name -> torch parameter/buffer name
 _LEAF_NAMES = {
@@ -86,97 +77,6 @@ def from_torch_layout(value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _import_torch() -> Any:
-    try:
-        return importlib.import_module("torch")
-    except ImportError:
-        raise ConversionError(
-            "importing PyTorch weights needs torch: pip install 'stagejax[baseline]'"
-        ) from None
-
-
-def _lenient_pickle_module(torch: Any, stand_ins: list[str]) -> types.ModuleType:
-    """A ``pickle`` look-alike whose unpickler replaces unimportable classes by empty Modules.
-
-    An ``nn.Module`` pickles as its ``__dict__`` (``_parameters``, ``_buffers``,
-    ``_modules``), which ``nn.Module.__setstate__`` restores on any subclass,
-    so ``state_dict()`` works on the stand-in without the original source.
-    """
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                stand_ins.append(f"{module}.{name}")
-                return type(name, (torch.nn.Module,), {"__module__": module})
-
-    mod = types.ModuleType("stagejax_lenient_pickle")
-    mod.Unpickler = Unpickler
-    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
-    return mod
-
-
-def load_torch_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Read a torch checkpoint into float32 numpy arrays keyed by the file's names.
-
-    Accepts a state_dict, a dict holding one under 'state_dict' or 'model',
-    and (only with ``trust_pickle``) a whole pickled module.
-    """
-    torch = _import_torch()
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    with path.open("rb") as f:  # torch.save writes a zip archive (or, before 1.6, a pickle)
-        if not (zipfile.is_zipfile(f) or (f.seek(0) == 0 and f.read(1) == b"\x80")):
-            raise ConversionError(f"{path}: not a readable torch file (neither zip nor pickle)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ConversionError(f"{path}: not a readable torch file ({e})") from None
-        if not trust_pickle:
-            raise ConversionError(
-                f"{path}: holds a pickled Python object (e.g. a whole torch module saved with "
-                "torch.save(model)); unpickling it can execute arbitrary code, so it is refused. "
-                "Pass --trust_pickle (trust_pickle=True) if you trust where the file came from"
-            ) from None
-        warnings.warn(
-            f"{path}: unpickling with weights_only=False because --trust_pickle was given; "
-            "this runs any code the file contains",
-            stacklevel=2,
-        )
-        stand_ins: list[str] = []
-        try:
-            obj = torch.load(
-                path, map_location="cpu", weights_only=False,
-                pickle_module=_lenient_pickle_module(torch, stand_ins),
-            )
-        except Exception as e:
-            raise ConversionError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from None
-        if stand_ins:
-            warnings.warn(
-                f"{path}: classes not importable here were read as plain torch Modules: "
-                + ", ".join(sorted(set(stand_ins))),
-                stacklevel=2,
-            )
-    except Exception as e:
-        raise ConversionError(f"{path}: not a readable torch file ({type(e).__name__})") from None
-
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and not isinstance(obj[key], torch.Tensor):
-                obj = obj[key]
-                break
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionError(
-            f"{path}: expected a state_dict (names -> tensors), found {type(obj).__name__}"
-        )
-    return {k: v.detach().cpu().to(torch.float32).numpy().copy() for k, v in obj.items()}
-
-
 def normalize_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """torchvision names for a torchvision- or study-style state_dict.
 
@@ -184,7 +84,7 @@ def normalize_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     study's ``identity_downsample`` and drops ``num_batches_tracked`` counters.
     """
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     out = {}
     for key, value in state.items():
         if key.endswith(_IGNORED_SUFFIXES):
@@ -211,9 +111,27 @@ def _listing(items: list[str]) -> str:
 # torch's registration order of the names that occur among siblings (torchvision's
 # ResNet and MobileNetV3); used to list keys in state_dict order.
 _TORCH_ORDER = (
-    "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "layer1", "layer2", "layer3", "layer4",
-    "downsample", "features", "block", "fc1", "fc2", "fc", "classifier",
-    "weight", "bias", "running_mean", "running_var",
+    "conv1",
+    "bn1",
+    "conv2",
+    "bn2",
+    "conv3",
+    "bn3",
+    "layer1",
+    "layer2",
+    "layer3",
+    "layer4",
+    "downsample",
+    "features",
+    "block",
+    "fc1",
+    "fc2",
+    "fc",
+    "classifier",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
 )
 
 
@@ -258,7 +176,9 @@ def _guess_arch(state: dict[str, np.ndarray], num_classes: int, in_channels: int
 
 
 def convert_state_dict(
-    state: dict[str, np.ndarray], arch: str, num_classes: int | None = None,
+    state: dict[str, np.ndarray],
+    arch: str,
+    num_classes: int | None = None,
     new_head: bool = False,
 ) -> nnx.Module:
     """A stagejax ``arch`` model (eval mode) holding the torch weights ``state``.
@@ -306,14 +226,17 @@ def convert_state_dict(
     return model
 
 
-def _head_message(arch: str, state: dict[str, np.ndarray], num_classes: int,
-                  shapes: list[str]) -> str:
+def _head_message(
+    arch: str, state: dict[str, np.ndarray], num_classes: int, shapes: list[str]
+) -> str:
     """Only the final classifier does not fit: say how to replace or keep it."""
     found = _infer(state, _LAST_LINEAR, 0)
-    return (f"{arch}: the file's final classifier has {found} outputs, not --num_classes "
-            f"{num_classes} ({shapes[0]}); pass --new_head to replace it with a freshly "
-            f"initialised {num_classes}-class layer (to fine-tune, e.g. from ImageNet weights), "
-            f"or --num_classes {found} to keep it")
+    return (
+        f"{arch}: the file's final classifier has {found} outputs, not --num_classes "
+        f"{num_classes} ({shapes[0]}); pass --new_head to replace it with a freshly "
+        f"initialised {num_classes}-class layer (to fine-tune, e.g. from ImageNet weights), "
+        f"or --num_classes {found} to keep it"
+    )
 
 
 def _check_out(out: Path) -> None:
@@ -344,8 +267,10 @@ def convert_file(
     )
 
 
-_USAGE = ("python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes 12] "
-          "[--new_head] [--trust_pickle]")
+_USAGE = (
+    "python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes 12] "
+    "[--new_head] [--trust_pickle]"
+)
 _REQUIRED = ("from", "arch", "out")
 
 
@@ -354,21 +279,29 @@ def _flag_values() -> flags.FlagValues:
     that ``main`` can run more than once in a process (tests) without leftovers."""
     fv = flags.FlagValues()
     flags.DEFINE_string("from", None, "torch checkpoint file", flag_values=fv)
-    flags.DEFINE_enum("arch", None, models.NAMES, "architecture of the weights",
-                      flag_values=fv)
+    flags.DEFINE_enum("arch", None, models.NAMES, "architecture of the weights", flag_values=fv)
     flags.DEFINE_string("out", None, "output model directory (new or empty)", flag_values=fv)
     flags.DEFINE_integer(
-        "num_classes", 12, "classes of the output model (default: the 12 stages); a file "
+        "num_classes",
+        12,
+        "classes of the output model (default: the 12 stages); a file "
         "whose final classifier has another count is refused unless --new_head is given",
-        lower_bound=1, flag_values=fv)
+        lower_bound=1,
+        flag_values=fv,
+    )
     flags.DEFINE_boolean(
-        "new_head", False, "replace the final classifier layer by a freshly initialised one "
+        "new_head",
+        False,
+        "replace the final classifier layer by a freshly initialised one "
         "with --num_classes outputs, e.g. to fine-tune from torchvision's ImageNet weights",
-        flag_values=fv)
+        flag_values=fv,
+    )
     flags.DEFINE_boolean(
-        "trust_pickle", False,
+        "trust_pickle",
+        False,
         "allow whole pickled modules (torch.save(model)); unpickling can run code",
-        flag_values=fv)
+        flag_values=fv,
+    )
     return fv
 
 
@@ -391,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     try:
-        out = convert_file(fv["from"].value, fv.arch, fv.out, fv.num_classes, fv.trust_pickle,
-                           fv.new_head)
+        out = convert_file(
+            fv["from"].value, fv.arch, fv.out, fv.num_classes, fv.trust_pickle, fv.new_head
+        )
     except StagejaxError as e:
         if os.environ.get("STAGEJAX_TRACEBACK"):
             raise
@@ -400,7 +334,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {out} ({fv.arch}, {fv.num_classes} classes)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
