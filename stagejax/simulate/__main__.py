@@ -8,7 +8,18 @@ Commands:
     python -m stagejax.simulate tubules --out DIR --num_images 1229 \
         --image_size 1152 --seed 0 [--stain_shift 0.3] [--contact_sheet sheet.png]
 
---out must be a new or empty folder; the dataset appears there only once
+  section   a whole transverse section of a mouse testis (tunica, packed tubule
+            cross-sections each in a stage, interstitium, glass) as a pyramidal
+            BigTIFF, with ground_truth.geojson (one QuPath polygon per tubule):
+
+    python -m stagejax.simulate section --out DIR --seed 0 [--mpp 0.217] \
+        [--stain_shift 0.3] [--size_mm 4.4,3.5]
+
+    The default --mpp (0.217 um/px) is an ESTIMATE of the study's scale, which the study
+    does not publish: a mouse tubule is ~200 um across and fills ~0.8 of its 1,152 px
+    images (the tubule simulator's default), so 200 / (0.8 x 1,152) = 0.217 um/px.
+
+--out must be a new or empty folder; the dataset (or section) appears there only once
 complete. Bad arguments are one `error:` line and exit status 2.
 """
 
@@ -24,7 +35,7 @@ from absl import flags
 
 from stagejax import cli
 from stagejax.errors import ConfigError
-from stagejax.simulate import sheet, tubules
+from stagejax.simulate import section, sheet, tubules
 from stagejax.simulate.scene import SceneParams
 
 FLAGS = flags.FLAGS
@@ -84,6 +95,19 @@ flags.DEFINE_string(
     "image per stage, rendered at 1,152 px.",
 )
 flags.DEFINE_string("reference", None, "tubules: real image to show on the contact sheet.")
+# section only.
+flags.DEFINE_float(
+    "mpp",
+    None,
+    f"section: um per pixel (default {section.DEFAULT_MPP:.3f}: an ESTIMATE of the study's "
+    "scale, 200 um tubule / ~920 px tubule in its 1,152 px images). Changes resolution, "
+    "not anatomy.",
+)
+flags.DEFINE_string(
+    "size_mm",
+    "4.4,3.5",
+    "section: WIDTH,HEIGHT of the image in mm (e.g. 1.5,1.2: a small test section).",
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +152,15 @@ def tubules_command() -> None:
         log.info("wrote contact sheet %s", path)
 
 
-# The whole-section simulator adds its `section` command here.
-COMMANDS: dict[str, Callable[[], None]] = {"tubules": tubules_command}
+def section_command() -> None:
+    """``section``: one simulated whole section and its ground truth."""
+    if not FLAGS.out:
+        raise ConfigError("--out: required (the folder to write)")
+    size = section.parse_size_mm(FLAGS.size_mm)
+    section.render_section(FLAGS.out, FLAGS.seed, FLAGS.mpp, FLAGS.stain_shift, size)
+
+
+COMMANDS: dict[str, Callable[[], None]] = {"tubules": tubules_command, "section": section_command}
 
 
 def main() -> None:

@@ -1,0 +1,113 @@
+"""Tubule detection accuracy and time on held-out SIMULATED sections (stagejax.detect).
+
+Renders sections with seeds the detector's defaults were not fitted on (the
+defaults were fitted on seeds 0 and 1, stain_shift 0), at the usual staining and at
+a held-out one, detects their tubules, and scores them against ground_truth.geojson:
+precision, recall and F1 at IoU >= 0.5 and the mean IoU of matched tubules, for all,
+stageable and non-stageable ground-truth tubules (pooled over the seeds). Then times
+the detection of one study-scale section (4.4 x 3.5 mm at the default pixel size,
+about 20,000 x 16,000 px), reading included.
+
+    python -m benchmarks.detect [--seeds 100,101,102] [--stain_shift 1.0] \
+        [--params PARAMS.json] [--json benchmarks/results/detect_cpu.json]
+
+Targets (issue 13): F1 >= 0.95 and mean IoU >= 0.85, on the held-out staining too.
+Times move with the machine's load, which the JSON records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from benchmarks import common
+from stagejax.detect import DetectParams, detect_slide, evaluate, load_params, pooled
+from stagejax.simulate import section
+from stagejax.slides import open_slide, read_geojson
+
+log = logging.getLogger(__name__)
+
+
+def _render(root: Path, seed: int, mpp: float | None, shift: float, size_mm) -> Path:
+    mpp_text = f"{mpp or section.DEFAULT_MPP:.3f}"
+    name = f"seed{seed}_shift{shift:g}_mpp{mpp_text}_{size_mm[0]:g}x{size_mm[1]:g}"
+    out = root / name
+    if not (out / "section.tif").exists():
+        section.render_section(out, seed, mpp=mpp, stain_shift=shift, size_mm=size_mm)
+    return out
+
+
+def _score(folder: Path, params: DetectParams) -> tuple[dict, float, int]:
+    start = time.perf_counter()
+    with open_slide(folder / "section.tif") as slide:
+        found = detect_slide(slide, params).objects
+    seconds = time.perf_counter() - start
+    return evaluate(found, read_geojson(folder / "ground_truth.geojson")), seconds, len(found)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="/tmp/stagejax_detect_bench", help="render cache")
+    parser.add_argument("--seeds", default="100,101,102")
+    parser.add_argument("--stain_shift", type=float, default=1.0, help="held-out staining")
+    parser.add_argument("--mpp", type=float, default=1.0, help="um/px of the accuracy sections")
+    parser.add_argument("--size_mm", default="3.0,2.4", help="size of the accuracy sections")
+    parser.add_argument("--params", default=None, help="PARAMS.json (default: the defaults)")
+    parser.add_argument("--no_timing", action="store_true", help="skip the study-scale section")
+    parser.add_argument("--json", default="benchmarks/results/detect_cpu.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params) if args.params else DetectParams()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    size_mm = section.parse_size_mm(args.size_mm)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = {
+        "command": common.command_line("benchmarks.detect"),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": common.machine_info(),
+        "simulated": True,
+        "params": params.__dict__,
+        "held_out": {
+            "seeds": seeds,
+            "fitted_on_seeds": [0, 1],
+            "mpp": args.mpp,
+            "size_mm": list(size_mm),
+        },  # fmt: skip
+        "accuracy": {},
+        "per_section": [],
+    }
+    for shift in sorted({0.0, args.stain_shift}):
+        scores = []
+        for seed in seeds:
+            folder = _render(root, seed, args.mpp, shift, size_mm)
+            s, seconds, n = _score(folder, params)
+            scores.append(s)
+            result["per_section"].append({"seed": seed, "stain_shift": shift, "seconds": seconds,
+                                          "detections": n, **s["all"]})  # fmt: skip
+            log.info("seed %d shift %g: F1 %.3f, mean IoU %.3f", seed, shift,
+                     s["all"]["f1"], s["all"]["mean_iou"])  # fmt: skip
+        result["accuracy"][f"stain_shift={shift:g}"] = pooled(scores)
+    if not args.no_timing:
+        folder = _render(root, 1000, None, 0.0, section.STUDY_SIZE_MM)
+        s, seconds, n = _score(folder, params)
+        with open_slide(folder / "section.tif") as slide:
+            size = slide.dimensions
+        result["timing"] = {"section_px": list(size), "mpp": section.DEFAULT_MPP,
+                            "detect_seconds": round(seconds, 2), "detections": n,
+                            "peak_rss_mb": round(common.peak_rss_mb()), "accuracy": s,
+                            "load_avg_1min_after": round(os.getloadavg()[0], 2)}  # fmt: skip
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("accuracy",) if k in result}, indent=1))
+    if "timing" in result:
+        print(json.dumps({k: v for k, v in result["timing"].items() if k != "accuracy"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""`train`: fitting the detector's parameters to a lab's annotated sections.
+
+This is a parameter fit of a CLASSICAL detector (thresholds, smoothing,
+morphology, size and shape limits, watershed seeds), not the training of a
+neural network: a coordinate search over a small grid per parameter, keeping a
+change only when it raises the F1 at IoU >= 0.5 (ties: the mean IoU) pooled
+over the annotated sections. It therefore never ends worse than where it
+started (the defaults, or --params). A learned (U-Net) detector is not built yet.
+
+Annotations are QuPath GeoJSON exports: every polygon is a ground-truth tubule,
+except objects classified "Region", which mark the part of the slide that was
+annotated (detections outside all regions are then not scored). A boolean
+property "stageable" (false for grazing or edge-cut tubules) is optional.
+"""
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import shapely
+
+from stagejax.detect import metrics, pipeline, segment
+from stagejax.detect.params import FEATURES, DetectParams
+from stagejax.errors import ConfigError, DatasetError
+from stagejax.slides import SlideObject, open_slide, read_geojson
+
+log = logging.getLogger(__name__)
+
+REGION_CLASS = "region"
+GRID: dict[str, tuple] = {
+    "work_mpp": (1.5, 2.0, 2.5, 3.0, 4.0),
+    "feature": FEATURES,
+    "threshold_scale": (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5),
+    "smooth_um": (1.0, 2.0, 4.0, 6.0, 9.0, 12.0),
+    "open_um": (0.0, 3.0, 6.0, 9.0, 12.0, 16.0),
+    "max_hole_um2": (5_000.0, 15_000.0, 30_000.0, 60_000.0),
+    "seed_sigma_um": (0.0, 2.0, 4.0, 8.0, 12.0),
+    "seed_distance_um": (50.0, 70.0, 90.0, 110.0, 140.0),
+    "seed_radius_um": (10.0, 15.0, 20.0, 30.0, 40.0),
+    "merge_ratio": (0.5, 0.6, 0.7, 0.8, 0.9, 1.1),
+    "relief_um": (2.0, 4.0, 6.0, 9.0, 14.0),
+    "body_level": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "compactness": (0.0, 0.001, 0.01, 0.1),
+    "valley_um": (0.0, 8.0, 12.0, 16.0),
+    "valley_frac": (0.15, 0.25, 0.4),
+    "min_area_um2": (500.0, 1_000.0, 1_500.0, 3_000.0, 5_000.0),
+    "min_solidity": (0.6, 0.7, 0.8, 0.85, 0.9),
+    "convex": (True, False),
+    "grow_um": (-4.0, -2.0, 0.0, 2.0, 4.0, 6.0),
+}
+
+
+@dataclasses.dataclass
+class Section:
+    """One annotated section; its coarse image is read once per working resolution."""
+
+    path: Path
+    mpp: float | None  # the --mpp override, or None for the file's
+    truth: list[SlideObject]
+    region: object | None  # shapely geometry of the annotated part, or None for all
+    _coarse: dict = dataclasses.field(default_factory=dict)
+
+    def coarse(self, work_mpp: float):
+        """(RGB, its um/px, level-0 px per coarse px, level-0 um/px) at `work_mpp`."""
+        if work_mpp not in self._coarse:
+            with open_slide(self.path, self.mpp) as slide:
+                rgb, mpp, scale = pipeline.read_coarse(slide, work_mpp)
+                self._coarse[work_mpp] = rgb, mpp, scale, slide.mpp
+        return self._coarse[work_mpp]
+
+    def score(self, params: DetectParams) -> dict:
+        rgb, mpp, scale, slide_mpp = self.coarse(params.work_mpp)
+        labels, _ = segment.segment(rgb, mpp, params)
+        grow = pipeline.grow_px(params, slide_mpp)
+        polys = pipeline.outlines(labels, scale, grow) if labels.max() else []
+        if self.region is not None:
+            polys = [p for p in polys if self.region.contains(p.centroid)]
+        pred = [SlideObject(geometry=p, object_type="detection") for p in polys]
+        return metrics.evaluate(pred, self.truth)
+
+
+def load_sections(
+    slides: Sequence[str], annotations: Sequence[str], mpp: float | None
+) -> list[Section]:
+    """The annotated sections, each slide with its GeoJSON (same order)."""
+    if len(slides) != len(annotations):
+        raise ConfigError(
+            f"--annotations: {len(annotations)} file(s) for {len(slides)} slide(s); "
+            "give one GeoJSON per slide, in the same order"
+        )
+    sections = []
+    for slide_path, ann_path in zip(slides, annotations, strict=True):
+        objects = read_geojson(ann_path)
+        regions = [o for o in objects if (o.classification or "").lower() == REGION_CLASS]
+        truth = [o for o in objects if (o.classification or "").lower() != REGION_CLASS]
+        if not truth:
+            raise DatasetError(f"{ann_path}: no tubule polygons to fit the detector to")
+        with open_slide(slide_path, mpp):  # bad slides fail here, before any fitting
+            pass
+        region = shapely.union_all([o.geometry for o in regions]) if regions else None
+        sections.append(Section(Path(slide_path), mpp, truth, region))
+    return sections
+
+
+def objective(sections: Sequence[Section], params: DetectParams) -> tuple[float, float, dict]:
+    """(pooled F1, pooled mean IoU, the pooled scores) of `params` on `sections`."""
+    scores = metrics.pooled([s.score(params) for s in sections])
+    return scores["all"]["f1"], scores["all"]["mean_iou"], scores
+
+
+def fit(
+    sections: Sequence[Section],
+    start: DetectParams,
+    sweeps: int = 2,
+    grid: dict[str, Sequence] | None = None,
+) -> tuple[DetectParams, dict]:
+    """Coordinate search from `start` over `grid` (default `GRID`); returns the best
+    parameters and a record of the fit (scores before and after)."""
+    best = start
+    f1, miou, scores = objective(sections, best)
+    before = scores["all"]
+    log.info("start: F1 %.3f, mean IoU %.3f", f1, miou)
+    for sweep in range(sweeps):
+        changed = False
+        for name, values in (GRID if grid is None else grid).items():
+            for value in values:
+                if value == getattr(best, name):
+                    continue
+                try:
+                    trial = best.replace(**{name: value})
+                except ConfigError:  # e.g. min_area above max_area
+                    continue
+                t_f1, t_miou, t_scores = objective(sections, trial)
+                if t_f1 > f1 + 1e-9 or (abs(t_f1 - f1) <= 1e-9 and t_miou > miou + 1e-6):
+                    best, f1, miou, scores, changed = trial, t_f1, t_miou, t_scores, True
+                    log.info(
+                        "sweep %d: %s=%s -> F1 %.3f, mean IoU %.3f", sweep, name, value, f1, miou
+                    )
+        if not changed:
+            break
+    record = {
+        "method": "coordinate search over a parameter grid (classical detector, no network)",
+        "min_iou": metrics.MIN_IOU,
+        "sections": [s.path.name for s in sections],
+        "before": before,
+        "after": scores["all"],
+        "after_by_group": scores,
+    }
+    return best, record
