@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -24,6 +23,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from stagejax import cli
 from stagejax import config as config_lib
 from stagejax.errors import StagejaxError
 from stagejax.runtime import lock
@@ -126,10 +126,10 @@ def run(argv) -> None:
         ):
             _run_mode(config, defaults, claim)
     except StagejaxError as e:
-        _exit(f"error: {e}", 2)
+        cli.exit_with(f"error: {e}", 2)
     except interrupts.Interrupted as e:  # exit status 130 (SIGINT) or 143 (SIGTERM)
         when = "before training started" if FLAGS.mode == "train" else f"(--mode={FLAGS.mode})"
-        _exit(
+        cli.exit_with(
             str(e)
             if e.final
             else f"{e} {when}; the workdir is as it was; rerun the same command to start again",
@@ -139,16 +139,7 @@ def run(argv) -> None:
         oom = memory.out_of_memory(e, config) if config is not None else None
         if oom is None:
             raise
-        _exit(f"error: {oom}", 2)
-
-
-def _exit(line: str, code: int) -> None:
-    """Print ``line`` and exit; with STAGEJAX_TRACEBACK set, re-raise the exception
-    being handled instead."""
-    if os.environ.get("STAGEJAX_TRACEBACK"):
-        raise  # called from an except block: the exception being handled
-    print(line, file=sys.stderr)
-    sys.exit(code)
+        cli.exit_with(f"error: {oom}", 2)
 
 
 def _all_agree(ok: bool) -> bool:
@@ -188,18 +179,9 @@ def _eval_workdir_and_config(config):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, but a bad flag or config override (a field that does not
-    exist, a value of the wrong type) is one ``error:`` line and exit 2, like
-    every other user error, instead of a traceback."""
-    try:
-        config_lib.check_overrides(argv)
-        return FLAGS(argv)
-    except flags.Error as e:
-        message = " ".join(str(e).split())
-    except StagejaxError as e:
-        message = str(e)
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """absl's parsing; a bad flag or config override (a field that does not exist,
+    a value of the wrong type) is one ``error:`` line and exit 2 (`stagejax.cli`)."""
+    return cli.parse_flags(argv, check=config_lib.check_overrides)
 
 
 def main() -> None:

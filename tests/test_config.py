@@ -18,7 +18,7 @@ import ml_collections
 import pytest
 
 from stagejax import config as config_lib
-from stagejax.errors import ConfigError
+from stagejax.errors import ConfigError, WorkdirError
 from tests.conftest import REPO
 from tests.test_reliability import _error_line, _run
 
@@ -283,3 +283,30 @@ def test_demo_run_does_what_the_command_line_says(tmp_path):
     ]
     assert epochs and max(epochs) == 1.0
     assert json.loads((workdir / "eval_test" / "metrics.json").read_text())["num_examples"] > 0
+
+
+def test_old_workdir_without_newer_fields_still_resumes(tmp_path):
+    """A config.json written before stage_order, device_memory_gb, strict, overwrite (and
+    variant) existed: the missing fields count as the current defaults, so the run
+    resumes; a field it does have still has to match."""
+    from stagejax.runtime import workdir as workdir_lib
+
+    config, defaults = config_lib.resolve(RESNET, {"data_dir": str(tmp_path / "data")})
+    old = json.loads(config.to_json())
+    for field in ("stage_order", "device_memory_gb", "strict", "overwrite", "variant"):
+        del old[field]
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps(old))
+    workdir_lib.prepare_workdir(tmp_path / "w", config, write=False, defaults=defaults)
+    assert workdir_lib.config_differences(old, json.loads(config.to_json()), defaults) == []
+    # Given on this command line and absent there: compared with the default, not skipped.
+    changed, _ = config_lib.resolve(
+        RESNET, {"data_dir": str(tmp_path / "data"), "stage_order": "a,b"}
+    )
+    assert workdir_lib.config_differences(old, json.loads(changed.to_json()), defaults) == [
+        "stage_order"
+    ]
+    old["model"] = "resnet18"
+    (tmp_path / "w" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(WorkdirError, match=r"model: 'resnet18' there, 'resnet50' now"):
+        workdir_lib.prepare_workdir(tmp_path / "w", config, write=False, defaults=defaults)

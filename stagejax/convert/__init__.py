@@ -34,6 +34,7 @@ from flax import nnx
 from stagejax import models
 from stagejax.convert.torch_file import load_torch_state_dict
 from stagejax.errors import ConversionError, StagejaxError
+from stagejax.runtime.checkpoint import save_model_weights
 
 # stagejax variable name -> torch parameter/buffer name
 _LEAF_NAMES = {
@@ -256,8 +257,6 @@ def convert_file(
 ) -> Path:
     """Read torch weights from ``src`` and write a stagejax model directory at ``out``
     (new or empty: checked before anything is read)."""
-    from stagejax.runtime.checkpoint import save_model_weights
-
     out = Path(out).expanduser()
     _check_out(out)
     state = load_torch_state_dict(src, trust_pickle=trust_pickle)

@@ -19,7 +19,7 @@ def _pct(x: float | None) -> str:
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy: only when drawing
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
@@ -29,7 +29,7 @@ def _new_figure(width: float, height: float):
 
 def _outline_band(ax, k: int) -> None:
     """Boxes the diagonal and draws the edges of the +/-1-stage band."""
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # heavy: imported only when drawing
 
     for i in range(k):
         ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, ec="#c0392b", lw=2.2))

@@ -178,7 +178,7 @@ def _baseline(observed: float, samples: np.ndarray) -> tuple:
 
 def pca_2d(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First two principal components and their explained-variance ratios."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # heavy: imported only for the analysis
 
     pca = PCA(n_components=2, random_state=0)
     return pca.fit_transform(features), pca.explained_variance_ratio_
@@ -190,7 +190,7 @@ def tsne_perplexity(num_points: int) -> float:
 
 
 def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # heavy: imported only for the analysis
     from sklearn.manifold import TSNE
 
     n, d = features.shape

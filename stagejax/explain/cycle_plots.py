@@ -13,7 +13,7 @@ from stagejax.stages import NUM_STAGES, STAGES
 
 def stage_colours() -> np.ndarray:
     """Cyclic colours for the 12 stages: XII sits next to I on the colour wheel."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when drawing
 
     return matplotlib.colormaps["hsv"](np.arange(NUM_STAGES) / NUM_STAGES)
 
@@ -29,7 +29,7 @@ def plot_embedding(
 ) -> None:
     """Scatter coloured by stage (``labels``: cycle positions), stage centroids joined
     in cycle order (XII -> I); stages named by ``stage_names``."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: imported only when drawing
     from matplotlib.lines import Line2D
 
     colours = stage_colours()

@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):  # noqa: N818 (not an error: the user asked to stop)
-    """The run was stopped by a signal; ``str()`` is the one line to print."""
+class Interrupted(BaseException):  # noqa: N818 (not an error: the user asked to stop)
+    """The run was stopped by a signal; ``str()`` is the one line to print.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: a library's ``except Exception``
+    (tensorflow_datasets wraps its imports in one) must not swallow the stop.
+    """
 
     def __init__(self, signum: int, message: str = ""):
         self.signum = signum
