@@ -48,10 +48,14 @@ def parse_flags(
     sys.exit(2)
 
 
-def pick_command(commands: Mapping[str, Command], argv: Sequence[str]) -> Command:
+def pick_command(
+    commands: Mapping[str, Command], argv: Sequence[str], default: str | None = None
+) -> Command:
     """The command named by the one positional argument of ``argv`` (absl's
-    remaining arguments: program name first)."""
+    remaining arguments: program name first); ``default`` when none is named."""
     names = ", ".join(commands)
+    if len(argv) < 2 and default is not None:
+        return commands[default]
     if len(argv) < 2:
         raise ConfigError(f"name a command: {names} (see --help)")
     if argv[1] not in commands:
@@ -61,16 +65,18 @@ def pick_command(commands: Mapping[str, Command], argv: Sequence[str]) -> Comman
     return commands[argv[1]]
 
 
-def run_commands(commands: Mapping[str, Command], interrupted: str | None = None) -> None:
+def run_commands(
+    commands: Mapping[str, Command], interrupted: str | None = None, default: str | None = None
+) -> None:
     """``app.run`` of the command named on the command line, logging at INFO.
 
     ``interrupted``: the line to print (exit status 130) on Ctrl-C; None keeps
-    the traceback.
+    the traceback. ``default``: the command run when none is named.
     """
 
     def main(argv: list[str]) -> None:
         try:
-            command = pick_command(commands, argv)
+            command = pick_command(commands, argv, default)
             logging.getLogger().setLevel(logging.INFO)
             command()
         except StagejaxError as e:

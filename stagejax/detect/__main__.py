@@ -23,16 +23,15 @@ not built yet. Bad input is one `error:` line naming the file, exit status 2.
 
 import json
 import logging
-import os
 import signal
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
+from stagejax import cli
 from stagejax.detect import fit, pipeline
 from stagejax.detect.params import DetectParams, load_params, save_params
-from stagejax.errors import ConfigError, StagejaxError
+from stagejax.errors import ConfigError
 from stagejax.slides import open_slide
 
 FLAGS = flags.FLAGS
@@ -81,41 +80,10 @@ def train_command() -> None:
 COMMANDS = {"detect": detect_command, "train": train_command}
 
 
-def run(argv: list[str]) -> None:
-    if len(argv) > 2:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[2:])}")
-    command = argv[1] if len(argv) == 2 else "detect"
-    if command not in COMMANDS:
-        raise ConfigError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat our one line
-    COMMANDS[command]()
-
-
-def _main(argv: list[str]) -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run(argv)
-    except StagejaxError as e:
-        if os.environ.get("STAGEJAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no output was replaced", file=sys.stderr)
-        sys.exit(130)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main() -> None:
-    app.run(_main, flags_parser=_parse_flags)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat our one line
+    cli.run_commands(COMMANDS, interrupted="interrupted: no output was replaced", default="detect")
 
 
 if __name__ == "__main__":
