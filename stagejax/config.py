@@ -85,6 +85,10 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     ),
     "simulated.image_size": (lambda v: v >= 16, ">= 16"),
     "simulated.seed": (lambda v: v >= 0, ">= 0"),
+    "mpp": (lambda v: v == 0 or 0.05 <= v <= 20, "0 (the simulated data's) or 0.05-20 um/px"),
+    "section.slide_mpp": (lambda v: v == 0 or 0.05 <= v <= 20, "0 (from the file) or 0.05-20"),
+    "section.review_below": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "section.seed": (lambda v: v >= 0, ">= 0"),
 }
 _INTEGER_FIELDS = {
     "num_classes",
@@ -100,6 +104,7 @@ _INTEGER_FIELDS = {
     "simulated.num_images",
     "simulated.image_size",
     "simulated.seed",
+    "section.seed",
 }
 
 
@@ -204,17 +209,21 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, sizes: bool = True
+) -> None:
     """Raise ``ConfigError`` (one line naming the field) for the first bad value.
 
     ``config``: the config that runs (``resolve``). ``num_devices``: default
-    ``jax.device_count()``.
+    ``jax.device_count()``. ``sizes=False``: skip the crop-vs-image check (eval,
+    predict and section on a trained workdir use that run's own sizes).
     """
     num_devices = jax.device_count() if num_devices is None else num_devices
     _check_choices(config)
     _check_ranges(config)
     _check_batch(config, num_devices)
-    _check_simulated_sizes(config)
+    if sizes:
+        _check_simulated_sizes(config)
     check_init_from(config)
 
 

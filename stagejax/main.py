@@ -6,6 +6,8 @@ r"""Train, evaluate or predict spermatogenic stages.
   python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=eval
   python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=predict \
       --config.predict_dir=/path/to/images
+  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=section \
+      --config.section_path=/path/to/slides
 
 Any config field can be overridden: ``--config.global_batch_size=48``; a field
 given on the command line always wins (the rule is in configs/default.py).
@@ -37,9 +39,11 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and report
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "predict"],
+    ["train", "eval", "predict", "section"],
     "train: train, keep the best epoch, evaluate it on the test split. "
-    "eval: evaluate the best checkpoint. predict: stage unlabeled images.",
+    "eval: evaluate the best checkpoint. predict: stage unlabeled images. "
+    "section: detect and stage every tubule of whole slides (config.section_path; "
+    "empty: a simulated section).",
 )
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
@@ -81,6 +85,17 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(**timeouts)  # Cloud TPU VM slice: JAX finds its peers.
 
 
+def _keep_remat_on_cpu() -> None:
+    """With ``--config.remat=True``, stop XLA:CPU from merging each block's recomputation
+    back into its forward pass (which would undo remat); set before JAX starts. The flag
+    only keeps the optimisation barriers remat places; a user's XLA_FLAGS are kept."""
+    if not FLAGS.config.get("remat", False):
+        return
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if memory.CPU_REMAT_XLA_FLAG not in xla_flags:
+        os.environ["XLA_FLAGS"] = f"{xla_flags} {memory.CPU_REMAT_XLA_FLAG}".strip()
+
+
 class _QuietLibraries(logging.Filter):
     """Drop the INFO chatter of Orbax and TFDS (every checkpoint logs ~20 lines)."""
 
@@ -104,6 +119,7 @@ def run(argv) -> None:
     interrupts.install()  # Ctrl-C / SIGTERM: one line, never a traceback
     config = None
     try:
+        _keep_remat_on_cpu()
         initialize_distributed()
         setup_logging()
         config, defaults = config_lib.resolve(
@@ -116,7 +132,8 @@ def run(argv) -> None:
             jax.device_count(),
             jax.devices()[0].platform,
         )
-        config_lib.validate(config)  # every value, before any data is read
+        # Every value, before any data is read; a trained workdir brings its own sizes.
+        config_lib.validate(config, sizes=FLAGS.mode == "train" or not _trained(FLAGS.workdir))
         agree = _all_agree if jax.process_count() > 1 else None
         # The lock is taken before the data is read (a second run is refused at once);
         # a failure before the run's first checkpoint takes back what it wrote.
@@ -150,6 +167,7 @@ def _all_agree(ok: bool) -> bool:
 def _run_mode(config, defaults, claim: lock.Claim) -> None:
     # Imported here: they load the model and data stack, which --help does not need.
     from stagejax.evaluate import best, predict
+    from stagejax.section import run as section_run
     from stagejax.train import loop
 
     if FLAGS.mode == "train":
@@ -159,19 +177,25 @@ def _run_mode(config, defaults, claim: lock.Claim) -> None:
     workdir, config = _eval_workdir_and_config(config)
     if FLAGS.mode == "eval":
         best.evaluate_workdir(config, workdir)
+    elif FLAGS.mode == "section":
+        section_run.stage_sections(config, workdir, claim)
     else:
         predict.predict_folder(config, workdir)
 
 
+def _trained(workdir: str) -> bool:
+    """Whether ``workdir`` holds a run's config.json (eval/predict/section use it)."""
+    return (Path(workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
+
+
 def _eval_workdir_and_config(config):
-    """The workdir and config of ``--mode=eval/predict``.
+    """The workdir and config of ``--mode=eval/predict/section``.
 
     A training run's workdir brings its own config (so model and crop match
     training). Without one, ``--config.init_from`` (e.g. weights from
     ``stagejax.convert``) is evaluated as it is, in a new workdir.
     """
-    trained = (Path(FLAGS.workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
-    if trained or not config.init_from:
+    if _trained(FLAGS.workdir) or not config.init_from:
         workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
         return workdir, workdir_lib.eval_config(workdir, config)
     workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=jax.process_index() == 0)

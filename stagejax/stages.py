@@ -15,6 +15,7 @@ from an order the user states (``config.stage_order``).
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,6 +61,13 @@ def stage_frequencies() -> np.ndarray:
     """Expected fraction of tubule sections in each stage (sums to 1)."""
     d = np.asarray(STAGE_DURATION_HOURS, dtype=np.float64)
     return d / d.sum()
+
+
+def stage_color(rank: int) -> tuple[int, int, int]:
+    """RGB of the stage at ``rank`` (0 = I): evenly around the hue circle, so stages
+    next to each other in the cycle look alike and XII sits next to I, as in the cycle."""
+    r, g, b = colorsys.hsv_to_rgb(rank / NUM_STAGES, 0.75, 0.9)
+    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def stage_distance(a, b, cyclic: bool = False):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import accuracy, common, predict_speed, throughput, throughput_report
+from benchmarks import memory as memory_bench
 from benchmarks import torch_baseline as tb
 from stagejax.data import augment
 from stagejax.data.sampler import StageBalancedSampler
@@ -476,6 +477,64 @@ def test_predict_speed_refuses_bad_arguments(argv, match):
         predict_speed.validate(predict_speed.build_parser().parse_args(argv))
 
 
+# --- memory (remat) ---------------------------------------------------------------------
+
+
+def test_memory_jobs_pair_remat_off_and_on():
+    args = memory_bench.build_parser().parse_args(["--models=resnet18", "--sizes=64,96"])
+    jobs = memory_bench.validate(args)
+    assert len(jobs) == 2 * 2 * 2  # sizes x precisions x remat
+    assert [j["remat"] for j in jobs[:2]] == [False, True]
+    assert {memory_bench.key(j) for j in jobs} == {
+        f"resnet18@{s}px/{p}/remat={r}"
+        for s in (64, 96)
+        for p in ("float32", "bfloat16")
+        for r in ("off", "on")
+    }
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--models", "alexnet"], "models"),
+        (["--sizes", "224,x"], "sizes"),
+        (["--sizes", "16"], "sizes"),
+        (["--precisions", "float16"], "precisions"),
+        (["--batch", "6"], "batch"),
+    ],
+)
+def test_memory_refuses_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        memory_bench.validate(memory_bench.build_parser().parse_args(argv))
+
+
+def test_memory_table_compares_remat_off_and_on():
+    job = {"model": "resnet50", "size": 224, "precision": "float32", "batch": 12}
+    gib = memory_bench.GIB
+    results = [
+        {"job": {**job, "remat": False}, "temp_bytes": 3 * gib, "step_s": {"median": 1.0}},
+        {"job": {**job, "remat": True}, "temp_bytes": gib, "step_s": {"median": 1.5}},
+        {"job": {**job, "size": 896, "remat": False}, "error": "timed out after 5 s"},
+    ]
+    assert memory_bench.rows(results) == [
+        ["resnet50", "224", "float32", "3.000", "1.000", "3.00x", "1.000", "1.500", "1.50x", ""],
+        ["resnet50", "896", "float32", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
+         "timed out after 5 s; not run"],
+    ]  # fmt: skip
+    header, rule, *rows = memory_bench.markdown(results, 12).split("\n\n")[1].splitlines()
+    assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def test_memory_measures_the_trainers_step():
+    """In process, one tiny configuration: the numbers the report needs are there."""
+    job = {"model": "resnet18", "size": 32, "precision": "float32", "remat": True,
+           "batch": 12, "time_steps": 1}  # fmt: skip
+    out = memory_bench.measure_one(job)
+    assert out["temp_bytes"] > 0 and out["argument_bytes"] > 0 and out["fits"]
+    assert out["need_bytes"] >= out["temp_bytes"] + out["argument_bytes"]
+    assert out["step_s"]["median"] > 0
+
+
 # --- accuracy ---------------------------------------------------------------------------
 
 
@@ -561,5 +620,5 @@ def test_accuracy_stagejax_config_is_the_study_recipe():
 
 
 def test_parsers_are_argparse():
-    for mod in (throughput, predict_speed, accuracy):
+    for mod in (throughput, predict_speed, accuracy, memory_bench):
         assert isinstance(mod.build_parser(), argparse.ArgumentParser)

@@ -197,7 +197,7 @@ def test_variant_is_chosen_by_data_unless_named():
     assert (demo.variant, demo.crop_size, demo.num_epochs, demo.global_batch_size) == (
         "demo",
         96,
-        8,
+        14,
         24,
     )
     assert defaults.to_dict() == demo.to_dict()
@@ -218,7 +218,7 @@ def test_a_field_given_on_the_command_line_always_wins():
     config, defaults = config_lib.resolve(RESNET, {"num_epochs": 1, "augment.flip": False})
     assert config.num_epochs == 1 and config.augment.flip is False
     assert config.crop_size == 96  # the rest: the demo's
-    assert defaults.num_epochs == 8  # what an older run's config.json lacks is compared to
+    assert defaults.num_epochs == 14  # what an older run's config.json lacks is compared to
     with pytest.raises(ConfigError, match=r"^--config=\.\.\.:full: unknown variant"):
         config_lib.resolve(f"{RESNET}:full", {})
 

@@ -13,7 +13,17 @@ from PIL import Image
 
 from stagejax import simulate
 from stagejax.errors import ConfigError
-from stagejax.simulate import cells, epithelium, render, scene, sheet, spermatids, tubules
+from stagejax.simulate import (
+    cache,
+    cells,
+    epithelium,
+    render,
+    scene,
+    section,
+    sheet,
+    spermatids,
+    tubules,
+)
 from stagejax.stages import NUM_STAGES, stage_frequencies
 from tests.conftest import REPO
 
@@ -205,6 +215,104 @@ def test_contact_sheet(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
 
 
+# --- hand cut and scale ----------------------------------------------------------------
+
+
+def _cut_render(monkeypatch, seed: int, size: int = 64, **params):
+    """A stage-I image and what it was cut with: its tubule, render size, outline."""
+    seen = {}
+    outline = scene.hand_outline
+
+    def spy(tub, rs, rng):
+        seen.update(tub=tub, rs=rs, poly=outline(tub, rs, rng))
+        return seen["poly"]
+
+    p = simulate.SceneParams(min_render_size=128, **params)
+    stain = tubules.slide_stains(1, seed, 0.0, p)[0]
+    with monkeypatch.context() as m:
+        m.setattr(scene, "hand_outline", spy)
+        return scene.render_image(0, stain, size, tubules.image_seed(seed, 0), p), seen
+
+
+def _inside_and_distance(poly: np.ndarray, size: int, k: int):
+    """Per output pixel: centre inside ``poly`` (ray casting), distance to it (render px)."""
+    c = np.arange(size) * k + (k - 1) / 2
+    px, py = (v.reshape(-1, 1) for v in np.meshgrid(c, c))
+    a, b = poly, np.roll(poly, -1, axis=0)
+    spans = (a[:, 1] > py) != (b[:, 1] > py)
+    dy = np.where(b[:, 1] == a[:, 1], 1.0, b[:, 1] - a[:, 1])
+    x_at = a[:, 0] + (py - a[:, 1]) * (b[:, 0] - a[:, 0]) / dy
+    inside = (spans & (px < x_at)).sum(1) % 2 == 1
+    d = b - a
+    t = np.clip(((px - a[:, 0]) * d[:, 0] + (py - a[:, 1]) * d[:, 1]) / (d**2).sum(1), 0, 1)
+    dist = np.hypot(px - a[:, 0] - t * d[:, 0], py - a[:, 1] - t * d[:, 1]).min(1)
+    return inside.reshape(size, size), dist.reshape(size, size)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_hand_cut_whites_out_everything_outside_the_outline(monkeypatch, seed):
+    size = 64
+    img, seen = _cut_render(monkeypatch, seed, size)
+    tub, rs, poly = seen["tub"], seen["rs"], seen["poly"]
+    k = rs // size
+    # A hand-drawn polygon a few um outside the basement membrane (rho = 1).
+    assert 20 <= len(poly) <= 40
+    rho, _ = scene._rho_phi(tub, poly[:, 0], poly[:, 1])
+    out = (rho - 1) * tub.mean_radius / rs
+    assert out.min() > -0.01 and out.max() < 0.06 and 0.005 < out.mean() < 0.04, out
+    inside, dist = _inside_and_distance(poly, size, k)
+    white = (img == 255).all(-1)
+    outside = ~inside & (dist > k)  # One output pixel from the edge: no rounding doubt.
+    assert outside.mean() > 0.2 and (img[outside] == 255).all()
+    assert white[inside & (dist > k)].mean() < 0.02  # The tubule is not cut away.
+    border = np.concatenate([white[0], white[-1], white[:, 0], white[:, -1]])
+    assert border.mean() > 0.5, border.mean()
+    cx, cy = (int(round((v - (k - 1) / 2) / k)) for v in (tub.cx, tub.cy))
+    assert not white[cy - 1 : cy + 2, cx - 1 : cx + 2].any()
+
+
+def test_hand_cut_only_adds_white_and_is_deterministic(monkeypatch):
+    cut, _ = _cut_render(monkeypatch, 5)
+    again, _ = _cut_render(monkeypatch, 5)
+    uncut, seen = _cut_render(monkeypatch, 5, hand_cut=False)
+    assert seen == {}  # No outline drawn: the rng stream of an uncut image is untouched.
+    assert np.array_equal(cut, again)
+    changed = (cut != uncut).any(-1)
+    assert changed.mean() > 0.1 and (cut[changed] == 255).all()
+    other, _ = _cut_render(monkeypatch, 6)
+    assert not np.array_equal((other == 255).all(-1), (cut == 255).all(-1))
+
+
+def test_outline_mask_is_sharp_and_clipped_by_the_border():
+    square = np.array([[1.5, 1.5], [5.5, 1.5], [5.5, 4.5], [1.5, 4.5]])
+    mask = scene.outline_mask(square, 8)
+    expected = np.zeros((8, 8), bool)
+    expected[2:5, 2:6] = True
+    assert np.array_equal(mask, expected)
+    # At 2x reduction, output pixel i sits at render px 2i + 0.5; a polygon past the border.
+    big = np.array([[-10.0, -10.0], [8.0, -10.0], [8.0, 30.0], [-10.0, 30.0]])
+    mask = scene.outline_mask(big, 8, k=2)
+    assert mask[:, :4].all() and not mask[:, 4:].any()
+
+
+def test_hand_cut_has_its_own_cache_entry():
+    spec = tubules.Spec(24, 32, 0)
+    uncut = tubules.Spec(24, 32, 0, params=simulate.SceneParams(hand_cut=False))
+    assert cache.cache_key(spec) == f"sim-v{tubules.GENERATOR_VERSION}-n24-s32-seed0"
+    assert cache.cache_key(uncut) != cache.cache_key(spec)
+    assert tubules.GENERATOR_VERSION >= 2  # Uncut datasets of version 1 are stale.
+
+
+def test_image_mpp_from_tubule_anatomy():
+    assert simulate.image_mpp(1152) == pytest.approx(0.217, abs=5e-4)
+    assert simulate.image_mpp(288) == pytest.approx(4 * simulate.image_mpp(1152))
+    assert section.DEFAULT_MPP == pytest.approx(simulate.image_mpp(1152))
+    wide = simulate.SceneParams(tubule_radius=(0.5, 0.5))
+    assert tubules.image_mpp(200, wide) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="image_size"):
+        tubules.image_mpp(0)
+
+
 # --- command line --------------------------------------------------------------------
 
 
@@ -243,8 +351,25 @@ def test_cli_writes_dataset(tmp_path):
     meta = json.loads((tmp_path / "d" / "SIMULATED.json").read_text())
     assert meta["scene_params"]["phase_jitter"] == 0.5 and meta["num_slides"] == 3
     assert meta["scene_params"]["acrosome_contrast"] == 0.7 and meta["seed"] == 5
+    assert meta["scene_params"]["hand_cut"] is True
     assert len(list((tmp_path / "d" / "images").iterdir())) == 18
     assert "Traceback" not in res.stderr
+
+
+def test_cli_hand_cut_flag_reaches_the_files(tmp_path):
+    args = ["--num_images", "24", "--image_size", "32", "--seed", "3", "--num_workers", "1"]
+    res = _cli("tubules", "--out", str(tmp_path / "uncut"), "--hand_cut=false", *args)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "uncut" / "SIMULATED.json").read_text())
+    assert meta["scene_params"]["hand_cut"] is False
+    cut = tubules.generate(tmp_path / "cut", 24, 32, seed=3, num_workers=1)
+    names = sorted(p.name for p in (cut / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "uncut" / "images").iterdir())
+    white = {}
+    for kind in ("cut", "uncut"):
+        imgs = [np.asarray(Image.open(tmp_path / kind / "images" / n)) for n in names]
+        white[kind] = np.mean([(im == 255).all(-1).mean() for im in imgs])
+    assert white["cut"] > 0.2 and white["uncut"] < 0.02, white
 
 
 def test_cli_help_lists_the_commands():
@@ -264,6 +389,7 @@ def test_cli_help_lists_the_commands():
         (["--colour", "1"], "colour"),
         (["--reference", "{tmp}/nowhere.png", "--contact_sheet", "{tmp}/s.png"], "--reference"),
         (["--reference", "{tmp}/nowhere.png"], "--reference"),
+        (["--hand_cut=maybe"], "--hand_cut"),
     ],
 )
 def test_cli_bad_arguments_are_one_line(tmp_path, args, names):

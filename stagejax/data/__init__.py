@@ -20,6 +20,21 @@ def uses_simulated_data(config: ml_collections.ConfigDict) -> bool:
     return not config.data_dir
 
 
+def training_scale(config: ml_collections.ConfigDict, image_size: int = 0) -> tuple[float, int]:
+    """(um/px, side in px) of the images the model learns from; um/px 0 when unknown.
+
+    The simulated images' pixel size is known from their anatomy; real data's is
+    ``config.mpp``. ``image_size``: the dataset's median short side, if known.
+    """
+    if uses_simulated_data(config):
+        from stagejax.simulate import tubules  # the renderer: only when needed
+
+        size = int(config.simulated.image_size)
+        return float(config.get("mpp", 0.0) or tubules.image_mpp(size)), size
+    size = image_size or int(config.crop_size + 2 * config.crop_range)
+    return float(config.get("mpp", 0.0)), size
+
+
 def load(config: ml_collections.ConfigDict):
     """Validate and prepare the dataset (generating the simulated one if needed).
 
@@ -31,13 +46,19 @@ def load(config: ml_collections.ConfigDict):
     cache = Path(config.cache_dir).expanduser()
     if uses_simulated_data(config):
         sim = config.simulated
+        hand_cut = bool(sim.get("hand_cut", True))
         root = simulate.default_dataset(
-            cache / "simulated", sim.num_images, sim.image_size, sim.seed
+            cache / "simulated",
+            sim.num_images,
+            sim.image_size,
+            sim.seed,
+            params=simulate.SceneParams(hand_cut=hand_cut),
         )
         log.warning(
-            "No data_dir given: using the SIMULATED H-PAS dataset (%d images of %d px, seed %d) "
-            "at %s. Numbers from this run say nothing about real tubules.",
+            "No data_dir given: using the SIMULATED H-PAS dataset (%d %s images of %d px, "
+            "seed %d) at %s. Numbers from this run say nothing about real tubules.",
             sim.num_images,
+            "hand-cut" if hand_cut else "uncut",
             sim.image_size,
             sim.seed,
             root,

@@ -127,6 +127,7 @@ class PreparedDataset:
     cache_path: Path
     # Cycle position of each class id (0 = stage I), from the names or config.stage_order.
     stage_ranks: tuple[int, ...] = ()
+    image_size: int = 0  # median short side of the training images in px (0: none)
 
 
 def cache_key(layout: Layout) -> str:
@@ -231,4 +232,10 @@ def _load(path: Path, image_dir: Path, crop_size: int | None) -> PreparedDataset
             labels=np.asarray(entry["labels"], dtype=np.int32),
             file_names=list(entry["file_names"]),
         )
-    return PreparedDataset(label_names=index["label_names"], splits=splits, cache_path=path)
+    train_sizes = index["splits"]["train"]["sizes"]
+    return PreparedDataset(
+        label_names=index["label_names"],
+        splits=splits,
+        cache_path=path,
+        image_size=int(np.median([min(hw) for hw in train_sizes])) if train_sizes else 0,
+    )

@@ -89,6 +89,7 @@ def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -
     """Weights-only copy of ``host_state``'s model (what eval, predict and explain
     load), swapped in atomically."""
     config = model.config
+    mpp, image_size = data_lib.training_scale(config, getattr(dataset, "image_size", 0))
 
     def fill(tmp: Path) -> None:
         with ckpt_lib.orbax_errors_silenced():
@@ -100,6 +101,8 @@ def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -
                 1 if config.grayscale else 3,
                 dataset.label_names,
                 dataset.stage_ranks,
+                mpp=mpp or None,
+                image_size=image_size,
             )
 
     files.replace_dir(directory, fill, "the best model")

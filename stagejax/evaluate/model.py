@@ -40,6 +40,7 @@ def create_module(
         dtype=step_lib.compute_dtype(config),
         bn_axis_name=bn_axis_name,
         seed=config.seed if seed is None else seed,
+        remat=bool(config.get("remat", False)),
     )
 
 

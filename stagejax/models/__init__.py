@@ -46,7 +46,9 @@ def create(name: str, seed: int = 0, **kwargs: Any) -> nnx.Module:
     ``dtype`` (the computation dtype, e.g. ``jnp.bfloat16`` on accelerators;
     parameters stay in ``param_dtype`` and BatchNorm statistics in float32) and
     ``bn_axis_name`` (the pmap axis to average BatchNorm statistics over; not
-    needed under ``jit``, where a sharded batch's mean is already global).
+    needed under ``jit``, where a sharded batch's mean is already global) and
+    ``remat`` (recompute each residual block's activations in the backward pass:
+    less memory per train step for more compute; same parameters, same results).
     ``seed`` determines the initial weights and (as seed + 1) the 'dropout' stream.
     """
     model = create_uninitialized(name, seed=seed, **kwargs)
@@ -62,6 +64,7 @@ def create_uninitialized(
     param_dtype: Any = jnp.float32,
     bn_axis_name: str | None = None,
     seed: int = 0,
+    remat: bool = False,
 ) -> nnx.Module:
     """``create`` with all-zero weights, for filling from a checkpoint.
 
@@ -75,7 +78,9 @@ def create_uninitialized(
         raise ConfigError(
             f"model {name}: num_classes={num_classes} and in_channels={in_channels} must be >= 1"
         )
-    build = lambda: _build(name, num_classes, in_channels, dtype, param_dtype, bn_axis_name, seed)
+    build = lambda: _build(
+        name, num_classes, in_channels, dtype, param_dtype, bn_axis_name, seed, remat
+    )
     graphdef, weights, rest = nnx.split(nnx.eval_shape(build), (nnx.Param, nnx.BatchStat), ...)
     weights = jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), weights)
     if jax.tree.leaves(rest):
@@ -91,14 +96,17 @@ def _build(
     param_dtype: Any,
     bn_axis_name: str | None,
     seed: int,
+    remat: bool,
 ) -> nnx.Module:
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     if name in mobilenet.CONFIGS:
         blocks, last_channel = mobilenet.CONFIGS[name]
         layers = Layers(rngs, dtype, param_dtype, bn_axis_name, bn_momentum=0.01, bn_epsilon=1e-3)
-        return mobilenet.MobileNetV3(blocks, last_channel, num_classes, in_channels, layers)
+        return mobilenet.MobileNetV3(
+            blocks, last_channel, num_classes, in_channels, layers, remat=remat
+        )
     layers = Layers(rngs, dtype, param_dtype, bn_axis_name)
-    return resnet.ResNet(resnet.CONFIGS[name], num_classes, in_channels, layers)
+    return resnet.ResNet(resnet.CONFIGS[name], num_classes, in_channels, layers, remat=remat)
 
 
 __all__ = ["NAMES", "create", "create_uninitialized"]

@@ -12,6 +12,11 @@ Why a ``Layers`` factory: every conv / norm / linear of a model shares the
 computation dtype, the parameter dtype and the BatchNorm settings. One object
 carrying those settings keeps the architecture files free of repetition.
 
+Why ``apply_block``: rematerialisation (``remat``) is a property of how a
+model runs its blocks in training, not of the blocks, so the blocks (and the
+parameter tree that checkpoints and imported weights rely on) are the same
+with and without it.
+
 Why ``init_weights`` instead of per-layer initialisers: weights must start
 from torchvision's distributions (so training from scratch starts where the
 study's did), and running jax initialisers eagerly compiles one small program
@@ -253,3 +258,28 @@ def example_dropout(x: jax.Array, keys: jax.Array, rate: float) -> jax.Array:
         raise ValueError(f"keys: expected one per example ({x.shape[0]}), got {keys.shape}")
     keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _call(block: nnx.Module, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+# Nothing inside a block is kept for the backward pass: only its input (the
+# previous block's output) is saved and the block is recomputed from it. Measured
+# (train step, batch 12, 224 px, float32, XLA:CPU with remat kept): temporaries
+# ResNet-50 1611 -> 507 MiB, MobileNetV3-Large 809 -> 247 MiB; keeping the conv
+# outputs instead (``checkpoint_dots``) leaves 945 and 432 MiB. ResNet-50 at 96 px:
+# 1.39x the step time (``checkpoint_dots``: 1.26x).
+_call_remat = nnx.remat(_call, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def apply_block(block: nnx.Module, x: jax.Array, remat: bool) -> jax.Array:
+    """``block(x)``; with ``remat`` its activations are recomputed in the backward pass.
+
+    BatchNorm statistics updated inside a rematerialised block still reach the
+    model: ``nnx.remat`` carries the block's state updates out of the checkpoint.
+    Outside differentiation (eval) it computes exactly what ``block(x)`` does.
+    XLA:CPU merges the recomputation back into the forward pass unless told not
+    to (``stagejax.train.memory.CPU_REMAT_XLA_FLAG``).
+    """
+    return _call_remat(block, x) if remat else block(x)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 from flax import nnx
 
-from stagejax.models.layers import ConvBN, Layers, example_dropout, global_avg_pool
+from stagejax.models.layers import ConvBN, Layers, apply_block, example_dropout, global_avg_pool
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -123,7 +123,11 @@ class InvertedResidual(nnx.Module):
 
 
 class MobileNetV3(nnx.Module):
-    """torchvision's MobileNetV3; ``embed`` = pool -> Linear -> hard-swish -> dropout."""
+    """torchvision's MobileNetV3; ``embed`` = pool -> Linear -> hard-swish -> dropout.
+
+    ``remat``: recompute each inverted residual block in the backward pass
+    (less memory per train step); no effect on the parameters or the results.
+    """
 
     def __init__(
         self,
@@ -133,8 +137,10 @@ class MobileNetV3(nnx.Module):
         in_channels: int,
         layers: Layers,
         dropout: float = 0.2,
+        remat: bool = False,
     ):
         self.num_classes = num_classes
+        self.remat = remat
         self.in_channels = in_channels
         features: list[nnx.Module] = [
             ConvBN(layers, in_channels, blocks[0].in_ch, 3, 2, activation=nnx.hard_swish)
@@ -151,7 +157,7 @@ class MobileNetV3(nnx.Module):
     def backbone(self, x: jax.Array) -> jax.Array:
         """Input [B, H, W, C] -> last 1x1 conv's output [B, H/32, W/32, 960 or 576]."""
         for layer in self.features:
-            x = layer(x)
+            x = apply_block(layer, x, self.remat and isinstance(layer, InvertedResidual))
         return x
 
     def embed(self, fmap: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:

@@ -19,7 +19,13 @@ import dataclasses
 import jax
 from flax import nnx
 
-from stagejax.models.layers import ConvBN, Layers, global_avg_pool, max_pool_3x3_s2
+from stagejax.models.layers import (
+    ConvBN,
+    Layers,
+    apply_block,
+    global_avg_pool,
+    max_pool_3x3_s2,
+)
 
 
 class BasicBlock(nnx.Module):
@@ -100,10 +106,23 @@ CONFIGS = {
 
 
 class ResNet(nnx.Module):
-    """torchvision's ResNet on NHWC input; ``embed`` is the global average pool."""
+    """torchvision's ResNet on NHWC input; ``embed`` is the global average pool.
 
-    def __init__(self, config: ResNetConfig, num_classes: int, in_channels: int, layers: Layers):
+    ``remat``: recompute each residual block in the backward pass (less memory
+    per train step, about one more forward pass of compute); no effect on the
+    parameters or the results.
+    """
+
+    def __init__(
+        self,
+        config: ResNetConfig,
+        num_classes: int,
+        in_channels: int,
+        layers: Layers,
+        remat: bool = False,
+    ):
         self.num_classes = num_classes
+        self.remat = remat
         self.in_channels = in_channels
         self.conv1 = layers.conv(in_channels, 64, 7, 2)
         self.bn1 = layers.batch_norm(64)
@@ -134,7 +153,7 @@ class ResNet(nnx.Module):
         x = max_pool_3x3_s2(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = block(x)
+                x = apply_block(block, x, self.remat)
         return x
 
     def embed(self, fmap: jax.Array) -> jax.Array:

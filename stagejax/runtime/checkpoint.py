@@ -47,12 +47,16 @@ def save_model_weights(
     in_channels: int = 3,
     label_names: list[str] | tuple[str, ...] | None = None,
     stage_ranks: list[int] | tuple[int, ...] | None = None,
+    mpp: float | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Write ``model``'s weights and architecture so ``load_model_weights`` rebuilds it.
 
     ``label_names`` (the training dataset's name of each class id) and
     ``stage_ranks`` (their cycle positions, 0 = stage I) go to model.json, so
-    predictions name the stages as the dataset did.
+    predictions name the stages as the dataset did; ``mpp`` and ``image_size``
+    (um/px and side in px of the training images), so whole sections are cut
+    at the scale the model learnt.
     """
     for field, values in (("label_names", label_names), ("stage_ranks", stage_ranks)):
         if values is not None and len(values) != num_classes:
@@ -71,16 +75,21 @@ def save_model_weights(
         meta["label_names"] = [str(n) for n in label_names]
     if stage_ranks is not None:
         meta["stage_ranks"] = [int(r) for r in stage_ranks]
+    if mpp:
+        meta["mpp"] = float(mpp)
+    if image_size:
+        meta["image_size"] = int(image_size)
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
 def read_model_json(directory: str | Path) -> dict[str, Any]:
-    """arch, num_classes, in_channels, label_names and stage_ranks of a model directory.
+    """arch, num_classes, in_channels, label_names, stage_ranks, mpp and image_size
+    of a model directory.
 
     A model.json written without label names (older runs, ``convert``) means
     I..XII; ``stage_ranks`` is then derived from the names (None if they are
-    not stage names).
+    not stage names). ``mpp``/``image_size`` are None when not recorded.
     """
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
@@ -106,6 +115,8 @@ def read_model_json(directory: str | Path) -> dict[str, Any]:
         **out,
         "label_names": [str(n) for n in names],
         "stage_ranks": None if ranks is None else [int(r) for r in ranks],
+        "mpp": float(meta["mpp"]) if meta.get("mpp") else None,
+        "image_size": int(meta["image_size"]) if meta.get("image_size") else None,
     }
 
 

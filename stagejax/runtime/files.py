@@ -26,6 +26,14 @@ TMP_PREFIX = ".stagejax_tmp_"  # temporary siblings of files being written
 WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+def _file_mode() -> int:
+    """What a plainly created file gets (mkstemp's 0600 would hide outputs from a lab's
+    group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` fills a temporary sibling of ``path``, which then replaces it."""
     path = Path(path)
@@ -34,6 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
         try:
             write(Path(tmp))
+            os.chmod(tmp, _file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -33,10 +33,20 @@ PMAP_AXIS = "batch"
 class Parallel:
     """How state and batches are laid out on the devices."""
 
-    def __init__(self, mode: str, global_batch_size: int, eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        mode: str,
+        global_batch_size: int,
+        eval_batch_size: int | None = None,
+        local: bool = False,
+    ):
+        """``local``: this process's devices only (each process works on its own
+        data, e.g. its own slides), with no collective across processes."""
         if mode not in ("jit", "pmap"):
             raise ConfigError(f"config.parallelism: {mode!r} is not one of 'jit', 'pmap'")
-        n = jax.device_count()
+        self.local = local or jax.process_count() == 1
+        devices = jax.local_devices() if self.local else jax.devices()
+        n = len(devices)
         for field, size in (
             ("global_batch_size", global_batch_size),
             ("eval_batch_size", eval_batch_size),
@@ -44,16 +54,17 @@ class Parallel:
             if size is not None and size % n:
                 raise ConfigError(
                     f"config.{field}: {size} does not divide by the {n} devices "
-                    f"({jax.process_count()} process(es)); use a multiple of {n}"
+                    f"({1 if self.local else jax.process_count()} process(es)); use a "
+                    f"multiple of {n}"
                 )
         self.mode = mode
         self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // jax.process_count()
+        self.local_batch_size = global_batch_size // (1 if self.local else jax.process_count())
         if mode == "jit":
             # Auto axes: XLA propagates the batch sharding (classic GSPMD), so the
             # model code needs no sharding annotations.
             self.mesh = jax.make_mesh(
-                (n,), ("data",), devices=jax.devices(), axis_types=(jax.sharding.AxisType.Auto,)
+                (n,), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
             )
             self.data_sharding = NamedSharding(self.mesh, P("data"))
             self.replicated = NamedSharding(self.mesh, P())
@@ -111,7 +122,7 @@ class Parallel:
 
     def gather(self, tree: Any) -> Any:
         """Device outputs of a step -> numpy on every host, flattened to [global_batch, ...]."""
-        if jax.process_count() > 1:
+        if not self.local:
             tree = multihost_utils.process_allgather(tree, tiled=True)
         tree = jax.device_get(tree)
         if self.mode == "pmap":

@@ -67,6 +67,9 @@ EVAL_FIELDS = (
     "parallelism",
     "strict",
     "overwrite",
+    "mpp",
+    "section_path",
+    "section",
 )
 
 
@@ -173,7 +176,7 @@ def eval_config(
 ) -> ml_collections.ConfigDict:
     """The config to evaluate or predict with a trained ``workdir``: the run's own,
     so the crop and model match training, with ``EVAL_FIELDS`` (and a non-empty
-    ``data_dir``, to evaluate on another dataset) from the command line. Fields
+    ``data_dir``, to evaluate on another dataset, or ``init_from``) from the command line. Fields
     the run's config.json lacks (added to the configs later) come from
     ``cli_config`` too."""
     config = load_run_config(workdir)
@@ -182,6 +185,8 @@ def eval_config(
         config[k] = cli_config[k]
     if cli_config.data_dir:
         config.data_dir = cli_config.data_dir
+    if cli_config.get("init_from"):  # a workdir without a trained model: other weights
+        config.init_from = cli_config.init_from
     return config
 
 

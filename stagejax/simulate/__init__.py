@@ -27,7 +27,7 @@ Whole testis sections will be a ``section`` module and command beside ``tubules`
 from stagejax.simulate.cache import default_dataset
 from stagejax.simulate.scene import SceneParams
 from stagejax.simulate.sheet import contact_sheet, render_stage_examples
-from stagejax.simulate.tubules import LABEL_NAMES, SPLITS, generate, plan
+from stagejax.simulate.tubules import LABEL_NAMES, SPLITS, generate, image_mpp, plan
 
 __all__ = [
     "LABEL_NAMES",
@@ -36,6 +36,7 @@ __all__ = [
     "contact_sheet",
     "default_dataset",
     "generate",
+    "image_mpp",
     "plan",
     "render_stage_examples",
 ]

@@ -8,6 +8,9 @@ Commands:
     python -m stagejax.simulate tubules --out DIR --num_images 1229 \
         --image_size 1152 --seed 0 [--stain_shift 0.3] [--contact_sheet sheet.png]
 
+    Images are white outside a hand-drawn outline of the tubule, as the study cut
+    them out of its slides; --hand_cut=false keeps the whole field.
+
   section   a whole transverse section of a mouse testis (tunica, packed tubule
             cross-sections each in a stage, interstitium, glass) as a pyramidal
             BigTIFF, with ground_truth.geojson (one QuPath polygon per tubule):
@@ -88,6 +91,12 @@ flags.DEFINE_float(
     "tubules: scales slide-to-slide and image-to-image stain variation.",
     lower_bound=0.0,
 )
+flags.DEFINE_boolean(
+    "hand_cut",
+    _DEFAULT.hand_cut,
+    "tubules: cut each image out like the study's: white outside a hand-drawn outline "
+    "of its tubule (--hand_cut=false: neighbours and interstitium to the border).",
+)
 flags.DEFINE_string(
     "contact_sheet",
     None,
@@ -127,6 +136,7 @@ def tubules_command() -> None:
         cell_phase_sd=FLAGS.cell_phase_sd,
         acrosome_contrast=FLAGS.acrosome_contrast,
         stain_jitter=FLAGS.stain_jitter,
+        hand_cut=FLAGS.hand_cut,
     )
     if FLAGS.out:
         start = time.monotonic()

@@ -39,6 +39,8 @@ class SceneParams:
     tubule_radius: tuple[float, float] = (0.34, 0.46)  # Mean tubule radius / image size.
     cell_scale: float = 0.015  # Round-spermatid nucleus radius / image size.
     min_render_size: int = 256  # Smaller images are rendered at least this large, then reduced.
+    # White outside a hand-drawn outline of the main tubule, as the study cut its images.
+    hand_cut: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +155,46 @@ def _render(
         noise=noise,
     )
     if rs == size:
-        return render.compose(h_od, p_od, n_od, stain, rng)
-    return render.reduce(render.compose(h_od, p_od, n_od, stain), size, noise, rng)
+        img = render.compose(h_od, p_od, n_od, stain, rng)
+    else:
+        img = render.reduce(render.compose(h_od, p_od, n_od, stain), size, noise, rng)
+    if params.hand_cut:  # Drawn last: the uncut image is the same with or without it.
+        img[~outline_mask(hand_outline(main, rs, rng), size, k)] = 255
+    return img
+
+
+def hand_outline(tub: cells.Tubule, rs: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) vertices (x, y), in render px, of a hand-drawn cut around ``tub``.
+
+    Like the study's cut-outs: 20-40 straight strokes drawn loosely a few um (1-3% of
+    the image side) outside the basement membrane, now and then clipping it.
+    """
+    n = int(rng.integers(20, 41))
+    margin = rng.uniform(0.01, 0.03) * rs
+    start = rng.uniform(0, cells.TWO_PI)
+    phi = start + (np.arange(n) + rng.uniform(-0.3, 0.3, n)) * (cells.TWO_PI / n)
+    x, y, nx, ny = tub.point_rho(phi, 1.0)
+    off = np.maximum(margin + rng.normal(0, 0.006 * rs, n), -0.004 * rs)
+    return np.stack([x + off * nx, y + off * ny], axis=-1)
+
+
+def outline_mask(poly: np.ndarray, size: int, k: int = 1) -> np.ndarray:
+    """[size, size] bool: pixels of the image (render reduced k times) inside ``poly``.
+
+    ``poly`` is in render px; output pixel i is centred on render px i * k + (k - 1) / 2.
+    Even-odd scanline fill of pixel centres: a sharp edge, clipped by the image border.
+    """
+    pts = (np.asarray(poly, np.float64) - (k - 1) / 2) / k
+    x0, y0 = pts[:, 0], pts[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    rows = np.arange(size, dtype=np.float64)[:, None]
+    row, edge = np.nonzero((y0 <= rows) != (y1 <= rows))  # Edges crossing each row.
+    frac = (row - y0[edge]) / (y1[edge] - y0[edge])
+    xc = x0[edge] + frac * (x1[edge] - x0[edge])
+    # Each crossing flips inside/outside from the first pixel centre at or right of it.
+    flips = np.zeros((size, size + 1), np.int32)
+    np.add.at(flips, (row, np.clip(np.ceil(xc), 0, size).astype(np.int64)), 1)
+    return np.cumsum(flips[:, :size], axis=1) % 2 == 1
 
 
 def _random_tubule(rng, rs, radius, lumen, centre) -> cells.Tubule:

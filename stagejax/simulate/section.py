@@ -21,7 +21,6 @@ then 20,276 x 16,129 px.
 
 from __future__ import annotations
 
-import colorsys
 import json
 import logging
 import math
@@ -40,23 +39,17 @@ from stagejax.simulate.section_blocks import SectionRenderer
 from stagejax.simulate.section_render import sample_look
 from stagejax.slides import SlideObject, read_geojson, write_geojson, write_pyramidal_tiff
 from stagejax.slides.base import MPP_RANGE
-from stagejax.stages import STAGES, parse_stage
+from stagejax.stages import STAGES, parse_stage, stage_color
 
 log = logging.getLogger(__name__)
 
 SCENE = SceneParams()
-DEFAULT_MPP = 200.0 / (2 * np.mean(SCENE.tubule_radius) * 1152)  # ~0.217 um/px, estimated
+DEFAULT_MPP = tubules.image_mpp(1152)  # ~0.217 um/px, estimated
 STUDY_SIZE_MM = (4.4, 3.5)  # A mouse testis cross-section; ~20,000 x 16,000 px at DEFAULT_MPP.
 SIZE_MM_RANGE = (0.5, 12.0)
 MPP_LIMITS = (0.1, 4.0)  # Finer wastes time; coarser leaves nuclei under a pixel.
 MAX_PIXELS = 2_000_000_000
 GENERATOR_VERSION = 1
-
-
-def stage_color(stage: int) -> tuple[int, int, int]:
-    """A colour per stage around the hue circle (XII next to I, as in the cycle)."""
-    r, g, b = colorsys.hsv_to_rgb(stage / len(STAGES), 0.75, 0.9)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def check_arguments(seed: int, mpp: float, stain_shift: float, size_mm) -> tuple[float, float]:

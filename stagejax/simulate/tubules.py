@@ -39,13 +39,14 @@ from stagejax.stages import NUM_STAGES, STAGES, stage_frequencies
 log = logging.getLogger(__name__)
 
 # Bump when the images a given set of arguments produces change (invalidates caches).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: images cut out by hand (SceneParams.hand_cut).
 # Stage names in file names and label_list.txt: 1..12 like the study (1 = stage I).
 LABEL_NAMES: tuple[str, ...] = tuple(str(i + 1) for i in range(NUM_STAGES))
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 SPLIT_BY = ("slide", "random")
 MIN_IMAGE_SIZE = 16
+TUBULE_DIAMETER_UM = 200.0  # A mouse seminiferous tubule: sets the images' scale.
 PNG_COMPRESS_LEVEL = 1  # Noisy images barely compress; level 1 is ~2x faster than 6.
 
 # Distinct SeedSequence streams derived from the user's seed.
@@ -61,6 +62,18 @@ class ImagePlan:
     label: int  # 0-based stage index.
     slide: int
     split: str
+
+
+def image_mpp(image_size: int, params: SceneParams | None = None) -> float:
+    """Micrometres per pixel of a simulated tubule image ``image_size`` px wide.
+
+    The study does not publish its scale, so it comes from anatomy: a ~200 um tubule,
+    drawn with a mean radius of mean(``params.tubule_radius``) x the image side.
+    """
+    if image_size < 1:
+        raise ConfigError(f"image_size: {image_size} px must be positive")
+    radius = float(np.mean((params or SceneParams()).tubule_radius))
+    return TUBULE_DIAMETER_UM / (2 * radius * image_size)
 
 
 def default_num_slides(num_images: int) -> int:

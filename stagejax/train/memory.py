@@ -70,6 +70,16 @@ def device_capacity(config: ml_collections.ConfigDict) -> tuple[int, str]:
     )
 
 
+# Whether remat makes the step fit is not known without compiling it a second time
+# (a whole compilation), hence "may": rematerialised, ResNet-50 and MobileNetV3
+# need about a third of the temporaries at 224 px (benchmarks/memory.py).
+_REMAT_MAY_FIT = "with remat it may fit: each block keeps only its input for the backward pass"
+# XLA:CPU expands the optimization barriers that keep a block's recomputation apart
+# from its forward pass, and CSE then merges the two: remat saves nothing there
+# unless this pass is disabled (XLA_FLAGS, before JAX starts).
+CPU_REMAT_XLA_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+
+
 def remedies(config: ml_collections.ConfigDict) -> str:
     """The config fields that shrink a train step, as a clause."""
     out = [
@@ -80,15 +90,31 @@ def remedies(config: ml_collections.ConfigDict) -> str:
     extra = []
     if config.precision != "bfloat16":
         extra.append("--config.precision=bfloat16")
-    if "remat" in config and not config.remat:
+    suggest_remat = "remat" in config and not config.remat
+    if suggest_remat:
         extra.append("--config.remat=True")
     if extra:
         text += ", or use " + " or ".join(extra)
+    if suggest_remat:
+        text += f" ({_REMAT_MAY_FIT}{_cpu_remat_note()})"
     return text
+
+
+def _cpu_remat_note() -> str:
+    on_cpu = jax.local_devices()[0].platform == "cpu"
+    if not on_cpu or CPU_REMAT_XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return ""
+    return f"; on a CPU only with XLA_FLAGS={CPU_REMAT_XLA_FLAG}"
 
 
 def check_train_step(compiled: Any, config: ml_collections.ConfigDict) -> None:
     """Log the step's need against the capacity; ``ResourceError`` if it cannot fit."""
+    if config.get("remat", False) and _cpu_remat_note():
+        log.warning(
+            "memory: config.remat is on but XLA:CPU undoes it; set XLA_FLAGS=%s before "
+            "starting to keep the memory it saves",
+            CPU_REMAT_XLA_FLAG,
+        )
     need = step_need(compiled)
     if need is None:
         log.info("memory: this backend gives no estimate of the train step's need")

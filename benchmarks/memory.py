@@ -1,0 +1,294 @@
+"""Train-step memory with and without rematerialisation (``--config.remat``).
+
+    python -m benchmarks.memory [--models resnet50,mobilenet_v3_large] \\
+        [--sizes 224,448,896] [--precisions float32,bfloat16] [--batch 12] \\
+        [--time_steps 10] [--json benchmarks/results/memory-DATE.json]
+
+For each model, crop size and precision the trainer's step is built as training
+builds it (`stagejax.train.loop.Run` on ``configs/default.py``, with a stand-in
+dataset of the right size) with remat off and on, lowered and compiled for a
+uint8 batch, and XLA's memory analysis of the executable is recorded: the
+temporaries, the arguments, the outputs and the outputs aliased to the donated
+state (what the memory pre-flight, `stagejax.train.memory`, adds up). With
+``--time_steps N`` the step then runs once (warm-up) and N more times; the
+median seconds per step is recorded, on an accelerator with the device's peak
+memory. Each configuration runs in its own process (`common.run_child`), so one
+that runs out of memory loses only its own numbers.
+
+The table gives the temporaries off and on, their ratio, the step times and the
+slowdown. On XLA:CPU remat saves nothing unless XLA_FLAGS holds
+``memory.CPU_REMAT_XLA_FLAG``: ``--xla_keep_remat`` adds it to the children's
+XLA_FLAGS (on a CPU; the results record the flags used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+from benchmarks import common
+
+MODULE = "benchmarks.memory"
+PRECISIONS = ("float32", "bfloat16")
+GIB = 2**30
+log = logging.getLogger("memory")
+
+
+# --- one configuration (child) ---------------------------------------------------------
+
+
+def _stand_in_dataset(batch: int):
+    """What ``Run`` reads of a dataset: the train split's size (one epoch of 10 steps)."""
+    import numpy as np
+
+    train = types.SimpleNamespace(labels=np.zeros(10 * batch, np.int32))
+    return types.SimpleNamespace(splits={"train": train})
+
+
+def _batch(run, size: int, batch: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    channels = 1 if run.config.grayscale else 3
+    host = {
+        "image": rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8),
+        "label": (np.arange(batch) % run.config.num_classes).astype(np.int32),
+    }
+    return run.parallel.put_batch(host)
+
+
+def _time_steps(compiled, state, batch, steps: int) -> tuple[list[float], object]:
+    """Seconds of each of ``steps`` steps after one warm-up step (the state is donated)."""
+    import jax
+
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return times, state
+
+
+def measure_one(job: dict) -> dict:
+    """Compile (and optionally time) the trainer's step for one configuration."""
+    import jax
+
+    from stagejax.data import input_pipeline
+    from stagejax.train import loop as trainer
+    from stagejax.train import memory
+
+    input_pipeline.ensure_absl_flags_parsed()
+    config = common.stagejax_config(
+        model=job["model"],
+        crop_size=job["size"],
+        global_batch_size=job["batch"],
+        eval_batch_size=job["batch"],
+        precision=job["precision"],
+        remat=job["remat"],
+    )
+    run = trainer.Run(config, _stand_in_dataset(job["batch"]))
+    state = run.parallel.put_state(run.initial_state)
+    batch = _batch(run, job["size"], job["batch"])
+    t0 = time.perf_counter()
+    compiled = run.train_step.lower(state, batch).compile()  # as loop.compile_train_step
+    out: dict = {
+        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compile_s": time.perf_counter() - t0,
+    }
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {**out, "error": "this backend gives no memory analysis"}
+    for name in ("temp", "argument", "output", "alias"):
+        out[f"{name}_bytes"] = int(getattr(stats, f"{name}_size_in_bytes"))
+    out["need_bytes"] = memory.step_need(compiled)["total"]
+    capacity, source = memory.device_capacity(config)
+    out.update(capacity_bytes=capacity, capacity_source=source, fits=out["need_bytes"] <= capacity)
+    if job["time_steps"] > 0 and out["fits"]:
+        times, state = _time_steps(compiled, state, batch, job["time_steps"])
+        out["step_s"] = common.summary(times)
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        out["peak_device_bytes"] = peak
+    out["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def child(job: dict) -> dict:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return measure_one(job)
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def key(job: dict) -> str:
+    remat = "on" if job["remat"] else "off"
+    return f"{job['model']}@{job['size']}px/{job['precision']}/remat={remat}"
+
+
+def _gib(n) -> str:
+    return "n/a" if n is None else f"{n / GIB:.3f}"
+
+
+def _ratio(a, b, digits: int = 2) -> str:
+    return "n/a" if not a or not b else f"{a / b:.{digits}f}x"
+
+
+def rows(results: list[dict]) -> list[list[str]]:
+    """One table row per (model, size, precision): remat off against on."""
+    by_key = {key(r["job"]): r for r in results}
+    out = []
+    for r in results:
+        job = r["job"]
+        if job["remat"]:
+            continue
+        on = by_key.get(key({**job, "remat": True}), {"error": "not run"})
+        off_t, on_t = r.get("temp_bytes"), on.get("temp_bytes")
+        off_s = r.get("step_s", {}).get("median")
+        on_s = on.get("step_s", {}).get("median")
+        errors = "; ".join(x["error"][:60] for x in (r, on) if "error" in x)
+        out.append(
+            [
+                job["model"],
+                str(job["size"]),
+                job["precision"],
+                _gib(off_t),
+                _gib(on_t),
+                _ratio(off_t, on_t),
+                common.fmt(off_s, 3),
+                common.fmt(on_s, 3),
+                _ratio(on_s, off_s),
+                errors,
+            ]
+        )
+    return out
+
+
+HEADER = (
+    "model",
+    "px",
+    "precision",
+    "temp GiB off",
+    "temp GiB on",
+    "off/on",
+    "s/step off",
+    "s/step on",
+    "slowdown",
+    "errors",
+)
+
+
+def markdown(results: list[dict], batch: int) -> str:
+    note = f"Batch {batch}; temporaries from XLA's memory analysis of the compiled train step."
+    return note + "\n\n" + common.markdown_table(HEADER, rows(results))
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def validate(args: argparse.Namespace) -> list[dict]:
+    """The jobs, in order (remat off then on for each configuration)."""
+    from stagejax import models
+
+    bad = [m for m in _names(args.models) if m not in models.NAMES]
+    if bad or not _names(args.models):
+        raise ValueError(f"--models: {args.models!r}; choose from {', '.join(models.NAMES)}")
+    if any(p not in PRECISIONS for p in _names(args.precisions)):
+        raise ValueError(f"--precisions: {args.precisions!r}; choose from {', '.join(PRECISIONS)}")
+    try:
+        sizes = [int(s) for s in _names(args.sizes)]
+    except ValueError:
+        raise ValueError(f"--sizes: {args.sizes!r}; comma-separated pixel sizes") from None
+    if not sizes or min(sizes) < 32:
+        raise ValueError(f"--sizes: {args.sizes!r}; at least 32 px each")
+    if args.batch < 12 or args.time_steps < 0:
+        raise ValueError("--batch must be >= 12 (one image per stage), --time_steps >= 0")
+    return [
+        {
+            "model": m,
+            "size": s,
+            "precision": p,
+            "remat": r,
+            "batch": args.batch,
+            "time_steps": args.time_steps,
+        }  # fmt: skip
+        for m in _names(args.models)
+        for s in sizes
+        for p in _names(args.precisions)
+        for r in (False, True)
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet50,mobilenet_v3_large")
+    p.add_argument("--sizes", default="224,448,896", help="crop sizes (px)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS))
+    p.add_argument("--batch", type=int, default=12, help="global batch (the study's: 12)")
+    p.add_argument("--time_steps", type=int, default=0, help="timed steps after a warm-up")
+    p.add_argument("--timeout", type=float, default=1800, help="per configuration (s)")
+    p.add_argument(
+        "--xla_keep_remat",
+        action="store_true",
+        help="add memory.CPU_REMAT_XLA_FLAG to the children's XLA_FLAGS (XLA:CPU undoes "
+        "remat without it)",
+    )
+    p.add_argument("--json", default="", help="default: benchmarks/results/memory-DATE.json")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def child_env(keep_remat: bool) -> dict[str, str] | None:
+    if not keep_remat:
+        return None
+    from stagejax.train.memory import CPU_REMAT_XLA_FLAG
+
+    return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {CPU_REMAT_XLA_FLAG}".strip()}
+
+
+def write(path: Path, args: argparse.Namespace, results: list[dict]) -> None:
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": common.command_line(MODULE),
+        "machine": common.machine_info(),
+        "args": {k: v for k, v in vars(args).items() if k != "child"},
+        "results": results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = common.start(build_parser(), argv, child, validate)
+    if started is None:
+        return
+    args, jobs = started
+    path = Path(args.json or f"benchmarks/results/memory-{datetime.date.today():%Y-%m-%d}.json")
+    env = child_env(args.xla_keep_remat)
+    results = []
+    for job in jobs:
+        log.info("measuring %s", key(job))
+        out = common.run_child(MODULE, job, timeout=args.timeout, env=env)
+        results.append({"job": job, **out})
+        print(json.dumps({"name": key(job), **out}), flush=True)
+        write(path, args, results)  # after each child: a run cut short keeps what it has
+    log.info("load average at the end: %.2f; wrote %s", os.getloadavg()[0], path)
+    print("\n" + markdown(results, args.batch) + "\n")
+
+
+if __name__ == "__main__":
+    main()

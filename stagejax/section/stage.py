@@ -1,0 +1,79 @@
+"""Staging a stream of tubule crops in batches on the device.
+
+Crops are cut on the host while the device works on the previous batch (JAX
+dispatch is asynchronous: the step is started, the next batch cut, and only
+then are the results fetched), so memory holds two batches whatever the
+slide's size and the device is not left waiting on an idle host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+import jax
+import numpy as np
+
+from stagejax.evaluate.model import Model
+
+log = logging.getLogger(__name__)
+
+
+def centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
+    """The centred ``crop`` square, as evaluation crops a training-sized image."""
+    top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
+    return image[top : top + crop, left : left + crop]
+
+
+def _batches(crops: Iterable[np.ndarray], batch_size: int, crop: int) -> Iterator[dict]:
+    """Fixed-size batches (the last padded with white, ``mask`` False), so the step
+    compiles once."""
+    images: list[np.ndarray] = []
+    for image in crops:
+        images.append(centre_crop(image, crop))
+        if len(images) == batch_size:
+            yield {"image": np.stack(images), "mask": np.ones(batch_size, bool)}
+            images = []
+    if images:
+        n = len(images)
+        pad = [np.full_like(images[0], 255)] * (batch_size - n)
+        mask = np.arange(batch_size) < n
+        yield {"image": np.stack(images + pad), "mask": mask}
+
+
+def stage_crops(
+    model: Model,
+    crops: Iterable[np.ndarray],
+    num_crops: int,
+    batch_size: int,
+    tta: bool = False,
+    desc: str = "stage",
+    log_every_s: float = 10.0,
+) -> np.ndarray:
+    """float32 [num_crops, num_classes] probabilities of ``crops`` (uint8 HxWx3, at
+    least ``config.crop_size`` square), in order."""
+    step, state = model.eval_step(tta), model.device_state()
+    crop = int(model.config.crop_size)
+    probs = np.zeros((num_crops, model.config.num_classes), np.float32)
+    pending: tuple[jax.Array, np.ndarray] | None = None
+    seen, t0, last = 0, time.time(), time.time()
+
+    def collect(out, mask) -> int:
+        p = np.asarray(model.parallel.gather(out)["probs"])[mask]
+        probs[seen : seen + len(p)] = p
+        return len(p)
+
+    for batch in _batches(crops, batch_size, crop):
+        out = step(state, model.parallel.put_batch({"image": batch["image"]}))
+        if pending is not None:
+            seen += collect(*pending)
+        pending = (out, batch["mask"])
+        if time.time() - last > log_every_s:
+            last = time.time()
+            log.info("%s: %d/%d tubules (%.1f/s)", desc, seen, num_crops, seen / (last - t0))
+    if pending is not None:
+        seen += collect(*pending)
+    if seen != num_crops:
+        raise RuntimeError(f"{desc}: staged {seen} tubules, expected {num_crops}")
+    return probs

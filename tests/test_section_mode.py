@@ -1,0 +1,264 @@
+"""``--mode=section`` through the command line, on small SIMULATED sections.
+
+A random ResNet-18 imported as a model directory (with the pixel size and
+image side a trained model records) stages two tiny sections: every detected
+tubule gets one row, the outputs match each other, a rerun skips finished
+slides, another model's outputs are kept unless overwrite, a folder gets one
+summary, bad input is one line before any work, and two JAX processes split
+the slides and write the summary once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stagejax import models
+from stagejax.runtime import checkpoint
+from stagejax.section import crops
+from stagejax.simulate.section import render_section
+from stagejax.slides import open_slide, read_geojson
+from stagejax.stages import STAGES
+from tests.conftest import REPO
+from tests.test_reliability import _error_line
+
+MPP, IMAGE, CROP = 4.0, 56, 48
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    """(model dir, folder of two simulated sections)."""
+    tmp = tmp_path_factory.mktemp("section")
+    model = checkpoint.save_model_weights(
+        tmp / "model", models.create("resnet18"), "resnet18", mpp=MPP, image_size=IMAGE
+    )
+    slides = tmp / "slides"
+    slides.mkdir()
+    for seed in (3, 4):
+        sim = render_section(tmp / f"sim{seed}", seed, mpp=2.0, size_mm=(1.4, 1.1))
+        shutil.copy(sim / "section.tif", slides / f"s{seed}.tif")
+    return model, slides
+
+
+def _cmd(workdir: Path, model: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "stagejax.main",
+        f"--config={REPO / 'configs' / 'resnet.py'}",
+        f"--workdir={workdir}",
+        "--mode=section",
+        "--config.model=resnet18",
+        f"--config.init_from={model}",
+        f"--config.crop_size={CROP}",
+        "--config.crop_range=0",
+        "--config.eval_batch_size=8",
+        *extra,
+    ]
+
+
+def _run(workdir, model, *extra, env=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run(
+        _cmd(workdir, model, *extra), capture_output=True, text=True, env=env, cwd=REPO
+    )
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_folder_outputs_resume_and_summary(setup, tmp_path):
+    model, slides = setup
+    w = tmp_path / "w"
+    res = _run(w, model, f"--config.section_path={slides}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("s3", "s4"):
+        out = w / "sections" / name
+        done = json.loads((out / "section.json").read_text())
+        rows = _rows(out / "tubules.csv")
+        assert len(rows) == done["tubules"] > 10
+        assert sum(r["stageable"] == "true" for r in rows) == done["stageable"]
+        objects = read_geojson(out / "tubules.geojson")
+        assert [o.classification for o in objects] == [r["stage"] for r in rows]
+        probs = np.array([[float(r[f"p_{s}"]) for s in STAGES] for r in rows])
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+        conf = np.array([float(r["confidence"]) for r in rows])
+        np.testing.assert_allclose(conf, probs.max(1), atol=1e-4)
+        freq = _rows(out / "stage_frequencies.csv")
+        assert sum(int(r["count"]) for r in freq) == done["stageable"]
+        assert done["counts_by_rank"] == [int(r["count"]) for r in freq]
+        assert set(done["seconds"]) >= {"read_and_detect", "cut", "stage", "write"}
+        for png in ("overlay.png", "stage_frequencies.png"):
+            assert (out / png).stat().st_size > 1000
+    summary = _rows(w / "sections" / "summary.csv")
+    assert [r["slide"] for r in summary] == ["s3", "s4"]
+    # A rerun skips both (same model), leaving the files untouched.
+    before = (w / "sections" / "s3" / "tubules.csv").stat().st_mtime_ns
+    res = _run(w, model, f"--config.section_path={slides}")
+    assert res.returncode == 0 and "already staged" in res.stderr, res.stderr[-3000:]
+    assert (w / "sections" / "s3" / "tubules.csv").stat().st_mtime_ns == before
+
+
+def test_without_a_path_a_simulated_section_is_staged_and_scored(setup, tmp_path):
+    model, _ = setup
+    w = tmp_path / "w"
+    extra = (f"--config.cache_dir={tmp_path / 'cache'}", "--config.section.size_mm=1.4,1.1")
+    res = _run(w, model, *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SIMULATED section" in res.stderr
+    out = w / "sections" / "simulated-seed1000"
+    done = json.loads((out / "section.json").read_text())
+    assert done["slide_mpp"] == pytest.approx(MPP)  # rendered at the model's scale
+    scores = done["truth"]
+    assert 0 < scores["matched_stageable"] <= scores["truth_stageable"]
+    assert scores["num_examples"] == scores["matched_stageable"]
+    assert 0 <= scores["frequency_l1"] <= 2
+    assert "vs its SIMULATED ground truth" in res.stderr
+
+
+def test_outputs_of_another_model_are_kept_unless_overwrite(setup, tmp_path):
+    model, slides = setup
+    w = tmp_path / "w"
+    one = slides / "s3.tif"
+    assert _run(w, model, f"--config.section_path={one}").returncode == 0
+    other = checkpoint.save_model_weights(
+        tmp_path / "other", models.create("resnet18", seed=5), "resnet18", mpp=MPP, image_size=IMAGE
+    )
+    line = _error_line(_run(w, other, f"--config.section_path={one}"))
+    assert "sections/s3" in line and "config.overwrite=True" in line
+    res = _run(w, other, f"--config.section_path={one}", "--config.overwrite=True")
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = json.loads((w / "sections" / "s3" / "section.json").read_text())
+    assert str(other.resolve()) in done["model"]
+
+
+def test_crops_are_cut_at_the_model_scale_and_white_outside(setup, tmp_path):
+    _, slides = setup
+    with open_slide(slides / "s3.tif") as slide:
+        truth = read_geojson(slides.parent / "sim3" / "ground_truth.geojson")
+        full = sorted(
+            (o for o in truth if o.properties["stageable"]), key=lambda o: o.geometry.area
+        )
+        obj = full[len(full) // 2]  # a typical tubule, about 200 um across
+        crop = crops.cut_tubule(slide, obj.geometry, MPP, IMAGE)
+        assert crop.shape == (IMAGE, IMAGE, 3)
+        inside = crops.outline_mask(
+            obj.geometry,
+            crops.crop_square(obj.geometry, IMAGE * MPP / slide.mpp),
+            MPP / slide.mpp,
+            IMAGE,
+        )
+        assert (crop[~inside] == 255).all() and inside.mean() > 0.2
+        assert crop[inside].mean() < 230  # stained tissue inside
+        # The outline's extent at the model's scale: its size in um / MPP.
+        x0, _, x1, _ = obj.geometry.bounds
+        cols = np.where(inside.any(0))[0]
+        assert abs((cols[-1] - cols[0] + 1) - (x1 - x0) * slide.mpp / MPP) <= 2
+
+
+def test_bad_input_is_one_line_before_any_work(setup, tmp_path):
+    model, slides = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(slides / "s3.tif", bad / "a.tif")
+    (bad / "b.tif").write_bytes(b"II*\x00 not a tiff at all")
+    w = tmp_path / "w"
+    line = _error_line(_run(w, model, f"--config.section_path={bad}"))
+    assert "b.tif" in line
+    assert not (w / "sections").exists()
+    # A model without a recorded pixel size, and none given: the field is named.
+    bare = checkpoint.save_model_weights(tmp_path / "bare", models.create("resnet18"), "resnet18")
+    line = _error_line(_run(tmp_path / "w2", bare, f"--config.section_path={slides / 's3.tif'}"))
+    assert "config.mpp" in line
+    line = _error_line(_run(tmp_path / "w3", model, "--config.section_path=/no/such/slides"))
+    assert "config.section_path" in line
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_split_the_slides(setup, tmp_path):
+    model, slides = setup
+    w, port = tmp_path / "w", _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                w,
+                model,
+                f"--config.section_path={slides}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert "1 on this process" in errs[0] and "1 on this process" in errs[1]
+    summary = _rows(w / "sections" / "summary.csv")
+    assert [r["slide"] for r in summary] == ["s3", "s4"]
+    assert sum("wrote" in e and "summary.csv" in e for e in errs) == 1
+
+
+def test_a_stopped_folder_run_resumes_at_the_first_unfinished_slide(
+    setup, tmp_path, monkeypatch, caplog
+):
+    import signal
+
+    from stagejax import config as config_lib
+    from stagejax.section import run as run_lib
+    from stagejax.train import interrupts
+
+    model, slides = setup
+    overrides = {
+        "model": "resnet18",
+        "init_from": str(model),
+        "crop_size": CROP,
+        "crop_range": 0,
+        "eval_batch_size": 8,
+        "section_path": str(slides),
+    }
+    config, _ = config_lib.resolve(str(REPO / "configs" / "resnet.py"), overrides, "section")
+    w = tmp_path / "w"
+    real, calls = run_lib.stage_slide, []
+
+    def stop_at_second(path, *args):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise interrupts.Interrupted(signal.SIGINT)
+        return real(path, *args)
+
+    monkeypatch.setattr(run_lib, "stage_slide", stop_at_second)
+    with pytest.raises(interrupts.Interrupted) as e:
+        run_lib.stage_sections(config, w)
+    assert e.value.final and "after 1 of 2 slide(s)" in str(e.value)
+    assert sorted(p.name for p in (w / "sections").iterdir()) == ["s3"]  # no partial s4
+    monkeypatch.setattr(run_lib, "stage_slide", real)
+    calls.clear()
+    with caplog.at_level("INFO"):
+        run_lib.stage_sections(config, w)
+    assert "already staged" in caplog.text
+    assert (w / "sections" / "s4" / "section.json").is_file()
+    assert (w / "sections" / "summary.csv").is_file()
