@@ -86,14 +86,12 @@ def initialize_distributed() -> None:
 
 
 def _keep_remat_on_cpu() -> None:
-    """With ``--config.remat=True``, stop XLA:CPU from merging each block's recomputation
-    back into its forward pass (which would undo remat); set before JAX starts. The flag
-    only keeps the optimisation barriers remat places; a user's XLA_FLAGS are kept."""
-    if not FLAGS.config.get("remat", False):
-        return
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if memory.CPU_REMAT_XLA_FLAG not in xla_flags:
-        os.environ["XLA_FLAGS"] = f"{xla_flags} {memory.CPU_REMAT_XLA_FLAG}".strip()
+    """With ``--config.remat=True``, keep XLA:CPU from undoing it (`memory.xla_flags_for`);
+    set before JAX starts."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    wanted = memory.xla_flags_for(bool(FLAGS.config.get("remat", False)), flags_now)
+    if wanted != flags_now:
+        os.environ["XLA_FLAGS"] = wanted
 
 
 class _QuietLibraries(logging.Filter):

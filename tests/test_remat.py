@@ -189,3 +189,13 @@ def _main(out: str) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1])
+
+
+def test_remat_adds_the_cpu_flag_and_keeps_the_users():
+    from stagejax.train import memory
+
+    flag = memory.CPU_REMAT_XLA_FLAG
+    assert memory.xla_flags_for(False, "--a=1") == "--a=1"
+    assert memory.xla_flags_for(True, "") == flag
+    assert memory.xla_flags_for(True, "--a=1") == f"--a=1 {flag}"
+    assert memory.xla_flags_for(True, f"--a=1 {flag}") == f"--a=1 {flag}"

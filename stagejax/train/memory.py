@@ -80,6 +80,14 @@ _REMAT_MAY_FIT = "with remat it may fit: each block keeps only its input for the
 CPU_REMAT_XLA_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
 
 
+def xla_flags_for(remat: bool, xla_flags: str) -> str:
+    """``xla_flags`` with `CPU_REMAT_XLA_FLAG` added when ``remat`` is on (a user's flags
+    are kept; the flag only keeps the optimisation barriers that remat places)."""
+    if not remat or CPU_REMAT_XLA_FLAG in xla_flags:
+        return xla_flags
+    return f"{xla_flags} {CPU_REMAT_XLA_FLAG}".strip()
+
+
 def remedies(config: ml_collections.ConfigDict) -> str:
     """The config fields that shrink a train step, as a clause."""
     out = [
