@@ -35,6 +35,7 @@ from stagejax.evaluate import report
 from stagejax.evaluate.best import BEST_MODEL
 from stagejax.evaluate.inference import run_inference
 from stagejax.evaluate.model import Model
+from stagejax.runtime import checkpoint as ckpt_lib
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def _warn_off_scale(problems: _FileProblems, reference: tuple[int, str], crop: i
         )
 
 
-def _model_dir(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, bool]:
+def model_directory(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, bool]:
     """(model directory, whether it is the workdir's trained model): ``best_model``,
     else ``config.init_from``."""
     model_dir = workdir / BEST_MODEL
@@ -201,7 +202,7 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
             f"{dest}: exists (an earlier prediction of a folder named "
             f"{dest.parent.name!r}); pass --config.overwrite=True to replace it"
         )
-    model_dir, trained = _model_dir(config, workdir)
+    model_dir, trained = model_directory(config, workdir)
     model = Model.from_directory(config, model_dir)
     log.info(
         "predicting %d images from %s%s",
@@ -229,7 +230,13 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
             "replaced %s (config.overwrite=True)" if replacing else "wrote %s",
             dest,
         )
-        _warn_off_scale(problems, reference_size(config, trained), config.crop_size)
+        recorded = ckpt_lib.read_model_json(model_dir)["image_size"]
+        reference = (
+            (recorded, "the training images (recorded with the model)")
+            if recorded
+            else reference_size(config, trained)
+        )
+        _warn_off_scale(problems, reference, config.crop_size)
         if skipped:
             log.warning(
                 "%d of %d images could not be used and were skipped (column error of %s): %s",

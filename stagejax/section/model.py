@@ -19,8 +19,8 @@ import ml_collections
 
 from stagejax import data as data_lib
 from stagejax.errors import CheckpointError, ConfigError
-from stagejax.evaluate.best import BEST_MODEL
 from stagejax.evaluate.model import Model
+from stagejax.evaluate.predict import model_directory
 from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax.runtime.parallel import Parallel
 from stagejax.simulate.section import DEFAULT_MPP
@@ -38,16 +38,6 @@ class StageModel:
     fingerprint: str  # names the weights, so outputs of another model are recognised
     source: str  # for the log
     batch_size: int
-
-
-def model_directory(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, bool]:
-    """(model directory, whether it is the workdir's own): best_model, else init_from."""
-    own = workdir / BEST_MODEL
-    if own.is_dir():
-        return own, True
-    if not config.init_from:
-        raise CheckpointError(f"{own}: missing; train first or pass --config.init_from=MODEL_DIR")
-    return Path(config.init_from).expanduser(), False
 
 
 def _scale(config: ml_collections.ConfigDict, meta: dict, trained: bool) -> tuple[float, int]:

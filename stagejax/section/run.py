@@ -210,8 +210,9 @@ def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim
     finished = 0
     try:
         for path in mine:
-            finished += _stage_one(path, root, sm, params, config, f"{finished + 1}/{len(mine)}")
-            if claim is not None and finished:
+            _stage_one(path, root, sm, params, config, f"{finished + 1}/{len(mine)}")
+            finished += 1
+            if claim is not None:
                 claim.keep()  # a later failure keeps the slides already finished
     except interrupts.Interrupted as e:
         if not finished:
@@ -228,11 +229,11 @@ def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim
     return root
 
 
-def _stage_one(path: Path, root: Path, sm, params, config, where: str) -> int:
-    """Stage ``path`` unless already done; 1 when its outputs are (now) complete."""
+def _stage_one(path: Path, root: Path, sm, params, config, where: str) -> None:
+    """Stage ``path`` unless this model already did."""
     out_dir = root / slide_name(path)
     if not _should_stage(out_dir, sm, bool(config.get("overwrite", False))):
-        return 1
+        return
     t = time.perf_counter()
     result, times = stage_slide(path, sm, params, config)
     done = _write_slide(out_dir, result, times, sm, truth.truth_file(path))
@@ -245,7 +246,6 @@ def _stage_one(path: Path, root: Path, sm, params, config, where: str) -> int:
         time.perf_counter() - t,
         out_dir,
     )
-    return 1
 
 
 def _write_summary(root: Path, slides: list[Path], sm: StageModel) -> Path:

@@ -15,23 +15,19 @@ from collections.abc import Iterable, Iterator
 import jax
 import numpy as np
 
+from stagejax.data.augment import CenterCrop
 from stagejax.evaluate.model import Model
 
 log = logging.getLogger(__name__)
 
 
-def centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
-    """The centred ``crop`` square, as evaluation crops a training-sized image."""
-    top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
-    return image[top : top + crop, left : left + crop]
-
-
 def _batches(crops: Iterable[np.ndarray], batch_size: int, crop: int) -> Iterator[dict]:
     """Fixed-size batches (the last padded with white, ``mask`` False), so the step
     compiles once."""
+    centre = CenterCrop(crop)  # as evaluation crops a training-sized image
     images: list[np.ndarray] = []
     for image in crops:
-        images.append(centre_crop(image, crop))
+        images.append(centre.map({"image": image})["image"])
         if len(images) == batch_size:
             yield {"image": np.stack(images), "mask": np.ones(batch_size, bool)}
             images = []

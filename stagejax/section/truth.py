@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from stagejax.detect.metrics import match
+from stagejax.detect.metrics import MIN_IOU, match
 from stagejax.evaluate import metrics as metrics_lib
 from stagejax.simulate import section as section_sim
 from stagejax.stages import NUM_STAGES, parse_stage
@@ -67,7 +67,7 @@ def stage_scores(true_ranks: np.ndarray, pred_ranks: np.ndarray) -> dict:
     return {k: s[k] for k in keys}
 
 
-def compare(result, truth_path: Path, min_iou: float = 0.5) -> dict:
+def compare(result, truth_path: Path, min_iou: float = MIN_IOU) -> dict:
     """Stage scores of matched stageable tubules, and the frequency L1 distance."""
     truth = section_sim.read_ground_truth(truth_path)
     pairs, _ = match([t.geometry for t in result.tubules], [o.geometry for o in truth], min_iou)
