@@ -89,6 +89,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.augment.brightness = 0.0  # Not in the study; e.g. 0.1.
     c.augment.contrast = 0.0  # Not in the study; e.g. 0.1.
 
+    # Stain normalisation (not in the study): map every image onto one reference
+    # stain in H-PAS optical-density space; none | macenko | reinhard. The reference
+    # ("" = estimated from the training images) is recorded in config.json and
+    # model.json; --mode=section estimates each slide's stain from its tubules.
+    c.stain = ml_collections.ConfigDict()
+    c.stain.normalize = "none"
+    c.stain.reference = ""
+
     # Optimisation.
     c.global_batch_size = 12  # Must be >= 12: every batch holds every stage.
     c.num_epochs = 10

@@ -40,6 +40,7 @@ import jax
 import ml_collections
 
 from stagejax import models
+from stagejax.data import stain
 from stagejax.errors import ConfigError
 from stagejax.runtime import checkpoint as ckpt_lib
 
@@ -50,6 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("float32", "bfloat16"),
     "parallelism": ("jit", "pmap"),
     "eval_split": ("train", "validation", "test"),
+    "stain.normalize": stain.METHODS,
 }
 
 # Why 16: the networks reduce their input 4x in the stem (stride-2 conv, then a
@@ -209,6 +211,15 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_stain_reference(config: ml_collections.ConfigDict) -> None:
+    method, reference = _get(config, "stain.normalize"), _get(config, "stain.reference")
+    if method in stain.STATS_SIZE and reference not in (_MISSING, ""):
+        try:
+            stain.parse_reference(str(reference), method)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def validate(
     config: ml_collections.ConfigDict, num_devices: int | None = None, sizes: bool = True
 ) -> None:
@@ -222,6 +233,7 @@ def validate(
     _check_choices(config)
     _check_ranges(config)
     _check_batch(config, num_devices)
+    _check_stain_reference(config)
     if sizes:
         _check_simulated_sizes(config)
     check_init_from(config)

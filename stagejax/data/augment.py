@@ -21,7 +21,8 @@ Host side (grain transforms on records ``dict(image=uint8 HxWx3, ...)``):
   of (seed, position).
 * `CenterCrop`: evaluation.
 
-Device side: `device_preprocess`, pure jax (the config and flags are static).
+Device side: `device_preprocess`, pure jax (the config and flags are static): stain
+normalisation (`stagejax.data.stain`), then the photometric augmentation.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from stagejax.data import stain as stain_lib
 from stagejax.errors import DatasetError
 
 FLIP_PROBABILITY = 2.0 / 3.0
@@ -101,30 +103,13 @@ class CenterCrop(grain.MapTransform):
 # Device side.
 
 
-def _stain_matrix() -> np.ndarray:
-    """Rows: optical-density colour of haematoxylin and eosin (Ruifrok & Johnston
-    2001; eosin stands in for the magenta PAS stain), and a residual direction
-    orthogonal to both, so that the 3x3 matrix is invertible."""
-    h = np.array([0.650, 0.704, 0.286])
-    e = np.array([0.072, 0.990, 0.105])
-    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
-    r = np.cross(h, e)
-    return np.stack([h, e, r / np.linalg.norm(r)]).astype(np.float32)
-
-
-STAIN_MATRIX = _stain_matrix()  # od = concentrations @ STAIN_MATRIX
-_STAIN_INVERSE = np.linalg.inv(STAIN_MATRIX).astype(np.float32)
-
-
 def rgb_to_stains(x: jax.Array) -> jax.Array:
-    """RGB in [0, 1] -> stain concentrations (H, E/PAS, residual) via optical density."""
-    od = -jnp.log((x * 255.0 + 1.0) / 256.0)
-    return od @ _STAIN_INVERSE
+    """RGB in [0, 1] -> stain concentrations (H, PAS, residual), scikit-image's H-PAS matrix."""
+    return stain_lib.to_od(x) @ stain_lib.HPX_FROM_RGB
 
 
 def stains_to_rgb(c: jax.Array) -> jax.Array:
-    od = c @ STAIN_MATRIX
-    return jnp.clip((jnp.exp(-od) * 256.0 - 1.0) / 255.0, 0.0, 1.0)
+    return stain_lib.from_od(c @ stain_lib.RGB_FROM_HPX)
 
 
 def stain_jitter(x: jax.Array, rng: jax.Array, strength: float) -> jax.Array:
@@ -177,23 +162,30 @@ def device_preprocess(
     aug: ml_collections.ConfigDict | None,
     train: bool,
     grayscale: bool,
+    stain: tuple[str, np.ndarray] | None = None,
+    stain_source: jax.Array | None = None,
 ) -> jax.Array:
     """uint8 [B,H,W,3] -> float32 [B,H,W,C] in [0, 1], C = 1 if ``grayscale`` else 3.
 
-    In train mode, when enabled in ``aug`` (fields ``stain_jitter``,
-    ``brightness``, ``contrast``: strengths, 0 = off): stain jitter on the RGB
-    image, then gray conversion, per-image min-max, brightness and contrast tone
-    curves, and a final min-max. ``aug``, ``train`` and ``grayscale`` are static
-    Python values; ``rng`` is only used in train mode with something enabled.
+    ``stain`` = (method, reference statistics): first map each image onto the
+    reference stain, from ``stain_source`` ([B, K]) when given (a slide's), else
+    from each image's own statistics. In train mode, when enabled in ``aug``
+    (fields ``stain_jitter``, ``brightness``, ``contrast``: strengths, 0 = off):
+    stain jitter on the RGB image, then gray conversion, per-image min-max,
+    brightness and contrast tone curves, and a final min-max. ``aug``, ``train``,
+    ``grayscale`` and ``stain`` are static; ``rng`` is only used in train mode
+    with something enabled.
     """
     x = images_uint8.astype(jnp.float32) / 255.0
-    stain = float(aug.stain_jitter) if (train and aug is not None) else 0.0
+    if stain is not None:
+        x = stain_lib.normalize(x, stain[0], stain[1], stain_source)
+    stain_strength = float(aug.stain_jitter) if (train and aug is not None) else 0.0
     bright = float(aug.brightness) if (train and aug is not None) else 0.0
     contrast = float(aug.contrast) if (train and aug is not None) else 0.0
-    if stain or bright or contrast:
+    if stain_strength or bright or contrast:
         k_stain, k_bright, k_contrast = jax.random.split(rng, 3)
-    if stain:
-        x = stain_jitter(x, k_stain, stain)
+    if stain_strength:
+        x = stain_jitter(x, k_stain, stain_strength)
     if grayscale:
         x = to_gray(x)
     x = min_max(x)

@@ -103,6 +103,7 @@ def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -
                 dataset.stage_ranks,
                 mpp=mpp or None,
                 image_size=image_size,
+                stain=config.stain.to_dict() if "stain" in config else None,
             )
 
     files.replace_dir(directory, fill, "the best model")

@@ -49,6 +49,19 @@ def make_parallel(config: ml_collections.ConfigDict) -> Parallel:
     return Parallel(config.parallelism, config.global_batch_size, config.eval_batch_size)
 
 
+def _with_recorded_stain(
+    config: ml_collections.ConfigDict, recorded: dict | None, directory: Path
+) -> ml_collections.ConfigDict:
+    """``config`` with the stain normalisation the weights were trained with: a
+    model only sees colours mapped as in its training."""
+    if recorded is None:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.stain = recorded
+    log.info("stain normalisation %s, as %s records", recorded["normalize"], directory)
+    return config
+
+
 @dataclasses.dataclass
 class Model:
     """A split model (static graph + arrays) with its device layout and eval steps.
@@ -90,6 +103,7 @@ class Model:
         parallel = parallel or make_parallel(config)
         directory = Path(directory).expanduser()
         meta = ckpt_lib.read_model_json(directory)
+        config = _with_recorded_stain(config, meta["stain"], directory)
         dtype = step_lib.DTYPES[precision] if precision else step_lib.compute_dtype(config)
         module = ckpt_lib.load_model_weights(
             directory, dtype=dtype, bn_axis_name=parallel.bn_axis_name

@@ -49,6 +49,7 @@ def save_model_weights(
     stage_ranks: list[int] | tuple[int, ...] | None = None,
     mpp: float | None = None,
     image_size: int | None = None,
+    stain: dict | None = None,
 ) -> Path:
     """Write ``model``'s weights and architecture so ``load_model_weights`` rebuilds it.
 
@@ -56,7 +57,8 @@ def save_model_weights(
     ``stage_ranks`` (their cycle positions, 0 = stage I) go to model.json, so
     predictions name the stages as the dataset did; ``mpp`` and ``image_size``
     (um/px and side in px of the training images), so whole sections are cut
-    at the scale the model learnt.
+    at the scale the model learnt; ``stain`` (``{"normalize", "reference"}``), so
+    every mode maps images onto the stain the model was trained on.
     """
     for field, values in (("label_names", label_names), ("stage_ranks", stage_ranks)):
         if values is not None and len(values) != num_classes:
@@ -79,17 +81,19 @@ def save_model_weights(
         meta["mpp"] = float(mpp)
     if image_size:
         meta["image_size"] = int(image_size)
+    if stain and stain.get("normalize", "none") != "none":
+        meta["stain"] = {"normalize": str(stain["normalize"]), "reference": str(stain["reference"])}
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
 def read_model_json(directory: str | Path) -> dict[str, Any]:
-    """arch, num_classes, in_channels, label_names, stage_ranks, mpp and image_size
-    of a model directory.
+    """arch, num_classes, in_channels, label_names, stage_ranks, mpp, image_size
+    and stain of a model directory.
 
     A model.json written without label names (older runs, ``convert``) means
     I..XII; ``stage_ranks`` is then derived from the names (None if they are
-    not stage names). ``mpp``/``image_size`` are None when not recorded.
+    not stage names). ``mpp``/``image_size``/``stain`` are None when not recorded.
     """
     path = Path(directory) / MODEL_JSON
     if not path.is_file():
@@ -117,7 +121,23 @@ def read_model_json(directory: str | Path) -> dict[str, Any]:
         "stage_ranks": None if ranks is None else [int(r) for r in ranks],
         "mpp": float(meta["mpp"]) if meta.get("mpp") else None,
         "image_size": int(meta["image_size"]) if meta.get("image_size") else None,
+        "stain": _stain_record(meta.get("stain"), path),
     }
+
+
+def _stain_record(record: Any, path: Path) -> dict | None:
+    from stagejax.data import stain  # jnp; only when a model records a stain
+
+    if record is None:
+        return None
+    try:
+        method, reference = record["normalize"], record["reference"]
+        if method not in stain.STATS_SIZE:
+            raise ValueError(f"unknown method {method!r}")
+        stain.parse_reference(reference, method, field="stain.reference")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed stain ({e})") from None
+    return {"normalize": method, "reference": reference}
 
 
 def load_model_weights(directory: str | Path, **create_kwargs: Any) -> nnx.Module:

@@ -127,6 +127,7 @@ def prepare_workdir(
         raise WorkdirError(f"{cfg_path}: missing; is {path} the workdir of a training run?")
     _check_writable(path)
     if cfg_path.is_file() and not must_exist:
+        _adopt_stain_reference(config, cfg_path)
         _check_same_run(
             path,
             json.loads(config.to_json()),
@@ -146,6 +147,20 @@ def prepare_workdir(
     if write and not must_exist:
         write_config(path, config)
     return path
+
+
+def _adopt_stain_reference(config: ml_collections.ConfigDict, cfg_path: Path) -> None:
+    """A resumed run keeps the stain reference its first part estimated (an empty
+    ``stain.reference`` means "estimate it", which that part did)."""
+    stain = config.get("stain")
+    if stain is None or stain.normalize == "none" or stain.reference:
+        return
+    try:
+        old = json.loads(cfg_path.read_text()).get("stain") or {}
+    except json.JSONDecodeError:
+        return  # _check_same_run says so
+    if old.get("normalize") == stain.normalize and old.get("reference"):
+        stain.reference = old["reference"]
 
 
 def _check_same_run(path: Path, new: dict, defaults: dict | None) -> None:

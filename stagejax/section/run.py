@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ from stagejax.runtime import files
 from stagejax.section import outputs, truth
 from stagejax.section.crops import cut_tubule
 from stagejax.section.model import StageModel, load_stage_model
-from stagejax.section.stage import stage_crops
+from stagejax.section.stage import SLIDE_STAIN_SAMPLE, slide_stain, stage_crops
 from stagejax.slides import open_slide
 from stagejax.slides.reader import OPENSLIDE_SUFFIXES, PLAIN_SUFFIXES, TIFF_SUFFIXES
 from stagejax.train import interrupts
@@ -84,6 +85,14 @@ def _detector(config: ml_collections.ConfigDict) -> DetectParams:
     return load_params(path) if path else DetectParams()
 
 
+def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
+    """Up to SLIDE_STAIN_SAMPLE tubules spread over the slide, cut as for staging
+    (lazily: nothing is cut when the model does not normalise stain)."""
+    picks = np.unique(np.linspace(0, len(objects) - 1, min(len(objects), SLIDE_STAIN_SAMPLE)))
+    for k in picks.round().astype(int):
+        yield cut_tubule(slide, objects[k].geometry, sm.mpp, sm.image_size)
+
+
 def stage_slide(
     path: Path, sm: StageModel, params: DetectParams, config: ml_collections.ConfigDict
 ) -> tuple[outputs.SectionResult, dict[str, float]]:
@@ -95,6 +104,9 @@ def stage_slide(
         det = detect_lib.detect_slide(slide, params)
         times["read_and_detect"] = time.perf_counter() - t
         cut_s = [0.0]
+        t = time.perf_counter()
+        source = slide_stain(sm.model, _stain_sample(slide, det.objects, sm), path.name)
+        times["stain"] = time.perf_counter() - t
 
         def crops():
             for obj in det.objects:
@@ -105,7 +117,13 @@ def stage_slide(
 
         t = time.perf_counter()
         probs = stage_crops(
-            sm.model, crops(), len(det.objects), sm.batch_size, config.tta, desc=path.name
+            sm.model,
+            crops(),
+            len(det.objects),
+            sm.batch_size,
+            config.tta,
+            desc=path.name,
+            stain_source=source,
         )
         times["cut"] = cut_s[0]
         times["stage"] = time.perf_counter() - t - cut_s[0]

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import jax
 import numpy as np
 
+from stagejax.data import stain, stain_reference
 from stagejax.data.augment import CenterCrop
 from stagejax.evaluate.model import Model
 
@@ -46,9 +47,11 @@ def stage_crops(
     tta: bool = False,
     desc: str = "stage",
     log_every_s: float = 10.0,
+    stain_source: np.ndarray | None = None,
 ) -> np.ndarray:
     """float32 [num_crops, num_classes] probabilities of ``crops`` (uint8 HxWx3, at
-    least ``config.crop_size`` square), in order."""
+    least ``config.crop_size`` square), in order. ``stain_source``: the slide's
+    stain statistics (`slide_stain`), normalised from instead of each crop's own."""
     step, state = model.eval_step(tta), model.device_state()
     crop = int(model.config.crop_size)
     probs = np.zeros((num_crops, model.config.num_classes), np.float32)
@@ -61,7 +64,10 @@ def stage_crops(
         return len(p)
 
     for batch in _batches(crops, batch_size, crop):
-        out = step(state, model.parallel.put_batch({"image": batch["image"]}))
+        inputs = {"image": batch["image"]}
+        if stain_source is not None:
+            inputs["stain"] = np.tile(stain_source, (len(batch["image"]), 1))
+        out = step(state, model.parallel.put_batch(inputs))
         if pending is not None:
             seen += collect(*pending)
         pending = (out, batch["mask"])
@@ -73,3 +79,24 @@ def stage_crops(
     if seen != num_crops:
         raise RuntimeError(f"{desc}: staged {seen} tubules, expected {num_crops}")
     return probs
+
+
+SLIDE_STAIN_SAMPLE = 64  # Tubules a slide's stain is estimated from, spread over it.
+
+
+def slide_stain(model: Model, crops: Iterable[np.ndarray], desc: str) -> np.ndarray | None:
+    """One stain estimate for a whole slide, pooled over ``crops`` (a sample of its
+    tubules), when the model normalises stain; None when it does not.
+
+    A slide shares one staining, so one estimate from all its tissue is steadier
+    than each tubule's own (which a tubule with little PAS-positive tissue skews).
+    """
+    spec = stain.spec(model.config)
+    if spec is None:
+        return None
+    centre = CenterCrop(int(model.config.crop_size))
+    images = [centre.map({"image": c})["image"] for c in crops]
+    source = stain.pool(stain_reference.images_statistics(images, spec[0]), spec[0])
+    if not np.all(np.isfinite(source)):
+        log.warning("%s: too little tissue to estimate its stain; tubules are not normalised", desc)
+    return source

@@ -22,7 +22,7 @@ import numpy as np
 from clu import parameter_overview
 
 from stagejax import data as data_lib
-from stagejax.data import input_pipeline
+from stagejax.data import input_pipeline, stain_reference
 from stagejax.errors import StagejaxError
 from stagejax.evaluate import best
 from stagejax.evaluate.inference import evaluate_split
@@ -46,6 +46,7 @@ class Run:
     def __init__(self, config: ml_collections.ConfigDict, dataset=None):
         self.config = config
         self.dataset = dataset if dataset is not None else data_lib.load(config)
+        stain_reference.ensure_reference(config, self.dataset.splits["train"])
         self.model = Model.from_config(config)
         self.parallel = self.model.parallel
         self.steps_per_epoch = step_lib.steps_per_epoch(

@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 
 from stagejax.data import augment
+from stagejax.data import stain as stain_lib
 from stagejax.errors import ConfigError
 from stagejax.runtime.parallel import PMAP_AXIS, Parallel
 
@@ -122,25 +123,30 @@ def preprocess(
     rng_data: jax.Array | None = None,
     step: jax.Array | int = 0,
     example_offset: jax.Array | int = 0,
+    stain_source: jax.Array | None = None,
 ) -> jax.Array:
     """uint8 batch -> normalised float images, as the train and eval steps see them.
 
     In train mode the random device augmentations draw one key per example (the
     global example index folded into the step's key of ``rng_data``), so jit and
     pmap, with any number of devices, augment each example identically.
+    ``stain_source``: per-example stain statistics to normalise from (a slide's);
+    by default each image's own (`stagejax.data.stain`).
     """
     aug = config.augment
+    stain = stain_lib.spec(config)
     randomized = train and (aug.stain_jitter or aug.brightness or aug.contrast)
     if not randomized:
-        return augment.device_preprocess(images, None, aug, train=train, grayscale=config.grayscale)
+        return augment.device_preprocess(
+            images, None, aug, train, config.grayscale, stain, stain_source
+        )
     key = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
     idx = example_offset + jnp.arange(images.shape[0])
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
     def one(img, k):
-        return augment.device_preprocess(img[None], k, aug, train=True, grayscale=config.grayscale)[
-            0
-        ]
+        x = augment.device_preprocess(img[None], k, aug, True, config.grayscale, stain)
+        return x[0]
 
     return jax.vmap(one)(images, keys)
 
@@ -227,7 +233,7 @@ def make_eval_step(
     dtype = compute_dtype(config)
 
     def eval_fn(state: TrainState, batch: dict) -> dict:
-        images = preprocess(batch["image"], config)
+        images = preprocess(batch["image"], config, stain_source=batch.get("stain"))
         model = modeldef.merge(state.params, state.batch_stats, train=False)
         views = _dihedral_views(images) if tta else [images]
         probs, feats = 0.0, 0.0
