@@ -189,3 +189,17 @@ def test_training_records_the_reference_and_eval_reuses_it(tiny_sim_dir, tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     again = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     assert again["balanced_accuracy"] == trained["balanced_accuracy"]
+
+
+def test_the_stain_benchmark_reports_the_drop_to_the_strongest_shift():
+    from benchmarks import stain as bench
+
+    def run(usual, shifted):
+        return {"metrics": {"0.0": usual, "1.5": shifted, "0.5": usual}}
+
+    m = lambda b: {"balanced_accuracy": b, "within1_accuracy": b + 0.2}  # noqa: E731
+    results = {"none": [run(m(0.5), m(0.3)), run(m(0.6), m(0.2))], "both": [run(m(0.5), m(0.5))]}
+    summary = bench.summarize(results, [0.5, 1.5])
+    np.testing.assert_allclose(summary["none"]["balanced_drop"], (0.3, 0.1))
+    np.testing.assert_allclose(summary["none"]["balanced_accuracy@1.5"], (0.25, 0.05))
+    np.testing.assert_allclose(summary["both"]["within1_accuracy@0"], (0.7, 0.0))
