@@ -30,6 +30,7 @@ from stagejax import config as config_lib
 from stagejax.errors import StagejaxError
 from stagejax.runtime import lock
 from stagejax.runtime import workdir as workdir_lib
+from stagejax.runtime import xla_flags as xla_flags_lib
 from stagejax.runtime.files import writing
 from stagejax.train import interrupts, memory
 
@@ -94,6 +95,13 @@ def _keep_remat_on_cpu() -> None:
         os.environ["XLA_FLAGS"] = wanted
 
 
+def _cpu_xla_defaults() -> str | None:
+    """Merge stagejax's XLA:CPU defaults into XLA_FLAGS (a user's flag of the same name
+    wins), on CPU runs only; set before JAX starts. JAX's platform setting is read
+    from its config, which starts no backend (`xla_flags_lib.apply_cpu_defaults`)."""
+    return xla_flags_lib.apply_cpu_defaults(platforms=jax.config.jax_platforms)
+
+
 class _QuietLibraries(logging.Filter):
     """Drop the INFO chatter of Orbax and TFDS (every checkpoint logs ~20 lines)."""
 
@@ -118,8 +126,11 @@ def run(argv) -> None:
     config = None
     try:
         _keep_remat_on_cpu()
+        xla_defaults = _cpu_xla_defaults()
         initialize_distributed()
         setup_logging()
+        if xla_defaults:
+            log.info("XLA_FLAGS=%s (stagejax's CPU defaults added)", xla_defaults)
         config, defaults = config_lib.resolve(
             FLAGS["config"].config_filename, FLAGS["config"].override_values, FLAGS.mode
         )
