@@ -1,0 +1,356 @@
+"""The two halves of `benchmarks.parity`: one torchvision init in both frameworks, the
+shared batches, the paired training loop, and torch float64 as the noise floor.
+
+Why a float64 reference: a float32 training run is chaotic (Adam's first steps move
+every weight by about ``lr`` in the direction of its gradient's sign, and the signs
+of the smallest gradients are set by rounding), so two correct float32
+implementations part after a few steps. The same torch model trained in float64 on
+the same batches shows how far float32 itself is from the exact trajectory, for
+torch and for stagejax alike; a stagejax defect would show as stagejax being much
+farther from it than torch float32 is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+log = logging.getLogger("parity")
+
+# The mismatches between the frameworks that would break parity, and how each is handled.
+CONVENTIONS = (
+    "BatchNorm momentum: torch weighs the new batch by 0.1, flax's nnx.BatchNorm weighs the "
+    "old statistics by 0.9; stagejax's own BatchNorm (models/layers.py) uses torch's "
+    "convention; momentum and eps (1e-5) are checked equal layer by layer",
+    "BatchNorm running_var: torch normalises with the biased batch variance and stores the "
+    "unbiased one; stagejax's BatchNorm does the same (it matters in eval only); the running "
+    "statistics are compared after step 1",
+    "Adam eps: both add eps=1e-8 outside the square root of the bias-corrected second "
+    "moment (torch: sqrt(v)/sqrt(1-b2^t) + eps; optax: sqrt(v_hat + eps_root=0) + eps); "
+    "betas (0.9, 0.999) on both",
+    "L2: torch Adam(weight_decay=5e-4) adds 5e-4*w to every parameter's gradient (BatchNorm "
+    "and biases included) before the moments; stagejax: optax.add_decayed_weights(5e-4), "
+    "unmasked, then optax.adam",
+    "loss: mean over the batch of the softmax cross-entropy, no label smoothing, on both",
+    "input: uint8 -> float32 /255 -> per-image min-max over all channels on both "
+    "(stagejax.train.step.preprocess with every device augmentation off; torch: the same "
+    "maths on NCHW); the constant-image thresholds (torch 0, stagejax 1e-6) never differ "
+    "on uint8 input, whose smallest span is 1/255",
+    "precision: float32; TF32 off in torch and 'highest' matmul precision in JAX (they "
+    "matter on a GPU only)",
+)
+
+
+class ParityError(RuntimeError):
+    """The two frameworks do not start from the same network: the comparison is void."""
+
+
+@contextlib.contextmanager
+def float32_everywhere() -> Iterator[None]:
+    """True float32 matmuls and convolutions in both frameworks (TF32 would differ on GPUs)."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# --- the shared inputs -----------------------------------------------------------------
+
+
+def train_arrays(split, config, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps ``0..num_steps-1`` of stagejax's train loader, made once:
+    uint8 ``[S, B, crop, crop, 3]`` and int32 labels ``[S, B]``."""
+    from stagejax.data import input_pipeline
+
+    batches = input_pipeline.train_batches(split, config)
+    taken = [next(batches) for _ in range(num_steps)]
+    return np.stack([b["image"] for b in taken]), np.stack([b["label"] for b in taken])
+
+
+def torch_input(images: np.ndarray):
+    """uint8 NHWC -> float32 NCHW /255, per-image min-max: stagejax's maths."""
+    import torch
+
+    from benchmarks import torch_baseline as tb
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return tb.min_max(x)
+
+
+def by_torch_name(tree) -> dict[str, np.ndarray]:
+    """stagejax weights (an nnx State) keyed by torch names, in torch layout."""
+    from flax import nnx
+
+    from stagejax import convert
+
+    return {
+        convert.torch_name(path): convert.to_torch_layout(np.asarray(var[...]))
+        for path, var in nnx.to_flat_state(tree)
+    }
+
+
+def tensor_rel_diffs(jax_named: dict[str, np.ndarray], torch_model) -> dict[str, float]:
+    """Per tensor max|a - b| / max|b| (over the names stagejax has): max and median."""
+    ref = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+    rel = [
+        float(np.max(np.abs(v - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-12))
+        for k, v in jax_named.items()
+    ]
+    return {"max": max(rel), "median": statistics.median(rel)}
+
+
+# --- the pair --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pair:
+    """Both frameworks' models, optimisers and steps, from one torchvision init."""
+
+    trainer: object  # benchmarks.torch_baseline.Trainer, study variant
+    initial: object  # a copy of the untrained torch model
+    model: object  # stagejax.evaluate.model.Model (the untrained weights)
+    train_step: object
+    state: object  # stagejax TrainState on the device, updated by train_paired
+
+
+def build_pair(model_name: str, seed: int, config, steps_per_epoch: int) -> Pair:
+    """A torchvision model (torchvision's init under torch seed ``seed``) and its
+    stagejax import, each with the study's optimiser."""
+    import torch
+
+    from benchmarks import torch_baseline as tb
+    from stagejax import convert
+    from stagejax.evaluate.model import Model, make_parallel
+    from stagejax.train import step as step_lib
+
+    trainer = tb.Trainer(
+        model_name,
+        tb.STUDY,
+        torch.device("cpu"),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        seed=seed,
+    )
+    weights = {k: v.detach().cpu().numpy() for k, v in trainer.model.state_dict().items()}
+    module = convert.convert_state_dict(weights, model_name, num_classes=config.num_classes)
+    check_batchnorm_conventions(module, trainer.model)
+    parallel = make_parallel(config)
+    model = Model(config, parallel, *step_lib.split_model(module))
+    tx = step_lib.create_optimizer(config, steps_per_epoch)
+    step = parallel.compile_train_step(
+        step_lib.make_train_step(model.modeldef, tx, config, parallel)
+    )
+    state = parallel.put_state(model.state(tx))
+    return Pair(trainer, copy.deepcopy(trainer.model), model, step, state)
+
+
+def check_batchnorm_conventions(module, torch_model) -> None:
+    """Every BatchNorm's momentum and eps equal torch's, layer for layer."""
+    import torch
+    from flax import nnx
+
+    from stagejax.models.layers import BatchNorm
+
+    ours = [
+        (m.momentum, m.epsilon) for _, m in nnx.iter_modules(module) if isinstance(m, BatchNorm)
+    ]
+    theirs = [
+        (m.momentum, m.eps) for m in torch_model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    if sorted(ours) != sorted(theirs):
+        raise ParityError(f"BatchNorm (momentum, eps): stagejax {set(ours)}, torch {set(theirs)}")
+
+
+def _torch_logits(model, images: np.ndarray, train: bool, dtype) -> np.ndarray:
+    import torch
+
+    model = copy.deepcopy(model).to(dtype).train(train)  # train mode moves running stats
+    with torch.no_grad():
+        return model(torch_input(images).to(dtype)).double().numpy()
+
+
+def stagejax_first_batch(pair: Pair, images: np.ndarray, labels: np.ndarray) -> dict:
+    """stagejax's untrained network on the first batch, from one compiled function:
+    train- and eval-mode logits and the step-1 loss gradient (by torch name)."""
+    import optax
+
+    from stagejax.train import step as step_lib
+
+    md = pair.model.modeldef
+
+    @jax.jit
+    def run(params, stats, x, y):
+        def loss_fn(p):
+            logits = md.merge(p, stats, train=True)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+        (_, train_logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return train_logits, md.merge(params, stats, train=False)(x), grads
+
+    x = step_lib.preprocess(images, pair.model.config)
+    train, eval_, grads = run(pair.model.params, pair.model.batch_stats, x, labels)
+    return {
+        "train": np.asarray(train, np.float64),
+        "eval": np.asarray(eval_, np.float64),
+        "grads": by_torch_name(grads),
+    }
+
+
+def initial_logits(
+    pair: Pair, images: np.ndarray, labels: np.ndarray, tolerance: float
+) -> tuple[dict, dict]:
+    """Both untrained networks on the first batch: (the logit report, `stagejax_first_batch`).
+
+    ParityError unless the weights are bitwise equal and stagejax's logits agree
+    with torch's *float64* forward pass to ``tolerance`` (train mode: absolute; eval
+    mode, whose logits grow with depth under the initial running statistics:
+    relative to the largest). Why float64: torch's float32 CPU BatchNorm statistics
+    are themselves off by up to ~4e-5 relative (measured at 96 px, batch 24), so
+    float32 torch is not the yardstick; its differences are reported beside.
+    """
+    import torch
+
+    weight_diff = tensor_rel_diffs(by_torch_name(pair.model.params), pair.initial)["max"]
+    if weight_diff != 0.0:
+        raise ParityError(f"imported weights differ from torch's (max rel. diff {weight_diff})")
+    first, out = stagejax_first_batch(pair, images, labels), {}
+    for mode, train in (("train", True), ("eval", False)):
+        got = first[mode]
+        ref64 = _torch_logits(pair.initial, images, train, torch.float64)
+        ref32 = _torch_logits(pair.initial, images, train, torch.float32)
+        scale = float(np.max(np.abs(ref64)))
+        out[mode] = {
+            "stagejax_vs_torch64": float(np.max(np.abs(got - ref64))),
+            "stagejax_vs_torch32": float(np.max(np.abs(got - ref32))),
+            "torch32_vs_torch64": float(np.max(np.abs(ref32 - ref64))),
+            "max_abs_logit": scale,
+        }
+        allowed = tolerance * (1.0 if train else max(1.0, scale))
+        if not out[mode]["stagejax_vs_torch64"] <= allowed:
+            raise ParityError(
+                f"initial {mode}-mode logits: stagejax differs from torch float64 by "
+                f"{out[mode]['stagejax_vs_torch64']:.3g} (allowed {allowed:.3g}, largest logit "
+                f"{scale:.3g}): the import or the forward pass does not match"
+            )
+    return out, first
+
+
+# --- training --------------------------------------------------------------------------
+
+
+def train_paired(pair: Pair, images: np.ndarray, labels: np.ndarray, window: int) -> tuple:
+    """Both frameworks step by step over the same batches (never re-synchronised).
+
+    Returns (per-step losses, checks of the state after step 1 and step ``window``,
+    seconds per framework)."""
+    import torch
+
+    trainer, parallel = pair.trainer, pair.model.parallel
+    trainer.model.train()
+    steps, checks, wall = [], {}, {"stagejax": 0.0, "torch": 0.0}
+    for i in range(len(images)):
+        t0 = time.perf_counter()
+        batch = parallel.put_batch({"image": images[i], "label": labels[i]})
+        pair.state, metrics = pair.train_step(pair.state, batch)
+        loss_jax = float(metrics["loss"])
+        t1 = time.perf_counter()
+        y = torch.from_numpy(labels[i].astype(np.int64))
+        loss_torch = float(trainer.train_step(torch_input(images[i]), y))
+        wall["stagejax"] += t1 - t0
+        wall["torch"] += time.perf_counter() - t1
+        rel = abs(loss_jax - loss_torch) / abs(loss_torch)
+        steps.append(
+            {"step": i + 1, "loss_jax": loss_jax, "loss_torch": loss_torch, "rel_diff": rel}
+        )
+        if i == 0:
+            named = by_torch_name(pair.state.batch_stats)
+            checks["batch_stats_after_step_1_rel_diff"] = tensor_rel_diffs(named, trainer.model)
+        if i + 1 == window:
+            named = by_torch_name(pair.state.params)
+            checks[f"params_after_step_{window}_rel_diff"] = tensor_rel_diffs(named, trainer.model)
+        if (i + 1) % 10 == 0 or i + 1 == len(images):
+            log.info(
+                "step %d/%d: loss stagejax %.6f torch %.6f (rel. diff %.2e)",
+                i + 1,
+                len(images),
+                loss_jax,
+                loss_torch,
+                rel,
+            )
+    return steps, checks, wall
+
+
+def float64_losses(pair: Pair, images: np.ndarray, labels: np.ndarray, lr: float, wd: float):
+    """Per-step losses of the untrained torch model trained in float64 on the same
+    batches with the same optimiser. Not `torch_baseline.Trainer`, which computes its
+    loss on float32 logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks import torch_baseline as tb
+
+    model = copy.deepcopy(pair.initial).double().train()
+    optimizer, _ = tb.create_optimizer(model.parameters(), lr, wd)
+    losses = []
+    for x, y in zip(images, labels, strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(torch_input(x).double()), torch.from_numpy(y.astype(np.int64)))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _torch_gradients(pair: Pair, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Step-1 loss gradients of torch in float32 and float64, by name."""
+    import torch
+    import torch.nn.functional as F
+
+    y, out = torch.from_numpy(labels.astype(np.int64)), {}
+    for name, dtype in (("torch32", torch.float32), ("torch64", torch.float64)):
+        model = copy.deepcopy(pair.initial).to(dtype).train()
+        F.cross_entropy(model(torch_input(images).to(dtype)), y).backward()
+        out[name] = {n: p.grad.double().numpy() for n, p in model.named_parameters()}
+    return out
+
+
+def gradient_check(
+    pair: Pair, first: dict, images: np.ndarray, labels: np.ndarray, wd: float
+) -> dict:
+    """How far each float32 step-1 gradient (plus the L2 term: what Adam's first step
+    takes the sign of) is from float64's: the median and max over tensors of
+    max|g - g64| / max|g64|, and the share of components whose sign differs (Adam's
+    first step moves those weights by +lr instead of -lr). ``first``: the output of
+    `stagejax_first_batch` on the same batch."""
+    weights = {n: p.detach().double().numpy() for n, p in pair.initial.named_parameters()}
+    raw = {"stagejax": first["grads"], **_torch_gradients(pair, images, labels)}
+    grads = {
+        k: {n: g[n].astype(np.float64) + wd * w for n, w in weights.items()} for k, g in raw.items()
+    }
+    ref, out = grads.pop("torch64"), {}
+    for name, g in grads.items():
+        rel = [
+            float(np.max(np.abs(g[n] - r)) / max(float(np.max(np.abs(r))), 1e-30))
+            for n, r in ref.items()
+        ]
+        flips = sum(int(np.sum(np.sign(g[n]) != np.sign(r))) for n, r in ref.items())
+        total = sum(r.size for r in ref.values())
+        out[name] = {
+            "median_tensor_rel_error": statistics.median(rel),
+            "max_tensor_rel_error": max(rel),
+            "sign_flip_share": flips / total,
+        }
+    return out
