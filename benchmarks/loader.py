@@ -10,6 +10,14 @@ and blobs (``--images noise``, no dependence on the simulator).
 
     python benchmarks/loader.py --workers 0,1,2 [--num_batches 4 --trials 3] [--json out.json]
 
+``--train_paths``: instead, train a model (``--model``) on those images through
+both training feeds in one run, the Grain loader and the split kept on the
+devices (`stagejax.data.on_device`), interleaved over ``--trials`` rounds, and
+report images/s and the share of the step spent waiting for the next batch:
+
+    python benchmarks/loader.py --train_paths --model resnet18 --image_size 304 \
+        --crop_size 256 --num_images 48 --global_batch 12 --num_batches 6 --trials 3
+
 Prints markdown tables and the same numbers as JSON. On a shared machine the
 numbers move with the load; the load average is recorded with them.
 """
@@ -31,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import common
-from stagejax.data import augment, input_pipeline
+from stagejax.data import augment, input_pipeline, on_device
 from stagejax.data.images import decode_image
 
 
@@ -128,6 +136,76 @@ def loader_images_per_s(split, config, num_batches: int, trials: int) -> list[fl
     return rates
 
 
+def _feed_round(run, initial, batches, num_batches: int, warmup: int = 2) -> dict:
+    """Images/s and loader-wait share of ``num_batches`` steps after ``warmup``."""
+    state = run.parallel.put_state(initial)
+    for _ in range(warmup):  # the first call of a round also compiles (first round only)
+        state, _ = run.train_step(state, next(batches))
+    jax.block_until_ready(state)
+    waited = 0.0
+    t0 = time.perf_counter()
+    for _ in range(num_batches):
+        t = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t
+        state, _ = run.train_step(state, batch)
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - t0
+    b = run.config.global_batch_size
+    return {"images_per_s": num_batches * b / elapsed, "loader_wait_fraction": waited / elapsed}
+
+
+def train_paths(split, args) -> dict:
+    """Both training feeds through the trainer's own step, interleaved over rounds."""
+    from stagejax.train import loop as trainer
+
+    config = common.stagejax_config(
+        model=args.model,
+        crop_size=args.crop_size,
+        crop_range=common.scaled_crop_range(args.crop_size),
+        global_batch_size=args.global_batch,
+        eval_batch_size=args.global_batch,
+        num_workers=int(args.workers.split(",")[0]),
+        data_on_device="true",
+    )
+    dataset = types.SimpleNamespace(splits={"train": split})
+    run = trainer.Run(config, dataset)
+    initial = jax.device_get(run.initial_state)
+    t0 = time.perf_counter()
+    resident = on_device.load(split, config, run.parallel, run.data_on_device.sizes)
+    load_s = time.perf_counter() - t0
+    feeds = {
+        "grain": lambda: run.parallel.prefetch(input_pipeline.train_batches(split, config)),
+        "on_device": resident.batches,
+    }
+    rounds: dict[str, list[dict]] = {name: [] for name in feeds}
+    for _ in range(args.trials):
+        for name, feed in feeds.items():
+            rounds[name].append(_feed_round(run, initial, feed(), args.num_batches))
+    summary = {
+        name: {
+            k: float(np.median([r[k] for r in rs]))
+            for k in ("images_per_s", "loader_wait_fraction")
+        }
+        | {"rounds": rs}
+        for name, rs in rounds.items()
+    }
+    return {"decode_and_upload_s": load_s, "num_workers": config.num_workers, "paths": summary}
+
+
+def print_train_paths(result: dict, args) -> None:
+    m, t = result["machine"], result["train_paths"]
+    print(
+        f"\n{args.model}, {args.images} {args.image_size}px PNG -> {args.crop_size}px crop, "
+        f"batch {args.global_batch}, {args.num_images} images, {t['num_workers']} Grain "
+        f"workers, {m['cpus']} CPUs, load {m['load_avg_1min']:.1f} -> "
+        f"{m['load_avg_1min_after']:.1f}; decode + upload once: {t['decode_and_upload_s']:.1f} s\n"
+    )
+    print("| training feed | images/s (median) | loader wait, share of step time |\n|---|---|---|")
+    for name, row in t["paths"].items():
+        print(f"| {name} | {row['images_per_s']:.2f} | {100 * row['loader_wait_fraction']:.1f}% |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="0,1,2")
@@ -141,6 +219,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="per component timing")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--train_paths", action="store_true", help="both training feeds")
+    parser.add_argument("--model", default="resnet18", help="--train_paths: the model")
+    parser.add_argument("--global_batch", type=int, default=12, help="--train_paths: batch")
     args = parser.parse_args()
     input_pipeline.ensure_absl_flags_parsed()
 
@@ -161,13 +242,21 @@ def main() -> None:
             "load_avg_1min": os.getloadavg()[0],
             "processor": platform.processor() or platform.machine(),
             "jax_backend": jax.default_backend(),
+            "versions": common.versions(),
         },
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "images": args.images,
         "image_size": args.image_size,
         "crop_size": args.crop_size,
-        "components": component_timings(images[0], args.crop_size, 128, args.repeats),
-        "loader": [],
     }
+    if args.train_paths:
+        result["train_paths"] = train_paths(split, args)
+        result["machine"]["load_avg_1min_after"] = os.getloadavg()[0]
+        print_train_paths(result, args)
+        _write(result, args.json)
+        return
+    result["components"] = component_timings(images[0], args.crop_size, 128, args.repeats)
+    result["loader"] = []
     for w in (int(v) for v in args.workers.split(",")):
         config = ml_collections.ConfigDict(
             dict(
@@ -209,10 +298,14 @@ def main() -> None:
             f"| {row['workers']} | {row['images_per_s']:.1f} | {row['images_per_s_best']:.1f} "
             f"| {row['images_per_s_per_worker']:.1f} |"
         )
+    _write(result, args.json)
+
+
+def _write(result: dict, path: str) -> None:
     text = json.dumps(result, indent=2)
     print("\n" + text)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text + "\n")
 
 

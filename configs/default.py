@@ -51,6 +51,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.crop_size = 896
     c.crop_range = 128
     c.num_workers = 0  # Grain worker processes per host (0: in the main process).
+    # Keep the decoded training split on every device as uint8 and cut each batch's
+    # crops inside the train step (the same batches as the Grain loader, without
+    # decoding per step): auto (when it fits in data_on_device_fraction of one
+    # device's memory) | true (stop before training if it does not) | false.
+    c.data_on_device = "auto"
+    c.data_on_device_fraction = 0.4
     c.eval_batch_size = 12  # Global; padded at the end of the split.
     c.eval_split = "test"
     c.predict_dir = ""

@@ -52,6 +52,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallelism": ("jit", "pmap"),
     "eval_split": ("train", "validation", "test"),
     "stain.normalize": stain.METHODS,
+    "data_on_device": ("auto", "true", "false"),
 }
 
 # Why 16: the networks reduce their input 4x in the stem (stride-2 conv, then a
@@ -78,6 +79,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "checkpoint_every_steps": (lambda v: v >= 1, ">= 1"),
     "num_workers": (lambda v: v >= 0, ">= 0 (0: load in the main process)"),
     "device_memory_gb": (lambda v: v >= 0, ">= 0 (0: detect)"),
+    "data_on_device_fraction": (lambda v: 0 < v <= 1, "in (0, 1] (of one device's memory)"),
     "augment.stain_jitter": (lambda v: v >= 0, ">= 0 (0: off)"),
     "augment.brightness": (lambda v: v >= 0, ">= 0 (0: off)"),
     "augment.contrast": (lambda v: v >= 0, ">= 0 (0: off)"),

@@ -118,6 +118,9 @@ class SplitSource:
     source: RecordSource
     labels: np.ndarray  # int32, aligned with `source`
     file_names: list[str]  # aligned with `source`
+    # int32 [N, 2]: each image's decoded height and width (data/on_device.py sizes
+    # the resident split from it without decoding); None where unknown.
+    sizes: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +234,7 @@ def _load(path: Path, image_dir: Path, crop_size: int | None) -> PreparedDataset
             source=source,
             labels=np.asarray(entry["labels"], dtype=np.int32),
             file_names=list(entry["file_names"]),
+            sizes=np.asarray(entry["sizes"], dtype=np.int32).reshape(-1, 2),
         )
     train_sizes = index["splits"]["train"]["sizes"]
     return PreparedDataset(

@@ -111,6 +111,18 @@ class Parallel:
         d = jax.local_device_count()
         return {k: np.asarray(v).reshape(d, -1, *v.shape[1:]) for k, v in batch.items()}
 
+    def put_resident(self, array: np.ndarray) -> jax.Array:
+        """A host array that every device keeps whole, uploaded once (the training
+        split of `data.on_device`): replicated over the mesh (jit), or one copy per
+        local device on a leading axis (pmap). Each process gives its own devices'
+        copies, so no process needs another's data."""
+        if self.mode == "jit":
+            return jax.make_array_from_callback(array.shape, self.replicated, lambda i: array[i])
+        d = jax.local_device_count()
+        local = jax.sharding.Mesh(np.array(jax.local_devices()), (PMAP_AXIS,))
+        stacked = np.broadcast_to(array, (d, *array.shape))
+        return jax.device_put(stacked, NamedSharding(local, P(PMAP_AXIS)))
+
     def prefetch(self, batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
         """Keep ``size`` batches in flight to the devices (device_put is asynchronous)."""
         queue: list[dict] = []
@@ -139,6 +151,17 @@ class Parallel:
                 donate_argnums=0,
             )
         return jax.pmap(fn, axis_name=PMAP_AXIS, donate_argnums=0)
+
+    def compile_resident_fn(self, fn: Callable) -> Callable:
+        """``fn(resident, batch) -> batch``: ``resident`` from `put_resident`, ``batch``
+        and the result laid out as `put_batch` lays out a batch."""
+        if self.mode == "jit":
+            return jax.jit(
+                fn,
+                in_shardings=(self.replicated, self.data_sharding),
+                out_shardings=self.data_sharding,
+            )
+        return jax.pmap(fn, axis_name=PMAP_AXIS)
 
     def compile_eval_step(self, fn: Callable) -> Callable:
         if self.mode == "jit":

@@ -52,6 +52,8 @@ RESUMABLE_FIELDS = {
     "strict",
     "overwrite",
     "device_memory_gb",
+    "data_on_device",  # the same batches either way (data/on_device.py)
+    "data_on_device_fraction",
     "variant",
 }
 

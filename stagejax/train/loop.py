@@ -10,6 +10,7 @@ same workdir resumes from its latest checkpoint with the same batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 from clu import parameter_overview
 
 from stagejax import data as data_lib
-from stagejax.data import input_pipeline, stain_reference
+from stagejax.data import input_pipeline, on_device, stain_reference
 from stagejax.errors import StagejaxError
 from stagejax.evaluate import best
 from stagejax.evaluate.inference import evaluate_split
@@ -60,6 +61,14 @@ class Run:
         )
         self.train_step = self.parallel.compile_train_step(self.train_step_fn)
 
+    @functools.cached_property
+    def data_on_device(self) -> on_device.Decision:
+        """Which path feeds training: Grain, or the split kept on the devices
+        (`data.on_device`). Decided on first use (what ``Run`` is built for by the
+        benchmarks may have no images); `train_and_evaluate` asks at once."""
+        train = self.dataset.splits["train"]
+        return on_device.decide(self.config, train, memory.device_capacity(self.config))
+
     def abstract_state(self):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.initial_state)
 
@@ -85,12 +94,24 @@ def _check_finite(pending: list, step: int, ckpts: ckpt_lib.TrainCheckpoints) ->
         )
 
 
-def compile_train_step(run: Run, state, batch) -> Any:
+def compile_train_step(run: Run, state, batch, resident_bytes: int = 0) -> Any:
     """The train step compiled for these shapes (the one compilation of the run),
-    after checking that it fits in device memory (``memory.check_train_step``)."""
+    after checking that it fits in device memory (``memory.check_train_step``) beside
+    ``resident_bytes`` of training images kept there (`data.on_device`)."""
     compiled = run.train_step.lower(state, batch).compile()
-    memory.check_train_step(compiled, run.config)
+    memory.check_train_step(compiled, run.config, resident_bytes)
     return compiled
+
+
+def train_feed(run: Run, start_step: int) -> tuple[Any, int]:
+    """Device batches ``{'image', 'label'}`` from ``start_step`` on, the same from
+    either path, and the bytes per device of the training split kept there (0: Grain)."""
+    split = run.dataset.splits["train"]
+    if run.data_on_device.on and start_step < run.total_steps:
+        resident = on_device.load(split, run.config, run.parallel, run.data_on_device.sizes)
+        return resident.batches(start_step), resident.nbytes
+    raw = input_pipeline.train_batches(split, run.config, start_step=start_step)
+    return run.parallel.prefetch(raw), 0
 
 
 class _Loop:
@@ -220,6 +241,7 @@ def train_and_evaluate(
     """
     workdir = Path(workdir)
     run = Run(config, dataset)  # Validates data and config before anything is written.
+    log.info("%s", run.data_on_device.reason)  # data_on_device=true that cannot fit: stop
     ckpts = ckpt_lib.TrainCheckpoints(workdir)
     where = {"step": 0}
     try:
@@ -258,13 +280,11 @@ def _train_and_evaluate(
         jax.device_count(),
         config.parallelism,
     )
-    batches = par.prefetch(
-        input_pipeline.train_batches(run.dataset.splits["train"], config, start_step=start_step)
-    )
+    batches, resident_bytes = train_feed(run, start_step)
     step_fn = None
     if start_step < run.total_steps:
         first = next(batches)
-        step_fn = compile_train_step(run, state, first)
+        step_fn = compile_train_step(run, state, first, resident_bytes)
         batches = itertools.chain([first], batches)
     if is_main:
         workdir_lib.write_config(workdir, config)

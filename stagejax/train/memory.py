@@ -23,6 +23,7 @@ from stagejax.errors import ResourceError
 log = logging.getLogger(__name__)
 
 GIB = 2**30
+HOST_RAM = "host RAM available"  # the capacity's source on CPU: what is free right now
 
 
 def _gib(n: float, scale: float | None = None) -> str:
@@ -65,7 +66,7 @@ def device_capacity(config: ml_collections.ConfigDict) -> tuple[int, str]:
     if all(limits):
         return min(limits), f"{devices[0].platform} memory limit"
     # CPU: the devices share the host's RAM.
-    return _host_available() // len(devices), "host RAM available" + (
+    return _host_available() // len(devices), HOST_RAM + (
         f" / {len(devices)} devices" if len(devices) > 1 else ""
     )
 
@@ -115,8 +116,14 @@ def _cpu_remat_note() -> str:
     return f"; on a CPU only with XLA_FLAGS={CPU_REMAT_XLA_FLAG}"
 
 
-def check_train_step(compiled: Any, config: ml_collections.ConfigDict) -> None:
-    """Log the step's need against the capacity; ``ResourceError`` if it cannot fit."""
+def check_train_step(
+    compiled: Any, config: ml_collections.ConfigDict, resident_bytes: int = 0
+) -> None:
+    """Log the step's need against the capacity; ``ResourceError`` if it cannot fit.
+
+    ``resident_bytes``: the training split each device already keeps
+    (`data.on_device`); the step must fit beside it. (Host RAM available, the
+    CPU's capacity, is measured after it was placed, so it is not taken twice.)"""
     if config.get("remat", False) and _cpu_remat_note():
         log.warning(
             "memory: config.remat is on but XLA:CPU undoes it; set XLA_FLAGS=%s before "
@@ -132,17 +139,24 @@ def check_train_step(compiled: Any, config: ml_collections.ConfigDict) -> None:
     parts = ", ".join(
         f"{k} {_gib(need[k], total)}" for k in ("temporaries", "arguments", "outputs")
     )
+    beside = ""
+    if resident_bytes:  # the training split kept on the device (data/on_device.py)
+        beside = f" free beside the {_gib(resident_bytes)} GiB of training images"
+        if not source.startswith(HOST_RAM):  # a limit, not what is free now
+            capacity -= resident_bytes
     log.info(
-        "memory: train step needs %s GiB per device (%s); device has %s GiB (%s)",
+        "memory: train step needs %s GiB per device (%s); device has %s GiB (%s)%s",
         _gib(total),
         parts,
         _gib(capacity),
         source,
+        beside,
     )
     if total > capacity:
+        off = ", or --config.data_on_device=false" if resident_bytes else ""
         raise ResourceError(
             f"memory: the train step needs {_gib(total)} GiB per device ({parts}) but the "
-            f"device has {_gib(capacity)} GiB ({source}); {remedies(config)}"
+            f"device has {_gib(capacity)} GiB ({source}){beside}; {remedies(config)}{off}"
         )
 
 
