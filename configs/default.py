@@ -137,4 +137,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.num_epochs = 14
         c.schedule = "cosine"
         c.warmup_epochs = 1.0
+        # Also by measurement (benchmarks/RESULTS.md, "Held-out stainings"): photometric
+        # augmentation raised +/-1 accuracy from 81% to 93% (ResNet-18, 3 seeds).
+        c.augment.stain_jitter = 0.1
+        c.augment.brightness = 0.1
+        c.augment.contrast = 0.1
     return c

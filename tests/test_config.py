@@ -141,7 +141,7 @@ def test_init_from_must_fit_the_config(tmp_path):
         match=r"holds a resnet18 .* but config.model is 'resnet50'; "
         r"pass --config.model=resnet18",
     ):
-        config_lib.validate(_config(init_from=str(ok)), num_devices=1)
+        config_lib.validate(_config(model="resnet50", init_from=str(ok)), num_devices=1)
     with pytest.raises(ConfigError, match=r"3 input channel\(s\), but config.grayscale is True"):
         config_lib.validate(
             _config(model="resnet18", grayscale=True, init_from=str(ok)), num_devices=1

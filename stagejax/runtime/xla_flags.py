@@ -26,11 +26,14 @@ from importlib import metadata
 
 log = logging.getLogger(__name__)
 
-# The XLA:CPU flags stagejax sets by default, each "--name=value". EMPTY until
-# `benchmarks/xla_cpu.py` has measured, on quiet cores, a setting that is both
-# faster than the default and within 1e-4 of PyTorch's logits: that benchmark
-# decides this list (see benchmarks/RESULTS.md).
-CPU_DEFAULT_XLA_FLAGS: tuple[str, ...] = ()
+# The XLA:CPU flags stagejax sets by default, each "--name=value", as
+# `benchmarks/xla_cpu.py` chose them on quiet cores (benchmarks/RESULTS.md,
+# 2026-12-01): convolutions through XLA's own (Eigen) kernels instead of
+# YNNPACK's, 1.22x the default's speed (geometric mean over ResNet-18/50
+# prediction and training), logits within 2.3e-5 of PyTorch's.
+CPU_DEFAULT_XLA_FLAGS: tuple[str, ...] = (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+)
 # The jaxlib the list above was measured with; with another one it is not applied.
 CPU_DEFAULTS_JAXLIB = "0.10.2"
 
