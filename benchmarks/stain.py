@@ -37,17 +37,6 @@ from stagejax.runtime import workdir as workdir_lib
 from stagejax.train import loop
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "resnet18", "Architecture (the demo's data, crop and schedule).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
-flags.DEFINE_list("shifts", ["0.5", "1.0", "1.5"], "Held-out stainings (stain_shift).")
-flags.DEFINE_list("options", ["none", "augment", "normalize", "both"], "What to compare.")
-flags.DEFINE_float("stain_jitter", 0.1, "Augmentation: config.augment.stain_jitter.")
-flags.DEFINE_float("tone", 0.1, "Augmentation: config.augment.brightness and .contrast.")
-flags.DEFINE_string("normalize", "macenko", "Normalisation: config.stain.normalize.")
-flags.DEFINE_integer("epochs", 0, "Epochs (0: the demo's).")
-flags.DEFINE_string("out", "/tmp/stagejax_stain_bench", "Workdirs (the stainings: cache_dir).")
-flags.DEFINE_string("json", "benchmarks/results/stain_cpu.json", "Where to write results.")
-flags.DEFINE_string("plot", "benchmarks/results/stain_cpu.png", "Where to draw the figure.")
 
 log = logging.getLogger(__name__)
 METRICS = ("balanced_accuracy", "within1_accuracy", "accuracy")
@@ -159,6 +148,22 @@ def plot(summary: dict, shifts: list[float], path: str) -> None:
     plt.close(fig)
 
 
+def define_flags() -> None:
+    """The command line, defined only when run as a program: several benchmark
+    modules are imported into one test process, and absl's flags are global."""
+    flags.DEFINE_string("model", "resnet18", "Architecture (the demo's data, crop and schedule).")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
+    flags.DEFINE_list("shifts", ["0.5", "1.0", "1.5"], "Held-out stainings (stain_shift).")
+    flags.DEFINE_list("options", ["none", "augment", "normalize", "both"], "What to compare.")
+    flags.DEFINE_float("stain_jitter", 0.1, "Augmentation: config.augment.stain_jitter.")
+    flags.DEFINE_float("tone", 0.1, "Augmentation: config.augment.brightness and .contrast.")
+    flags.DEFINE_string("normalize", "macenko", "Normalisation: config.stain.normalize.")
+    flags.DEFINE_integer("epochs", 0, "Epochs (0: the demo's).")
+    flags.DEFINE_string("out", "/tmp/stagejax_stain_bench", "Workdirs (the stainings: cache_dir).")
+    flags.DEFINE_string("json", "benchmarks/results/stain_cpu.json", "Where to write results.")
+    flags.DEFINE_string("plot", "benchmarks/results/stain_cpu.png", "Where to draw the figure.")
+
+
 def main(argv) -> None:
     del argv
     out = Path(FLAGS.out)
@@ -199,4 +204,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

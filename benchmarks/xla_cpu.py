@@ -67,45 +67,6 @@ MODULE = "benchmarks.xla_cpu"
 log = logging.getLogger("xla_cpu")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["resnet18", "resnet50"], "Models to measure.")
-flags.DEFINE_list("variants", DEFAULT_VARIANTS.split(","), f"From: {', '.join(VARIANTS)}.")
-flags.DEFINE_multi_string(
-    "add_variant", [], "Another variant, NAME=FLAGS ('fast=--xla_cpu_foo=1 --xla_cpu_bar=2')."
-)
-flags.DEFINE_list("predict_sizes", ["224", "96"], "Prediction image sizes (px).")
-flags.DEFINE_integer("batch", 12, "Prediction batch (and the logits check batch).")
-flags.DEFINE_integer(
-    "check_size", 0, "Image size of the logits check (0: the largest predict size)."
-)
-flags.DEFINE_float(
-    "tolerance", 1e-4, "Max abs logits difference from PyTorch that counts as correct."
-)
-flags.DEFINE_integer("train_size", 96, "Training crop size (px).")
-flags.DEFINE_list("train_batches", ["24"], "Training batches (multiples of 12).")
-flags.DEFINE_list("torch_train", ["tuned"], "PyTorch trainers: tuned and/or study.")
-flags.DEFINE_integer("steps", 3, "Timed calls per figure (the median is reported).")
-flags.DEFINE_integer("warmup", 1, "Untimed calls first (>= 1: the first compiles).")
-flags.DEFINE_integer("torch_rounds", 2, "PyTorch rounds per model, spread among the variants.")
-flags.DEFINE_integer("seed", 0, "Weights and inputs.")
-flags.DEFINE_float("child_timeout", 600, "Seconds per child process.")
-flags.DEFINE_float("max_minutes", 20, "Children that would start later are skipped.")
-flags.DEFINE_float(
-    "min_gain", 0.05, "A variant is recommended only if this much faster than the default."
-)
-flags.DEFINE_bool("probe_only", False, "Only probe which variants XLA accepts.")
-flags.DEFINE_string(
-    "json",
-    "",
-    "Where to write the results (default: benchmarks/results/xla_cpu.json, "
-    "or xla_cpu_profile_MODEL.json with --profile).",
-)
-flags.DEFINE_bool("profile", False, "Per-convolution profile instead (see --profile_*).")
-flags.DEFINE_string("profile_model", "resnet50", "Model of --profile.")
-flags.DEFINE_string("profile_variant", "default", "Variant of --profile.")
-flags.DEFINE_integer("profile_size", 224, "Image size of --profile.")
-flags.DEFINE_integer("profile_batch", 12, "Batch of --profile.")
-flags.DEFINE_integer("profile_reps", 3, "Timed calls per convolution of --profile.")
-flags.DEFINE_string("child", "", "Internal: run one child job (JSON).")
 
 
 # --- measuring ---------------------------------------------------------------------------
@@ -243,6 +204,50 @@ def write(report_data: dict, text: str | None) -> None:
         json.dump(report_data, f, indent=1)
 
 
+def define_flags() -> None:
+    """The command line, defined only when run as a program: several benchmark
+    modules are imported into one test process, and absl's flags are global."""
+    flags.DEFINE_list("models", ["resnet18", "resnet50"], "Models to measure.")
+    flags.DEFINE_list("variants", DEFAULT_VARIANTS.split(","), f"From: {', '.join(VARIANTS)}.")
+    flags.DEFINE_multi_string(
+        "add_variant", [], "Another variant, NAME=FLAGS ('fast=--xla_cpu_foo=1 --xla_cpu_bar=2')."
+    )
+    flags.DEFINE_list("predict_sizes", ["224", "96"], "Prediction image sizes (px).")
+    flags.DEFINE_integer("batch", 12, "Prediction batch (and the logits check batch).")
+    flags.DEFINE_integer(
+        "check_size", 0, "Image size of the logits check (0: the largest predict size)."
+    )
+    flags.DEFINE_float(
+        "tolerance", 1e-4, "Max abs logits difference from PyTorch that counts as correct."
+    )
+    flags.DEFINE_integer("train_size", 96, "Training crop size (px).")
+    flags.DEFINE_list("train_batches", ["24"], "Training batches (multiples of 12).")
+    flags.DEFINE_list("torch_train", ["tuned"], "PyTorch trainers: tuned and/or study.")
+    flags.DEFINE_integer("steps", 3, "Timed calls per figure (the median is reported).")
+    flags.DEFINE_integer("warmup", 1, "Untimed calls first (>= 1: the first compiles).")
+    flags.DEFINE_integer("torch_rounds", 2, "PyTorch rounds per model, spread among the variants.")
+    flags.DEFINE_integer("seed", 0, "Weights and inputs.")
+    flags.DEFINE_float("child_timeout", 600, "Seconds per child process.")
+    flags.DEFINE_float("max_minutes", 20, "Children that would start later are skipped.")
+    flags.DEFINE_float(
+        "min_gain", 0.05, "A variant is recommended only if this much faster than the default."
+    )
+    flags.DEFINE_bool("probe_only", False, "Only probe which variants XLA accepts.")
+    flags.DEFINE_string(
+        "json",
+        "",
+        "Where to write the results (default: benchmarks/results/xla_cpu.json, "
+        "or xla_cpu_profile_MODEL.json with --profile).",
+    )
+    flags.DEFINE_bool("profile", False, "Per-convolution profile instead (see --profile_*).")
+    flags.DEFINE_string("profile_model", "resnet50", "Model of --profile.")
+    flags.DEFINE_string("profile_variant", "default", "Variant of --profile.")
+    flags.DEFINE_integer("profile_size", 224, "Image size of --profile.")
+    flags.DEFINE_integer("profile_batch", 12, "Batch of --profile.")
+    flags.DEFINE_integer("profile_reps", 3, "Timed calls per convolution of --profile.")
+    flags.DEFINE_string("child", "", "Internal: run one child job (JSON).")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -282,4 +287,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
