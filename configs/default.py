@@ -10,9 +10,9 @@ accuracy.
 ``demo`` (``--config=configs/resnet.py:demo``): the same recipe at the size
 of the simulated dataset that is generated when ``data_dir`` is empty (480
 images of 112 px, hand-cut like the study's): 96 px crops shifted by up to
-+/-8 px, batches of 24, 14 epochs with one warm-up epoch and a cosine decay
-(chosen by measurement), so that the README's command finishes in under 10
-minutes on a 2-core CPU.
++/-8 px, batches of 24, 14 epochs with one warm-up epoch and a cosine decay,
+stain jitter, brightness and contrast augmentation (chosen by measurement), so
+that the README's command finishes in under 10 minutes on a 2-core CPU.
 
 The rule (`stagejax.config.resolve`):
 
