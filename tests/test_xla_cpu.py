@@ -10,6 +10,8 @@ a real run (subprocesses, XLA_FLAGS set before JAX starts), at toy sizes.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from benchmarks import common, xla_cpu
 from benchmarks import xla_cpu_report as report
 from benchmarks import xla_cpu_variants as variants
 from stagejax.runtime import xla_flags
+from tests.conftest import REPO
 
 DEFAULTS = ("--xla_cpu_enable_fast_math=false", "--xla_cpu_use_xnnpack=false")
 VERSION = xla_flags.CPU_DEFAULTS_JAXLIB
@@ -86,17 +89,31 @@ def test_the_shipped_default_is_the_measured_flag_and_the_user_still_wins():
     assert xla_flags.apply_cpu_defaults({"XLA_FLAGS": ""}, platforms="cuda") is None
 
 
-def test_main_merges_the_defaults_before_jax_starts(monkeypatch):
-    from stagejax import main
-
-    monkeypatch.setattr(xla_flags, "CPU_DEFAULT_XLA_FLAGS", DEFAULTS)
-    monkeypatch.setattr(xla_flags, "CPU_DEFAULTS_JAXLIB", common.versions(["jaxlib"])["jaxlib"])
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_xnnpack=true")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+def test_main_merges_the_defaults_before_jax_starts():
+    # In a fresh interpreter: stagejax.main defines absl flags (workdir, ...) that
+    # other command modules imported by earlier tests also define.
+    script = f"""
+import os
+import subprocess
+import sys
+from benchmarks import common
+from stagejax.runtime import xla_flags
+from tests.conftest import REPO
+xla_flags.CPU_DEFAULT_XLA_FLAGS = {DEFAULTS!r}
+xla_flags.CPU_DEFAULTS_JAXLIB = common.versions(["jaxlib"])["jaxlib"]
+from stagejax import main
+print(main._cpu_xla_defaults())
+print(os.environ["XLA_FLAGS"])
+print(main._cpu_xla_defaults())
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_use_xnnpack=true", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
     expected = "--xla_cpu_use_xnnpack=true --xla_cpu_enable_fast_math=false"
-    assert main._cpu_xla_defaults() == expected
-    assert os.environ["XLA_FLAGS"] == expected
-    assert main._cpu_xla_defaults() is None  # a second call changes nothing
+    # the merged value, the environment after it, and None: a second call changes nothing
+    assert res.stdout.splitlines()[-3:] == [expected, expected, "None"]
 
 
 # --- the benchmark ---------------------------------------------------------------------

@@ -261,6 +261,7 @@ class TrainCheckpoints:
             reason = files.storage_failure(e)
             if reason is None:
                 raise
+            _drop_unretrieved_storage_failures()
             previous = max(self.steps(name), default=None)
             kept = (
                 f"the previous checkpoint (step {previous}) is intact"
@@ -373,6 +374,22 @@ def _ignore_closed_loop_callbacks() -> None:
 
     hook._stagejax = True
     sys.unraisablehook = hook
+
+
+class _UnretrievedStorageFailures(logging.Filter):
+    """asyncio's "exception was never retrieved" for tensorstore writes of a failed
+    save that the full disk refused too: the save's error is already reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        unretrieved = "exception was never retrieved" in record.getMessage()
+        return not (unretrieved and exc is not None and files.storage_failure(exc))
+
+
+def _drop_unretrieved_storage_failures() -> None:
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedStorageFailures) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedStorageFailures())
 
 
 class _OrbaxErrors(logging.Filter):
