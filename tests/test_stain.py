@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from stagejax.evaluate.model import Model
 from stagejax.runtime import checkpoint
 from stagejax.section import stage
 from tests.conftest import REPO
+from tests.test_workdir_safety import _command
 
 H_PAS = np.array([[0.644, 0.717, 0.267], [0.175, 0.972, 0.155]])
 # Another staining day: both hues moved, hematoxylin stronger, PAS weaker.
@@ -162,18 +162,7 @@ def test_slide_stain_pools_its_tubules_only_when_the_model_normalises():
 
 def test_training_records_the_reference_and_eval_reuses_it(tiny_sim_dir, tmp_path):
     workdir = tmp_path / "w"
-    base = [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        f"--config={REPO / 'configs' / 'resnet.py'}",
-        f"--workdir={workdir}",
-        f"--config.data_dir={tiny_sim_dir}",
-        f"--config.cache_dir={tmp_path / 'cache'}",
-        "--config.model=resnet18",
-        "--config.crop_size=32",
-        "--config.crop_range=4",
-    ]
+    base = _command(workdir, tiny_sim_dir, tmp_path / "cache")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     train = [*base, "--config.num_epochs=1", "--config.stain.normalize=macenko"]
     res = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
