@@ -70,6 +70,16 @@ def machine_info() -> dict:
     }
 
 
+def stagejax_xla_defaults() -> str:
+    """Give a stagejax child the XLA:CPU flags ``python -m stagejax.main`` sets
+    (`stagejax.runtime.xla_flags`), before it imports JAX, so that a benchmark
+    times what a user runs; returns the ``XLA_FLAGS`` the child runs with."""
+    from stagejax.runtime import xla_flags
+
+    xla_flags.apply_cpu_defaults()
+    return os.environ.get("XLA_FLAGS", "")
+
+
 def scaled_crop_range(crop_size: int) -> int:
     """The study's +/-128 px shift for 896 px crops, scaled to ``crop_size``."""
     return max(1, round(128 * crop_size / 896))

@@ -157,7 +157,8 @@ def bench_torch(job: dict, channels_last: bool) -> dict:
 def child(job: dict) -> dict:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if job["framework"].startswith("stagejax"):
-        return bench_stagejax(job, tta=job["framework"] == "stagejax_tta")
+        xla = common.stagejax_xla_defaults()
+        return {**bench_stagejax(job, tta=job["framework"] == "stagejax_tta"), "xla_flags": xla}
     return bench_torch(job, channels_last=job["framework"] == "torch_channels_last")
 
 

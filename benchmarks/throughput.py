@@ -268,9 +268,11 @@ def child(job: dict) -> dict:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     fw = job["framework"]
     if fw == "stagejax":
-        return bench_stagejax(job)
+        xla = common.stagejax_xla_defaults()  # before JAX starts
+        return {**bench_stagejax(job), "xla_flags": xla}
     if fw == "stagejax_profile":
-        return profile_stagejax(job)
+        xla = common.stagejax_xla_defaults()
+        return {**profile_stagejax(job), "xla_flags": xla}
     return bench_torch(job, fw)
 
 
