@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +257,8 @@ class TrainCheckpoints:
                 )
                 mngr.wait_until_finished()
         except Exception as e:  # only a full or read-only disk becomes one line
-            mngr.reload()
-            self._remove_leftovers(name)
+            self._discard_manager(name)
+            self._remove_leftovers(name, settle=True)
             reason = files.storage_failure(e)
             if reason is None:
                 raise
@@ -294,13 +295,33 @@ class TrainCheckpoints:
             multihost_utils.sync_global_devices(f"stagejax:remove:{name}:{step}")
         self._manager(name).reload()
 
-    def _remove_leftovers(self, name: str) -> None:
-        """Temporary directories of an interrupted or failed save or removal."""
+    def _discard_manager(self, name: str) -> None:
+        """Close and forget a manager whose save failed: closing waits for the threads
+        still writing that step, which would otherwise recreate its temporary
+        directories after they were removed; the next use opens a fresh one."""
+        mngr = self._managers.pop(name, None)
+        if mngr is not None:
+            with contextlib.suppress(Exception), orbax_errors_silenced():
+                mngr.close()
+
+    def _remove_leftovers(self, name: str, settle: bool = False) -> None:
+        """Temporary directories of an interrupted or failed save or removal. With
+        ``settle``, repeated until none has reappeared for 0.2 s (at most ~3 s), for
+        a failed save whose last writes may still land."""
         if jax.process_index() != 0:
             return
-        for p in self.directory(name).iterdir():
-            if TMP_MARKER in p.name or p.name.startswith(".deleting-"):
+        for _ in range(15 if settle else 1):
+            found = [
+                p
+                for p in self.directory(name).iterdir()
+                if TMP_MARKER in p.name or p.name.startswith(".deleting-")
+            ]
+            for p in found:
                 shutil.rmtree(p, ignore_errors=True)
+            if not found and settle:
+                return
+            if settle:
+                time.sleep(0.2)
 
     # -- restoring --------------------------------------------------------
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
