@@ -5,11 +5,14 @@
 #   bash benchmarks/fetch_gpu_wheels.sh        # from the repository root
 #
 # The set: what stagejax imports that the image does not have (grain, array-record,
-# ml-collections, tensorflow-datasets, tensorboardX, clu) and their own requirements
-# that are missing there (checked against the image's package list). The versions
-# are the ones this project is tested with on CPU. protobuf travels too although the
-# image has one: googleapis-common-protos and tensorflow-metadata are generated code
-# that refuses an older protobuf runtime, so the three go together.
+# ml-collections, tensorflow-datasets, tensorboardX, clu; for whole sections shapely
+# and imagecodecs, the JPEG tiles' codec) and their own requirements that are missing
+# there (checked against the image's package list). The versions are the ones this
+# project is tested with on CPU. protobuf travels too although the image has one:
+# googleapis-common-protos and tensorflow-metadata are generated code that refuses an
+# older protobuf runtime, so the three go together; tifffile too (the image has one of
+# unknown version; stagejax asks for >= 2026.3), 0.2 MB. imagecodecs is the largest
+# wheel (26 MB; the whole set about 40 MB of the 64 MB a device call carries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,7 @@ WHEELS=(
   tensorflow-datasets==4.9.10 dm-tree==0.1.10 immutabledict==4.3.1
   simple-parsing==0.1.9 docstring-parser==0.18.0 termcolor==3.3.0 toml==0.10.2
   tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 protobuf==7.36.2
+  shapely==2.2.0 imagecodecs==2026.3.6 tifffile==2026.3.3
 )
 # Published as source only; pure Python, so a wheel built here runs there.
 SDIST_ONLY=(promise==2.3)

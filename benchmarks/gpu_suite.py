@@ -6,26 +6,50 @@
 The GPU machine is lent now and then for minutes, so the whole measurement is this
 one script. It runs the parts of `PARTS` in order, each with a time cap, and
 rewrites ``OUT_DIR/gpu_suite.json`` and ``gpu_suite.md`` after every child
-process, so a run cut short still returns what it finished:
+process, so a run cut short still returns what it finished (the parts are in
+`gpu_suite_parts` and `gpu_suite_section`):
 
 * ``prepare``: render the simulated 1152 px images (a few dozen, on every core,
   before anything is timed) and build stagejax's ArrayRecord cache of them;
-* ``train_throughput``: `benchmarks.throughput`: stagejax bfloat16 at batch 48 and
-  12 (Grain loader with workers) against the study's recipe in PyTorch (float32,
+* ``train_throughput``: `benchmarks.throughput`: stagejax bfloat16 at batch 48
+  (Grain loader with workers) against the study's recipe in PyTorch (float32,
   batch 12, no workers) and tuned PyTorch (bf16 autocast, channels_last,
-  torch.compile, fused Adam, workers), end to end and model only, interleaved; a
-  second round where the time allows;
+  torch.compile, fused Adam, workers), end to end and model only, one round;
+  stagejax at batch 12 last, where the part's time allows;
 * ``loader_share`` and ``mfu``: read off those runs: the share of the stagejax
   end-to-end step spent waiting for the loader, and each step's FLOPs (XLA's cost
   analysis; torch's FLOP counter) over the device's peak (790 TFLOP/s bf16, the
   rate measured on this H200);
+* ``data_on_device`` (issue 15 point 3): images/s and loader-wait share of the
+  trainer's step fed by Grain (the suite's workers) and by the training split kept
+  on the device (``--config.data_on_device``), one process, interleaved rounds;
+* ``section_render``: start rendering a study-scale SIMULATED section in the
+  background (host work; `gpu_suite_section` says why not in ``prepare``), after
+  the parts that time the host loader;
+* ``memory_remat`` (issue 15 point 1): `benchmarks.memory` at 896 px, bfloat16,
+  batch 12 then 48, remat off and on: XLA's memory analysis of the compiled step,
+  the peak device memory and seconds per step;
 * ``predict``: `benchmarks.predict_speed` at 896 px, batch 64, with and without TTA;
-* ``memory_remat``, ``section``: hooks for measurements whose features do not
-  exist yet; each says why and is reported as pending.
+* ``section``: wait for the render, then stage the section end to end (detect,
+  cut, stage, write) with ResNet-50 at 896 px (random weights; time only).
+
+Budget (GPU): 520 s from the shell script's start, so that the run ends inside
+540 s with the wheel install (about 20-30 s) and Python's start-up counted. Each
+part may use at most its cap and leaves each later part its floor (s, cap /
+floor): prepare 40 / 15; train_throughput 150 / 80 (per child: stagejax 70,
+torch 45, tuned torch 110; stagejax@12 only runs on what the first three leave);
+data_on_device 70 / 40; section_render 5 / 0; memory_remat 100 / 60 (45 per child;
+the batch-48 pair runs second, so it is what a short run loses); predict 55 / 30
+(30 per child; it has no target, so it gave way to section); section 70 / 45 (the
+wait for the render included). The caps add up to 490 s, the budget less about 30 s
+of setup; they are estimates for a first run, not measurements. To make room,
+``train_throughput`` runs one round (it ran two) of 30 steps (40). A part that runs
+out of time is cut short or "not run"; the others keep their numbers. Time a part
+leaves unused is not handed on (each is held to its cap): the run then ends early.
 
 ``--smoke`` runs every part at toy sizes (ResNet-18, 72 px, one step per phase,
-no torch.compile) on a CPU in one to a few minutes; CI runs it so that the script
-cannot rot between GPU runs. Its numbers mean nothing.
+no torch.compile, a 0.8 x 0.6 mm section) on a CPU in a few minutes; CI runs it
+so that the script cannot rot between GPU runs. Its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -43,8 +67,18 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import common, predict_speed, throughput, throughput_report
+from benchmarks import common
 from benchmarks import gpu_suite_report as report
+from benchmarks import gpu_suite_targets as targets_lib
+from benchmarks.gpu_suite_parts import (
+    data_on_device,
+    memory_remat,
+    predict,
+    prepare,
+    train_throughput,
+)
+from benchmarks.gpu_suite_section import section, section_render
+from benchmarks.gpu_suite_sizes import GPU, SMOKE, Sizes
 
 MODULE = "benchmarks.gpu_suite"
 JSON_NAME, MARKDOWN_NAME = "gpu_suite.json", "gpu_suite.md"
@@ -54,81 +88,15 @@ MORE_PACKAGES = (
     "tensorflow-datasets",
     "array-record",
     "protobuf",
+    "tifffile",
+    "imagecodecs",
+    "shapely",
+    "scikit-image",
     "jax-cuda13-plugin",
     "jax-cuda13-pjrt",
     "nvidia-cudnn-cu13",
 )
 log = logging.getLogger("gpu_suite")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """What one mode measures, and how long each child may take."""
-
-    mode: str
-    model: str
-    crop_size: int
-    crop_range: int
-    num_images: int
-    train: tuple[str, ...]  # throughput specs, NAME@BATCH, in running order
-    headline: dict[str, str]  # role -> spec: stagejax, study, tuned (for the targets)
-    steps: int
-    warmup: int
-    window: int
-    rounds: int
-    precision: str
-    torch_compile: str
-    predict_batch: int
-    predict_steps: int
-    predict_warmup: int
-    child_cap_s: dict[str, float]  # per framework, and "predict"
-    budget_s: float  # whole run, counted from the shell script's start
-
-    @property
-    def image_size(self) -> int:
-        return self.crop_size + 2 * self.crop_range
-
-
-GPU = Sizes(
-    mode="gpu",
-    model="resnet50",
-    crop_size=896,
-    crop_range=128,
-    num_images=96,
-    train=("stagejax@48", "torch@12", "torch_tuned@48", "stagejax@12"),
-    headline={"stagejax": "stagejax@48", "study": "torch@12", "tuned": "torch_tuned@48"},
-    steps=40,
-    warmup=5,
-    window=5,
-    rounds=2,
-    precision="bfloat16",
-    torch_compile="on",
-    predict_batch=64,
-    predict_steps=5,
-    predict_warmup=2,
-    child_cap_s={"stagejax": 150, "torch": 90, "torch_tuned": 180, "predict": 75},
-    budget_s=450,
-)
-SMOKE = Sizes(
-    mode="smoke",
-    model="resnet18",
-    crop_size=72,
-    crop_range=10,
-    num_images=36,
-    train=("stagejax@24", "torch@12", "torch_tuned@24", "stagejax@12"),
-    headline={"stagejax": "stagejax@24", "study": "torch@12", "tuned": "torch_tuned@24"},
-    steps=1,
-    warmup=0,
-    window=1,
-    rounds=1,
-    precision="float32",
-    torch_compile="off",
-    predict_batch=4,
-    predict_steps=2,
-    predict_warmup=1,
-    child_cap_s={"stagejax": 90, "torch": 60, "torch_tuned": 60, "predict": 60},
-    budget_s=300,
-)
 
 
 @dataclasses.dataclass
@@ -142,123 +110,23 @@ class Context:
     deadline: float  # time.monotonic()
     report: dict
     data_dir: str = ""
+    background: dict = dataclasses.field(default_factory=dict)  # name -> running child
 
     def save(self) -> None:
         """Rewrite the JSON and the markdown, targets included (after every child)."""
-        self.report["targets"] = report.targets(self.report)
+        self.report["targets"] = targets_lib.targets(self.report)
         (self.out_dir / JSON_NAME).write_text(json.dumps(self.report, indent=1) + "\n")
         (self.out_dir / MARKDOWN_NAME).write_text(report.markdown(self.report))
 
     def part(self, name: str) -> dict:
         return self.report["parts"][name]
 
-
-# --- parts -----------------------------------------------------------------------------
-
-
-def prepare(ctx: Context, deadline: float) -> dict:
-    s = ctx.sizes
-    job = {
-        "part": "prepare",
-        "num_images": s.num_images,
-        "image_size": s.image_size,
-        "crop_size": s.crop_size,
-        "crop_range": s.crop_range,
-        "cache_dir": ctx.cache_dir,
-        "render_workers": os.cpu_count() or 1,
-    }
-    out = common.run_child_capped(MODULE, job, deadline - time.monotonic(), deadline)
-    if "data_dir" in out:
-        ctx.data_dir = out["data_dir"]
-    return out
-
-
-def prepare_child(job: dict) -> dict:
-    """Render (or reuse) the simulated images and build the ArrayRecord cache."""
-    from stagejax import data as data_lib
-
-    t0 = time.monotonic()
-    root = common.simulated_root(
-        job["num_images"],
-        job["image_size"],
-        cache_dir=job["cache_dir"],
-        num_workers=job["render_workers"],
-    )
-    render_s = time.monotonic() - t0
-    config = common.stagejax_config(
-        data_dir=str(root),
-        cache_dir=job["cache_dir"],
-        crop_size=job["crop_size"],
-        crop_range=job["crop_range"],
-    )
-    dataset = data_lib.load(config)
-    return {
-        "data_dir": str(root),
-        "num_images": job["num_images"],
-        "image_size": job["image_size"],
-        "render_workers": job["render_workers"],
-        "render_s": render_s,
-        "cache_s": time.monotonic() - t0 - render_s,
-        "train_images": len(dataset.splits["train"].labels),
-    }
-
-
-def train_throughput(ctx: Context, deadline: float) -> dict:
-    s = ctx.sizes
-    specs = throughput.parse_specs(",".join(s.train), global_batch=12)
-    job = {
-        "model": s.model,
-        "image_size": s.crop_size,
-        "crop_range": s.crop_range,
-        "steps": s.steps,
-        "warmup": s.warmup,
-        "window": s.window,
-        "precision": s.precision,
-        "num_workers": ctx.num_workers,
-        "torch_compile": s.torch_compile,
-        "seed": 109,
-        "data_dir": ctx.data_dir,
-        "cache_dir": ctx.cache_dir,
-        "flops": True,
-        "profile_repeats": 1,
-    }
-    part = ctx.part("train_throughput")
-    part["rounds"] = {}
-
-    def partial(key: str, r: int, out: dict) -> None:
-        part["rounds"].setdefault(key, []).append(out)
-        ctx.save()
-
-    def cap(key: str) -> float:
-        return s.child_cap_s[throughput_report.framework_of(key)]
-
-    results = throughput.measure(specs, job, s.rounds, cap, deadline, on_result=partial)
-    throughput_report.add_mfu(results)
-    del part["rounds"]  # pooled into results
-    return {"results": results, "ratios": throughput_report.ratios(results)}
-
-
-def predict(ctx: Context, deadline: float) -> dict:
-    s = ctx.sizes
-    job = {
-        "model": s.model,
-        "image_size": s.crop_size,
-        "batch": s.predict_batch,
-        "steps": s.predict_steps,
-        "warmup": s.predict_warmup,
-        "seed": 0,
-        "precision": "auto",
-    }
-    part = ctx.part("predict")
-
-    def partial(name: str, out: dict) -> None:
-        part.setdefault("results", {})[name] = out
-        ctx.save()
-
-    results = predict_speed.measure(
-        list(predict_speed.FRAMEWORKS), job, s.child_cap_s["predict"], deadline, on_result=partial
-    )
-    return {"results": results, "ratios": predict_speed.ratios(results)}
+    def stop_background(self) -> None:
+        """End the children nothing collected (the part that would was cut or not run)."""
+        for name, bg in self.background.items():
+            bg.kill()
+            self.part(name).update(status="stopped", why="ended with the run: nothing used it")
+        self.background.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,23 +145,15 @@ class Part:
 
 
 PARTS = (
-    Part("prepare", prepare, cap_s=90, floor_s=20),
-    Part("train_throughput", train_throughput, cap_s=300, floor_s=120, needs_data=True),
+    Part("prepare", prepare, cap_s=40, floor_s=15),
+    Part("train_throughput", train_throughput, cap_s=150, floor_s=80, needs_data=True),
     Part("loader_share", report.loader_share, derived=True),
     Part("mfu", report.mfu, derived=True),
-    Part("predict", predict, cap_s=120, floor_s=50),
-    # Hooks: give each a function (and a cap) once the feature exists.
-    Part(
-        "memory_remat",
-        None,
-        pending="waits for the memory issue: no remat option yet "
-        "(peak device memory with and without remat at batch 48)",
-    ),
-    Part(
-        "section",
-        None,
-        pending="waits for part 2 of the section work: no whole-section benchmark yet",
-    ),
+    Part("data_on_device", data_on_device, cap_s=70, floor_s=40, needs_data=True),
+    Part("section_render", section_render, cap_s=5),
+    Part("memory_remat", memory_remat, cap_s=100, floor_s=60),
+    Part("predict", predict, cap_s=55, floor_s=30),
+    Part("section", section, cap_s=70, floor_s=45),
 )
 
 
@@ -352,13 +212,14 @@ def gpu_info() -> str | None:
 
 
 def child_env(sizes: Sizes, cache_dir: str) -> None:
-    """Environment every child inherits. On the GPU: JAX's persistent compilation
-    cache (a second round, or the same shape again, compiles from disk) and no
-    up-front grab of 75% of the GPU memory (loader workers import jax too)."""
+    """Environment every child inherits: JAX's persistent compilation cache (the
+    same step again, as ``data_on_device`` builds the headline stagejax step,
+    compiles from disk) and, on the GPU, no up-front grab of 75% of the GPU memory
+    (loader workers import jax too)."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(cache_dir) / "jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     if sizes.mode == "gpu":
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(cache_dir) / "jax_cache"))
-        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -379,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget_s",
         type=float,
         default=None,
-        help="whole run, from --started_at (default: 450 s GPU, 300 s smoke)",
+        help="whole run, from --started_at (default: 520 s GPU, 480 s smoke)",
     )
     p.add_argument(
         "--started_at",
@@ -398,15 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="loader workers (stagejax, tuned torch); default CPUs - 2, smoke 1",
     )
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.child:
-        common.emit(prepare_child(json.loads(args.child)))
-        return
     if not args.out_dir:
         raise SystemExit("usage: python -m benchmarks.gpu_suite OUT_DIR [--smoke]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -444,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
             "parts": {p.name: {"status": "waiting"} for p in PARTS},
         },
     )
-    run_parts(ctx)
+    try:
+        run_parts(ctx)
+    finally:
+        ctx.stop_background()
     ctx.report["wall_s"] = spent + budget - common.time_left(ctx.deadline)
     ctx.save()
     print("\n" + report.markdown(ctx.report) + "\n", flush=True)

@@ -22,12 +22,13 @@ py=${PYTHON:-python3}
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
 
-needed="import grain.python, tensorflow_datasets, ml_collections, array_record, tensorboardX"
+needed="import grain.python, tensorflow_datasets, ml_collections, array_record, tensorboardX, \
+shapely, imagecodecs"
 if ! "$py" -c "$needed" 2>/dev/null; then
   shopt -s nullglob
   wheels=(.whl/*.whl)
   if [ ${#wheels[@]} -eq 0 ]; then
-    echo "error: grain, tensorflow-datasets, ml-collections, ... are not importable and" \
+    echo "error: grain, tensorflow-datasets, shapely, ... are not importable and" \
       ".whl/ holds no wheels: run benchmarks/fetch_gpu_wheels.sh first, carry .whl" >&2
     exit 1
   fi

@@ -1,5 +1,6 @@
 """The GPU suite's report: the parts read off the training runs (loader share, MFU),
-each part's status, the issue's targets and the markdown (`benchmarks.gpu_suite`).
+each part's status and the markdown, every part's figures and the targets
+(`gpu_suite_targets`) with met / NOT met / not measured (`benchmarks.gpu_suite`).
 
 Every function here takes the suite's report dict as it stands, also halfway
 through a run, so the markdown can be rewritten after every child.
@@ -8,9 +9,8 @@ through a run, so the markdown can be rewritten after every child.
 from __future__ import annotations
 
 from benchmarks import common, predict_speed, throughput_report
-
-LOADER_GOAL = 0.05  # loader wait <= 5% of the stagejax end-to-end step
-MFU_GOAL = 0.35
+from benchmarks.gpu_suite_targets import GIB, LOADER_GOAL, MFU_GOAL, fmt_target, memory_pairs
+from benchmarks.gpu_suite_targets import results_of as _results
 
 
 def _train_results(ctx) -> dict:
@@ -51,61 +51,6 @@ def status_of(name: str, out: dict) -> str:
     return "partial" if bad else "ok"
 
 
-def _ratio(report: dict, a: str, b: str) -> float | None:
-    return report["parts"].get("train_throughput", {}).get("ratios", {}).get(f"{a}/{b} end_to_end")
-
-
-def targets(report: dict) -> list[dict]:
-    """The issue's targets, each with this run's value (None: not measured)."""
-    h = report["sizes"]["headline"]
-    sj = h["stagejax"]
-    parts = report["parts"]
-    share = parts.get("loader_share", {}).get("results", {}).get(sj, {})
-    util = parts.get("mfu", {}).get("results", {}).get(sj, {})
-    rows = [
-        (
-            f"{sj} / {h['study']} (study recipe), end to end",
-            _ratio(report, sj, h["study"]),
-            ">= 3x",
-            lambda v: v >= 3,
-        ),
-        (
-            f"{sj} / {h['tuned']} (tuned PyTorch), end to end",
-            _ratio(report, sj, h["tuned"]),
-            ">= 1.2x",
-            lambda v: v >= 1.2,
-        ),
-        (
-            f"loader wait, share of the {sj} end-to-end step",
-            share.get("loader_wait_fraction"),
-            f"<= {LOADER_GOAL:.0%}",
-            lambda v: v <= LOADER_GOAL,
-        ),
-        (
-            f"MFU of the {sj} step, model only",
-            util.get("model_only"),
-            f">= {MFU_GOAL:.0%} (goal; reported)",
-            lambda v: v >= MFU_GOAL,
-        ),
-    ]
-    return [
-        {
-            "target": name,
-            "value": value,
-            "goal": goal,
-            "met": None if value is None else bool(ok(value)),
-        }
-        for name, value, goal, ok in rows
-    ]
-
-
-def _fmt_target(t: dict) -> list[str]:
-    v = t["value"]
-    text = "n/a" if v is None else (f"{v:.2f}x" if "x" in t["goal"] else f"{100 * v:.1f}%")
-    met = {None: "not measured", True: "met", False: "NOT met"}[t["met"]]
-    return [t["target"], text, t["goal"], met]
-
-
 def _part_note(entry: dict) -> str:
     if entry.get("why"):
         return entry["why"]
@@ -137,6 +82,119 @@ def _share_table(results: dict) -> str:
     )
 
 
+def _feeds_lines(part: dict) -> list[str]:
+    res = part["results"]
+    table = common.markdown_table(
+        ["training feed", "images/s (median)", "loader wait, share of the step", "rounds"],
+        [
+            [
+                name,
+                common.fmt(r["images_per_s"], 1),
+                f"{100 * r['loader_wait_fraction']:.1f}%",
+                str(len(r["rounds"])),
+            ]
+            for name, r in res.items()
+        ],
+    )
+    ratio = ""
+    if {"grain", "on_device"} <= set(res):
+        speedup = res["on_device"]["images_per_s"] / res["grain"]["images_per_s"]
+        ratio = f"; on device / Grain {speedup:.2f}x"
+    return [
+        "## Training feeds: Grain against the split on the device",
+        "",
+        f"{part['batch']} images a step, {part['timed_steps_per_round']} timed steps a round "
+        f"after the warm-up, Grain with {part['num_workers']} workers; {part['train_images']} "
+        f"training images decoded and uploaded once in {part['decode_and_upload_s']:.1f} s "
+        f"({part['resident_bytes'] / GIB:.2f} GiB on the device){ratio}.",
+        "",
+        table,
+        "",
+    ]
+
+
+def _gib(n) -> str:
+    return "n/a" if n is None else f"{n / GIB:.2f}"
+
+
+def _memory_lines(report: dict) -> list[str]:
+    rows = []
+    for batch, (off, on) in memory_pairs(report).items():
+        for name, r in (("off", off), ("on", on)):
+            rows.append(
+                [
+                    str(batch),
+                    name,
+                    _gib(r.get("temp_bytes")),
+                    _gib(r.get("need_bytes")),
+                    _gib(r.get("peak_device_bytes")),
+                    common.fmt(r.get("step_s", {}).get("median"), 3),
+                    common.fmt(r.get("compile_s"), 1),
+                    f"`{r.get('xla_flags') or '(none)'}`",
+                    r.get("error", "")[:80],
+                ]
+            )
+    job = next(iter(_results(report, "memory_remat").values()))["job"]
+    return [
+        "## Train-step memory, remat off and on",
+        "",
+        f"{job['model']} at {job['size']} px, {job['precision']}; temporaries and the "
+        "step's need (arguments + temporaries + outputs not aliased to the donated state) "
+        "from XLA's memory analysis of the compiled step; peak: the device's "
+        f"peak_bytes_in_use after {job['time_steps']} timed steps (n/a on a CPU).",
+        "",
+        common.markdown_table(
+            [
+                "batch",
+                "remat",
+                "temp GiB",
+                "need GiB",
+                "peak GiB",
+                "s/step",
+                "compile s",
+                "XLA_FLAGS",
+                "error",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _section_lines(report: dict) -> list[str]:
+    part = report["parts"]["section"]
+    render = report["parts"].get("section_render", {})
+    rows = []
+    for name, r in part["results"].items():
+        sec = r["seconds"]
+        rows.append(
+            [name, str(r["tubules"])]
+            + [common.fmt(sec.get(k), 2) for k in ("read_and_detect", "stain", "cut", "stage")]
+            + [common.fmt(sec.get("write"), 2), common.fmt(r["total_seconds"], 1)]
+            + [common.fmt(r["tubules_per_second"], 2), f"{r['peak_rss_mb']:.0f}"]
+        )
+    lines = [
+        "## Section staging",
+        "",
+        f"SIMULATED section {part['section_px'][0]:,} x {part['section_px'][1]:,} px "
+        f"({part['size_mm'][0]} x {part['size_mm'][1]} mm), {part['model']} at "
+        f"{part['crop_size']} px, random weights (time only), {part['precision']}, eval "
+        f"batch {part['eval_batch']}; model saved and loaded in {part['model_setup_s']:.1f} s. "
+        "The first pass compiles the eval step; the second, where the time allowed, "
+        "does not.",
+    ]
+    if "render_s" in render:
+        lines.append(
+            f"Rendered in {render['render_s']:.0f} s ({render['num_workers']} tubule "
+            f"processes; 0 when cached) in the background while the parts between "
+            f"section_render and section ran; section waited {render['waited_for_s']:.0f} s "
+            "for it."
+        )
+    header = ["pass", "tubules", "read + detect s", "stain s", "cut s", "stage s"]
+    header += ["write s", "total s", "tubules/s", "peak RSS MB"]
+    return [*lines, "", common.markdown_table(header, rows), ""]
+
+
 def _header(report: dict) -> list[str]:
     m = report["machine"]
     v = m["versions"]
@@ -161,10 +219,9 @@ def _header(report: dict) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(report: dict) -> str:
+def _parts_and_targets(report: dict) -> list[str]:
     parts = report["parts"]
-    lines = _header(report)
-    lines += [
+    lines = [
         "## Parts",
         "",
         common.markdown_table(
@@ -178,10 +235,16 @@ def markdown(report: dict) -> str:
             "## Targets",
             "",
             common.markdown_table(
-                ["target", "value", "goal", "status"], [_fmt_target(t) for t in report["targets"]]
+                ["target", "value", "goal", "status"], [fmt_target(t) for t in report["targets"]]
             ),
             "",
         ]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    parts = report["parts"]
+    lines = _header(report) + _parts_and_targets(report)
     prep = parts.get("prepare", {})
     if "render_s" in prep:
         lines += [
@@ -208,6 +271,10 @@ def markdown(report: dict) -> str:
         ]
     if parts.get("loader_share", {}).get("results"):
         lines += ["## Loader share", "", _share_table(parts["loader_share"]["results"]), ""]
+    if parts.get("data_on_device", {}).get("results"):
+        lines += _feeds_lines(parts["data_on_device"])
+    if _results(report, "memory_remat"):
+        lines += _memory_lines(report)
     pred = parts.get("predict", {})
     if "results" in pred:
         lines += [
@@ -216,4 +283,6 @@ def markdown(report: dict) -> str:
             predict_speed.markdown(pred["results"], pred.get("ratios", {})),
             "",
         ]
+    if _results(report, "section"):
+        lines += _section_lines(report)
     return "\n".join(lines).rstrip() + "\n"

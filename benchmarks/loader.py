@@ -13,7 +13,8 @@ and blobs (``--images noise``, no dependence on the simulator).
 ``--train_paths``: instead, train a model (``--model``) on those images through
 both training feeds in one run, the Grain loader and the split kept on the
 devices (`stagejax.data.on_device`), interleaved over ``--trials`` rounds, and
-report images/s and the share of the step spent waiting for the next batch:
+report images/s and the share of the step spent waiting for the next batch
+(`compare_feeds`; the GPU suite's ``data_on_device`` part calls it with a time cap):
 
     python benchmarks/loader.py --train_paths --model resnet18 --image_size 304 \
         --crop_size 256 --num_images 48 --global_batch 12 --num_batches 6 --trials 3
@@ -136,7 +137,7 @@ def loader_images_per_s(split, config, num_batches: int, trials: int) -> list[fl
     return rates
 
 
-def _feed_round(run, initial, batches, num_batches: int, warmup: int = 2) -> dict:
+def _feed_round(run, initial, batches, num_batches: int, warmup: int) -> dict:
     """Images/s and loader-wait share of ``num_batches`` steps after ``warmup``."""
     state = run.parallel.put_state(initial)
     for _ in range(warmup):  # the first call of a round also compiles (first round only)
@@ -168,8 +169,19 @@ def train_paths(split, args) -> dict:
         num_workers=int(args.workers.split(",")[0]),
         data_on_device="true",
     )
-    dataset = types.SimpleNamespace(splits={"train": split})
-    run = trainer.Run(config, dataset)
+    run = trainer.Run(config, types.SimpleNamespace(splits={"train": split}))
+    return compare_feeds(run, split, args.trials, args.num_batches)
+
+
+def compare_feeds(
+    run, split, trials: int, num_batches: int, warmup: int = 2, deadline: float | None = None
+) -> dict:
+    """Images/s and loader-wait share of the Grain feed and the on-device feed of
+    ``run`` (a ``train.loop.Run`` with ``data_on_device`` allowed), interleaved over
+    ``trials`` rounds. With a ``deadline`` (``time.perf_counter()``), a round is not
+    started when less time is left than the previous one took (the first also
+    compiles): a run cut short keeps the rounds it finished (``rounds_done``)."""
+    config = run.config
     initial = jax.device_get(run.initial_state)
     t0 = time.perf_counter()
     resident = on_device.load(split, config, run.parallel, run.data_on_device.sizes)
@@ -179,9 +191,14 @@ def train_paths(split, args) -> dict:
         "on_device": resident.batches,
     }
     rounds: dict[str, list[dict]] = {name: [] for name in feeds}
-    for _ in range(args.trials):
+    last = dict.fromkeys(feeds, 0.0)
+    for _ in range(trials):
+        if deadline is not None and deadline - time.perf_counter() < sum(last.values()):
+            break
         for name, feed in feeds.items():
-            rounds[name].append(_feed_round(run, initial, feed(), args.num_batches))
+            t = time.perf_counter()
+            rounds[name].append(_feed_round(run, initial, feed(), num_batches, warmup))
+            last[name] = time.perf_counter() - t
     summary = {
         name: {
             k: float(np.median([r[k] for r in rs]))
@@ -189,8 +206,14 @@ def train_paths(split, args) -> dict:
         }
         | {"rounds": rs}
         for name, rs in rounds.items()
+        if rs
     }
-    return {"decode_and_upload_s": load_s, "num_workers": config.num_workers, "paths": summary}
+    return {
+        "decode_and_upload_s": load_s,
+        "num_workers": config.num_workers,
+        "rounds_done": min(len(rs) for rs in rounds.values()),
+        "paths": summary,
+    }
 
 
 def print_train_paths(result: dict, args) -> None:

@@ -41,7 +41,7 @@ from stagejax.section import outputs
 from stagejax.section import run as run_lib
 from stagejax.section import truth as truth_lib
 from stagejax.section.crops import cut_tubule
-from stagejax.section.model import load_stage_model
+from stagejax.section.model import StageModel, load_stage_model
 from stagejax.section.stage import stage_crops
 from stagejax.simulate import section as section_sim
 from stagejax.slides import open_slide
@@ -115,7 +115,12 @@ def _means(rows: list[dict]) -> dict:
 
 def timing(sm, config) -> dict:
     folder = _render(1000, section_sim.DEFAULT_MPP, 0.0, section_sim.STUDY_SIZE_MM)
-    path = folder / "section.tif"
+    return time_section(folder / "section.tif", sm, config)
+
+
+def time_section(path: Path, sm: StageModel, config: ml_collections.ConfigDict) -> dict:
+    """Stage the section at ``path`` end to end (detect, cut, stage, write outputs to a
+    temporary folder) once: seconds per part, tubules/s, peak RSS of this process."""
     load = os.getloadavg()[0]
     t = time.perf_counter()
     result, times = run_lib.stage_slide(path, sm, DetectParams(), config)
@@ -140,14 +145,27 @@ def timing(sm, config) -> dict:
     }
 
 
-def _study_model(tmp: Path, workdir: Path | None):
+def study_model(
+    tmp: Path,
+    workdir: Path | None = None,
+    model: str = "resnet50",
+    crop_size: int = 896,
+    image_size: int = 1152,
+    **fields,
+) -> tuple[StageModel, ml_collections.ConfigDict]:
+    """A stage model of random weights (time only) saved to and loaded from ``tmp``:
+    by default ResNet-50 at the study's 896 px crop of 1152 px images. Its pixel size
+    keeps a 1152 px image's field of view (the study's estimate) whatever
+    ``image_size``; ``fields`` are further config fields (e.g. ``precision``)."""
     model_dir = checkpoint.save_model_weights(
-        tmp / "r50", models.create("resnet50"), "resnet50", mpp=section_sim.DEFAULT_MPP,
-        image_size=1152,
+        tmp / model, models.create(model), model,
+        mpp=section_sim.DEFAULT_MPP * 1152 / image_size, image_size=image_size,
     )  # fmt: skip
-    config = _config(workdir, init_from=str(model_dir), model="resnet50", crop_size=896)
-    config.init_from, config.model, config.crop_size = str(model_dir), "resnet50", 896
+    config = _config(workdir, init_from=str(model_dir), model=model, crop_size=crop_size)
+    config.init_from, config.model, config.crop_size = str(model_dir), model, crop_size
     config.mpp = 0.0  # the model's own (the study's estimate)
+    for name, value in fields.items():
+        config[name] = value
     return load_stage_model(config, tmp / "none"), config
 
 
@@ -179,7 +197,7 @@ def main(argv) -> None:
             result["timing"]["demo_model"] = timing(sm, config)
     if FLAGS.study_model:
         with tempfile.TemporaryDirectory() as tmp:
-            sm50, config50 = _study_model(Path(tmp), workdir)
+            sm50, config50 = study_model(Path(tmp), workdir)
             result["timing"]["resnet50_896px"] = timing(sm50, config50)
     Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -5,6 +5,7 @@ the values only have to be sane."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_suite, gpu_suite_report
+from benchmarks import gpu_suite, gpu_suite_report, gpu_suite_section, gpu_suite_targets
 from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
@@ -50,7 +51,6 @@ def test_smoke_reports_every_part(smoke):
     for p in gpu_suite.PARTS:
         want = "pending" if p.run is None else "ok"
         assert parts[p.name]["status"] == want, (p.name, parts[p.name])
-    assert parts["memory_remat"]["why"] and parts["section"]["why"]
     assert parts["prepare"]["train_images"] > 0
 
 
@@ -92,6 +92,32 @@ def test_smoke_prediction_with_and_without_tta(smoke):
 
 
 @pytest.mark.slow
+def test_smoke_training_feeds_memory_and_section_are_sane(smoke):
+    _, report = smoke
+    parts = report["parts"]
+    feeds = parts["data_on_device"]["results"]
+    assert set(feeds) == {"grain", "on_device"}
+    for r in feeds.values():
+        assert r["images_per_s"] > 0 and 0 <= r["loader_wait_fraction"] <= 1
+    assert parts["data_on_device"]["batch"] == gpu_suite.SMOKE.feed_batch
+    pairs = gpu_suite_targets.memory_pairs(report)
+    assert set(pairs) == set(gpu_suite.SMOKE.memory_batches)
+    for off, on in pairs.values():
+        assert "error" not in off and "error" not in on, (off, on)
+        assert 0 < on["temp_bytes"] < off["temp_bytes"]
+        assert on["step_s"]["median"] > 0 and off["step_s"]["median"] > 0
+        assert "cse_barrier_expander" in on["xla_flags"]  # as stagejax.main sets it
+    render = parts["section_render"]
+    assert render["section_px"][0] > 0 and render["render_s"] > 0
+    passes = parts["section"]["results"]
+    first = passes["first_pass"]
+    assert first["tubules"] > 0 and first["tubules_per_second"] > 0
+    assert first["total_seconds"] >= first["seconds"]["stage"] > 0
+    values = {t["target"]: t["value"] for t in report["targets"]}
+    assert all(v is not None for v in values.values()), values
+
+
+@pytest.mark.slow
 def test_smoke_markdown_lists_every_part_and_the_log_is_kept(smoke):
     out, report = smoke
     text = (out / gpu_suite.MARKDOWN_NAME).read_text()
@@ -99,9 +125,19 @@ def test_smoke_markdown_lists_every_part_and_the_log_is_kept(smoke):
     assert "SMOKE MODE" in text
     for p in gpu_suite.PARTS:
         assert f"| {p.name} | {report['parts'][p.name]['status']} |" in text
-    for heading in ("## Targets", "## Training throughput", "## Loader share", "## Prediction"):
+    for heading in (
+        "## Targets",
+        "## Training throughput",
+        "## Loader share",
+        "## Training feeds",
+        "## Train-step memory",
+        "## Prediction",
+        "## Section staging",
+    ):
         assert heading in text
     assert "MFU model only" in text
+    for t in report["targets"]:
+        assert f"| {t['target']} |" in text
     assert "part predict" in (out / "gpu_suite.log").read_text()
 
 
@@ -115,10 +151,10 @@ def _report_so_far() -> dict:
         "mode": "gpu",
         "date": "d",
         "command": "c",
-        "budget_s": 450,
+        "budget_s": 520,
         "setup_s": 10,
         "num_workers": 14,
-        "sizes": {"headline": gpu_suite.GPU.headline},
+        "sizes": dataclasses.asdict(gpu_suite.GPU),
         "machine": {"cpu": "x", "cpu_count": 16, "gpu": None, "versions": {"jax": "0"}},
         "parts": {p.name: {"status": "waiting"} for p in gpu_suite.PARTS},
     }
@@ -128,10 +164,14 @@ def test_markdown_and_targets_of_a_run_cut_short():
     report = _report_so_far()
     report["parts"]["prepare"] = {"status": "failed", "error": "timed out after 90 s"}
     report["parts"]["train_throughput"] = {"status": "running", "rounds": {"stagejax@48": [{}]}}
+    report["targets"] = rows = gpu_suite_targets.targets(report)
     text = gpu_suite_report.markdown(report)
     assert "| prepare | failed | n/a | error: timed out after 90 s |" in text
     assert "stagejax@48: 1 round(s) done" in text
-    assert [t["met"] for t in gpu_suite_report.targets(report)] == [None] * 4
+    assert len(rows) == 4 + 1 + 2 * len(gpu_suite.GPU.memory_batches) + 1 + 1
+    assert [t["met"] for t in rows] == [None] * len(rows)
+    assert "| section (study-scale px) staged end to end" in text
+    assert text.count("| not measured |") == len(rows)
 
 
 def test_part_deadlines_leave_the_later_parts_their_floors(monkeypatch):
@@ -145,14 +185,38 @@ def test_part_deadlines_leave_the_later_parts_their_floors(monkeypatch):
         report=_report_so_far(),
     )
     names = [p.name for p in gpu_suite.PARTS]
-    train, pred = names.index("train_throughput"), names.index("predict")
-    floor = gpu_suite.PARTS[pred].floor_s
+    train, last = names.index("train_throughput"), len(names) - 1
+    later = sum(p.floor_s for p in gpu_suite.PARTS[train + 1 :] if p.run and not p.derived)
+    assert later > 0
     assert gpu_suite.part_deadline(train, ctx) == min(
-        1000 + gpu_suite.PARTS[train].cap_s, 1300 - floor
+        1000 + gpu_suite.PARTS[train].cap_s, 1300 - later
     )
-    assert gpu_suite.part_deadline(pred, ctx) == min(1000 + gpu_suite.PARTS[pred].cap_s, 1300)
+    assert gpu_suite.part_deadline(last, ctx) == min(1000 + gpu_suite.PARTS[last].cap_s, 1300)
     ctx.deadline = 1030.0  # little left: the cap gives way to the run's deadline
-    assert gpu_suite.part_deadline(pred, ctx) == 1030.0
+    assert gpu_suite.part_deadline(last, ctx) == 1030.0
+
+
+def test_gpu_budget_caps_fit_the_run():
+    """The parts' caps, with the wheel install and start-up, inside the 540 s a GPU
+    command may take; the floors inside the budget."""
+    runs = [p for p in gpu_suite.PARTS if p.run and not p.derived]
+    assert gpu_suite.GPU.budget_s <= 520
+    assert sum(p.cap_s for p in runs) <= gpu_suite.GPU.budget_s - 25
+    assert sum(p.floor_s for p in runs) <= gpu_suite.GPU.budget_s - 30
+
+
+def test_section_without_its_render_reports_an_error(tmp_path):
+    ctx = gpu_suite.Context(
+        sizes=gpu_suite.SMOKE,
+        out_dir=tmp_path,
+        cache_dir=str(tmp_path),
+        num_workers=1,
+        deadline=gpu_suite.time.monotonic() + 60,
+        report=_report_so_far(),
+    )
+    out = gpu_suite_section.section(ctx, ctx.deadline)
+    assert out == {"error": "no section: section_render did not run"}
+    assert gpu_suite_report.status_of("section", out) == "failed"
 
 
 def test_status_of_parts():
