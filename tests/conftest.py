@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny simulated dataset, made once per test session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,16 @@ import pytest
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads
 # in each of several subprocesses.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the session, inherited by every
+# subprocess a test starts: many tests compile the same tiny models (the CLI
+# tests each train a ResNet-18 at 32 px), compiling is most of CI's time, and a
+# cache hit loads the same executable. Programs compiling in under a second
+# (JAX's default threshold) are not stored.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="stagejax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 
