@@ -20,7 +20,7 @@ from pathlib import Path
 
 import shapely
 
-from stagejax.detect import metrics, pipeline, segment
+from stagejax.detect import metrics, pipeline
 from stagejax.detect.params import FEATURES, DetectParams
 from stagejax.errors import ConfigError, DatasetError
 from stagejax.slides import SlideObject, open_slide, read_geojson
@@ -69,10 +69,11 @@ class Section:
                 self._coarse[work_mpp] = rgb, mpp, scale, slide.mpp
         return self._coarse[work_mpp]
 
-    def score(self, params: DetectParams) -> dict:
-        rgb, mpp, scale, slide_mpp = self.coarse(params.work_mpp)
-        labels, _ = segment.segment(rgb, mpp, params)
-        grow = pipeline.grow_px(params, slide_mpp)
+    def score(self, detector) -> dict:
+        """Scores of `detector` (DetectParams, or a learned detector) on this section."""
+        rgb, mpp, scale, slide_mpp = self.coarse(detector.work_mpp)
+        labels, _ = pipeline.segment_coarse(detector, rgb, mpp)
+        grow = pipeline.grow_px(detector, slide_mpp)
         polys = pipeline.outlines(labels, scale, grow) if labels.max() else []
         if self.region is not None:
             polys = [p for p in polys if self.region.contains(p.centroid)]
