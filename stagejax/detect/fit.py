@@ -1,11 +1,12 @@
-"""`train`: fitting the detector's parameters to a lab's annotated sections.
+"""`train --method=classical`: the classical detector's parameters fitted to annotated sections.
 
 This is a parameter fit of a CLASSICAL detector (thresholds, smoothing,
 morphology, size and shape limits, watershed seeds), not the training of a
 neural network: a coordinate search over a small grid per parameter, keeping a
 change only when it raises the F1 at IoU >= 0.5 (ties: the mean IoU) pooled
 over the annotated sections. It therefore never ends worse than where it
-started (the defaults, or --params). A learned (U-Net) detector is not built yet.
+started (the defaults, or --params). The learned (U-Net) detector is trained
+instead by `stagejax.detect.train_unet` (`train --method=unet`).
 
 Annotations are QuPath GeoJSON exports: every polygon is a ground-truth tubule,
 except objects classified "Region", which mark the part of the slide that was
