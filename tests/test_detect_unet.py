@@ -13,7 +13,13 @@ from shapely.geometry import box
 from stagejax.detect import detect_slide, evaluate, fit, learned, train_unet, unet, weights
 from stagejax.detect.unet import UNet, num_params
 from stagejax.errors import ConfigError
-from stagejax.slides import open_slide, read_geojson, write_geojson, write_pyramidal_tiff
+from stagejax.slides import (
+    SlideObject,
+    open_slide,
+    read_geojson,
+    write_geojson,
+    write_pyramidal_tiff,
+)
 from tests.test_detect import MPP, _draw
 
 
@@ -106,23 +112,25 @@ def test_targets_rasterised_from_polygons():
 
 
 def test_fine_tuning_lowers_the_loss_and_weights_round_trip(drawn, shipped, tmp_path):
-    path, truth_path, _ = drawn
-    sections = fit.load_sections([str(path)], [str(truth_path)], None)
+    path, _, truth = drawn  # 500 x 400 px at 2 um/px; the detector reads it at 2.5 um/px
+    region = SlideObject(geometry=box(0, 0, 300, 400), classification="Region")
+    write_geojson(tmp_path / "ann.geojson", [*truth, region])
+    sections = fit.load_sections([str(path)], [str(tmp_path / "ann.geojson")], None)
     example = train_unet.example_from_section(sections[0], shipped.work_mpp)
+    assert example.weight.shape == (320, 400)
+    assert example.weight[:, :240].min() == 1 and example.weight[:, 240:].max() == 0
     spec = train_unet.TrainSpec(steps=12, batch=4, crop=64, learning_rate=1e-3)
     fixed = train_unet.sample_batch(np.random.default_rng(9), [example], spec)
-    model = weights.load_weights().model  # a copy of the shipped weights
-    before = train_unet.batch_loss(model, fixed)
-    record = train_unet.train(model, [example], spec)
-    assert record["steps"] == 12
-    assert train_unet.batch_loss(model, fixed) < before
+    before = train_unet.batch_loss(shipped.model, fixed)
     out = tmp_path / "w" / "unet.npz"
-    weights.save_weights(out, model, {"work_mpp": 2.5, "training": record})
-    again = weights.load_weights(tmp_path / "w")  # the folder `train --out DIR` writes
-    assert json.loads(out.with_suffix(".json").read_text())["training"]["steps"] == 12
-    assert train_unet.batch_loss(again.model, fixed) == pytest.approx(
-        train_unet.batch_loss(model, fixed), rel=1e-6
-    )
+    record = train_unet.run(sections, "shipped", spec, out)
+    tuned = weights.load_weights(tmp_path / "w")  # the folder `train --out DIR` writes
+    assert train_unet.batch_loss(tuned.model, fixed) < before
+    assert 0 <= record["f1_before"] <= 1 and 0 <= record["f1_after"] <= 1
+    assert record["init"] == str(weights.shipped_path())
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["training"]["steps"] == 12 and tuned.meta["training"] == saved["training"]
+    assert tuned.post == shipped.post and tuned.work_mpp == shipped.work_mpp
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ConfigError, match="bad.npz"):

@@ -15,6 +15,7 @@ seam. Each instance is hole-filled and kept whole if its area is plausible.
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ from skimage import segmentation
 from stagejax.detect import segment
 from stagejax.detect.params import DetectParams
 from stagejax.detect.unet import UNet
+
+log = logging.getLogger(__name__)
 
 TILE = 384  # Tile side (coarse px); a multiple of the U-Net's pooling grid (8).
 MARGIN = 48  # Context kept around each tile's core; above the receptive radius (46 px).
@@ -143,7 +146,8 @@ class UNetDetector:
         self.meta = dict(meta or {})
         self.grow_um = 0.0
         self.tissue_od = DetectParams().tissue_od
-        self._graphdef, self._params = nnx.split(model, nnx.Param)
+        self._graphdef, params = nnx.split(model, nnx.Param)
+        self._params = jax.device_put(params)  # once, onto the default (accelerator) device
 
     def forward(self, tiles: np.ndarray):
         """Probability maps of one (BATCH, TILE, TILE, 3) batch (jitted, asynchronous)."""
@@ -155,6 +159,13 @@ class UNetDetector:
 
     def segment(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
         """(tubule instance labels, tissue mask) of a coarse RGB image at `mpp` um/px."""
+        if mpp > 1.25 * self.work_mpp:
+            log.warning(
+                "the image is at %.2f um/px, coarser than the %.2f um/px the U-Net learnt; "
+                "tubules will look smaller to it (fine-tune it at this resolution)",
+                mpp,
+                self.work_mpp,
+            )
         od = segment.optical_density(rgb)
         params = DetectParams()
         tissue = segment.tissue_mask(od, mpp, params)
