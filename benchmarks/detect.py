@@ -8,8 +8,12 @@ stageable and non-stageable ground-truth tubules (pooled over the seeds). Then t
 the detection of one study-scale section (4.4 x 3.5 mm at the default pixel size,
 about 20,000 x 16,000 px), reading included.
 
-    python -m benchmarks.detect [--seeds 100,101,102] [--stain_shift 1.0] \
-        [--params PARAMS.json] [--json benchmarks/results/detect_cpu.json]
+    python -m benchmarks.detect [--method unet|classical] [--seeds 100,101,102] \
+        [--stain_shift 1.0] [--weights W.npz | --params PARAMS.json] [--json FILE]
+
+(default JSON: benchmarks/results/detect_unet_cpu.json for the U-Net, detect_cpu.json
+for the classical detector). The U-Net's jit compilation happens on the first accuracy
+section (its time is in that section's `seconds`), so the study-scale timing is warm.
 
 Targets (issue 13): F1 >= 0.95 and mean IoU >= 0.85, on the held-out staining too.
 Times move with the machine's load, which the JSON records.
@@ -25,8 +29,10 @@ import os
 import time
 from pathlib import Path
 
+import jax
+
 from benchmarks import common
-from stagejax.detect import DetectParams, detect_slide, evaluate, load_params, pooled
+from stagejax.detect import DetectParams, choose, detect_slide, evaluate, pooled
 from stagejax.simulate import section
 from stagejax.slides import open_slide, read_geojson
 
@@ -42,10 +48,10 @@ def _render(root: Path, seed: int, mpp: float | None, shift: float, size_mm) -> 
     return out
 
 
-def _score(folder: Path, params: DetectParams) -> tuple[dict, float, int]:
+def _score(folder: Path, detector) -> tuple[dict, float, int]:
     start = time.perf_counter()
     with open_slide(folder / "section.tif") as slide:
-        found = detect_slide(slide, params).objects
+        found = detect_slide(slide, detector).objects
     seconds = time.perf_counter() - start
     return evaluate(found, read_geojson(folder / "ground_truth.geojson")), seconds, len(found)
 
@@ -57,12 +63,19 @@ def main() -> None:
     parser.add_argument("--stain_shift", type=float, default=1.0, help="held-out staining")
     parser.add_argument("--mpp", type=float, default=1.0, help="um/px of the accuracy sections")
     parser.add_argument("--size_mm", default="3.0,2.4", help="size of the accuracy sections")
+    parser.add_argument("--method", default=None, help="unet (default) or classical")
+    parser.add_argument("--weights", default=None, help="U-Net .npz (default: the shipped)")
     parser.add_argument("--params", default=None, help="PARAMS.json (default: the defaults)")
     parser.add_argument("--no_timing", action="store_true", help="skip the study-scale section")
-    parser.add_argument("--json", default="benchmarks/results/detect_cpu.json")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params) if args.params else DetectParams()
+    detector = choose.make_detector(args.method, args.weights, args.params)
+    classical = isinstance(detector, DetectParams)
+    args.json = args.json or f"benchmarks/results/detect{'' if classical else '_unet'}_cpu.json"
+    trained_on = [0, 1] if classical else detector.meta.get("training", {}).get("seeds")
+    if not classical:
+        detector.meta["file"] = detector.source
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     size_mm = section.parse_size_mm(args.size_mm)
@@ -72,10 +85,13 @@ def main() -> None:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": common.machine_info(),
         "simulated": True,
-        "params": params.__dict__,
+        "method": "classical" if classical else "unet",
+        "device": str(jax.devices()[0]),
+        "load_avg_1min_before": round(os.getloadavg()[0], 2),
+        **({"params": detector.__dict__} if classical else {"weights": detector.meta}),
         "held_out": {
             "seeds": seeds,
-            "fitted_on_seeds": [0, 1],
+            "fitted_on_seeds": trained_on,
             "mpp": args.mpp,
             "size_mm": list(size_mm),
         },  # fmt: skip
@@ -86,7 +102,7 @@ def main() -> None:
         scores = []
         for seed in seeds:
             folder = _render(root, seed, args.mpp, shift, size_mm)
-            s, seconds, n = _score(folder, params)
+            s, seconds, n = _score(folder, detector)
             scores.append(s)
             result["per_section"].append({"seed": seed, "stain_shift": shift, "seconds": seconds,
                                           "detections": n, **s["all"]})  # fmt: skip
@@ -95,7 +111,7 @@ def main() -> None:
         result["accuracy"][f"stain_shift={shift:g}"] = pooled(scores)
     if not args.no_timing:
         folder = _render(root, 1000, None, 0.0, section.STUDY_SIZE_MM)
-        s, seconds, n = _score(folder, params)
+        s, seconds, n = _score(folder, detector)
         with open_slide(folder / "section.tif") as slide:
             size = slide.dimensions
         result["timing"] = {"section_px": list(size), "mpp": section.DEFAULT_MPP,

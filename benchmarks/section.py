@@ -6,7 +6,9 @@ model's pixel size, staged end to end (detect, cut, stage) with the model of
 ``--workdir``. Scores of matched stageable tubules (IoU >= 0.5): accuracy,
 balanced and +/-1 accuracy, and the L1 distance between predicted and true
 stage-frequency vectors; beside them the same tubules cut with their
-ground-truth outline instead of the detected one.
+ground-truth outline instead of the detected one. Tubules are detected by section
+mode's detector (``config.section.detector``; default the U-Net, recorded as
+``detector``; the figures of 2026-12-01 in RESULTS.md were made with the classical one).
 
 Time (point 7): one study-scale section (4.4 x 3.5 mm at the default pixel
 size, about 20,000 x 16,000 px) staged end to end; seconds per part and
@@ -34,7 +36,7 @@ from absl import app, flags
 from benchmarks import common
 from stagejax import config as config_lib
 from stagejax import models
-from stagejax.detect.params import DetectParams
+from stagejax.detect import choose
 from stagejax.runtime import checkpoint
 from stagejax.runtime import workdir as workdir_lib
 from stagejax.section import outputs
@@ -89,12 +91,13 @@ def _truth_cut_scores(path: Path, scores: dict, sm) -> dict:
 
 def accuracy(sm, config) -> dict:
     out = {}
+    detector = choose.from_config(config.section.detector)  # section mode's (default: U-Net)
     size_mm = section_sim.parse_size_mm(FLAGS.size_mm)
     for shift in sorted({0.0, FLAGS.stain_shift}):
         rows = []
         for seed in map(int, FLAGS.seeds):
             path = _render(seed, sm.mpp, shift, size_mm) / "section.tif"
-            result, _ = run_lib.stage_slide(path, sm, DetectParams(), config)
+            result, _ = run_lib.stage_slide(path, sm, detector, config)
             auto = truth_lib.compare(result, truth_lib.truth_file(path))
             gt = _truth_cut_scores(path, auto, sm)
             auto.pop("pairs")
@@ -123,7 +126,8 @@ def time_section(path: Path, sm: StageModel, config: ml_collections.ConfigDict) 
     temporary folder) once: seconds per part, tubules/s, peak RSS of this process."""
     load = os.getloadavg()[0]
     t = time.perf_counter()
-    result, times = run_lib.stage_slide(path, sm, DetectParams(), config)
+    detector = choose.from_config(config.section.detector)
+    result, times = run_lib.stage_slide(path, sm, detector, config)
     with tempfile.TemporaryDirectory() as tmp:
         t_write = time.perf_counter()
         outputs.write_section_outputs(Path(tmp), result)
@@ -192,6 +196,7 @@ def main(argv) -> None:
             image_size=sm.image_size,
             crop_size=config.crop_size,
         )
+        result["detector"] = choose.describe(choose.from_config(config.section.detector))
         result["accuracy"] = accuracy(sm, config)
         if FLAGS.timing:
             result["timing"]["demo_model"] = timing(sm, config)

@@ -76,7 +76,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.section_path = ""
     c.section = ml_collections.ConfigDict()
     c.section.slide_mpp = 0.0  # um/px of the slides (0: from each file's metadata).
-    c.section.detector = ""  # PARAMS.json of `python -m stagejax.detect train` ("": defaults).
+    # Tubule detector: unet (the shipped U-Net weights), classical (its default
+    # parameters), a PARAMS.json or a U-Net .npz of `python -m stagejax.detect train`.
+    c.section.detector = "unet"
     c.section.review_below = 0.5  # Tubules staged with less confidence go to review.csv.
     c.section.seed = 1000  # The simulated section's seed (held out from the detector's fit).
     c.section.size_mm = "4.4,3.5"  # The simulated section's width,height in mm.

@@ -75,7 +75,7 @@ def test_detection_finds_the_drawn_tubules(drawn):
 def test_cli_writes_qupath_geojson_and_overlay(drawn, tmp_path):
     path, _, truth = drawn
     out = tmp_path / "out"
-    proc = _cli("--slide", str(path), "--out", str(out))
+    proc = _cli("--slide", str(path), "--out", str(out), "--method=classical")
     assert proc.returncode == 0, proc.stderr
     raw = json.loads((out / "tubules.geojson").read_text())
     assert raw["type"] == "FeatureCollection"
@@ -139,8 +139,8 @@ def test_train_fits_small_tubules_and_params_file_is_used(tmp_path):
 def test_train_cli_never_worsens_f1(drawn, tmp_path):
     path, truth_path, truth = drawn
     params = tmp_path / "p.json"
-    proc = _cli("train", "--slides", str(path), "--annotations", str(truth_path),
-                "--out", str(params), "--sweeps", "1")  # fmt: skip
+    proc = _cli("train", "--method=classical", "--slides", str(path), "--annotations",
+                str(truth_path), "--out", str(params), "--sweeps", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(params.read_text())
     before = doc["fit"]["before"]["f1"]

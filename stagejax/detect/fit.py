@@ -1,11 +1,12 @@
-"""`train`: fitting the detector's parameters to a lab's annotated sections.
+"""`train --method=classical`: the classical detector's parameters fitted to annotated sections.
 
 This is a parameter fit of a CLASSICAL detector (thresholds, smoothing,
 morphology, size and shape limits, watershed seeds), not the training of a
 neural network: a coordinate search over a small grid per parameter, keeping a
 change only when it raises the F1 at IoU >= 0.5 (ties: the mean IoU) pooled
 over the annotated sections. It therefore never ends worse than where it
-started (the defaults, or --params). A learned (U-Net) detector is not built yet.
+started (the defaults, or --params). The learned (U-Net) detector is trained
+instead by `stagejax.detect.train_unet` (`train --method=unet`).
 
 Annotations are QuPath GeoJSON exports: every polygon is a ground-truth tubule,
 except objects classified "Region", which mark the part of the slide that was
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import shapely
 
-from stagejax.detect import metrics, pipeline, segment
+from stagejax.detect import metrics, pipeline
 from stagejax.detect.params import FEATURES, DetectParams
 from stagejax.errors import ConfigError, DatasetError
 from stagejax.slides import SlideObject, open_slide, read_geojson
@@ -69,10 +70,11 @@ class Section:
                 self._coarse[work_mpp] = rgb, mpp, scale, slide.mpp
         return self._coarse[work_mpp]
 
-    def score(self, params: DetectParams) -> dict:
-        rgb, mpp, scale, slide_mpp = self.coarse(params.work_mpp)
-        labels, _ = segment.segment(rgb, mpp, params)
-        grow = pipeline.grow_px(params, slide_mpp)
+    def score(self, detector) -> dict:
+        """Scores of `detector` (DetectParams, or a learned detector) on this section."""
+        rgb, mpp, scale, slide_mpp = self.coarse(detector.work_mpp)
+        labels, _ = pipeline.segment_coarse(detector, rgb, mpp)
+        grow = pipeline.grow_px(detector, slide_mpp)
         polys = pipeline.outlines(labels, scale, grow) if labels.max() else []
         if self.region is not None:
             polys = [p for p in polys if self.region.contains(p.centroid)]

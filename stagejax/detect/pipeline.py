@@ -68,9 +68,16 @@ def outlines(labels: np.ndarray, scale: tuple[float, float], grow: float = 0.0) 
     return polys
 
 
-def grow_px(params: DetectParams, mpp: float) -> float:
+def grow_px(params, mpp: float) -> float:
     """`params.grow_um` in level-0 pixels of a slide of `mpp` um/px."""
     return params.grow_um / mpp
+
+
+def segment_coarse(detector, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(instance labels, tissue mask) of a coarse image by either detector."""
+    if isinstance(detector, DetectParams):
+        return segment.segment(rgb, mpp, detector)
+    return detector.segment(rgb, mpp)
 
 
 def _edge_cut(labels: np.ndarray, tissue: np.ndarray) -> np.ndarray:
@@ -81,15 +88,18 @@ def _edge_cut(labels: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     return touching > 0
 
 
-def detect_slide(slide: Slide, params: DetectParams) -> Detection:
-    """The tubule cross-sections of `slide`; one-line DatasetError if none (or no tissue)."""
-    rgb, mpp, scale = read_coarse(slide, params.work_mpp)
-    labels, tissue = segment.segment(rgb, mpp, params)
+def detect_slide(slide: Slide, detector) -> Detection:
+    """The tubule cross-sections of `slide`; one-line DatasetError if none (or no tissue).
+
+    `detector`: DetectParams (the classical detector) or a learned one
+    (`stagejax.detect.learned.UNetDetector`, e.g. from `weights.load_weights`)."""
+    rgb, mpp, scale = read_coarse(slide, detector.work_mpp)
+    labels, tissue = segment_coarse(detector, rgb, mpp)
     tissue_mm2 = segment.tissue_area_mm2(tissue, mpp)
     if tissue_mm2 < MIN_TISSUE_MM2:
         raise DatasetError(
             f"{slide.path}: no tissue found ({tissue_mm2:.3f} mm^2 darker than glass at "
-            f"optical density {params.tissue_od:g}); is it a blank or overexposed scan?"
+            f"optical density {detector.tissue_od:g}); is it a blank or overexposed scan?"
         )
     if labels.max() == 0:
         raise DatasetError(
@@ -108,7 +118,7 @@ def detect_slide(slide: Slide, params: DetectParams) -> Detection:
             measurements={"Area um^2": round(float(areas[i]), 1)},
             properties={"stageable": bool(areas[i] >= STAGEABLE_MIN_UM2 and not edge[i])},
         )
-        for i, poly in enumerate(outlines(labels, scale, grow_px(params, slide.mpp)))
+        for i, poly in enumerate(outlines(labels, scale, grow_px(detector, slide.mpp)))
     ]
     log.info("%s: %d tubules in %.2f mm^2 of tissue", slide.path, len(objects), tissue_mm2)
     return Detection(objects, rgb, labels, mpp, scale)

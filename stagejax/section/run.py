@@ -27,8 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stagejax import stages
+from stagejax.detect import choose
 from stagejax.detect import pipeline as detect_lib
-from stagejax.detect.params import DetectParams, load_params
 from stagejax.errors import ConfigError, DatasetError, WorkdirError
 from stagejax.runtime import files
 from stagejax.section import outputs, truth
@@ -80,9 +80,9 @@ def check_slides(paths: list[Path], slide_mpp: float | None) -> None:
             raise DatasetError(f"{path}: same output name as {other}; rename one of them")
 
 
-def _detector(config: ml_collections.ConfigDict) -> DetectParams:
-    path = config.section.detector
-    return load_params(path) if path else DetectParams()
+def _detector(config: ml_collections.ConfigDict):
+    """DetectParams (classical) or a UNetDetector, from ``config.section.detector``."""
+    return choose.from_config(config.section.detector)
 
 
 def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
@@ -94,7 +94,7 @@ def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
 
 
 def stage_slide(
-    path: Path, sm: StageModel, params: DetectParams, config: ml_collections.ConfigDict
+    path: Path, sm: StageModel, params, config: ml_collections.ConfigDict
 ) -> tuple[outputs.SectionResult, dict[str, float]]:
     """Detect, cut and stage one slide; (its result, seconds per part)."""
     times: dict[str, float] = {}
@@ -171,12 +171,15 @@ def _should_stage(out_dir: Path, sm: StageModel, overwrite: bool) -> bool:
     )
 
 
-def _write_slide(out_dir: Path, result, times, sm: StageModel, truth_path) -> dict:
+def _write_slide(
+    out_dir: Path, result, times, sm: StageModel, truth_path, detector: str = ""
+) -> dict:
     """All outputs of one slide, swapped in as one folder; returns its section.json."""
     counts = outputs.stage_counts(result)
     done = {
         "slide": result.slide_path,
         "slide_mpp": result.mpp,
+        "detector": detector,
         "model": sm.fingerprint,
         "model_mpp": sm.mpp,
         "image_size": sm.image_size,
@@ -254,7 +257,7 @@ def _stage_one(path: Path, root: Path, sm, params, config, where: str) -> None:
         return
     t = time.perf_counter()
     result, times = stage_slide(path, sm, params, config)
-    done = _write_slide(out_dir, result, times, sm, truth.truth_file(path))
+    done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), choose.describe(params))
     log.info(
         "%s (%s): %d tubules (%d stageable) in %.1f s -> %s",
         path.name,
