@@ -203,7 +203,7 @@ def test_run_child_without_a_result_is_an_error_not_an_exception():
 
 
 def test_run_child_reports_the_end_of_a_crash():
-    out = common.run_child("benchmarks.gpu_suite", {"part": "prepare"}, timeout=120)
+    out = common.run_child("benchmarks.gpu_suite_parts", {"part": "prepare"}, timeout=120)
     assert "exit code 1" in out["error"] and "KeyError" in out["error"]
 
 
