@@ -8,6 +8,7 @@ measured in a fresh process and the parent only collects JSON.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import importlib
@@ -324,6 +325,15 @@ def finish(
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def child_main(children: dict[str, Callable[[dict], dict]], argv: list[str] | None = None) -> None:
+    """``python -m MODULE --child JOB_JSON`` for a module of several child kinds:
+    runs ``children[job["part"]]`` and prints its JSON for `run_child`."""
+    p = argparse.ArgumentParser(description="a benchmark child process")
+    p.add_argument("--child", required=True, help="the job, as JSON")
+    job = json.loads(p.parse_args(argv).child)
+    emit(children[job["part"]](job))
 
 
 def start(parser, argv, child: Callable[[dict], dict], validate: Callable):

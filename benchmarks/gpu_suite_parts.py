@@ -10,8 +10,6 @@ that child's numbers.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from typing import TYPE_CHECKING
@@ -256,10 +254,7 @@ CHILDREN = {"prepare": prepare_child, "feeds": feed_child, "memory": memory_chil
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="a child of the GPU suite (benchmarks.gpu_suite)")
-    p.add_argument("--child", required=True, help="the job, as JSON")
-    job = json.loads(p.parse_args(argv).child)
-    common.emit(CHILDREN[job["part"]](job))
+    common.child_main(CHILDREN, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ parts run; ``section`` waits for it (the time waited is recorded) and stages it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -207,10 +206,7 @@ CHILDREN = {"render": render_child, "stage": stage_child}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="a section child of the GPU suite")
-    p.add_argument("--child", required=True, help="the job, as JSON")
-    job = json.loads(p.parse_args(argv).child)
-    common.emit(CHILDREN[job["part"]](job))
+    common.child_main(CHILDREN, argv)
 
 
 if __name__ == "__main__":

@@ -306,8 +306,8 @@ class TrainCheckpoints:
 
     def _remove_leftovers(self, name: str, settle: bool = False) -> None:
         """Temporary directories of an interrupted or failed save or removal. With
-        ``settle``, repeated until none has reappeared for 0.2 s (at most ~3 s), for
-        a failed save whose last writes may still land."""
+        ``settle`` (a failed save, whose last writes may still land), repeated until
+        none has reappeared 0.2 s later, for at most ~3 s."""
         if jax.process_index() != 0:
             return
         for _ in range(15 if settle else 1):
@@ -316,12 +316,11 @@ class TrainCheckpoints:
                 for p in self.directory(name).iterdir()
                 if TMP_MARKER in p.name or p.name.startswith(".deleting-")
             ]
-            for p in found:
-                shutil.rmtree(p, ignore_errors=True)
             if not found and settle:
                 return
-            if settle:
-                time.sleep(0.2)
+            for p in found:
+                shutil.rmtree(p, ignore_errors=True)
+            time.sleep(0.2 if settle else 0)
 
     # -- restoring --------------------------------------------------------
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
