@@ -125,9 +125,9 @@ def instances(fg: np.ndarray, dist: np.ndarray, mpp: float, post: Postprocess) -
     for i, sl in enumerate(ndimage.find_objects(regions), start=1):
         if sl is None:
             continue
-        sl = segment._grow(sl, regions.shape, 1)
+        sl = segment.grow_slice(sl, regions.shape, 1)
         own = regions[sl] == i
-        part = segment._largest(ndimage.binary_fill_holes(own))
+        part = segment.largest_part(ndimage.binary_fill_holes(own))
         if not lo <= part.sum() <= hi:
             continue
         label += 1

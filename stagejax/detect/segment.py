@@ -98,11 +98,13 @@ def split_instances(fg: np.ndarray, tissue: np.ndarray, mpp: float, p: DetectPar
     for i, sl in enumerate(ndimage.find_objects(regions), start=1):
         if sl is None:
             continue
-        sl = _grow(sl, regions.shape, 1)
+        sl = grow_slice(sl, regions.shape, 1)
         own = regions[sl] == i
-        mask = _largest(ndimage.binary_fill_holes(own & body[sl]))
+        mask = largest_part(ndimage.binary_fill_holes(own & body[sl]))
         if p.open_um / mpp >= 1:
-            mask = _largest(ndimage.binary_opening(mask, morphology.disk(round(p.open_um / mpp))))
+            mask = largest_part(
+                ndimage.binary_opening(mask, morphology.disk(round(p.open_um / mpp)))
+            )
         area = int(mask.sum())
         if not min_px <= area <= max_px:
             continue
@@ -158,13 +160,13 @@ def merge_split(regions: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndarr
     return segmentation.relabel_sequential(lut[regions])[0]
 
 
-def _grow(sl: tuple[slice, slice], shape, by: int) -> tuple[slice, slice]:
+def grow_slice(sl: tuple[slice, slice], shape, by: int) -> tuple[slice, slice]:
     return tuple(
         slice(max(s.start - by, 0), min(s.stop + by, n)) for s, n in zip(sl, shape, strict=True)
     )
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
+def largest_part(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected part of `mask` (watershed can leave crumbs)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
     if n <= 1:

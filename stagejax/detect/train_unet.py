@@ -86,7 +86,7 @@ def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
-        sl = segment._grow(sl, labels.shape, 1)
+        sl = segment.grow_slice(sl, labels.shape, 1)
         own = labels[sl] == i
         d = ndimage.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1]
         dist[sl][own] = (d[own] / d.max()).astype(np.float32)
