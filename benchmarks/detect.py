@@ -10,6 +10,13 @@ about 20,000 x 16,000 px), reading included.
 
     python -m benchmarks.detect [--method unet|classical] [--seeds 100,101,102] \
         [--stain_shift 1.0] [--weights W.npz | --params PARAMS.json] [--json FILE]
+    python -m benchmarks.detect --real ../shared/real [--overlays DIR] [--finetune_steps N]
+
+`--real`: REAL sections (H&E, downsampled figure images; `benchmarks.real_sections`):
+section A scored against the experts' outlines, overlays of A, B and D written outside
+the repository (default /tmp/stagejax_real_overlays), and with `--finetune_steps` the
+fine-tuning curve (10, 30 and all tubules of A's top part; scored on the bottom part).
+Skips with a message when the folder is absent. JSON: detect_real_cpu.json.
 
 (default JSON: benchmarks/results/detect_unet_cpu.json for the U-Net, detect_cpu.json
 for the classical detector). The U-Net's jit compilation happens on the first accuracy
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks import common
+from benchmarks import common, real_sections
 from stagejax.detect import DetectParams, choose, detect_slide, evaluate, pooled
 from stagejax.simulate import section
 from stagejax.slides import open_slide, read_geojson
@@ -68,9 +75,14 @@ def main() -> None:
     parser.add_argument("--params", default=None, help="PARAMS.json (default: the defaults)")
     parser.add_argument("--no_timing", action="store_true", help="skip the study-scale section")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--real", default=None, help="folder of the REAL images (shared/real)")
+    parser.add_argument("--overlays", default="/tmp/stagejax_real_overlays")
+    parser.add_argument("--finetune_steps", type=int, default=0, help="--real: fine-tuning curve")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     detector = choose.make_detector(args.method, args.weights, args.params)
+    if args.real is not None:
+        return real_main(args, detector)
     classical = isinstance(detector, DetectParams)
     args.json = args.json or f"benchmarks/results/detect{'' if classical else '_unet'}_cpu.json"
     trained_on = [0, 1] if classical else detector.meta.get("training", {}).get("seeds")
@@ -123,6 +135,38 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("accuracy",) if k in result}, indent=1))
     if "timing" in result:
         print(json.dumps({k: v for k, v in result["timing"].items() if k != "accuracy"}))
+
+
+def real_main(args, detector) -> None:
+    """The REAL-section benchmark (see the module docstring)."""
+    real = Path(args.real)
+    if not (real / real_sections.TRUTH).exists():
+        print(f"skipped: {real} has no {real_sections.TRUTH} (the real images are not here)")
+        return
+    classical = isinstance(detector, DetectParams)
+    result = {
+        "command": common.command_line("benchmarks.detect"),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": common.machine_info(),
+        "data": "REAL, H&E, downsampled figure image (shared/real); not simulated",
+        "method": "classical" if classical else "unet",
+        "weights": None if classical else detector.source,
+        "device": str(jax.devices()[0]),
+        "load_avg_1min_before": round(os.getloadavg()[0], 2),
+        "section_A": real_sections.score_section_a(detector, real),
+        "section_A_bottom": real_sections.score_section_a(detector, real, part="bottom"),
+    }
+    result["overlays"] = [
+        str(p) for p in real_sections.write_overlays(detector, real, Path(args.overlays))
+    ]
+    if args.finetune_steps:
+        result["finetune"] = real_sections.finetune_curve(
+            real, Path(args.overlays) / "finetune", (10, 30, None), args.finetune_steps
+        )
+    result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+    path = Path(args.json or "benchmarks/results/detect_real_cpu.json")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("section_A", "section_A_bottom")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ flags.DEFINE_string("init", "shipped", "train, unet: start from shipped, none or
 flags.DEFINE_integer("steps", 300, "train, unet: Adam steps.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "train, unet: peak learning rate.", lower_bound=0)
 flags.DEFINE_string("simulated_seeds", None, "train, unet: SIMULATED sections instead (e.g. 0-15).")
+flags.DEFINE_string("packed_seeds", None, "train, unet: SIMULATED packed sections too (e.g. 0-47).")
 flags.DEFINE_string("cache_dir", "~/.cache/stagejax/detect_sections", "train: simulated renders.")
 
 log = logging.getLogger(__name__)
@@ -104,15 +105,23 @@ def train_learned() -> None:
     from stagejax.detect import train_unet  # JAX/Flax only for the U-Net
 
     out = train_unet.weights_target(FLAGS.out)
+    packed = (
+        train_unet.parse_seeds(FLAGS.packed_seeds, "--packed_seeds") if FLAGS.packed_seeds else []
+    )
     if FLAGS.simulated_seeds:
         seeds = train_unet.parse_seeds(FLAGS.simulated_seeds)
         sections = train_unet.simulated_sections(seeds, FLAGS.cache_dir)
         about = train_unet.simulated_about(seeds)
-    else:
+    elif FLAGS.slides:
         sections = fit.load_sections(FLAGS.slides, FLAGS.annotations, FLAGS.mpp)
         about = {"simulated": False}
+    else:
+        sections, about = [], {"simulated": True}
+    if packed:
+        about["packed_seeds"] = packed
+        about["packed_size_mm"] = list(train_unet.PACKED_SIZE_MM)
     spec = train_unet.TrainSpec(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate)
-    record = train_unet.run(sections, FLAGS.init, spec, out, about)
+    record = train_unet.run(sections, FLAGS.init, spec, out, about, packed)
     keys = ("f1_before", "f1_after", "mean_iou_after", "loss_first_100", "loss_last_100")
     print(json.dumps({k: record[k] for k in keys if k in record}))
     print(f"wrote {out}")
@@ -122,11 +131,12 @@ def train_command() -> None:
     method = FLAGS.method or ("classical" if FLAGS.params else choose.DEFAULT_METHOD)
     if method not in choose.METHODS:
         raise ConfigError(f"--method: {method!r} is not one of {', '.join(choose.METHODS)}")
-    if not FLAGS.simulated_seeds and (not FLAGS.slides or not FLAGS.annotations):
+    simulated = FLAGS.simulated_seeds or FLAGS.packed_seeds
+    if not simulated and (not FLAGS.slides or not FLAGS.annotations):
         raise ConfigError("--slides and --annotations: required for train")
     if method == "classical":
-        if FLAGS.simulated_seeds:
-            raise ConfigError("--simulated_seeds: is for --method=unet")
+        if simulated:
+            raise ConfigError("--simulated_seeds, --packed_seeds: are for --method=unet")
         train_classical()
     else:
         if FLAGS.params:

@@ -23,8 +23,9 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 from scipy import ndimage
-from skimage import segmentation
+from skimage import filters, segmentation
 
 from stagejax.detect import segment
 from stagejax.detect.params import DetectParams
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 TILE = 384  # Tile side (coarse px); a multiple of the U-Net's pooling grid (8).
 MARGIN = 48  # Context kept around each tile's core; above the receptive radius (46 px).
 BATCH = 8  # Tiles per jitted call.
+REFERENCE_OD = 0.3  # Tissue's 80th-percentile mean optical density after `normalise_stain`.
 TRACES = {"forward": 0}  # How often the forward pass was traced (compiled), for tests.
 
 
@@ -107,6 +109,29 @@ def predict_tiled(
     return out[:h, :w]
 
 
+def normalise_stain(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB with its optical density scaled so that the tissue's 80th-percentile mean
+    density is REFERENCE_OD: pale PAS and saturated H&E sections reach the network alike.
+    One factor for the whole image (a gamma on intensities), so tiles stay consistent."""
+    od = segment.optical_density(rgb).mean(-1)
+    if od.max() - od.min() < 0.02:
+        return rgb  # glass (or one flat colour) alone
+    tissue = od[od > max(filters.threshold_otsu(od), 0.02)]  # Otsu: tissue apart from glass
+    if tissue.size < 100:
+        return rgb
+    k = float(np.clip(REFERENCE_OD / max(np.percentile(tissue, 80), 1e-3), 0.25, 4.0))
+    lut = 255.0 * (np.maximum(np.arange(256), 1) / 255.0) ** k
+    return np.clip(np.round(lut), 0, 255).astype(np.uint8)[rgb]
+
+
+def _resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of float (H, W, C) maps to `shape`."""
+    size = (shape[1], shape[0])
+    return np.stack(
+        [np.asarray(Image.fromarray(maps[..., c]).resize(size, Image.BILINEAR)) for c in
+         range(maps.shape[-1])], -1)  # fmt: skip
+
+
 def instances(fg: np.ndarray, dist: np.ndarray, mpp: float, post: Postprocess) -> np.ndarray:
     """int32 labels 1..N of tubule instances from foreground and distance probability maps."""
     mask = fg > post.fg_threshold
@@ -146,6 +171,7 @@ class UNetDetector:
         self.meta = dict(meta or {})
         self.grow_um = 0.0
         self.tissue_od = DetectParams().tissue_od
+        self.normalise = bool(self.meta.get("normalise_stain", False))  # older weights: off
         self._graphdef, params = nnx.split(model, nnx.Param)
         self._params = jax.device_put(params)  # once, onto the default (accelerator) device
 
@@ -158,21 +184,24 @@ class UNetDetector:
         return predict_tiled(self.forward, rgb)
 
     def segment(self, rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
-        """(tubule instance labels, tissue mask) of a coarse RGB image at `mpp` um/px."""
-        if mpp > 1.25 * self.work_mpp:
-            log.warning(
-                "the image is at %.2f um/px, coarser than the %.2f um/px the U-Net learnt; "
-                "tubules will look smaller to it (fine-tune it at this resolution)",
-                mpp,
-                self.work_mpp,
-            )
+        """(tubule instance labels, tissue mask) of a coarse RGB image at `mpp` um/px.
+
+        An image coarser than the U-Net's resolution is enlarged to it for the network
+        (tubules keep the size it learnt) and its maps brought back to `mpp`."""
         od = segment.optical_density(rgb)
         params = DetectParams()
         tissue = segment.tissue_mask(od, mpp, params)
         _, stained = segment.foreground(segment.stain_channel(od, "od"), tissue, mpp, params)
         if not stained.any():  # no stain contrast in the tissue (the classical guard): none
             return np.zeros(rgb.shape[:2], np.int32), tissue
-        maps = self.predict(rgb)
+        x = normalise_stain(rgb) if self.normalise else rgb
+        factor = mpp / self.work_mpp
+        if factor > 1.1:
+            size = (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor))
+            x = np.asarray(Image.fromarray(x).resize(size, Image.BILINEAR))
+            maps = _resize_maps(self.predict(x), rgb.shape[:2])
+        else:
+            maps = self.predict(x)
         return instances(maps[..., 0], maps[..., 1], mpp, self.post), tissue
 
     def describe(self) -> str:

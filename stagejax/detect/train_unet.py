@@ -36,7 +36,7 @@ from stagejax.detect import fit, learned, metrics, segment, unet, weights
 from stagejax.detect.params import DetectParams
 from stagejax.detect.unet import UNet
 from stagejax.errors import ConfigError, DatasetError
-from stagejax.simulate import section
+from stagejax.simulate import packed, section
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,10 @@ def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (labels > 0).astype(np.float32), dist
 
 
-def example_from_section(section: fit.Section, work_mpp: float) -> Example:
+def example_from_section(section: fit.Section, work_mpp: float, normalise: bool = False) -> Example:
     """The targets of one annotated section at `work_mpp` (region outside: weight 0)."""
     rgb, mpp, scale, _ = section.coarse(work_mpp)
+    rgb = learned.normalise_stain(rgb) if normalise else rgb
     labels = rasterise([o.geometry for o in section.truth], rgb.shape[:2], scale)
     fg, dist = targets(labels)
     if section.region is not None:
@@ -107,6 +108,23 @@ def example_from_section(section: fit.Section, work_mpp: float) -> Example:
     if not len(centres):
         raise DatasetError(f"{section.path}: no annotated tissue to train the U-Net on")
     return Example(rgb, fg, dist, weight, centres)
+
+
+def packed_examples(seeds: Sequence[int], work_mpp: float, normalise: bool) -> list[Example]:
+    """SIMULATED packed sections (`stagejax.simulate.packed`, each its own look) as examples."""
+    out = []
+    start = time.monotonic()
+    for k, seed in enumerate(seeds):
+        sec = packed.render_packed(int(seed), PACKED_SIZE_MM, work_mpp)
+        rgb = learned.normalise_stain(sec.rgb) if normalise else sec.rgb
+        fg, dist = targets(sec.labels)
+        tissue = segment.tissue_mask(segment.optical_density(rgb), work_mpp, DetectParams())
+        out.append(Example(rgb, fg, dist, np.ones(fg.shape, np.float32),
+                           np.argwhere(tissue | (fg > 0))))  # fmt: skip
+        if (k + 1) % 10 == 0 or k + 1 == len(seeds):
+            log.info("packed sections: %d/%d rendered (%.0f s)", k + 1, len(seeds),
+                     time.monotonic() - start)  # fmt: skip
+    return out
 
 
 def sample_batch(rng: np.random.Generator, examples: Sequence[Example], spec: TrainSpec) -> dict:
@@ -198,14 +216,16 @@ def train(model: UNet, examples: Sequence[Example], spec: TrainSpec) -> dict:
     step = make_train_step(graphdef, tx, spec)
     rng, key = np.random.default_rng(spec.seed), jax.random.key(spec.seed)
     losses, start = [], time.monotonic()
+    every = max(1, min(100, spec.steps // 20))  # progress about every 5%
     for i in range(spec.steps):
         batch = sample_batch(rng, examples, spec)
         params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(key, i))
         losses.append(loss)
-        if (i + 1) % 100 == 0 or i + 1 == spec.steps:
-            recent = float(np.mean(jax.device_get(losses[-100:])))
-            log.info("step %d/%d: loss %.4f (%.0f s)", i + 1, spec.steps, recent,
-                     time.monotonic() - start)  # fmt: skip
+        if (i + 1) % every == 0 or i + 1 == spec.steps:
+            recent = float(np.mean(jax.device_get(losses[-every:])))
+            took = time.monotonic() - start
+            log.info("step %d/%d: loss %.4f, %.0f s, about %.0f s left", i + 1, spec.steps,
+                     recent, took, took / (i + 1) * (spec.steps - i - 1))  # fmt: skip
     nnx.update(model, params)
     losses = [float(v) for v in jax.device_get(losses)]
     return {
@@ -220,6 +240,7 @@ def train(model: UNet, examples: Sequence[Example], spec: TrainSpec) -> dict:
 
 TRAIN_SHIFTS = (0.0, 0.3, -0.3, 0.5, -0.5)  # Stainings of the training sections (not 1.0).
 TRAIN_SIZE_MM = (3.0, 2.4)
+PACKED_SIZE_MM = (2.5, 2.5)
 RENDER_MPP = 1.25  # Rendered finer than work_mpp and box-averaged, as real scans are read.
 HELD_OUT_SEEDS = {100, 101, 102, 1000}  # benchmarks/detect.py and section mode's demo
 
@@ -249,7 +270,7 @@ def simulated_sections(seeds: Sequence[int], cache_dir) -> list[fit.Section]:
     return fit.load_sections(slides, truths, None)
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, flag: str = "--simulated_seeds") -> list[int]:
     """'0-15' or '0,3,7' -> seeds; one-line ConfigError otherwise."""
     try:
         seeds = []
@@ -257,11 +278,10 @@ def parse_seeds(text: str) -> list[int]:
             lo, _, hi = part.strip().partition("-")
             seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
     except ValueError:
-        raise ConfigError(f"--simulated_seeds: {text!r} is not like 0-15 or 0,3,7") from None
+        raise ConfigError(f"{flag}: {text!r} is not like 0-15 or 0,3,7") from None
     if not seeds or min(seeds) < 0 or HELD_OUT_SEEDS & set(seeds):
         raise ConfigError(
-            f"--simulated_seeds: {text!r} must be seeds >= 0, none of the held-out "
-            f"{sorted(HELD_OUT_SEEDS)}"
+            f"{flag}: {text!r} must be seeds >= 0, none of the held-out {sorted(HELD_OUT_SEEDS)}"
         )
     return seeds
 
@@ -279,38 +299,47 @@ def weights_target(out: str | None) -> Path:
     return path if path.suffix.lower() == ".npz" else path / weights.SHIPPED_NAME
 
 
-def _start(init: str, seed: int) -> tuple[UNet, float, learned.Postprocess, str]:
-    """(model, its work_mpp, post-processing, what it started from) for --init."""
+def _start(init: str, seed: int) -> learned.UNetDetector:
+    """The detector --init names: a new U-Net (stain-normalised input), or loaded weights."""
     if init == "none":
-        model = unet.create(seed=seed)
-        return model, DetectParams().work_mpp, learned.Postprocess(), "none (random)"
-    det = weights.load_weights(None if init == "shipped" else init)
-    return det.model, det.work_mpp, det.post, det.source
+        meta = {"normalise_stain": True}
+        return learned.UNetDetector(unet.create(seed=seed), DetectParams().work_mpp,
+                                    learned.Postprocess(), "none (random)", meta)  # fmt: skip
+    return weights.load_weights(None if init == "shipped" else init)
 
 
 def _pooled_score(detector, sections: Sequence[fit.Section]) -> dict:
     return metrics.pooled([s.score(detector) for s in sections])["all"]
 
 
-def run(sections: Sequence[fit.Section], init: str, spec: TrainSpec, out: Path, about=None) -> dict:
-    """Trains from `init` on `sections`, writes `out` (and its .json); returns the record
-    (`about` added), with F1 at IoU >= 0.5 on the training sections before (unless from
-    scratch) and after."""
-    model, work_mpp, post, started = _start(init, spec.seed)
-    record: dict = {"init": started, **(about or {})}
-    if init != "none":
-        before = _pooled_score(learned.UNetDetector(model, work_mpp, post, started), sections)
-        record["f1_before"] = before["f1"]
-    examples = [example_from_section(s, work_mpp) for s in sections]
+def run(
+    sections: Sequence[fit.Section],
+    init: str,
+    spec: TrainSpec,
+    out: Path,
+    about=None,
+    packed_seeds: Sequence[int] = (),
+) -> dict:
+    """Trains from `init` on `sections` (and SIMULATED packed sections `packed_seeds`),
+    writes `out` (and its .json); returns the record (`about` added), with F1 at
+    IoU >= 0.5 on `sections` before (unless from scratch) and after."""
+    start = _start(init, spec.seed)
+    model, work_mpp, post, norm = start.model, start.work_mpp, start.post, start.normalise
+    record: dict = {"init": start.source, **(about or {})}
+    if init != "none" and sections:
+        record["f1_before"] = _pooled_score(start, sections)["f1"]
+    examples = [example_from_section(s, work_mpp, norm) for s in sections]
+    examples += packed_examples(packed_seeds, work_mpp, norm)
     record.update(train(model, examples, spec))
-    after = _pooled_score(learned.UNetDetector(model, work_mpp, post, str(out)), sections)
-    record.update(f1_after=after["f1"], mean_iou_after=after["mean_iou"])
+    meta = {"work_mpp": work_mpp, "postprocess": dataclasses.asdict(post), "normalise_stain": norm}
+    if sections:
+        after = _pooled_score(learned.UNetDetector(model, work_mpp, post, str(out), meta), sections)
+        record.update(f1_after=after["f1"], mean_iou_after=after["mean_iou"])
     record.update(
         command=shlex.join(["python", "-m", "stagejax.detect", *sys.argv[1:]]),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         sections=[str(s.path) for s in sections],
         scores_on="the training sections (in-sample)",
     )
-    meta = {"work_mpp": work_mpp, "postprocess": dataclasses.asdict(post), "training": record}
-    weights.save_weights(out, model, meta)
+    weights.save_weights(out, model, {**meta, "training": record})
     return record

@@ -22,6 +22,13 @@ Commands:
     does not publish: a mouse tubule is ~200 um across and fills ~0.8 of its 1,152 px
     images (the tubule simulator's default), so 200 / (0.8 x 1,152) = 0.217 um/px.
 
+  packed    a SIMULATED section at detection scale, packed and hard the way real
+            sections are (touching tubules, lengthwise cuts, H&E or PAS from pale to
+            saturated, coarse JPEG scans; stagejax.simulate.packed), the kind the
+            tubule detector is trained on, with ground_truth.geojson:
+
+    python -m stagejax.simulate packed --out DIR --seed 0 [--mpp 2.5] [--size_mm 3.4,4.2]
+
 --out must be a new or empty folder; the dataset (or section) appears there only once
 complete. Bad arguments are one `error:` line and exit status 2.
 """
@@ -170,7 +177,22 @@ def section_command() -> None:
     section.render_section(FLAGS.out, FLAGS.seed, FLAGS.mpp, FLAGS.stain_shift, size)
 
 
-COMMANDS: dict[str, Callable[[], None]] = {"tubules": tubules_command, "section": section_command}
+def packed_command() -> None:
+    """``packed``: one packed section at detection scale and its ground truth."""
+    from stagejax.simulate import packed
+
+    if not FLAGS.out:
+        raise ConfigError("--out: required (the folder to write)")
+    size = section.parse_size_mm(FLAGS.size_mm)
+    out = packed.write_packed(FLAGS.out, FLAGS.seed, size, FLAGS.mpp or packed.DETECT_MPP)
+    log.info("wrote SIMULATED packed section %s", out)
+
+
+COMMANDS: dict[str, Callable[[], None]] = {
+    "tubules": tubules_command,
+    "section": section_command,
+    "packed": packed_command,
+}
 
 
 def main() -> None:

@@ -145,7 +145,7 @@ class Layout:
     angles: dict[str, np.ndarray]  # Orientation of the elongated ones (radians).
 
 
-def _outline(rng: np.random.Generator, width: float, height: float) -> Outline:
+def make_outline(rng: np.random.Generator, width: float, height: float) -> Outline:
     wave = rng.normal(0, 0.018, 4) / np.arange(1, 5)
     ra = 0.5 * width - MARGIN_UM
     rb = 0.5 * height - MARGIN_UM
@@ -345,7 +345,7 @@ def plan_section(seed: int, size_mm: tuple[float, float]) -> Layout:
     """The anatomy of section ``seed`` of ``size_mm`` (width, height): no pixels."""
     width, height = 1000.0 * size_mm[0], 1000.0 * size_mm[1]
     gx, gy = _raster(width, height)
-    outline = _outline(
+    outline = make_outline(
         np.random.default_rng(np.random.SeedSequence([seed, _OUTLINE])), width, height
     )
     rng = np.random.default_rng(np.random.SeedSequence([seed, _PACKING]))

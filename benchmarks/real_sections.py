@@ -1,0 +1,254 @@
+"""Tubule detection on REAL sections: ../shared/real (H&E, downsampled figure images).
+
+Section A has the experts' hand-traced outlines, split into instances
+(`section_A_tubule_instances.png`, 16-bit, 0 = background, k = tubule k); a
+detection counts when it is matched one to one with a tubule at IoU >= 0.5
+(`stagejax.detect.metrics`, the same rule as the simulated benchmark). The pixel
+IoU compares the union of all detections with the experts' mask. Sections B and D
+have no outlines: their overlays are written for a person to look at.
+
+The real images are never committed: overlays go to `--overlays` (default a folder
+outside the repository), and the figures are reported as "real, H&E, downsampled
+figure image", apart from the simulated ones. Section A is an evaluation set: no
+default is tuned to it (see ../shared/real/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from shapely.geometry import box
+
+from stagejax.detect import detect_slide, evaluate, overlay
+from stagejax.detect.pipeline import outlines
+from stagejax.errors import DatasetError
+from stagejax.slides import SlideObject, open_slide
+
+log = logging.getLogger(__name__)
+
+# (file, um/px stated in ../shared/real/README.md). D's "about 5-6" is taken as 5.5.
+SECTIONS = {"A": ("section_A_HE.png", 3.0), "B": ("section_B_HE.png", 3.0),
+            "D": ("section_D_HE.png", 5.5)}  # fmt: skip
+TRUTH = "section_A_tubule_instances.png"
+SPLIT_ROW = 700  # Fine-tuning split of section A: tubules wholly above this row train.
+
+
+@dataclasses.dataclass
+class Truth:
+    """Section A's expert tubules: instance labels and one polygon per tubule (px)."""
+
+    labels: np.ndarray
+    polygons: list
+
+    def objects(self, keep=None) -> list[SlideObject]:
+        idx = range(len(self.polygons)) if keep is None else keep
+        return [SlideObject(geometry=self.polygons[i], classification="Tubule") for i in idx]
+
+
+def read_truth(real_dir: Path) -> Truth:
+    labels = np.asarray(Image.open(real_dir / TRUTH)).astype(np.int32)
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    dense = np.zeros(int(labels.max()) + 1, np.int32)
+    dense[ids] = np.arange(1, len(ids) + 1)  # consecutive labels for `outlines`
+    labels = dense[labels]
+    return Truth(labels, outlines(labels, (1.0, 1.0)))
+
+
+def split_top_bottom(truth: Truth, row: int = SPLIT_ROW) -> tuple[list[int], list[int]]:
+    """(tubules wholly above `row`, tubules wholly below it): the fine-tuning split."""
+    top = [i for i, p in enumerate(truth.polygons) if p.bounds[3] <= row]
+    bottom = [i for i, p in enumerate(truth.polygons) if p.bounds[1] >= row]
+    return top, bottom
+
+
+def pixel_iou(detected: list, truth_labels: np.ndarray, scale=(1.0, 1.0)) -> float:
+    """IoU of the union of detected polygons with the union of the truth's tubules."""
+    from skimage import draw
+
+    mask = np.zeros(truth_labels.shape, bool)
+    for poly in detected:
+        for part in getattr(poly, "geoms", [poly]):
+            x, y = np.asarray(part.exterior.coords).T
+            rr, cc = draw.polygon(y / scale[1] - 0.5, x / scale[0] - 0.5, mask.shape)
+            mask[rr, cc] = True
+    gt = truth_labels > 0
+    union = (mask | gt).sum()
+    return float((mask & gt).sum() / union) if union else 0.0
+
+
+def _detect(slide, detector) -> list[SlideObject]:
+    """The detections, none when the detector finds no tubule (a score, not an error)."""
+    try:
+        return detect_slide(slide, detector).objects
+    except DatasetError as e:
+        log.warning("%s", e)
+        return []
+
+
+def score_section_a(detector, real_dir: Path, part: str = "all") -> dict:
+    """P, R, F1 at IoU >= 0.5, mean IoU, pixel IoU of `detector` on section A.
+
+    `part`: "all", or "bottom" (tubules wholly below SPLIT_ROW, detections whose
+    centroid lies below it: the held-out part of the fine-tuning experiment)."""
+    name, mpp = SECTIONS["A"]
+    truth = read_truth(real_dir)
+    start = time.perf_counter()
+    with open_slide(real_dir / name, mpp) as slide:
+        found = _detect(slide, detector)
+    seconds = time.perf_counter() - start
+    keep = None
+    if part == "bottom":
+        keep = split_top_bottom(truth)[1]
+        h, w = truth.labels.shape
+        below = box(0, SPLIT_ROW, w, h)
+        found = [o for o in found if below.contains(o.geometry.centroid)]
+    scores = evaluate(found, truth.objects(keep))["all"]
+    labels = truth.labels
+    if keep is not None:
+        labels = np.where(np.isin(labels, np.asarray(keep) + 1), labels, 0)
+        labels[:SPLIT_ROW] = 0
+    scores["pixel_iou"] = pixel_iou([o.geometry for o in found], labels)
+    scores["seconds"] = round(seconds, 2)
+    return scores
+
+
+def write_overlays(detector, real_dir: Path, out: Path) -> list[Path]:
+    """Detections (green; section A's expert outlines in blue) over sections A, B, D."""
+    out.mkdir(parents=True, exist_ok=True)
+    truth = read_truth(real_dir)
+    written = []
+    for key, (name, mpp) in SECTIONS.items():
+        if not (real_dir / name).exists():
+            continue
+        with open_slide(real_dir / name, mpp) as slide:
+            try:
+                det = detect_slide(slide, detector)
+            except DatasetError as e:
+                log.warning("%s: no overlay (%s)", name, e)
+                continue
+        img = overlay(det, truth.objects() if key == "A" else None)
+        path = out / f"section_{key}_detections.png"
+        img.save(path)
+        written.append(path)
+        log.info("%s: %d detections -> %s", name, len(det.objects), path)
+    return written
+
+
+def finetune_annotations(real_dir: Path, out: Path, count: int | None, seed: int = 0) -> Path:
+    """GeoJSON of `count` (None: all) tubules of section A's top part, with the Region a
+    lab would have annotated: the top box for all of them; around the chosen ones (less
+    every other tubule) for a subset."""
+    import shapely
+
+    from stagejax.slides import write_geojson
+
+    truth = read_truth(real_dir)
+    top, _ = split_top_bottom(truth)
+    h, w = truth.labels.shape
+    if count is None or count >= len(top):
+        chosen = top
+        others = [p for i, p in enumerate(truth.polygons) if i not in set(top)]
+        region = box(0, 0, w, SPLIT_ROW).difference(shapely.union_all(others).buffer(2))
+    else:
+        chosen = sorted(np.random.default_rng(seed).choice(top, count, replace=False).tolist())
+        others = [p for i, p in enumerate(truth.polygons) if i not in set(chosen)]
+        near = shapely.union_all([truth.polygons[i].buffer(12) for i in chosen])
+        region = near.difference(shapely.union_all(others).buffer(2))
+    objects = truth.objects(chosen) + [SlideObject(geometry=region, classification="Region")]
+    path = out / f"section_A_top_{len(chosen)}.geojson"
+    out.mkdir(parents=True, exist_ok=True)
+    write_geojson(path, objects)
+    return path
+
+
+def finetune_curve(real_dir: Path, out: Path, counts, steps: int) -> list[dict]:
+    """Fine-tune the shipped U-Net on `counts` top tubules of section A; score the bottom."""
+    from stagejax.detect import fit, load_weights, train_unet
+
+    rows = []
+    name, mpp = SECTIONS["A"]
+    for count in counts:
+        ann = finetune_annotations(real_dir, out, count)
+        sections = fit.load_sections([str(real_dir / name)], [str(ann)], mpp)
+        spec = train_unet.TrainSpec(steps=steps, learning_rate=1e-3)
+        weights = out / f"unet_top_{ann.stem.rsplit('_', 1)[1]}.npz"
+        start = time.perf_counter()
+        record = train_unet.run(sections, "shipped", spec, weights, {"simulated": False})
+        seconds = time.perf_counter() - start
+        bottom = score_section_a(load_weights(weights), real_dir, part="bottom")
+        rows.append({"tubules": len(sections[0].truth), "steps": steps,
+                     "train_seconds": round(seconds, 1), "f1_top_before": record.get("f1_before"),
+                     "f1_top_after": record["f1_after"], "bottom": bottom})  # fmt: skip
+        log.info("fine-tuned on %d tubules: bottom F1 %.3f", rows[-1]["tubules"], bottom["f1"])
+    return rows
+
+
+def describe(rgb: np.ndarray, labels: np.ndarray | None = None, mpp: float = 3.0) -> dict:
+    """Numbers that describe a section's look: tissue fraction, optical density of the
+    tissue per channel (10th/50th/90th percentiles), glass RGB; with labels, tubule
+    count and median equivalent diameter (um)."""
+    from stagejax.detect import segment
+
+    od = segment.optical_density(rgb)
+    mean = od.mean(-1)
+    tissue = mean > 0.08
+    pct = np.percentile(od[tissue], [10, 50, 90], 0).round(3).tolist()
+    out = {"tissue_fraction": round(float(tissue.mean()), 2), "tissue_od_p10_p50_p90_rgb": pct,
+           "glass_rgb": np.median(rgb[mean < 0.03], 0).round().tolist()}  # fmt: skip
+    if labels is not None and labels.max():
+        areas = np.bincount(labels.ravel())[1:] * mpp**2
+        out["tubules"] = int((areas > 0).sum())
+        out["median_diameter_um"] = round(float(np.median(2 * np.sqrt(areas / np.pi))), 1)
+    return out
+
+
+def packed_sheet(real_dir: Path, png: Path, seeds=(1, 3, 5, 8)) -> Path:
+    """docs picture: SIMULATED packed sections with their numbers, beside the numbers
+    (never the pixels) of the real sections B and D and the real PAS tubule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stagejax.simulate import packed
+
+    lines = ["REAL (numbers only; images not shown):"]
+    for key in ("B", "D"):
+        name, mpp = SECTIONS[key]
+        rgb = np.asarray(Image.open(real_dir / name).convert("RGB"))
+        lines.append(f"section {key} (H&E, ~{mpp:g} um/px): {_text(describe(rgb, mpp=mpp))}")
+    rgb = np.asarray(Image.open(real_dir / "tubule_PAS_unlabelled.png").convert("RGB"))
+    lines.append(f"study's PAS tubule (~0.7 um/px): {_text(describe(rgb, mpp=0.7))}")
+    lines.append("All: tubules packed, touching, split by thin white clefts; lengthwise "
+                 "bands under the tunica; bright star-shaped lumens; JPEG figures.")  # fmt: skip
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 6.2))
+    for ax, seed in zip(axes, seeds, strict=True):
+        sec = packed.render_packed(seed, (3.4, 4.2))
+        ax.imshow(sec.rgb)
+        ax.set_axis_off()
+        lk = sec.look
+        about = _text(describe(sec.rgb, sec.labels, sec.mpp)).replace(", ", "\n", 1)
+        ax.set_title(f"SIMULATED seed {seed}: {lk['stain']}\nH {lk['h_od']:.2f}, 2nd "
+                     f"{lk['e_od']:.2f} OD; scan {lk['scan_mpp']:.1f} um/px, JPEG "
+                     f"{lk['jpeg']}\n{about}", fontsize=7)  # fmt: skip
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, family="monospace", va="bottom")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.17, wspace=0.03)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return Path(png)
+
+
+def _text(d: dict) -> str:
+    od = d["tissue_od_p10_p50_p90_rgb"][1]
+    extra = (
+        f", {d['tubules']} tubules of median {d['median_diameter_um']:g} um"
+        if "tubules" in d
+        else ""
+    )
+    return f"tissue {d['tissue_fraction']:.0%}, median tissue OD (R,G,B) {od}{extra}"

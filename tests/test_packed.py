@@ -1,0 +1,111 @@
+"""SIMULATED packed sections for the detector (stagejax.simulate.packed) and the U-Net's
+stain normalisation and coarse-image handling (stagejax.detect.learned)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from stagejax.detect import learned, segment
+from stagejax.simulate import packed, packed_paint
+
+SIZE = (1.2, 1.0)  # mm: small, the logic is the same
+
+
+@pytest.fixture(scope="module")
+def sections():
+    return [packed.render_packed(seed, SIZE) for seed in range(4)]
+
+
+def test_same_seed_same_pixels_and_truth(sections):
+    again = packed.render_packed(0, SIZE)
+    assert np.array_equal(again.rgb, sections[0].rgb)
+    assert np.array_equal(again.labels, sections[0].labels)
+    assert again.look == sections[0].look
+    assert not np.array_equal(sections[1].rgb, sections[0].rgb)
+
+
+def test_truth_is_consecutive_connected_instances_on_darker_pixels(sections):
+    for sec in sections:
+        n = int(sec.labels.max())
+        assert n >= 5
+        assert set(np.unique(sec.labels)) == set(range(n + 1))
+        od = segment.optical_density(sec.rgb).mean(-1)
+        glass = od[:10, :10].mean()  # a corner of the frame is glass
+        for i in range(1, n + 1):
+            own = sec.labels == i
+            assert ndimage.label(own)[1] == 1
+            assert od[own].mean() > glass + 0.02  # painted from the same labels
+
+
+def test_looks_are_randomised_per_section(sections):
+    looks = [s.look for s in sections] + [packed.render_packed(s, SIZE).look for s in (4, 5)]
+    for key in ("h_od", "e_od", "cleft_um", "scan_mpp", "radius_um"):
+        assert len({round(lk[key], 6) for lk in looks}) == len(looks), key
+
+
+def test_thin_clefts_give_touching_tubules_and_bands_lie_along_the_tunica():
+    rng = np.random.default_rng(0)
+    look = dict(packed.sample_look(rng), cleft_um=0.3, wobble_um=0.5, band_level=-3.0)
+    sec = _render_with(look)
+    # Touching: some pixel of one tubule has a 4-neighbour of another.
+    lab = sec.labels
+    pairs = (lab[:, 1:] != lab[:, :-1]) & (lab[:, 1:] > 0) & (lab[:, :-1] > 0)
+    assert pairs.sum() > 20
+    # Bands: with bands everywhere, some instances are long and thin.
+    aspects = []
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        ys, xs = np.nonzero(lab[sl] == i)
+        ev = np.linalg.eigvalsh(np.cov(np.stack([xs, ys])))
+        aspects.append(np.sqrt(ev[1] / max(ev[0], 1e-6)))
+    assert max(aspects) > 2.5
+
+
+def _render_with(look: dict):
+    """render_packed with a given look (the anatomy still drawn from seed 7)."""
+    original = packed.sample_look
+    packed.sample_look = lambda rng: (original(rng), look)[1]
+    try:
+        return packed.render_packed(7, (1.5, 1.5))
+    finally:
+        packed.sample_look = original
+
+
+def test_degrade_keeps_size_and_changes_pixels():
+    rgb = (np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8)
+    look = {"scan_mpp": 6.0, "jpeg": 40}
+    out = packed_paint.degrade(rgb, look, 2.5)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - rgb).mean() > 10  # coarser and compressed: smoothed
+
+
+def test_stain_normalisation_makes_pale_and_dark_alike(sections):
+    od = segment.optical_density(sections[0].rgb)
+    od *= 0.2 / np.percentile(od.mean(-1)[od.mean(-1) > 0.05], 80)  # a mid staining
+
+    def stained(strength):
+        return np.clip(255 * 10 ** (-strength * od), 0, 255).round().astype(np.uint8)
+
+    a = segment.optical_density(learned.normalise_stain(stained(0.6))).mean(-1)
+    b = segment.optical_density(learned.normalise_stain(stained(1.6))).mean(-1)
+    assert abs(np.percentile(a, 90) - np.percentile(b, 90)) < 0.03
+    assert np.percentile(b[b > 0.05], 80) == pytest.approx(learned.REFERENCE_OD, abs=0.05)
+    white = np.full((32, 32, 3), 255, np.uint8)
+    assert np.array_equal(learned.normalise_stain(white), white)  # glass alone: unchanged
+
+
+def test_coarse_images_are_enlarged_to_the_unets_resolution():
+    calls = []
+
+    class Probe(learned.UNetDetector):
+        def __init__(self):  # no network: record what predict is given
+            self.work_mpp, self.normalise, self.post = 2.5, False, learned.Postprocess()
+
+        def predict(self, rgb):
+            calls.append(rgb.shape)
+            return np.zeros(rgb.shape[:2] + (2,), np.float32)
+
+    sec = packed.render_packed(1, SIZE)
+    small = sec.rgb[::2, ::2]  # 5 um/px
+    labels, _ = Probe().segment(small, 5.0)
+    assert labels.shape == small.shape[:2]
+    assert calls and calls[0][0] == pytest.approx(2 * small.shape[0], abs=1)

@@ -1,0 +1,81 @@
+"""The real-section detection benchmark (benchmarks.real_sections, benchmarks.detect --real),
+on a stand-in folder laid out like ../shared/real (made from a SIMULATED packed section),
+and on the real images themselves when ../shared/real is here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import real_sections as rs
+from stagejax.detect import weights
+from stagejax.simulate import packed
+from stagejax.slides import read_geojson
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """A folder with section_A_HE.png and its instance PNG (3 um/px, 800 rows)."""
+    root = tmp_path_factory.mktemp("real_stand_in")
+    sec = packed.render_packed(4, (1.5, 2.4), mpp=3.0)
+    Image.fromarray(sec.rgb).save(root / "section_A_HE.png")
+    Image.fromarray(sec.labels.astype(np.uint16)).save(root / rs.TRUTH)
+    return root, sec
+
+
+def test_truth_and_scores_of_a_perfect_and_an_empty_detector(stand_in):
+    root, sec = stand_in
+    truth = rs.read_truth(root)
+    assert len(truth.polygons) == sec.labels.max()
+    top, bottom = rs.split_top_bottom(truth)
+    assert top and bottom and not set(top) & set(bottom)
+    assert all(truth.polygons[i].bounds[3] <= rs.SPLIT_ROW for i in top)
+    assert rs.pixel_iou(truth.polygons, truth.labels) > 0.97
+    assert rs.pixel_iou([], truth.labels) == 0.0
+
+
+def test_finetune_annotations_mark_only_annotated_ground(stand_in, tmp_path):
+    root, _ = stand_in
+    truth = rs.read_truth(root)
+    top, _ = rs.split_top_bottom(truth)
+    for count, expect in ((3, 3), (None, len(top))):
+        objects = read_geojson(rs.finetune_annotations(root, tmp_path, count))
+        regions = [o for o in objects if o.classification == "Region"]
+        tubules = [o for o in objects if o.classification != "Region"]
+        assert len(regions) == 1 and len(tubules) == expect
+        region = regions[0].geometry
+        assert region.bounds[3] <= rs.SPLIT_ROW + 1
+        for poly in truth.polygons:  # unannotated tubules stay outside
+            if all(not t.geometry.equals(poly) for t in tubules):
+                assert region.intersection(poly).area < 0.05 * poly.area
+
+
+def test_benchmark_command_scores_the_stand_in_and_skips_without_images(stand_in, tmp_path):
+    root, _ = stand_in
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "benchmarks.detect", "--real", str(root), "--json", str(out),
+           "--overlays", str(tmp_path / "ov")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    a = result["section_A"]
+    assert a["num_truth"] > 20 and 0 <= a["f1"] <= 1 and 0 <= a["pixel_iou"] <= 1
+    assert "REAL" in result["data"]
+    assert (tmp_path / "ov" / "section_A_detections.png").exists()
+    proc = subprocess.run(cmd[:3] + ["--real", str(tmp_path / "none")], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "skipped" in proc.stdout
+
+
+@pytest.mark.skipif(not (REAL / rs.TRUTH).exists(), reason="../shared/real is not here")
+def test_shipped_unet_on_real_section_a_meets_the_zero_shot_target():
+    """REAL, H&E, downsampled figure image: section A, never trained on."""
+    scores = rs.score_section_a(weights.load_weights(), REAL)
+    assert scores["f1"] >= 0.85, scores
+    assert scores["mean_iou"] >= 0.75, scores
