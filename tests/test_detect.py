@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from shapely import affinity
 from shapely.geometry import Point, box
 
 from stagejax.detect import DetectParams, detect_slide, evaluate, fit, load_params
@@ -180,7 +181,8 @@ def test_bad_input_is_one_line_and_output_untouched(case, tmp_path):
         slide = tmp_path / "s.png"
         Image.fromarray(rgb).save(slide)
         args = ["--mpp", str(MPP)]
-    proc = _cli("--slide", str(slide), "--out", str(out), *args)
+    # --overwrite: the existing file may be replaced, yet a failed run must leave it as it was.
+    proc = _cli("--slide", str(slide), "--out", str(out), "--overwrite", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(slide) in lines[0], lines
@@ -200,3 +202,39 @@ def test_detection_on_a_tiny_simulated_section(tmp_path):
     scores = evaluate(found, truth)
     assert scores["stageable"]["f1"] >= 0.8, scores
     assert scores["all"]["mean_iou"] >= 0.8, scores
+
+
+def test_existing_outputs_are_replaced_only_when_asked(drawn, tmp_path):
+    path, truth_path, _ = drawn
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tubules.geojson").write_text("corrected in QuPath")
+    proc = _cli("--slide", str(path), "--out", str(out), "--method=classical")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "tubules.geojson exists" in lines[0] and "--overwrite" in lines[0]
+    assert (out / "tubules.geojson").read_text() == "corrected in QuPath"
+    proc = _cli("--slide", str(path), "--out", str(out), "--method=classical", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert read_geojson(out / "tubules.geojson")
+    params = tmp_path / "p.json"
+    params.write_text("{}")
+    for method, target in (("classical", params), ("unet", tmp_path / "w.npz")):
+        target.write_text("{}")
+        proc = _cli("train", f"--method={method}", "--slides", str(path), "--annotations",
+                    str(truth_path), "--out", str(target))  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and str(target) in lines[0], proc.stderr
+        assert target.read_text() == "{}"
+
+
+def test_annotations_off_the_slide_are_refused_before_training(drawn, tmp_path):
+    path, _, truth = drawn
+    shifted = [SlideObject(geometry=affinity.translate(o.geometry, 1e5, 1e5)) for o in truth]
+    write_geojson(tmp_path / "off.geojson", shifted)
+    proc = _cli("train", "--method=unet", "--slides", str(path), "--annotations",
+                str(tmp_path / "off.geojson"), "--out", str(tmp_path / "w"))  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "lie off" in lines[0] and "off.geojson" in lines[0]
+    assert not (tmp_path / "w").exists()

@@ -274,6 +274,15 @@ def test_cli_train_and_predict_with_a_lexicographic_label_list(tmp_path, tiny_si
     saved = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     assert saved["label_names"] == LEXICOGRAPHIC and list(saved["support"]) == list(STAGES)
     assert checkpoint.read_model_json(workdir / "best_model")["label_names"] == LEXICOGRAPHIC
+    assert saved["data"] == str(data.resolve())
+
+    # Eval on other data writes its own report and leaves the training run's as it was.
+    other = shutil.copytree(data, tmp_path / "other data")
+    before = (workdir / "eval_test" / "predictions.csv").read_bytes()
+    main("--mode=eval", f"--config.data_dir={other}")
+    assert (workdir / "eval_test" / "predictions.csv").read_bytes() == before
+    report = json.loads((workdir / "eval_test_other_data" / "metrics.json").read_text())
+    assert report["data"] == str(other.resolve())
 
     # Predict names the stages as the dataset does, probabilities in class-id order.
     main("--mode=predict", f"--config.predict_dir={data / 'images'}")

@@ -45,6 +45,7 @@ import json
 import logging
 import signal
 import time
+from pathlib import Path
 
 from absl import flags
 
@@ -71,6 +72,9 @@ flags.DEFINE_integer("steps", 300, "train, unet: Adam steps.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "train, unet: peak learning rate.", lower_bound=0)
 flags.DEFINE_string("simulated_seeds", None, "train, unet: SIMULATED sections instead (e.g. 0-15).")
 flags.DEFINE_string("packed_seeds", None, "train, unet: SIMULATED packed sections too (e.g. 0-47).")
+flags.DEFINE_boolean(
+    "overwrite", False, "Replace existing outputs (tubules.geojson may hold QuPath corrections)."
+)
 flags.DEFINE_string("cache_dir", "~/.cache/stagejax/detect_sections", "train: simulated renders.")
 
 log = logging.getLogger(__name__)
@@ -83,15 +87,27 @@ def detect_command() -> None:
         raise ConfigError("--out: required (the folder to write tubules.geojson to)")
     start = time.monotonic()
     with open_slide(FLAGS.slide, FLAGS.mpp) as slide:  # a bad slide fails before JAX loads
+        _refuse_existing(Path(FLAGS.out) / "tubules.geojson", Path(FLAGS.out) / "detections.png")
         detector = choose.make_detector(FLAGS.method, FLAGS.weights, FLAGS.params)
         detection = pipeline.detect_slide(slide, detector)
     geojson, png = pipeline.write_outputs(FLAGS.out, detection)
     print(f"{len(detection.objects)} tubules in {time.monotonic() - start:.1f} s: {geojson}, {png}")
 
 
+def _refuse_existing(*paths: Path) -> None:
+    """One line instead of replacing a file a person may have edited (--overwrite allows it)."""
+    for path in paths:
+        if path.exists() and not FLAGS.overwrite:
+            raise ConfigError(
+                f"--out: {path} exists (it may hold corrections); pass --overwrite to "
+                "replace it, or name another --out"
+            )
+
+
 def train_classical() -> None:
     if not FLAGS.out or not FLAGS.out.endswith(".json"):
         raise ConfigError(f"--out: {FLAGS.out!r} must name the PARAMS.json file to write")
+    _refuse_existing(Path(FLAGS.out))
     start = load_params(FLAGS.params) if FLAGS.params else DetectParams()
     sections = fit.load_sections(FLAGS.slides, FLAGS.annotations, FLAGS.mpp)
     best, record = fit.fit(sections, start, sweeps=FLAGS.sweeps)
@@ -105,6 +121,7 @@ def train_learned() -> None:
     from stagejax.detect import train_unet  # JAX/Flax only for the U-Net
 
     out = train_unet.weights_target(FLAGS.out)
+    _refuse_existing(out)
     packed = (
         train_unet.parse_seeds(FLAGS.packed_seeds, "--packed_seeds") if FLAGS.packed_seeds else []
     )

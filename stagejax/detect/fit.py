@@ -98,11 +98,23 @@ def load_sections(
         truth = [o for o in objects if (o.classification or "").lower() != REGION_CLASS]
         if not truth:
             raise DatasetError(f"{ann_path}: no tubule polygons to fit the detector to")
-        with open_slide(slide_path, mpp):  # bad slides fail here, before any fitting
-            pass
+        with open_slide(slide_path, mpp) as slide:  # bad slides fail here, before any fitting
+            _check_on_slide(truth, slide, ann_path)
         region = shapely.union_all([o.geometry for o in regions]) if regions else None
         sections.append(Section(Path(slide_path), mpp, truth, region))
     return sections
+
+
+def _check_on_slide(truth: Sequence[SlideObject], slide, ann_path) -> None:
+    """Refuse outlines that miss the slide (another slide's, or not in level-0 pixels)."""
+    w, h = slide.dimensions
+    frame = shapely.box(0, 0, w, h)
+    inside = sum(frame.intersection(o.geometry).area > 0.5 * o.geometry.area for o in truth)
+    if inside < max(1, len(truth) // 2):
+        raise DatasetError(
+            f"{ann_path}: {len(truth) - inside} of its {len(truth)} outlines lie off "
+            f"{slide.path} ({w} x {h} px); is it that slide's export, in level-0 pixels?"
+        )
 
 
 def objective(sections: Sequence[Section], params: DetectParams) -> tuple[float, float, dict]:

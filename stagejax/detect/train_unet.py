@@ -335,6 +335,13 @@ def run(
     if sections:
         after = _pooled_score(learned.UNetDetector(model, work_mpp, post, str(out), meta), sections)
         record.update(f1_after=after["f1"], mean_iou_after=after["mean_iou"])
+        if "f1_before" in record and after["f1"] <= record["f1_before"]:
+            log.warning(
+                "F1 on the annotated sections did not improve (%.3f before, %.3f after): "
+                "check the annotations (every tubule inside each Region outlined?) or try "
+                "more --steps; the weights were written to %s",
+                record["f1_before"], after["f1"], out,
+            )  # fmt: skip
     record.update(
         command=shlex.join(["python", "-m", "stagejax.detect", *sys.argv[1:]]),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -7,7 +7,9 @@ imported with ``stagejax.convert`` (``config.init_from``) in a new workdir.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,13 @@ import jax
 import ml_collections
 
 from stagejax import data as data_lib
-from stagejax.errors import CheckpointError
+from stagejax.errors import CheckpointError, WorkdirError
 from stagejax.evaluate import report
 from stagejax.evaluate.inference import evaluate_split
 from stagejax.evaluate.model import Model
 from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax.runtime import files
+from stagejax.runtime import workdir as workdir_lib
 from stagejax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,9 @@ def evaluate_and_report(
 ) -> dict:
     """Metrics of device ``state`` on ``split_name``, and their report in
     ``workdir/eval_<split>/``."""
-    out_dir = workdir / f"eval_{split_name}"
+    data = data_source(model.config)
+    out_dir = workdir / eval_dir_name(model.config, workdir, split_name)
+    _refuse_other_data(out_dir, data, model.config)
     with files.writing(out_dir, "the report"):
         metrics, out = evaluate_split(model, state, dataset, split_name)
         metrics.update(extra or {})
@@ -73,6 +78,7 @@ def evaluate_and_report(
                 loss=metrics.get("loss"),
                 label_names=dataset.label_names,
                 ranks=dataset.stage_ranks,
+                data=data,
             )
     log.info(
         "%s: accuracy %.4f, balanced accuracy %.4f, +/-1 accuracy %.4f -> %s",
@@ -83,6 +89,43 @@ def evaluate_and_report(
         out_dir,
     )
     return metrics
+
+
+def data_source(config: ml_collections.ConfigDict) -> str:
+    """What a run's images are: the dataset folder, or the simulated data."""
+    if config.data_dir:
+        return _resolved(config.data_dir)
+    return "SIMULATED (stagejax.simulate, generated into cache_dir)"
+
+
+def eval_dir_name(config: ml_collections.ConfigDict, workdir: Path, split_name: str) -> str:
+    """``eval_<split>`` for the run's own data; ``eval_<split>_<folder>`` for other data, so
+    that evaluating on another dataset never rewrites the training run's report."""
+    try:
+        own = workdir_lib.load_run_config(workdir).get("data_dir", "")
+    except WorkdirError:  # imported weights evaluated in a new workdir: no run of its own
+        own = None
+    if own is None or not config.data_dir or (own and _resolved(own) == _resolved(config.data_dir)):
+        return f"eval_{split_name}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(_resolved(config.data_dir)).name)
+    return f"eval_{split_name}_{name or 'data'}"
+
+
+def _resolved(data_dir: str) -> str:
+    return str(Path(data_dir).expanduser().resolve())
+
+
+def _refuse_other_data(out_dir: Path, data: str, config: ml_collections.ConfigDict) -> None:
+    """One line rather than replacing a report made from other data (unless overwrite)."""
+    try:
+        made_from = json.loads((out_dir / "metrics.json").read_text()).get("data")
+    except (OSError, ValueError):
+        return
+    if made_from not in (None, data) and not config.get("overwrite", False):
+        raise WorkdirError(
+            f"{out_dir}: holds the report of {made_from}, not {data}; pass "
+            "--config.overwrite=True to replace it"
+        )
 
 
 def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -> None:

@@ -159,6 +159,7 @@ def write_eval_report(
     loss: float | None = None,
     label_names: Sequence[str] = STAGES,
     ranks: Sequence[int] | None = None,
+    data: str | None = None,
 ) -> dict:
     """Writes the report (see module docstring) and returns the metrics dict.
 
@@ -172,6 +173,7 @@ def write_eval_report(
       label_names: the dataset's name of each class id (label_list.txt order).
       ranks: each class's cycle position (0 = stage I); None derives it from
         the names (`stagejax.stages.stage_ranks`).
+      data: what the images are (a dataset folder, or simulated), recorded in metrics.json.
     """
     out_dir = Path(out_dir)
     label_names = list(label_names)
@@ -195,6 +197,8 @@ def write_eval_report(
         "confusion_matrix": confusion.tolist(),
         "note": _note(summary, confusion, label_names),
     }
+    if data is not None:
+        metrics["data"] = data
 
     _claim_dir(out_dir)
     atomic_write(
