@@ -304,6 +304,30 @@ def _step_table(report: dict) -> str:
     return common.markdown_table(header, rows)
 
 
+def _gradient_lines(report: dict) -> str:
+    """Step-1 gradient error against float64, on float64's own branch and on each float32
+    pass's branch (`benchmarks.parity_branches`: only the latter measures the backward)."""
+    grads = report.get("step1_gradients_vs_float64")
+    if not grads:
+        return ""
+    text = ""
+    for side, g in grads.items():
+        text += (
+            f"{side} step-1 gradients vs float64: median {g['median_tensor_rel_error']:.2e}, "
+            f"max {g['max_tensor_rel_error']:.2e}"
+        )
+        m = g.get("branch_matched")
+        if m:
+            flips = m["choices_unlike_float64"]
+            text += (
+                f"; on its own ReLU/max-pool branch: median {m['median_tensor_rel_error']:.2e}, "
+                f"max {m['max_tensor_rel_error']:.2e} ({flips['relu']} ReLU and "
+                f"{flips['max_pool']} max-pool choices unlike float64's)"
+            )
+        text += ".\n"
+    return text
+
+
 def markdown(report: dict) -> str:
     """The per-step table of the target window, then the summary and the test metrics."""
     loss, acc = report["loss"], report["accuracy_target"]
@@ -322,7 +346,7 @@ def markdown(report: dict) -> str:
                 f"{d['median_rel_diff']:.2e}, first step >= {LOSS_TARGET:g}: "
                 f"{d['first_step_at_or_over_target']}.\n"
             )
-    text += "\n"
+    text += _gradient_lines(report) + "\n"
     test = report["test"]
     rows = [
         [name, *(f"{100 * test[name][k]:.1f}" for k in METRICS)] for name in ("stagejax", "torch")

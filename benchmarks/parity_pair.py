@@ -184,9 +184,11 @@ def _torch_logits(model, images: np.ndarray, train: bool, dtype) -> np.ndarray:
 
 def stagejax_first_batch(pair: Pair, images: np.ndarray, labels: np.ndarray) -> dict:
     """stagejax's untrained network on the first batch, from one compiled function:
-    train- and eval-mode logits and the step-1 loss gradient (by torch name)."""
+    train- and eval-mode logits, the step-1 loss gradient (by torch name) and the
+    branches its train-mode forward took (`parity_branches`)."""
     import optax
 
+    from benchmarks import parity_branches as pb
     from stagejax.train import step as step_lib
 
     md = pair.model.modeldef
@@ -194,18 +196,22 @@ def stagejax_first_batch(pair: Pair, images: np.ndarray, labels: np.ndarray) -> 
     @jax.jit
     def run(params, stats, x, y):
         def loss_fn(p):
-            logits = md.merge(p, stats, train=True)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+            relu_inputs = []
+            with pb.recording_jax_relus(relu_inputs):
+                logits = md.merge(p, stats, train=True)(x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, relu_inputs)
 
-        (_, train_logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return train_logits, md.merge(params, stats, train=False)(x), grads
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return aux, md.merge(params, stats, train=False)(x), grads
 
     x = step_lib.preprocess(images, pair.model.config)
-    train, eval_, grads = run(pair.model.params, pair.model.batch_stats, x, labels)
+    (train, relu_inputs), eval_, grads = run(pair.model.params, pair.model.batch_stats, x, labels)
     return {
         "train": np.asarray(train, np.float64),
         "eval": np.asarray(eval_, np.float64),
         "grads": by_torch_name(grads),
+        "branches": pb.jax_branches(relu_inputs) if relu_inputs else None,
     }
 
 
@@ -314,17 +320,21 @@ def float64_losses(pair: Pair, images: np.ndarray, labels: np.ndarray, lr: float
     return losses
 
 
-def _torch_gradients(pair: Pair, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Step-1 loss gradients of torch in float32 and float64, by name."""
-    import torch
-    import torch.nn.functional as F
-
-    y, out = torch.from_numpy(labels.astype(np.int64)), {}
-    for name, dtype in (("torch32", torch.float32), ("torch64", torch.float64)):
-        model = copy.deepcopy(pair.initial).to(dtype).train()
-        F.cross_entropy(model(torch_input(images).to(dtype)), y).backward()
-        out[name] = {n: p.grad.double().numpy() for n, p in model.named_parameters()}
-    return out
+def _tensor_errors(g: dict, ref: dict, weights: dict, wd: float) -> dict:
+    """Median and max over tensors of max|g - ref| / max|ref| and the share of
+    components whose sign differs, both with the L2 term ``wd * w`` added."""
+    g = {n: g[n].astype(np.float64) + wd * w for n, w in weights.items()}
+    ref = {n: ref[n] + wd * w for n, w in weights.items()}
+    rel = [
+        float(np.max(np.abs(g[n] - r)) / max(float(np.max(np.abs(r))), 1e-30))
+        for n, r in ref.items()
+    ]
+    flips = sum(int(np.sum(np.sign(g[n]) != np.sign(r))) for n, r in ref.items())
+    return {
+        "median_tensor_rel_error": statistics.median(rel),
+        "max_tensor_rel_error": max(rel),
+        "sign_flip_share": flips / sum(r.size for r in ref.values()),
+    }
 
 
 def gradient_check(
@@ -334,23 +344,35 @@ def gradient_check(
     takes the sign of) is from float64's: the median and max over tensors of
     max|g - g64| / max|g64|, and the share of components whose sign differs (Adam's
     first step moves those weights by +lr instead of -lr). ``first``: the output of
-    `stagejax_first_batch` on the same batch."""
+    `stagejax_first_batch` on the same batch.
+
+    Twice per side: against float64 on its own branch (the top-level keys), and,
+    under ``branch_matched``, against float64 forced onto that side's ReLU masks and
+    max-pool choices (`benchmarks.parity_branches`: why only the latter measures the
+    backward pass), with how many of those choices float64 made otherwise."""
+    import torch
+
+    from benchmarks import parity_branches as pb
+
+    x, y = torch_input(images), torch.from_numpy(labels.astype(np.int64))
     weights = {n: p.detach().double().numpy() for n, p in pair.initial.named_parameters()}
-    raw = {"stagejax": first["grads"], **_torch_gradients(pair, images, labels)}
+    b32, b64 = pb.Branches([], []), pb.Branches([], [])
     grads = {
-        k: {n: g[n].astype(np.float64) + wd * w for n, w in weights.items()} for k, g in raw.items()
+        "stagejax": first["grads"],
+        "torch32": pb.torch_gradients(pair.initial, x, y, torch.float32, record=b32),
     }
-    ref, out = grads.pop("torch64"), {}
-    for name, g in grads.items():
-        rel = [
-            float(np.max(np.abs(g[n] - r)) / max(float(np.max(np.abs(r))), 1e-30))
-            for n, r in ref.items()
-        ]
-        flips = sum(int(np.sum(np.sign(g[n]) != np.sign(r))) for n, r in ref.items())
-        total = sum(r.size for r in ref.values())
-        out[name] = {
-            "median_tensor_rel_error": statistics.median(rel),
-            "max_tensor_rel_error": max(rel),
-            "sign_flip_share": flips / total,
+    ref = pb.torch_gradients(pair.initial, x, y, torch.float64, record=b64)
+    branches = {"stagejax": first.get("branches"), "torch32": b32}
+    out = {}
+    for side, g in grads.items():
+        out[side] = _tensor_errors(g, ref, weights, wd)
+        taken = branches[side]
+        if taken is None or not pb.comparable(taken, b64):
+            out[side]["branch_matched"] = None  # not a ResNet: no branch record
+            continue
+        forced = pb.torch_gradients(pair.initial, x, y, torch.float64, force=taken)
+        out[side]["branch_matched"] = {
+            **_tensor_errors(g, forced, weights, wd),
+            "choices_unlike_float64": pb.flips(taken, b64),
         }
     return out

@@ -3,9 +3,10 @@
 The run (TINY: ResNet-18, 40 px crops of the session's uncut 48 px simulated
 images, batch 12, 3 steps) must agree step by step to 1e-3 in the loss; in that
 setting torch float32 itself leaves torch float64 by more than 1e-3 from step 4
-(measured), so no float32 pair can be held to more steps. The file takes about
-80 s of CPU time (most of it compiling JAX steps; 1.5-2.5 min wall on the shared
-2-core machine).
+(measured), so no float32 pair can be held to more steps. The step-1 gradients are
+held to torch float32's error against float64 on the same ReLU branch (issue 23).
+The file takes about 80 s of CPU time (most of it compiling JAX steps; 1.5-2.5 min
+wall on the shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -66,9 +67,41 @@ def test_both_float32_sides_are_near_float64(report):
     loss = report["loss"]
     assert loss["stagejax_vs_float64"]["max_rel_diff"] < parity.LOSS_TARGET
     assert loss["torch_vs_float64"]["max_rel_diff"] < parity.LOSS_TARGET
+
+
+@pytest.mark.slow
+def test_step1_gradients_as_exact_as_torch_float32(report):
+    # Issue 23: within 10x torch float32's error against float64, or under 1e-4. Against
+    # float64 on the float32 pass's own ReLU/max-pool branch (parity_branches: against
+    # float64's own branch a ReLU input within rounding of zero decides, by luck, and
+    # the error is 1e-3..5e-2 for either framework). A loss in bfloat16 gives 2e-3.
     grads = report["step1_gradients_vs_float64"]
-    assert grads["stagejax"]["median_tensor_rel_error"] < 1e-4
-    assert grads["stagejax"]["sign_flip_share"] < 1e-4
+    ours, torch32 = grads["stagejax"]["branch_matched"], grads["torch32"]["branch_matched"]
+    for key in ("median_tensor_rel_error", "max_tensor_rel_error"):
+        assert ours[key] <= 10 * torch32[key] or ours[key] < 1e-4, (key, ours, torch32)
+    assert ours["sign_flip_share"] < 1e-4
+    # The forward passes part from float64 at a handful of kinks at most.
+    for side in ("stagejax", "torch32"):
+        assert sum(grads[side]["branch_matched"]["choices_unlike_float64"].values()) <= 10
+
+
+def test_float64_forced_onto_a_branch_is_that_branch():
+    from benchmarks import parity_branches as pb
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=12)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 5])
+    own, b32 = pb.Branches([], []), pb.Branches([], [])
+    free = pb.torch_gradients(model, x, y, torch.float64, record=own)
+    forced = pb.torch_gradients(model, x, y, torch.float64, force=own)
+    assert max(np.max(np.abs(forced[n] - g)) for n, g in free.items()) < 1e-12
+    assert len(own.relu) == 17 and len(own.pool) == 1  # stem + 2 per BasicBlock; one pool
+    pb.torch_gradients(model, x, y, torch.float32, record=b32)
+    assert pb.comparable(b32, own) and pb.flips(b32, own)["relu"] <= 10
+    # Every ReLU off: the same network, another branch, other gradients.
+    off = pb.Branches([np.zeros_like(m) for m in own.relu], own.pool)
+    forced = pb.torch_gradients(model, x, y, torch.float64, force=off)
+    assert np.max(np.abs(forced["fc.bias"] - free["fc.bias"])) > 1e-3
 
 
 @pytest.mark.slow
