@@ -1,6 +1,8 @@
 """MobileNetV3-Large, the study's smallest model."""
 
-from configs import default
+from stagejax.config import load_sibling
+
+default = load_sibling(__file__, "default")
 
 
 def get_config(variant=None):

@@ -1,6 +1,8 @@
 """ResNeXt-50 32x4d, one of the study's four models."""
 
-from configs import default
+from stagejax.config import load_sibling
+
+default = load_sibling(__file__, "default")
 
 
 def get_config(variant=None):

@@ -1,6 +1,8 @@
 """Wide-ResNet-50-2, one of the study's four models."""
 
-from configs import default
+from stagejax.config import load_sibling
+
+default = load_sibling(__file__, "default")
 
 
 def get_config(variant=None):

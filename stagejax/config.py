@@ -41,7 +41,7 @@ import ml_collections
 
 from stagejax import models
 from stagejax.data import stain
-from stagejax.errors import ConfigError
+from stagejax.errors import ConfigError, first_line
 from stagejax.runtime import checkpoint as ckpt_lib
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -255,10 +255,20 @@ def _split_spec(spec: str) -> tuple[str, str]:
 @functools.cache
 def _module(path: str) -> types.ModuleType:
     """The config file at ``path``, loaded once (as ``config_flags`` loads it)."""
-    spec = importlib.util.spec_from_file_location("stagejax_config_file", path)
+    spec = importlib.util.spec_from_file_location(f"stagejax_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_sibling(config_file: str, name: str) -> types.ModuleType:
+    """The module ``name``.py beside ``config_file`` (a config file's ``__file__``).
+
+    Why: ``from configs import default`` works only with the checkout as the
+    current directory (or a user's own ``configs`` package shadows it); loading
+    by path makes a config file work from anywhere.
+    """
+    return _module(str(Path(config_file).resolve().with_name(f"{name}.py")))
 
 
 def _load(path: str, variant: str) -> ml_collections.ConfigDict:
@@ -305,13 +315,28 @@ def check_overrides(argv: Sequence[str]) -> None:
     the message names the flag instead of a library's exception text.
     """
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None or not Path(_split_spec(spec)[0]).is_file():
-        return  # absl reports a missing --config or file
+    if spec is None:
+        return  # absl reports a missing --config
     path, variant = _split_spec(spec)
-    config = _load(path, variant)
+    config = _load_checked(path, variant)
     for arg in argv:
         if match := _OVERRIDE.match(arg):
             _check_field(config, match.group(1), arg.split("=", 1)[0])
+
+
+def _load_checked(path: str, variant: str) -> ml_collections.ConfigDict:
+    """`_load`, with a missing or broken config file as one line naming it (absl
+    would print two tracebacks)."""
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"--config: {path}: no such config file (e.g. configs/resnet.py)")
+    try:
+        return _load(str(Path(path).expanduser()), variant)
+    except ConfigError:
+        raise
+    except Exception as e:  # the file's own error: syntax, import, a failing get_config
+        raise ConfigError(
+            f"--config: {path}: cannot be loaded: {type(e).__name__}: {first_line(e)}"
+        ) from None
 
 
 def _check_field(config: ml_collections.ConfigDict, field: str, flag: str) -> None:

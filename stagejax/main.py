@@ -27,8 +27,8 @@ from ml_collections import config_flags
 
 from stagejax import cli
 from stagejax import config as config_lib
-from stagejax.errors import StagejaxError
-from stagejax.runtime import lock
+from stagejax.errors import StagejaxError, WorkdirError
+from stagejax.runtime import lock, logs
 from stagejax.runtime import workdir as workdir_lib
 from stagejax.runtime import xla_flags as xla_flags_lib
 from stagejax.runtime.files import writing
@@ -57,6 +57,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
+)
+flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Keep the libraries' start-up lines in the log (JAX backends, XLA flags, "
+    "tensorflow-datasets); by default the log holds stagejax's lines and all warnings.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -102,21 +108,31 @@ def _cpu_xla_defaults() -> str | None:
     return xla_flags_lib.apply_cpu_defaults(platforms=jax.config.jax_platforms)
 
 
-class _QuietLibraries(logging.Filter):
-    """Drop the INFO chatter of Orbax and TFDS (every checkpoint logs ~20 lines)."""
+def _what_runs(config) -> str:
+    """The run's first line, in the user's terms: what it does, on what, where."""
+    data = config.data_dir or (
+        f"the SIMULATED dataset ({config.simulated.num_images} images of "
+        f"{config.simulated.image_size} px, not real tubules)"
+    )
+    model = config.init_from or f"the model trained in {FLAGS.workdir}"
+    if FLAGS.mode == "train":
+        return f"Training {config.model} on {data}; results go to {FLAGS.workdir}"
+    if FLAGS.mode == "eval":
+        return f"Evaluating {model} on the {config.eval_split} split of {data}"
+    if FLAGS.mode == "predict":
+        return f"Staging the images in {config.predict_dir or '(no folder given)'} with {model}"
+    slides = config.section_path or "a SIMULATED section"
+    return f"Staging every tubule of {slides} with {model}"
 
-    NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not any(
-            n in record.pathname for n in self.NOISY
+def _check_model_there(config) -> None:
+    """eval/predict/section need a trained workdir or ``init_from``: say so first,
+    before a size check of training fields the run will not use."""
+    if FLAGS.mode != "train" and not _trained(FLAGS.workdir) and not config.init_from:
+        raise WorkdirError(
+            f"no trained model in {FLAGS.workdir} (no {workdir_lib.CONFIG_FILE}); train "
+            "there first (--mode=train) or pass --config.init_from=MODEL_DIR"
         )
-
-
-def setup_logging() -> None:
-    logging.getLogger().setLevel(logging.INFO)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietLibraries())
 
 
 def run(argv) -> None:
@@ -128,18 +144,20 @@ def run(argv) -> None:
         _keep_remat_on_cpu()
         xla_defaults = _cpu_xla_defaults()
         initialize_distributed()
-        setup_logging()
-        if xla_defaults:
-            log.info("XLA_FLAGS=%s (stagejax's CPU defaults added)", xla_defaults)
+        logs.setup(FLAGS.verbose)
         config, defaults = config_lib.resolve(
             FLAGS["config"].config_filename, FLAGS["config"].override_values, FLAGS.mode
         )
+        log.info("%s", _what_runs(config))
+        _check_model_there(config)
+        if xla_defaults and FLAGS.verbose:
+            log.info("XLA_FLAGS=%s (stagejax's CPU defaults added)", xla_defaults)
         log.info(
-            "JAX %s: %d process(es), %d device(s) [%s]",
-            jax.__version__,
-            jax.process_count(),
+            "on %d %s device(s), %d process(es) (JAX %s)",
             jax.device_count(),
-            jax.devices()[0].platform,
+            jax.devices()[0].platform.upper(),
+            jax.process_count(),
+            jax.__version__,
         )
         # Every value, before any data is read; a trained workdir brings its own sizes.
         config_lib.validate(config, sizes=FLAGS.mode == "train" or not _trained(FLAGS.workdir))

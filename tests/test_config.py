@@ -310,3 +310,26 @@ def test_old_workdir_without_newer_fields_still_resumes(tmp_path):
     (tmp_path / "w" / "config.json").write_text(json.dumps(old))
     with pytest.raises(WorkdirError, match=r"model: 'resnet18' there, 'resnet50' now"):
         workdir_lib.prepare_workdir(tmp_path / "w", config, write=False, defaults=defaults)
+
+
+def _main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "stagejax.main", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    line = _error_line(_main(REPO, "--config=configs/nope.py", f"--workdir={tmp_path / 'w'}"))
+    assert "--config: configs/nope.py: no such config file" in line
+
+
+def test_shipped_configs_work_from_any_directory(tmp_path):
+    """An absolute --config from outside the checkout (configs/*.py load default.py by
+    path); there, section mode on a workdir without a model names that first."""
+    paths = [str(REPO / "configs" / f"{n}.py") for n in CONFIGS]
+    code = "import sys; from stagejax import config as c; [c.resolve(p, {}) for p in sys.argv[1:]]"
+    res = subprocess.run([sys.executable, "-c", code, *paths], cwd=tmp_path, capture_output=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w = tmp_path / "w"
+    line = _error_line(_main(tmp_path, f"--config={paths[0]}", f"--workdir={w}", "--mode=section"))
+    assert line.startswith(f"error: no trained model in {w}"), line

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from stagejax.data.images import to_storable
 from stagejax.data.layout import SPLITS, Layout, read_layout
 from stagejax.errors import DatasetError
+from stagejax.runtime import logs
 
 CACHE_FORMAT = 1  # bump whenever what is stored per record changes
 _MARKER = "COMPLETE"
@@ -182,9 +183,10 @@ def _build(layout: Layout, path: Path) -> None:
     try:
         builder = _LayoutBuilder(layout, data_dir=str(tmp), file_format="array_record")
         tfds.disable_progress_bar()  # we log progress ourselves
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        with logs.quiet_stdout():  # its "Downloading and preparing dataset Unknown size"
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
         index = {
             "label_names": layout.label_names,
             "splits": {
