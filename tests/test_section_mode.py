@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from stagejax import models
 from stagejax.runtime import checkpoint
 from stagejax.section import crops
 from stagejax.simulate.section import render_section
-from stagejax.slides import open_slide, read_geojson
+from stagejax.slides import open_slide, read_geojson, write_pyramidal_tiff
 from stagejax.stages import STAGES
 from tests.conftest import REPO
 from tests.test_reliability import _error_line
@@ -169,13 +170,11 @@ def test_crops_are_cut_at_the_model_scale_and_white_outside(setup, tmp_path):
 
 def test_bad_input_is_one_line_before_any_work(setup, tmp_path):
     model, slides = setup
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    shutil.copy(slides / "s3.tif", bad / "a.tif")
-    (bad / "b.tif").write_bytes(b"II*\x00 not a tiff at all")
+    bad = tmp_path / "b.tif"
+    bad.write_bytes(b"II*\x00 not a tiff at all")
     w = tmp_path / "w"
     line = _error_line(_run(w, model, f"--config.section_path={bad}"))
-    assert "b.tif" in line
+    assert "b.tif" in line and "corrupt or truncated TIFF" in line
     assert not (w / "sections").exists()
     # A model without a recorded pixel size, and none given: the field is named.
     bare = checkpoint.save_model_weights(tmp_path / "bare", models.create("resnet18"), "resnet18")
@@ -262,3 +261,86 @@ def test_a_stopped_folder_run_resumes_at_the_first_unfinished_slide(
     assert "already staged" in caplog.text
     assert (w / "sections" / "s4" / "section.json").is_file()
     assert (w / "sections" / "summary.csv").is_file()
+
+
+def _plain_slide(path: Path, rgb: tuple[int, int, int]) -> None:
+    """A 1.4 x 1.1 mm slide of one colour: glass (a blank scan) or stain without tubules."""
+    noise = np.random.default_rng(0).integers(-5, 6, (550, 700, 3))
+    write_pyramidal_tiff(path, np.clip(np.add(rgb, noise), 0, 255).astype(np.uint8), 2.0)
+
+
+def test_one_bad_slide_does_not_stop_a_folder(setup, tmp_path):
+    model, slides = setup
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(slides / "s3.tif", folder / "a.tif")
+    (folder / "b.tif").write_bytes(b"II*\x00 not a tiff at all")
+    _plain_slide(folder / "c.tif", (250, 250, 250))  # a blank scan
+    _plain_slide(folder / "d.tif", (200, 140, 190))  # tissue, no tubule
+    (folder / "._a.tif").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (folder / ".hidden.tif").write_bytes(b"not a slide")
+    w = tmp_path / "w"
+    res = _run(w, model, f"--config.section_path={folder}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "b.tif: cannot be read; skipped (corrupt or truncated TIFF" in res.stderr
+    assert "c.tif (3/4): skipped: no tissue found" in res.stderr
+    assert "3 of 4 slide(s) could not be staged and were skipped" in res.stderr
+    summary = {r["slide"]: r for r in _rows(w / "sections" / "summary.csv")}
+    assert list(summary) == ["a", "b", "c", "d"]  # no ._a, no .hidden
+    assert summary["a"]["error"] == "" and int(summary["a"]["tubules"]) > 10
+    assert summary["b"]["tubules"] == "" and "corrupt or truncated" in summary["b"]["error"]
+    assert "no tissue found" in summary["c"]["error"]
+    # The hint names section mode's pixel-size field, not detect's --mpp.
+    assert "no tubules found" in summary["d"]["error"]
+    assert "(--config.section.slide_mpp)" in summary["d"]["error"]
+    # Strict: the same folder ends with one error line naming them; a's outputs stay.
+    line = _error_line(_run(w, model, f"--config.section_path={folder}", "--config.strict=True"))
+    assert "3 of 4 slide(s) could not be staged: b, c, d" in line and "config.strict" in line
+    assert (w / "sections" / "a" / "section.json").is_file()
+
+
+def test_outputs_are_keyed_by_the_slide_and_the_settings(setup, tmp_path):
+    model, slides = setup
+    w = tmp_path / "w"
+    mouse1 = slides / "s3.tif"
+    mouse2 = tmp_path / "mouse2" / "s3.tif"  # the same file name, another slide
+    mouse2.parent.mkdir()
+    shutil.copy(slides / "s4.tif", mouse2)
+    assert _run(w, model, f"--config.section_path={mouse1}").returncode == 0
+    done_file = w / "sections" / "s3" / "section.json"
+    before = done_file.read_text()
+    line = _error_line(_run(w, model, f"--config.section_path={mouse2}"))
+    assert f"holds the results of another slide, {mouse1.resolve()}" in line
+    assert "config.overwrite=True" in line and done_file.read_text() == before
+    # A corrected pixel size, then another detector: the same slide is staged again.
+    mpp = "--config.section.slide_mpp=2.2"
+    res = _run(w, model, f"--config.section_path={mouse1}", mpp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "config.section.slide_mpp 0.0 -> 2.2); staging again" in res.stderr
+    assert json.loads(done_file.read_text())["slide_mpp"] == pytest.approx(2.2)
+    classical = "--config.section.detector=classical"
+    res = _run(w, model, f"--config.section_path={mouse1}", mpp, classical)
+    assert res.returncode == 0 and "staging again" in res.stderr, res.stderr[-3000:]
+    assert "config.section.detector" in res.stderr
+    assert json.loads(done_file.read_text())["detector"] == "classical"
+
+
+def test_a_12bit_slide_in_16bit_samples_is_detected(setup, tmp_path):
+    """12-bit data in a 16-bit TIFF keeps its grey levels: the same tubules as 8 bit."""
+    _, slides = setup
+    with open_slide(slides / "s3.tif") as slide:
+        rgb8, mpp = slide.read_level(0), slide.mpp
+    path = tmp_path / "s3_12bit.tif"
+    res_cm = (1e4 / mpp, 1e4 / mpp)
+    rgb12 = (rgb8.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    tifffile.imwrite(path, rgb12, tile=(256, 256),
+                     photometric="rgb", resolution=res_cm, resolutionunit="CENTIMETER")  # fmt: skip
+    counts = []
+    for slide_path in (slides / "s3.tif", path):
+        cmd = [sys.executable, "-m", "stagejax.detect", f"--slide={slide_path}",
+               f"--out={tmp_path / slide_path.stem}", "--method=classical"]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        counts.append(int(res.stdout.split()[0]))  # "N tubules in ..."
+    assert "16-bit samples scaled to 8 bit by their 12-bit range" in res.stderr
+    assert counts[0] > 10 and abs(counts[1] - counts[0]) <= 0.1 * counts[0], counts

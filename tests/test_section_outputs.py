@@ -1,6 +1,7 @@
 """Per-slide outputs of section mode (stagejax.section.outputs, .figures)."""
 
 import csv
+import json
 import logging
 import math
 
@@ -241,7 +242,8 @@ def test_summary_rows_and_percentages(tmp_path):
     rows = [outputs.summary_row(a), outputs.summary_row(b)]
     path = outputs.write_summary(tmp_path / "summary.csv", rows)
     assert path == tmp_path / "summary.csv"
-    assert header(path) == ["slide", "tubules", "stageable", *(f"pct_{s}" for s in stages.STAGES)]
+    pct = [f"pct_{s}" for s in stages.STAGES]
+    assert header(path) == ["slide", "tubules", "stageable", *pct, "error"]
     got = read_csv(path)
     assert [(r["slide"], r["tubules"], r["stageable"]) for r in got] == [
         ("slide_a", "5", "3"), ("slide_b", "5", "0")]  # fmt: skip
@@ -252,7 +254,7 @@ def test_summary_rows_and_percentages(tmp_path):
 
     arabic = stages.names_by_rank(ARABIC, range(12))
     outputs.write_summary(tmp_path / "summary.csv", rows, stage_names=arabic)
-    assert header(path)[3:] == [f"pct_{n}" for n in ARABIC]
+    assert header(path)[3:] == [*(f"pct_{n}" for n in ARABIC), "error"]
     with pytest.raises(ValueError, match="stage_names"):
         outputs.write_summary(tmp_path / "bad.csv", rows, stage_names=["I", "II"])
 
@@ -281,3 +283,37 @@ def test_probabilities_of_the_wrong_length_are_refused(tmp_path):
     result.tubules[2].probs = np.full(11, 1 / 11)
     with pytest.raises(ValueError, match="tubule 3"):
         outputs.write_section_outputs(tmp_path, result)
+
+
+def test_section_record_decides_skip_redo_or_refuse(tmp_path):
+    """`record.decide`: the slide's path and content, the model and every setting key
+    a slide's outputs; hand-edited outputs are never redone without overwrite."""
+    from stagejax.errors import WorkdirError
+    from stagejax.section import record
+
+    slide = tmp_path / "slideA.tif"
+    slide.write_bytes(b"pixels" * 1000)
+    out = tmp_path / "sections" / "slideA"
+    out.mkdir(parents=True)
+    (out / "tubules.geojson").write_text("{}")
+    key = record.slide_fingerprint(slide)
+    now = {"slide_mpp": 0.0, "detector": "unet", "tta": False}
+    done = {"slide_file": key, "model": "m1", "settings": now, "files": record.file_hashes(out)}
+    (out / record.DONE_FILE).write_text(json.dumps(done))
+
+    def decide(slide_key=key, model="m1", settings=now, overwrite=False):
+        return record.decide(out, slide_key, model, settings, overwrite)
+
+    assert decide() == record.SKIP
+    assert decide(settings={**now, "detector": "classical"}) == record.STAGE
+    with pytest.raises(WorkdirError, match=f"another slide, {key['path']}"):
+        decide(slide_key={**key, "path": "/data/mouse2/slideA.tif"})
+    with pytest.raises(WorkdirError, match="an earlier version of"):
+        decide(slide_key={**key, "size": key["size"] + 1})
+    with pytest.raises(WorkdirError, match="the model m1"):
+        decide(model="m2")
+    assert decide(model="m2", overwrite=True) == record.STAGE
+    (out / "tubules.geojson").write_text('{"corrected": "in QuPath"}')
+    assert decide() == record.SKIP  # same settings: nothing to redo
+    with pytest.raises(WorkdirError, match=r"edited since they were written \(tubules.geojson\)"):
+        decide(settings={**now, "slide_mpp": 0.5})

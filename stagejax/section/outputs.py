@@ -278,24 +278,29 @@ def summary_row(result: SectionResult) -> tuple[str, int, int, np.ndarray]:
 
 def write_summary(
     path: Path,
-    rows: Sequence[tuple[str, int, int, np.ndarray]],
+    rows: Sequence[tuple],
     stage_names: Sequence[str] = stages.STAGES,
 ) -> Path:
-    """summary.csv: slide, tubules, stageable, then % of stageable tubules per stage.
+    """summary.csv: slide, tubules, stageable, % of stageable tubules per stage, error.
 
-    `stage_names` are indexed by rank (stage I first), like the counts; the default
-    is I..XII. For a dataset named otherwise pass
-    ``stages.names_by_rank(label_names, stage_ranks)``: every slide of a run is staged
-    by the same model, so one list serves all rows.
+    A row is `summary_row`'s (slide, tubules, stageable, counts by rank), or a
+    slide that could not be staged: (slide, None, None, None, why); its counts
+    are left empty and ``error`` says why. `stage_names` are indexed by rank
+    (stage I first), like the counts; the default is I..XII. For a dataset named
+    otherwise pass ``stages.names_by_rank(label_names, stage_ranks)``: every
+    slide of a run is staged by the same model, so one list serves all rows.
     """
     if len(stage_names) != stages.NUM_STAGES:
         raise ValueError(f"stage_names: {len(stage_names)} names, expected {stages.NUM_STAGES}")
-    columns = ["slide", "tubules", "stageable", *(f"pct_{n}" for n in stage_names)]
+    pct_columns = [f"pct_{n}" for n in stage_names]
+    columns = ["slide", "tubules", "stageable", *pct_columns, "error"]
     out = []
-    for slide, n, n_stageable, counts in rows:
-        pct = _percent(np.asarray(counts, np.int64))
-        row = {"slide": slide, "tubules": int(n), "stageable": int(n_stageable)}
-        row.update({f"pct_{name}": f"{p:.2f}" for name, p in zip(stage_names, pct, strict=True)})
+    for slide, n, n_stageable, counts, *error in rows:
+        row = {"slide": slide, "error": error[0] if error else ""}
+        if counts is not None:
+            pct = _percent(np.asarray(counts, np.int64))
+            row.update({"tubules": int(n), "stageable": int(n_stageable)})
+            row.update({c: f"{p:.2f}" for c, p in zip(pct_columns, pct, strict=True)})
         out.append(row)
     path = Path(path)
     atomic_write_text(path, _csv_text(columns, out))

@@ -1,12 +1,16 @@
 """``--mode=section``: detect, cut and stage every tubule of one slide or a folder of slides.
 
 Per slide, ``W/sections/<slide name>/`` gets the outputs of `outputs` plus
-``section.json`` (written last, with the stage model it came from and the time
-of each part). A slide whose ``section.json`` names the same stage model is
-done: a folder run that was stopped resumes at the first unfinished slide.
-Outputs a different model made are never replaced unless
-``config.overwrite=True``. Every slide is opened (format, pixel size) before
-the first one is staged, so a bad file stops the run at once.
+``section.json`` (written last, with what made them: the slide's path and
+content fingerprint, the stage model, the settings; see `record`). A slide
+whose record matches is done: a folder run that was stopped resumes at the
+first unfinished slide. Outputs of another slide or model are never replaced
+unless ``config.overwrite=True``; that is decided for every slide before the
+first is staged. Every slide is opened (format, pixel size) first too.
+
+One bad slide does not stop a folder: it is named in a warning, skipped, and
+listed with its error in ``summary.csv``; the rest are staged.
+``config.strict=True`` makes the run exit with an error at the end.
 
 With several JAX processes the slides are dealt out between them; each stages
 its own on its local devices, and process 0 writes ``summary.csv`` once all
@@ -29,9 +33,9 @@ from jax.experimental import multihost_utils
 from stagejax import stages
 from stagejax.detect import choose
 from stagejax.detect import pipeline as detect_lib
-from stagejax.errors import ConfigError, DatasetError, WorkdirError
+from stagejax.errors import ConfigError, DatasetError, ResourceError, WorkdirError
 from stagejax.runtime import files
-from stagejax.section import outputs, truth
+from stagejax.section import outputs, record, truth
 from stagejax.section.crops import cut_tubule
 from stagejax.section.model import StageModel, load_stage_model
 from stagejax.section.stage import SLIDE_STAIN_SAMPLE, slide_stain, stage_crops
@@ -42,8 +46,10 @@ from stagejax.train import interrupts
 log = logging.getLogger(__name__)
 
 SECTIONS = "sections"
-DONE_FILE = "section.json"
+DONE_FILE = record.DONE_FILE
 SUMMARY = "summary.csv"
+FAILED = ".failed"  # W/sections/.failed/<slide name>.txt: why a slide was not staged
+SLIDE_ERRORS = (DatasetError, ResourceError)  # a slide's own problem: skip it, go on
 SLIDE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + OPENSLIDE_SUFFIXES
 SLIDE_MPP_FIELD = "--config.section.slide_mpp"
 
@@ -55,7 +61,11 @@ def list_slides(path: str | Path) -> list[Path]:
         return [p]
     if not p.is_dir():
         raise ConfigError(f"config.section_path: {path}: no such file or folder")
-    found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+    found = sorted(
+        f
+        for f in p.iterdir()
+        if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith(".")
+    )  # hidden files and macOS's ._* companions are not slides
     if not found:
         raise DatasetError(f"{p}: no slide files ({'/'.join(SLIDE_SUFFIXES)})")
     return found
@@ -70,14 +80,21 @@ def slide_name(path: Path) -> str:
     return path.stem
 
 
-def check_slides(paths: list[Path], slide_mpp: float | None) -> None:
-    """Open every slide once (format, size, pixel size): one line before any long work."""
+def check_slides(paths: list[Path], slide_mpp: float | None) -> dict[Path, str]:
+    """Open every slide once (format, size, pixel size) before any long work; returns
+    {slide: why} for those that cannot be read. Two slides with one output name stop
+    the run (one line)."""
     names: dict[str, Path] = {}
+    bad: dict[Path, str] = {}
     for path in paths:
-        with open_slide(path, slide_mpp, mpp_flag=SLIDE_MPP_FIELD):
-            pass
         if (other := names.setdefault(slide_name(path), path)) != path:
             raise DatasetError(f"{path}: same output name as {other}; rename one of them")
+        try:
+            with open_slide(path, slide_mpp, mpp_flag=SLIDE_MPP_FIELD):
+                pass
+        except SLIDE_ERRORS as e:
+            bad[path] = str(e)
+    return bad
 
 
 def _detector(config: ml_collections.ConfigDict):
@@ -101,7 +118,10 @@ def stage_slide(
     slide_mpp = config.section.slide_mpp or None
     with open_slide(path, slide_mpp, mpp_flag=SLIDE_MPP_FIELD) as slide:
         t = time.perf_counter()
-        det = detect_lib.detect_slide(slide, params)
+        try:
+            det = detect_lib.detect_slide(slide, params)
+        except DatasetError as e:  # its hint names detect's flag; here the field is another
+            raise DatasetError(str(e).replace("(--mpp)", f"({SLIDE_MPP_FIELD})")) from None
         times["read_and_detect"] = time.perf_counter() - t
         cut_s = [0.0]
         t = time.perf_counter()
@@ -146,40 +166,16 @@ def stage_slide(
     return result, times
 
 
-def _done(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / DONE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _should_stage(out_dir: Path, sm: StageModel, overwrite: bool) -> bool:
-    """False for a slide this model already staged; WorkdirError for another model's
-    outputs (kept unless ``overwrite``)."""
-    done = _done(out_dir)
-    if done is None and not out_dir.exists():
-        return True
-    if done is not None and done.get("model") == sm.fingerprint and not overwrite:
-        log.info("%s: already staged with this model; skipped", out_dir)
-        return False
-    if overwrite:
-        log.warning("%s: replacing earlier outputs (config.overwrite=True)", out_dir)
-        return True
-    made_by = f"by the model {done.get('model')}" if done else "by an unfinished or other run"
-    raise WorkdirError(
-        f"{out_dir}: holds outputs made {made_by}; pass --config.overwrite=True to replace them"
-    )
-
-
-def _write_slide(
-    out_dir: Path, result, times, sm: StageModel, truth_path, detector: str = ""
-) -> dict:
-    """All outputs of one slide, swapped in as one folder; returns its section.json."""
+def _write_slide(out_dir: Path, result, times, sm: StageModel, truth_path, key: dict) -> dict:
+    """All outputs of one slide, swapped in as one folder; returns its section.json.
+    ``key``: what made them (`record`): slide_file, detector, settings."""
     counts = outputs.stage_counts(result)
     done = {
         "slide": result.slide_path,
+        "slide_file": key["slide_file"],
+        "settings": key["settings"],
         "slide_mpp": result.mpp,
-        "detector": detector,
+        "detector": key["detector"],
         "model": sm.fingerprint,
         "model_mpp": sm.mpp,
         "image_size": sm.image_size,
@@ -196,6 +192,7 @@ def _write_slide(
         t = time.perf_counter()
         outputs.write_section_outputs(tmp, result)
         done["seconds"]["write"] = round(time.perf_counter() - t, 3)
+        done["files"] = record.file_hashes(tmp)  # a later run sees hand edits
         (tmp / DONE_FILE).write_text(json.dumps(done, indent=1) + "\n")
 
     files.replace_dir(out_dir, fill, f"the outputs of {result.slide_name}")
@@ -210,14 +207,52 @@ def _slides(config: ml_collections.ConfigDict, sm: StageModel) -> tuple[list[Pat
     return [truth.simulated_section(config, sm.mpp)], False
 
 
+def _keys(slides, bad, sm: StageModel, config, params) -> dict[Path, dict]:
+    """What would make each readable slide's outputs (`record`)."""
+    detector = choose.describe(params)
+    now = record.settings(config, sm, detector)
+    return {
+        p: {"slide_file": record.slide_fingerprint(p), "settings": now, "detector": detector}
+        for p in slides
+        if p not in bad
+    }
+
+
+def _plan(root: Path, keys: dict[Path, dict], sm: StageModel, config) -> dict[Path, str]:
+    """STAGE or SKIP per slide, decided for all before any is staged (every process
+    decides alike), so a refusal is one line before any work."""
+    overwrite = bool(config.get("overwrite", False))
+    return {
+        p: record.decide(
+            root / slide_name(p), k["slide_file"], sm.fingerprint, k["settings"], overwrite
+        )
+        for p, k in keys.items()
+    }
+
+
+def _unreadable(bad: dict[Path, str], slides: list[Path], folder: bool, where: str) -> None:
+    """A lone slide, or a folder of nothing but bad slides, stops the run (one line);
+    otherwise each bad slide is named once, before any work."""
+    if bad and not folder:
+        raise DatasetError(next(iter(bad.values())))
+    if bad and len(bad) == len(slides):
+        first = next(iter(bad.values()))
+        raise DatasetError(f"{where}: none of its {len(slides)} slides can be read ({first})")
+    for path, why in bad.items():
+        log.warning("%s: cannot be read; skipped (%s)", path.name, why.removeprefix(f"{path}: "))
+
+
 def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim=None) -> Path:
     """``--mode=section``; returns ``W/sections``."""
     workdir = Path(workdir)
     sm = load_stage_model(config, workdir)
     slides, folder = _slides(config, sm)
-    check_slides(slides, config.section.slide_mpp or None)
+    bad = check_slides(slides, config.section.slide_mpp or None)
+    _unreadable(bad, slides, folder, config.section_path)
     params = _detector(config)
     root = workdir / SECTIONS
+    keys = _keys(slides, bad, sm, config, params)
+    plans = _plan(root, keys, sm, config)
     mine = slides[jax.process_index() :: jax.process_count()]
     log.info(
         "staging %d slide(s)%s with %s (%.3f um/px, %d px crops)",
@@ -230,11 +265,12 @@ def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim
     root.mkdir(parents=True, exist_ok=True)
     finished = 0
     try:
-        for path in mine:
-            _stage_one(path, root, sm, params, config, f"{finished + 1}/{len(mine)}")
-            finished += 1
-            if claim is not None:
-                claim.keep()  # a later failure keeps the slides already finished
+        for i, path in enumerate(mine):
+            where = f"{i + 1}/{len(mine)}"
+            if _stage_one(path, root, sm, params, config, keys, plans, bad, where, folder):
+                finished += 1
+                if claim is not None:
+                    claim.keep()  # a later failure keeps the slides already finished
     except interrupts.Interrupted as e:
         if not finished:
             raise
@@ -245,19 +281,40 @@ def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim
         ) from None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("stagejax section: all slides staged")
+    failed = _failures(root, slides)
     if folder and jax.process_index() == 0:
-        _write_summary(root, slides, sm)
+        _write_summary(root, slides, sm, failed)
+    _report_failures(failed, slides, root, bool(config.get("strict", False)))
     return root
 
 
-def _stage_one(path: Path, root: Path, sm, params, config, where: str) -> None:
-    """Stage ``path`` unless this model already did."""
-    out_dir = root / slide_name(path)
-    if not _should_stage(out_dir, sm, bool(config.get("overwrite", False))):
-        return
+def _stage_one(path, root, sm, params, config, keys, plans, bad, where, folder) -> bool:
+    """Stage ``path`` as planned; in a folder run a slide that fails is skipped and
+    recorded (one bad slide does not stop a folder). Returns whether it is done."""
+    failure = root / FAILED / f"{slide_name(path)}.txt"
+    failure.unlink(missing_ok=True)
+    try:
+        if path in bad:
+            raise DatasetError(bad[path])
+        if plans[path] == record.SKIP:
+            return True
+        _stage(path, root / slide_name(path), sm, params, config, keys[path], where)
+        return True
+    except SLIDE_ERRORS as e:
+        if not folder:
+            raise
+        why = str(e).removeprefix(f"{path}: ")
+        if path not in bad:  # unreadable ones were named before any work
+            log.warning("%s (%s): skipped: %s", path.name, where, why)
+        failure.parent.mkdir(exist_ok=True)
+        failure.write_text(why + "\n")
+        return False
+
+
+def _stage(path: Path, out_dir: Path, sm, params, config, key: dict, where: str) -> None:
     t = time.perf_counter()
     result, times = stage_slide(path, sm, params, config)
-    done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), choose.describe(params))
+    done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), key)
     log.info(
         "%s (%s): %d tubules (%d stageable) in %.1f s -> %s",
         path.name,
@@ -269,14 +326,49 @@ def _stage_one(path: Path, root: Path, sm, params, config, where: str) -> None:
     )
 
 
-def _write_summary(root: Path, slides: list[Path], sm: StageModel) -> Path:
+def _failures(root: Path, slides: list[Path]) -> dict[str, str]:
+    """slide name -> why it was not staged (from every process's records)."""
+    found = {}
+    for path in slides:
+        failure = root / FAILED / f"{slide_name(path)}.txt"
+        if failure.is_file():
+            found[slide_name(path)] = failure.read_text().strip()
+    return found
+
+
+def _report_failures(failed: dict[str, str], slides: list[Path], root: Path, strict: bool):
+    """One warning naming the skipped slides; an error when none, or under strict."""
+    if not failed:
+        return
+    names = ", ".join(failed)
+    if len(failed) == len(slides):
+        raise DatasetError(f"{root}: none of the {len(slides)} slides could be staged: {names}")
+    log.warning(
+        "%d of %d slide(s) could not be staged and were skipped (column error of %s): %s",
+        len(failed),
+        len(slides),
+        root / SUMMARY,
+        names,
+    )
+    if strict:
+        raise DatasetError(
+            f"{len(failed)} of {len(slides)} slide(s) could not be staged: {names}; the others "
+            f"are in {root} (config.strict=True makes this an error)"
+        )
+
+
+def _write_summary(root: Path, slides: list[Path], sm: StageModel, failed: dict) -> Path:
     rows = []
     for path in slides:
-        done = _done(root / slide_name(path))
+        name = slide_name(path)
+        if name in failed:
+            rows.append((name, None, None, None, failed[name]))
+            continue
+        done = record.read_done(root / name)
         if done is None:
-            raise WorkdirError(f"{root / slide_name(path)}: {DONE_FILE} missing after staging")
+            raise WorkdirError(f"{root / name}: {DONE_FILE} missing after staging")
         counts = np.asarray(done["counts_by_rank"])
-        rows.append((slide_name(path), done["tubules"], done["stageable"], counts))
+        rows.append((name, done["tubules"], done["stageable"], counts, ""))
     names = stages.names_by_rank(sm.label_names, sm.stage_ranks)
     path = outputs.write_summary(root / SUMMARY, rows, names)
     log.info("wrote %s (%d slides)", path, len(rows))
