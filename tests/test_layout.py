@@ -5,8 +5,10 @@ import logging
 import struct
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from stagejax.data import images
@@ -310,6 +312,31 @@ def test_16bit_rgb_tiff_keeps_high_byte():
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_12bit_data_in_16bit_files_keeps_its_grey_levels(fmt, caplog):
+    """12-bit camera data scaled by its range: 256 levels, not the high byte's 16."""
+    pixels = np.random.default_rng(1).integers(0, 4096, (20, 30, 3)).astype(np.uint16)
+    if fmt == "PNG":
+        data = imagecodecs.png_encode(pixels)
+    else:
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, pixels, photometric="rgb")
+        data = buf.getvalue()
+    with caplog.at_level(logging.INFO):
+        out = decode_image(data, f"x.{fmt.lower()}")
+    np.testing.assert_array_equal(out, (pixels >> 4).astype(np.uint8))
+    assert len(np.unique(out)) > 200
+    assert "holding 12-bit data" in caplog.text
+
+
+def test_declared_significant_bits_win_for_dark_12bit_data():
+    """A dark 12-bit image (largest value 1000) declared 12-bit is not stretched to 10."""
+    gray = np.array([[0, 1000], [500, 4]], np.uint16)
+    assert images.significant_bits(gray, declared=12) == 12
+    assert images.significant_bits(gray) == 10
+    assert images.significant_bits(np.array([65535], np.uint16), declared=12) == 16
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_16bit_gray_scaled_and_replicated(fmt):
     gray = np.array([[0, 255, 256, 1000], [30000, 65535, 511, 512]], np.uint16)
     out = decode_image(_encode(gray, fmt), "x")
@@ -336,7 +363,7 @@ def test_each_conversion_kind_logged_once(caplog):
     gray = _encode(_pixels(1, (8, 9)), "PNG")
     rgba = _encode(_pixels(2, (8, 9, 4)), "PNG")
     gray16 = _encode(np.full((4, 4), 4000, np.uint16), "TIFF")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         for name, data in [
             ("g1", gray),
             ("g2", gray),
@@ -350,4 +377,4 @@ def test_each_conversion_kind_logged_once(caplog):
     assert len(messages) == 3, messages
     assert "grayscale" in messages[0] and "g1" in messages[0]
     assert "alpha" in messages[1] and "a1" in messages[1]
-    assert "16-bit" in messages[2] and "d1" in messages[2]
+    assert "holding 12-bit data" in messages[2] and "d1" in messages[2]

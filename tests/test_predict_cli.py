@@ -52,6 +52,9 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     more.mkdir(parents=True)
     for i in range(2):
         (more / f"m_{i}.png").write_bytes(_png(40, 20 + i))
+    (more / "._m_0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (more / "sub").mkdir()
+    (more / "sub" / "s_0.png").write_bytes(_png(40, 30))
     return model, slides, more
 
 
@@ -119,10 +122,12 @@ def test_predict_skips_bad_files_warns_on_scale_and_keeps_outputs(tmp_path, setu
     assert res.returncode == 2 and str(csv_path) in line and "config.overwrite" in line, line
     assert csv_path.read_bytes() == before
 
-    # Another folder gets its own CSV next to the first.
+    # Another folder gets its own CSV next to the first; macOS's ._ files are not
+    # images, and the subfolder it does not read is named.
     res = _predict(workdir, model, more)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(_rows(workdir / "predict" / "more" / "predictions.csv")) == ["m_0.png", "m_1.png"]
+    assert "1 subfolder(s) skipped (sub)" in res.stderr and "could not be used" not in res.stderr
     assert csv_path.read_bytes() == before
 
     # strict: stops at the corrupt file, naming it, and writes nothing.

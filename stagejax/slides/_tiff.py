@@ -22,6 +22,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from stagejax.data import images
 from stagejax.errors import DatasetError
 from stagejax.slides.base import Level, Slide, resolve_mpp
 
@@ -174,15 +175,46 @@ class TiffSlide(Slide):
         self._pages = pages
         self.tile_shape = _segment_shape(pages[0])
         page = pages[0]
+        self._shift = 8 * (page.dtype.itemsize - 1)  # 16-bit: the high byte, until known
         if page.dtype == np.uint16:
-            log.info("%s: 16-bit samples scaled to 8 bit (high byte kept)", path)
+            self._shift = self._significant_bits() - 8
+            bits = self._shift + 8
+            log.info(
+                "%s: 16-bit samples scaled to 8 bit %s",
+                path,
+                "(high byte kept)" if bits == 16 else f"by their {bits}-bit range",
+            )
         if page.samplesperpixel in (1, 2) and page.photometric != _PHOTOMETRIC.PALETTE:
             log.info("%s: grayscale slide converted to RGB", path)
 
     def close(self) -> None:
         self._tf.close()
 
+    def _significant_bits(self) -> int:
+        """The bits the slide's 16-bit samples use (`images.significant_bits`): the
+        declared BitsPerSample, else SMaxSampleValue, else the largest value of a
+        grid of regions of the smallest level (a 12-bit scan must not become 16 grey
+        levels; tiles must all be scaled alike)."""
+        page, level = self._pages[0], len(self._pages) - 1
+        declared = int(page.bitspersample)
+        if (smax := page.tags.get(281)) is not None:
+            top = np.asarray(smax.value, np.uint16)
+        else:
+            lw, lh = self.levels[level].dimensions
+            side = 256
+            xs = np.unique(np.linspace(0, max(lw - side, 0), 8).astype(int))
+            ys = np.unique(np.linspace(0, max(lh - side, 0), 8).astype(int))
+            top = np.array([
+                self._read_raw(x, y, min(side, lw - x), min(side, lh - y), level)[..., :3].max()
+                for y in ys for x in xs
+            ])  # fmt: skip
+        return images.significant_bits(top, declared)
+
     def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        return _to_rgb8(self._read_raw(x, y, w, h, level), self._pages[level], self._shift)
+
+    def _read_raw(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        """The region's samples as stored (h, w, samples per pixel)."""
         page = self._pages[level]
         rows, cols = _segment_shape(page)
         nrow, ncol = math.ceil(page.imagelength / rows), math.ceil(page.imagewidth / cols)
@@ -210,16 +242,17 @@ class TiffSlide(Slide):
             x0, x1 = max(x, sx), min(x + w, sx + shape[2])
             dst = raw[y0 - y : y1 - y, x0 - x : x1 - x, s : s + shape[3]]
             dst[...] = white if seg is None else seg[0, y0 - sy : y1 - sy, x0 - sx : x1 - sx]
-        return _to_rgb8(raw, page)
+        return raw
 
 
-def _to_rgb8(raw: np.ndarray, page: tifffile.TiffPage) -> np.ndarray:
-    """uint8 RGB from decoded samples, converting as stagejax.data.images does."""
+def _to_rgb8(raw: np.ndarray, page: tifffile.TiffPage, shift: int = 8) -> np.ndarray:
+    """uint8 RGB from decoded samples, converting as stagejax.data.images does;
+    16-bit samples are shifted right by ``shift`` (16 - 8: the high byte)."""
     if page.photometric == _PHOTOMETRIC.PALETTE:
         lut = (np.asarray(page.colormap).T >> 8).astype(np.uint8)  # (entries, 3) RGB
         return lut[raw[..., 0]]
     if raw.dtype == np.uint16:
-        raw = (raw >> 8).astype(np.uint8)
+        raw = np.minimum(raw >> shift, 255).astype(np.uint8)
     if page.photometric == _PHOTOMETRIC.MINISWHITE:
         raw = 255 - raw
     if raw.shape[2] < 3:  # gray, or gray + alpha
