@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from absl import app, flags
 
@@ -87,3 +88,24 @@ def run_commands(
             exit_with(interrupted, 130)
 
     app.run(main, flags_parser=parse_flags)
+
+
+def path_list(values: Sequence[str], flag: str) -> list[str]:
+    """The files of a repeatable list flag (``flags.DEFINE_multi_string``).
+
+    Each value is a file that exists (its name may hold a comma), ``@LIST`` (a text
+    file naming one file per line), or comma-separated names. Why: a lab's file
+    names hold commas, which a plain comma-separated flag cannot pass.
+    """
+    out: list[str] = []
+    for value in values:
+        if value.startswith("@"):
+            listing = Path(value[1:]).expanduser()
+            if not listing.is_file():
+                raise ConfigError(f"{flag}: {listing}: no such list file")
+            out += [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        elif Path(value).expanduser().exists() or "," not in value:
+            out.append(value)
+        else:
+            out += [part.strip() for part in value.split(",") if part.strip()]
+    return out

@@ -274,3 +274,24 @@ def test_slide_split_prefers_train_slides_that_hold_every_stage():
     assert {s for ss in per_slide for s in ss} == set(SPLITS)
     with pytest.raises(DatasetError, match="--split_by random"):
         export.split_by_slide(plans[:2] + [plans[-1]], seed=0)
+
+
+def test_cli_file_names_with_a_comma(section, tmp_path):
+    """A name with a comma: the flag repeated, or a list file (@LIST, one per line)."""
+    slide, ann, _ = section
+    slides = [tmp_path / "mouse,1.tif", tmp_path / "mouse2.tif"]
+    for s in slides:
+        shutil.copy(slide, s)
+    shutil.copy(ann, tmp_path / "a,1.geojson")
+    listing = tmp_path / "annotations.txt"
+    listing.write_text(f"{tmp_path / 'a,1.geojson'}\n{ann}\n")
+    scale = ["--mpp", str(MPP), "--image_size", str(SIZE), "--split_by", "random"]
+    proc = _cli(
+        *("--slides", str(slides[0]), "--slides", str(slides[1])),
+        *("--annotations", f"@{listing}", "--out", str(tmp_path / "ds"), *scale),
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name.rsplit("_", 2)[0] for p in (tmp_path / "ds" / "images").iterdir()}
+    assert names == {"mouse,1", "mouse2"}
+    meta = json.loads((tmp_path / "ds" / "EXPORT.json").read_text())
+    assert str(slides[0]) in json.dumps(meta)

@@ -10,6 +10,8 @@ Commands:
         [--workdir W | --mpp M --image_size S] [--slide_mpp X] \
         [--split_by slide|random] [--seed K]
 
+    A file name with a comma: repeat the flag (--slides "A,1.tif" --slides B.tif) or
+    list the files in a text file, one per line (--slides @slides.txt).
     --workdir W takes the pixel size, image side and label names of W/best_model
     (explicit --mpp/--image_size win), so fine-tuning from W keeps its class ids.
     Objects marked `stageable: false` or without a stage class (e.g. "Tubule") are
@@ -29,8 +31,17 @@ from stagejax.errors import ConfigError
 from stagejax.section import export
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("slides", [], "export: slide files, comma-separated.")
-flags.DEFINE_list("annotations", [], "export: corrected QuPath GeoJSON, one per slide, same order.")
+flags.DEFINE_multi_string(
+    "slides",
+    [],
+    "export: slide files: comma-separated, the flag repeated (for names with a comma), "
+    "or @LIST.txt (one file per line).",
+)
+flags.DEFINE_multi_string(
+    "annotations",
+    [],
+    "export: corrected QuPath GeoJSON, one per slide, same order; given as --slides.",
+)
 flags.DEFINE_string("out", None, "export: the dataset folder to write (new or empty).")
 flags.DEFINE_string("workdir", None, "export: training run whose best_model sets scale and labels.")
 flags.DEFINE_float("mpp", None, "export: um/px of the images (default: the model's).")
@@ -46,8 +57,8 @@ def export_command() -> None:
     if not FLAGS.out:
         raise ConfigError("--out: required (the dataset folder to write)")
     root = export.export_sections(
-        FLAGS.slides,
-        FLAGS.annotations,
+        cli.path_list(FLAGS.slides, "--slides"),
+        cli.path_list(FLAGS.annotations, "--annotations"),
         FLAGS.out,
         workdir=FLAGS.workdir,
         mpp=FLAGS.mpp,
