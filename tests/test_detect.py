@@ -232,9 +232,11 @@ def test_annotations_off_the_slide_are_refused_before_training(drawn, tmp_path):
     path, _, truth = drawn
     shifted = [SlideObject(geometry=affinity.translate(o.geometry, 1e5, 1e5)) for o in truth]
     write_geojson(tmp_path / "off.geojson", shifted)
-    proc = _cli("train", "--method=unet", "--slides", str(path), "--annotations",
+    comma = tmp_path / "mouse 1, slide A.tif"  # a lab's file name with a comma
+    comma.write_bytes(path.read_bytes())
+    proc = _cli("train", "--method=unet", "--slides", str(comma), "--annotations",
                 str(tmp_path / "off.geojson"), "--out", str(tmp_path / "w"))  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "lie off" in lines[0] and "off.geojson" in lines[0]
+    assert "lie off" in lines[0] and "off.geojson" in lines[0] and str(comma) in lines[0]
     assert not (tmp_path / "w").exists()

@@ -62,8 +62,12 @@ flags.DEFINE_float("mpp", None, "Pixel size of level 0 in um/px; overrides the f
 flags.DEFINE_string("method", None, "unet (default) or classical.")
 flags.DEFINE_string("weights", None, "detect: U-Net weights (.npz or the folder train wrote).")
 flags.DEFINE_string("params", None, "PARAMS.json from `train` (detect: use; train: start from).")
-flags.DEFINE_list("slides", [], "train: slide files, comma-separated.")
-flags.DEFINE_list("annotations", [], "train: QuPath GeoJSON files, one per slide, same order.")
+flags.DEFINE_multi_string(
+    "slides", [], "train: slide files (comma-separated, repeat the flag, or @LIST.txt)."
+)
+flags.DEFINE_multi_string(
+    "annotations", [], "train: QuPath GeoJSON files, one per slide, same order (as --slides)."
+)
 flags.DEFINE_integer(
     "sweeps", 2, "train, classical: passes of the coordinate search.", lower_bound=1
 )
@@ -104,12 +108,19 @@ def _refuse_existing(*paths: Path) -> None:
             )
 
 
+def _slide_lists() -> tuple[list[str], list[str]]:
+    """--slides and --annotations as files (names may hold commas: see cli.path_list)."""
+    return cli.path_list(FLAGS.slides, "--slides"), cli.path_list(
+        FLAGS.annotations, "--annotations"
+    )
+
+
 def train_classical() -> None:
     if not FLAGS.out or not FLAGS.out.endswith(".json"):
         raise ConfigError(f"--out: {FLAGS.out!r} must name the PARAMS.json file to write")
     _refuse_existing(Path(FLAGS.out))
     start = load_params(FLAGS.params) if FLAGS.params else DetectParams()
-    sections = fit.load_sections(FLAGS.slides, FLAGS.annotations, FLAGS.mpp)
+    sections = fit.load_sections(*_slide_lists(), FLAGS.mpp)
     best, record = fit.fit(sections, start, sweeps=FLAGS.sweeps)
     save_params(FLAGS.out, best, record)
     b, a = record["before"], record["after"]
@@ -130,7 +141,7 @@ def train_learned() -> None:
         sections = train_unet.simulated_sections(seeds, FLAGS.cache_dir)
         about = train_unet.simulated_about(seeds)
     elif FLAGS.slides:
-        sections = fit.load_sections(FLAGS.slides, FLAGS.annotations, FLAGS.mpp)
+        sections = fit.load_sections(*_slide_lists(), FLAGS.mpp)
         about = {"simulated": False}
     else:
         sections, about = [], {"simulated": True}
