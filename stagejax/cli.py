@@ -10,7 +10,6 @@ argument and keep them in a ``COMMANDS`` dict of name -> function.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +18,14 @@ from pathlib import Path
 from absl import app, flags
 
 from stagejax.errors import ConfigError, StagejaxError
+from stagejax.runtime import logs
+
+flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Keep the libraries' start-up lines in the log (JAX backends, XLA flags, "
+    "tensorflow-datasets); by default the log holds stagejax's lines and all warnings.",
+)
 
 Command = Callable[[], None]
 
@@ -78,7 +85,7 @@ def run_commands(
     def main(argv: list[str]) -> None:
         try:
             command = pick_command(commands, argv, default)
-            logging.getLogger().setLevel(logging.INFO)
+            logs.setup(flags.FLAGS.verbose)
             command()
         except StagejaxError as e:
             exit_with(f"error: {e}", 2)

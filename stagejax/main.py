@@ -58,12 +58,6 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
 )
-flags.DEFINE_bool(
-    "verbose",
-    False,
-    "Keep the libraries' start-up lines in the log (JAX backends, XLA flags, "
-    "tensorflow-datasets); by default the log holds stagejax's lines and all warnings.",
-)
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("stagejax")
