@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import textwrap
 import time
 from pathlib import Path
 
@@ -233,10 +234,10 @@ def packed_sheet(real_dir: Path, png: Path, seeds=(1, 3, 5, 8)) -> Path:
         ax.imshow(sec.rgb)
         ax.set_axis_off()
         lk = sec.look
-        about = _text(describe(sec.rgb, sec.labels, sec.mpp)).replace(", ", "\n", 1)
-        ax.set_title(f"SIMULATED seed {seed}: {lk['stain']}\nH {lk['h_od']:.2f}, 2nd "
-                     f"{lk['e_od']:.2f} OD; scan {lk['scan_mpp']:.1f} um/px, JPEG "
-                     f"{lk['jpeg']}\n{about}", fontsize=7)  # fmt: skip
+        title = (f"SIMULATED seed {seed}: {lk['stain']}, H {lk['h_od']:.2f}, 2nd "
+                 f"{lk['e_od']:.2f} OD; scan {lk['scan_mpp']:.1f} um/px, JPEG {lk['jpeg']}; "
+                 f"{_text(describe(sec.rgb, sec.labels, sec.mpp))}")  # fmt: skip
+        ax.set_title(textwrap.fill(title, 60), fontsize=7)
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, family="monospace", va="bottom")
     fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.17, wspace=0.03)
     fig.savefig(png, dpi=80)

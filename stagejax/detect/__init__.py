@@ -7,19 +7,16 @@ the tubule's border; cores of that distance seed a watershed that splits
 touching tubules. Inference runs in fixed-size overlapping tiles through one
 `jax.jit`-compiled function (the accelerator when JAX has one, else the CPU).
 The weights shipped in stagejax/detect/weights/unet.npz were trained on
-SIMULATED sections only (seeds 0-15, stainings -0.5..0.5, never the held-out
-seeds 100-102 or the held-out staining 1.0); they are remade by
-
-    python -m stagejax.detect train --method=unet --simulated_seeds=0-15 --init=none \\
-        --steps=650 --learning_rate=2e-3 --out=stagejax/detect/weights/unet.npz
-
-(530 s of training on a 2-core CPU, plus ~4.5 min rendering the 16 sections
-once; the command as run, date and held-out scores are in
-stagejax/detect/weights/unet.json) and fine-tuned on a lab's QuPath annotations
-by `python -m stagejax.detect train --method=unet --slides ... --annotations ...
---out DIR`. On held-out simulated sections it measured F1 1.000 (usual
-staining) and 0.998 (held-out staining) at IoU >= 0.5 against the classical
-detector's 0.901 and 0.920 (benchmarks/RESULTS.md), so it is the default.
+SIMULATED sections only: packed sections drawn the way real ones look
+(`stagejax.simulate.packed`: touching tubules, lengthwise bands, H&E or PAS,
+coarse JPEG scans) and stage-simulator sections, in four runs of
+`python -m stagejax.detect train --method=unet` (the command line, each run's
+record and held-out scores are in stagejax/detect/weights/unet.json). They are
+fine-tuned on a lab's QuPath annotations by `python -m stagejax.detect train
+--method=unet --slides ... --annotations ... --out DIR`. On held-out simulated
+sections they measured F1 0.961 and 0.966 (usual and held-out staining), on a
+real H&E section (never trained on) F1 0.72 (benchmarks/RESULTS.md), against
+the classical detector's 0.90-0.92 and 0.15, so the U-Net is the default.
 
 Classical (`segment`, `params`, `fit`): colour deconvolution, thresholds,
 morphology and a distance-transform watershed (numpy/scipy/scikit-image), with

@@ -18,19 +18,15 @@ annotated part):
 
     python -m stagejax.detect train --method=unet --slides S1.tif,S2.tif \
         --annotations A1.geojson,A2.geojson --out DIR_OR_W.npz [--init shipped|none|W.npz] \
-        [--steps 300]
+        [--steps 300]   (names with commas: repeat --slides/--annotations, or @LIST.txt)
 
 writes DIR/unet.npz (or W.npz) and its record (unet.json), which `--weights`
 (or `--config.section.detector=DIR/unet.npz`) uses. The shipped weights were
-made from SIMULATED sections (seeds 0-15, never the held-out 100-102 or the
-held-out staining) by
-
-    python -m stagejax.detect train --method=unet --simulated_seeds=0-15 --init=none \
-        --steps=650 --learning_rate=2e-3 --out=stagejax/detect/weights/unet.npz
-
-(530 s of training on a 2-core CPU, plus ~4.5 min rendering the 16 sections
-once; the command as run, date and held-out scores are in
-stagejax/detect/weights/unet.json).
+made from SIMULATED sections only (`--packed_seeds`: packed sections drawn the
+way real ones look; `--simulated_seeds`: stage-simulator sections; never the
+held-out seeds) by four runs whose one command line is in
+stagejax/detect/weights/unet.json ("reproduce"). Existing outputs are replaced
+only with --overwrite.
 
 Fit the classical detector's parameters instead (a coordinate search that
 maximises F1 at IoU >= 0.5; no network):
