@@ -4,6 +4,7 @@ stain normalisation and coarse-image handling (stagejax.detect.learned)."""
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage import filters
 
 from stagejax.detect import learned, segment
 from stagejax.simulate import packed, packed_paint
@@ -88,7 +89,8 @@ def test_stain_normalisation_makes_pale_and_dark_alike(sections):
     a = segment.optical_density(learned.normalise_stain(stained(0.6))).mean(-1)
     b = segment.optical_density(learned.normalise_stain(stained(1.6))).mean(-1)
     assert abs(np.percentile(a, 90) - np.percentile(b, 90)) < 0.03
-    assert np.percentile(b[b > 0.05], 80) == pytest.approx(learned.REFERENCE_OD, abs=0.05)
+    tissue = b > max(filters.threshold_otsu(b), 0.02)  # the tissue as normalise_stain sees it
+    assert np.percentile(b[tissue], 80) == pytest.approx(learned.REFERENCE_OD, abs=0.02)
     white = np.full((32, 32, 3), 255, np.uint8)
     assert np.array_equal(learned.normalise_stain(white), white)  # glass alone: unchanged
 

@@ -21,9 +21,9 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
-    """A folder with section_A_HE.png and its instance PNG (3 um/px, 800 rows)."""
+    """A folder with section_A_HE.png and its instance PNG (3 um/px, 1,000 rows)."""
     root = tmp_path_factory.mktemp("real_stand_in")
-    sec = packed.render_packed(4, (1.5, 2.4), mpp=3.0)
+    sec = packed.render_packed(6, (1.5, 3.0), mpp=3.0)
     Image.fromarray(sec.rgb).save(root / "section_A_HE.png")
     Image.fromarray(sec.labels.astype(np.uint16)).save(root / rs.TRUTH)
     return root, sec
@@ -65,7 +65,8 @@ def test_benchmark_command_scores_the_stand_in_and_skips_without_images(stand_in
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     a = result["section_A"]
-    assert a["num_truth"] > 20 and 0 <= a["f1"] <= 1 and 0 <= a["pixel_iou"] <= 1
+    # A PAS packed section (JPEG) at 3 um/px, read from PNG, enlarged to the U-Net's scale.
+    assert a["num_truth"] > 20 and a["f1"] >= 0.8 and a["pixel_iou"] >= 0.8, a
     assert "REAL" in result["data"]
     assert (tmp_path / "ov" / "section_A_detections.png").exists()
     proc = subprocess.run(cmd[:3] + ["--real", str(tmp_path / "none")], capture_output=True,
