@@ -153,9 +153,9 @@ def real_main(args, detector) -> None:
         "weights": None if classical else detector.source,
         "device": str(jax.devices()[0]),
         "load_avg_1min_before": round(os.getloadavg()[0], 2),
-        "section_A": real_sections.score_section_a(detector, real),
-        "section_A_bottom": real_sections.score_section_a(detector, real, part="bottom"),
     }
+    scores = real_sections.score_section_a(detector, real, ("all", "bottom"))
+    result.update(section_A=scores["all"], section_A_bottom=scores["bottom"])
     result["overlays"] = [
         str(p) for p in real_sections.write_overlays(detector, real, Path(args.overlays))
     ]

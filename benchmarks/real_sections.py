@@ -68,16 +68,11 @@ def split_top_bottom(truth: Truth, row: int = SPLIT_ROW) -> tuple[list[int], lis
     return top, bottom
 
 
-def pixel_iou(detected: list, truth_labels: np.ndarray, scale=(1.0, 1.0)) -> float:
-    """IoU of the union of detected polygons with the union of the truth's tubules."""
-    from skimage import draw
+def pixel_iou(detected: list, truth_labels: np.ndarray) -> float:
+    """IoU of the union of detected polygons (px) with the union of the truth's tubules."""
+    from stagejax.detect.train_unet import rasterise
 
-    mask = np.zeros(truth_labels.shape, bool)
-    for poly in detected:
-        for part in getattr(poly, "geoms", [poly]):
-            x, y = np.asarray(part.exterior.coords).T
-            rr, cc = draw.polygon(y / scale[1] - 0.5, x / scale[0] - 0.5, mask.shape)
-            mask[rr, cc] = True
+    mask = rasterise(detected, truth_labels.shape, (1.0, 1.0)) > 0
     gt = truth_labels > 0
     union = (mask | gt).sum()
     return float((mask & gt).sum() / union) if union else 0.0
@@ -92,30 +87,29 @@ def _detect(slide, detector) -> list[SlideObject]:
         return []
 
 
-def score_section_a(detector, real_dir: Path, part: str = "all") -> dict:
-    """P, R, F1 at IoU >= 0.5, mean IoU, pixel IoU of `detector` on section A.
-
-    `part`: "all", or "bottom" (tubules wholly below SPLIT_ROW, detections whose
-    centroid lies below it: the held-out part of the fine-tuning experiment)."""
+def score_section_a(detector, real_dir: Path, parts=("all",)) -> dict:
+    """{part: P, R, F1 at IoU >= 0.5, mean IoU, pixel IoU} of `detector` on section A,
+    detected once. A part is "all", or "bottom" (tubules wholly below SPLIT_ROW and the
+    detections whose centroid lies below it: the fine-tuning experiment's held-out part)."""
     name, mpp = SECTIONS["A"]
     truth = read_truth(real_dir)
     start = time.perf_counter()
     with open_slide(real_dir / name, mpp) as slide:
-        found = _detect(slide, detector)
-    seconds = time.perf_counter() - start
-    keep = None
+        detected = _detect(slide, detector)
+    seconds = round(time.perf_counter() - start, 2)
+    return {part: {**_score(truth, detected, part), "seconds": seconds} for part in parts}
+
+
+def _score(truth: Truth, found: list, part: str) -> dict:
+    keep, labels = None, truth.labels
     if part == "bottom":
         keep = split_top_bottom(truth)[1]
-        h, w = truth.labels.shape
-        below = box(0, SPLIT_ROW, w, h)
-        found = [o for o in found if below.contains(o.geometry.centroid)]
-    scores = evaluate(found, truth.objects(keep))["all"]
-    labels = truth.labels
-    if keep is not None:
+        h, w = labels.shape
+        found = [o for o in found if box(0, SPLIT_ROW, w, h).contains(o.geometry.centroid)]
         labels = np.where(np.isin(labels, np.asarray(keep) + 1), labels, 0)
         labels[:SPLIT_ROW] = 0
+    scores = evaluate(found, truth.objects(keep))["all"]
     scores["pixel_iou"] = pixel_iou([o.geometry for o in found], labels)
-    scores["seconds"] = round(seconds, 2)
     return scores
 
 
@@ -182,7 +176,7 @@ def finetune_curve(real_dir: Path, out: Path, counts, steps: int) -> list[dict]:
         start = time.perf_counter()
         record = train_unet.run(sections, "shipped", spec, weights, {"simulated": False})
         seconds = time.perf_counter() - start
-        bottom = score_section_a(load_weights(weights), real_dir, part="bottom")
+        bottom = score_section_a(load_weights(weights), real_dir, ("bottom",))["bottom"]
         rows.append({"tubules": len(sections[0].truth), "steps": steps,
                      "train_seconds": round(seconds, 1), "f1_top_before": record.get("f1_before"),
                      "f1_top_after": record["f1_after"], "bottom": bottom})  # fmt: skip

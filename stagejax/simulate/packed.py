@@ -33,7 +33,7 @@ from scipy import ndimage, spatial
 
 from stagejax.simulate import section_layout
 from stagejax.simulate.packed_paint import noise as _noise
-from stagejax.simulate.packed_paint import paint
+from stagejax.simulate.packed_paint import paint, seams
 
 DETECT_MPP = 2.5  # um/px the detector works at.
 LLOYD_RASTER_UM = 10.0
@@ -155,20 +155,9 @@ def _nearest(c, aspect, theta, weight, pts, k: int = 8) -> np.ndarray:
     return near[np.arange(len(pts)), d.argmin(1)]
 
 
-def _boundary(labels: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour of a lower label: one side of each seam, so that two
-    cells with no cleft between them touch."""
-    b = np.zeros(labels.shape, bool)
-    b[1:] |= labels[1:] > labels[:-1]
-    b[:-1] |= labels[:-1] > labels[1:]
-    b[:, 1:] |= labels[:, 1:] > labels[:, :-1]
-    b[:, :-1] |= labels[:, :-1] > labels[:, 1:]
-    return b
-
-
 def _tubules(rng, cells, empty, tissue, look, mpp) -> np.ndarray:
     """Instance labels: each non-empty cell less its cleft, wavy and rounded."""
-    d = (ndimage.distance_transform_edt(~(_boundary(cells) | ~tissue)) + 0.5) * mpp
+    d = (ndimage.distance_transform_edt(~(seams(cells, one_sided=True) | ~tissue)) + 0.5) * mpp
     cleft = look["cleft_um"] * np.clip(0.6 + 0.6 * _noise(rng, cells.shape, 30 / mpp), 0, 2)
     wavy = d + look["wobble_um"] * _noise(rng, cells.shape, 12 / mpp)
     mask = (wavy > 0.5 * cleft) & tissue & ~empty[cells]

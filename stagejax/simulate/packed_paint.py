@@ -28,12 +28,15 @@ def noise(rng: np.random.Generator, shape, sigma_px: float) -> np.ndarray:
     return g / (g.std() + 1e-6)
 
 
-def _edges(labels: np.ndarray) -> np.ndarray:
-    b = labels == 0
-    b[1:] |= labels[1:] != labels[:-1]
-    b[:-1] |= labels[1:] != labels[:-1]
-    b[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    b[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+def seams(labels: np.ndarray, one_sided: bool = False) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label; `one_sided`: only the higher label's
+    side of each seam (so that two cells with no cleft between them still touch)."""
+    b = np.zeros(labels.shape, bool)
+    for axis in (0, 1):
+        a = np.moveaxis(labels, axis, 0)
+        out = np.moveaxis(b, axis, 0)
+        out[1:] |= a[1:] > a[:-1] if one_sided else a[1:] != a[:-1]
+        out[:-1] |= a[:-1] > a[1:] if one_sided else a[1:] != a[:-1]
     return b
 
 
@@ -41,7 +44,7 @@ def _tubule_densities(rng, labels: np.ndarray, look: dict, mpp: float, dots: np.
     """(hematoxylin, second stain) densities of the tubules: epithelium, rim, lumen."""
     n = int(labels.max())
     inside = labels > 0
-    d = ndimage.distance_transform_edt(~_edges(labels)).astype(np.float32) * mpp
+    d = ndimage.distance_transform_edt(~(seams(labels) | (labels == 0))).astype(np.float32) * mpp
     dmax = np.concatenate([[1.0], ndimage.maximum(d, labels, np.arange(1, n + 1))])
     rel = d / np.maximum(dmax[labels], 1e-3)
     frac = np.clip(look["lumen"] * np.exp(rng.normal(0, 0.5, n + 1)), 0, 0.6)
