@@ -5,12 +5,10 @@ by measurement (benchmarks/RESULTS.md, "The demo"): with the demo's augmentation
 it reached 62.1% balanced accuracy in 2 min where ResNet-50 reached 40.8% in 6.
 """
 
-from stagejax.config import load_sibling
-
-default = load_sibling(__file__, "default")
+from stagejax import recipe
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
+    config = recipe.get_config(variant)
     config.model = "resnet18" if config.variant == "demo" else "resnet50"
     return config

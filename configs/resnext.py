@@ -1,11 +1,9 @@
 """ResNeXt-50 32x4d, one of the study's four models."""
 
-from stagejax.config import load_sibling
-
-default = load_sibling(__file__, "default")
+from stagejax import recipe
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
+    config = recipe.get_config(variant)
     config.model = "resnext50_32x4d"
     return config

@@ -1,11 +1,9 @@
 """Wide-ResNet-50-2, one of the study's four models."""
 
-from stagejax.config import load_sibling
-
-default = load_sibling(__file__, "default")
+from stagejax import recipe
 
 
 def get_config(variant=None):
-    config = default.get_config(variant)
+    config = recipe.get_config(variant)
     config.model = "wide_resnet50_2"
     return config

@@ -1,22 +1,22 @@
-"""The config a run uses: resolved from the ``--config`` flag, then checked.
+"""The config a run uses: completed on the command line, then checked.
 
-``resolve`` applies the one rule (stated in configs/default.py and the
-README): a field given on the command line always wins, and the config that
-runs is recorded as it is. The config file's variant (``study`` or ``demo``)
-is the one named after the colon, ``--config=configs/resnet.py:demo``; with
-none named, ``demo`` (the simulated dataset's sizes) when no data_dir is
-given and the run trains or evaluates, else ``study``. The variant only
-chooses the defaults that the command line's fields are then applied to.
+The config is the training recipe (`stagejax.recipe`). ``complete_argv``
+is the one place that decides which recipe a command line runs, before absl
+parses it: for training, the variant of ``--config=FILE`` (the one named after
+the colon, ``configs/resnet.py:demo``; with none named, ``demo`` (the simulated
+dataset's sizes) when no ``--config.data_dir`` is given, else ``study``); for
+eval, predict and section on a trained workdir, the run's own ``W/config.json``
+(``--config`` is then not needed). Either way absl's ``config_flags`` loads it
+once and applies the command line's ``--config.X``, which always wins.
 
-``check_overrides`` refuses a ``--config.FIELD`` that the config does not
-have, before absl parses anything, as one ``ConfigError`` line.
+``check_overrides`` refuses a ``--config.FIELD`` that the config does not have,
+before absl parses anything, as one ``ConfigError`` line (naming the mode flag
+that replaced a field that left the recipe).
 
 ``validate(config)`` turns a bad setting into one ``ConfigError`` line naming
 the field (``config.global_batch_size: 0; must be >= 12 ...``) instead of a
 ``ZeroDivisionError`` deep in the run, a silently accepted negative learning
 rate, or an unknown model reported only after the data was checked.
-Fields that do not exist in ``config`` are skipped, so configs written before
-a field was added (and fields other modules add) still validate.
 
 ``init_from`` is checked here too: its ``model.json`` is a few bytes, and a
 head or input that does not fit the config would otherwise fail only after
@@ -39,10 +39,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from stagejax import models
+from stagejax import models, recipe
 from stagejax.data import stain
 from stagejax.errors import ConfigError, first_line
-from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.model import saved
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": models.NAMES,
@@ -90,9 +90,6 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "simulated.image_size": (lambda v: v >= 16, ">= 16"),
     "simulated.seed": (lambda v: v >= 0, ">= 0"),
     "mpp": (lambda v: v == 0 or 0.05 <= v <= 20, "0 (the simulated data's) or 0.05-20 um/px"),
-    "section.slide_mpp": (lambda v: v == 0 or 0.05 <= v <= 20, "0 (from the file) or 0.05-20"),
-    "section.review_below": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "section.seed": (lambda v: v >= 0, ">= 0"),
 }
 _INTEGER_FIELDS = {
     "num_classes",
@@ -108,7 +105,6 @@ _INTEGER_FIELDS = {
     "simulated.num_images",
     "simulated.image_size",
     "simulated.seed",
-    "section.seed",
 }
 
 
@@ -188,7 +184,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
             f"config.init_from: {directory}: no such model directory (make one "
             "with python -m stagejax.convert)"
         )
-    meta = ckpt_lib.read_model_json(path)
+    meta = saved.read_model_json(path)
     arch, classes, channels = meta["arch"], meta["num_classes"], meta["in_channels"]
     want_arch = _get(config, "model")
     want_classes = _get(config, "num_classes")
@@ -241,7 +237,7 @@ def validate(
     check_init_from(config)
 
 
-# -- resolving the --config flag ------------------------------------------------
+# -- completing and checking the --config flag ------------------------------------------------
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 
@@ -261,26 +257,23 @@ def _module(path: str) -> types.ModuleType:
     return module
 
 
-def load_sibling(config_file: str, name: str) -> types.ModuleType:
-    """The module ``name``.py beside ``config_file`` (a config file's ``__file__``).
-
-    Why: ``from configs import default`` works only with the checkout as the
-    current directory (or a user's own ``configs`` package shadows it); loading
-    by path makes a config file work from anywhere.
-    """
-    return _module(str(Path(config_file).resolve().with_name(f"{name}.py")))
-
-
 def _load(path: str, variant: str) -> ml_collections.ConfigDict:
-    """``get_config(variant)`` of the file at ``path`` (``get_config()`` for ``""``),
-    as a new, unlocked ConfigDict."""
-    config = _module(path).get_config(*([variant] if variant else []))
-    return ml_collections.ConfigDict(config.to_dict())
+    """``get_config(variant)`` of the file at ``path`` (``get_config()`` for ``""``)."""
+    return _module(path).get_config(*([variant] if variant else []))
 
 
 def _takes_variant(path: str) -> bool:
     """Whether the config file's ``get_config`` takes a variant (the shipped ones do)."""
     return bool(inspect.signature(_module(path).get_config).parameters)
+
+
+def _takes_variant_or_fails(path: str) -> bool:
+    """`_takes_variant`, False for a file that cannot be loaded (`check_overrides` then
+    reports it in one line)."""
+    try:
+        return _takes_variant(path)
+    except Exception:  # the file's own error; reported by _load_checked
+        return False
 
 
 def default_variant(data_dir: str, mode: str) -> str:
@@ -289,23 +282,49 @@ def default_variant(data_dir: str, mode: str) -> str:
     return "demo" if not data_dir and mode in ("train", "eval") else "study"
 
 
-def resolve(
-    spec: str, overrides: dict[str, Any], mode: str = "train"
-) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """(config that runs, its defaults) for ``--config=spec`` and the command line's
-    ``overrides`` (flat ``{'a.b': value}``, as ``config_flags`` parsed them).
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The last value of ``--name=V`` or ``--name V`` in ``argv`` (absl's last wins)."""
+    value = None
+    for i, arg in enumerate(argv):
+        key, eq, rest = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or key != name:
+            continue
+        if eq:
+            value = rest
+        elif i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
-    The defaults are the chosen variant before the overrides: a workdir's resume
-    check uses them for fields an older run's config.json lacks.
+
+def complete_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config`` naming exactly the recipe that runs.
+
+    On a trained workdir (``W/config.json``), eval, predict and section run the
+    recipe recorded there: ``--config`` becomes ``stagejax/recipe.py:W/config.json``
+    (a ``--config`` given too only lends its name; the recipe is the run's own).
+    Otherwise a config file named without a variant gets `default_variant`'s.
     """
-    path, variant = _split_spec(spec)
-    if not variant and _takes_variant(path):
-        data_dir = overrides.get("data_dir", _load(path, "").get("data_dir", ""))
-        variant = default_variant(data_dir, mode)
-    defaults = _load(path, variant)
-    config = ml_collections.ConfigDict(defaults.to_dict())
-    config.update_from_flattened_dict(dict(overrides))
-    return config, defaults
+    argv = [a for a in argv]
+    mode = _flag_value(argv, "mode") or "train"
+    workdir = _flag_value(argv, "workdir")
+    spec = _flag_value(argv, "config")
+    record = Path(workdir).expanduser().absolute() / recipe.RECORD if workdir else None
+    if mode != "train" and record is not None and record.is_file():
+        spec = f"{Path(recipe.__file__).absolute()}:{record}"
+    elif spec is None or ":" in spec or not Path(spec).expanduser().is_file():
+        return argv  # absl or check_overrides says what is wrong
+    elif _takes_variant_or_fails(str(Path(spec).expanduser())):
+        spec += ":" + default_variant(_flag_value(argv, "config.data_dir") or "", mode)
+    argv = [a for i, a in enumerate(argv) if not _is_config_flag(argv, i)]
+    return [argv[0], f"--config={spec}", *argv[1:]]
+
+
+def _is_config_flag(argv: Sequence[str], i: int) -> bool:
+    """Whether ``argv[i]`` is ``--config=V``, ``--config``, or the value after it."""
+    bare = ("--config", "-config")
+    if argv[i] in bare or argv[i].startswith(("--config=", "-config=")):
+        return True
+    return i > 0 and argv[i - 1] in bare
 
 
 def check_overrides(argv: Sequence[str]) -> None:
@@ -339,7 +358,27 @@ def _load_checked(path: str, variant: str) -> ml_collections.ConfigDict:
         ) from None
 
 
+# Fields that left the recipe for flags of the mode that uses them.
+RETIRED = {
+    "predict_dir": "--images",
+    "section_path": "--slides",
+    "tta": "--tta",
+    "strict": "--strict",
+    "overwrite": "--overwrite",
+    "section.slide_mpp": "--slide_mpp",
+    "section.detector": "--detector",
+    "section.review_below": "--review_below",
+    "section.seed": "--section_seed",
+    "section.size_mm": "--section_size_mm",
+}
+
+
 def _check_field(config: ml_collections.ConfigDict, field: str, flag: str) -> None:
+    if field in RETIRED:
+        raise ConfigError(
+            f"{flag}: no longer a config field (the recipe holds training only); "
+            f"pass {RETIRED[field]} instead"
+        )
     node: Any = config
     for part in field.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:

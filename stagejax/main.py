@@ -3,14 +3,16 @@ r"""Train, evaluate or predict spermatogenic stages.
   python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50
   python -m stagejax.main --config=configs/resnet.py:study --workdir=runs/r50 \
       --config.data_dir=/path/to/root
-  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=eval
-  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=predict \
-      --config.predict_dir=/path/to/images
-  python -m stagejax.main --config=configs/resnet.py --workdir=runs/resnet50 --mode=section \
-      --config.section_path=/path/to/slides
+  python -m stagejax.main --workdir=runs/resnet50 --mode=eval
+  python -m stagejax.main --workdir=runs/resnet50 --mode=predict --images=/path/to/images
+  python -m stagejax.main --workdir=runs/resnet50 --mode=section --slides=/path/to/slides
 
-Any config field can be overridden: ``--config.global_batch_size=48``; a field
-given on the command line always wins (the rule is in configs/default.py).
+The config is the training recipe: any field can be overridden
+(``--config.global_batch_size=48``) and a field given on the command line
+always wins (`stagejax.recipe`). On a trained workdir the recipe is the run's
+own W/config.json, so eval, predict and section need only ``--workdir``. What
+a mode acts on (``--images``, ``--slides``, ``--tta``, ...) are its own flags.
+Corrected outlines go back into a dataset with ``python -m stagejax.section export``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import os
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from stagejax import cli
+from stagejax import cli, mode_flags
 from stagejax import config as config_lib
-from stagejax.errors import StagejaxError, WorkdirError
+from stagejax.errors import ConfigError, StagejaxError, WorkdirError
 from stagejax.runtime import lock, logs
 from stagejax.runtime import workdir as workdir_lib
 from stagejax.runtime import xla_flags as xla_flags_lib
@@ -35,17 +38,24 @@ from stagejax.runtime.files import writing
 from stagejax.train import interrupts, memory
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file (configs/*.py[:study|demo]); required to train. On a trained workdir the "
+    "recipe is W/config.json's.",
+    lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 flags.DEFINE_enum(
     "mode",
     "train",
     ["train", "eval", "predict", "section"],
     "train: train, keep the best epoch, evaluate it on the test split. "
-    "eval: evaluate the best checkpoint. predict: stage unlabeled images. "
-    "section: detect and stage every tubule of whole slides (config.section_path; "
-    "empty: a simulated section).",
+    "eval: evaluate the best checkpoint. predict: stage unlabeled images (--images). "
+    "section: detect and stage every tubule of whole slides (--slides; none: a simulated "
+    "section); python -m stagejax.section export turns corrected outlines into a dataset.",
 )
+mode_flags.define_flags()
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -58,7 +68,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 log = logging.getLogger("stagejax")
 
@@ -90,7 +100,7 @@ def _keep_remat_on_cpu() -> None:
     """With ``--config.remat=True``, keep XLA:CPU from undoing it (`memory.xla_flags_for`);
     set before JAX starts."""
     flags_now = os.environ.get("XLA_FLAGS", "")
-    wanted = memory.xla_flags_for(bool(FLAGS.config.get("remat", False)), flags_now)
+    wanted = memory.xla_flags_for(bool(FLAGS.config and FLAGS.config.remat), flags_now)
     if wanted != flags_now:
         os.environ["XLA_FLAGS"] = wanted
 
@@ -114,19 +124,21 @@ def _what_runs(config) -> str:
     if FLAGS.mode == "eval":
         return f"Evaluating {model} on the {config.eval_split} split of {data}"
     if FLAGS.mode == "predict":
-        return f"Staging the images in {config.predict_dir or '(no folder given)'} with {model}"
-    slides = config.section_path or "a SIMULATED section"
+        return f"Staging the images in {FLAGS.images or '(no folder given)'} with {model}"
+    slides = FLAGS.slides or "a SIMULATED section"
     return f"Staging every tubule of {slides} with {model}"
 
 
 def _check_model_there(config) -> None:
-    """eval/predict/section need a trained workdir or ``init_from``: say so first,
-    before a size check of training fields the run will not use."""
-    if FLAGS.mode != "train" and not _trained(FLAGS.workdir) and not config.init_from:
+    """eval/predict/section need a trained workdir or ``init_from``; training needs a
+    recipe: say so first, before a size check of training fields the run will not use."""
+    if FLAGS.mode != "train" and not _trained(FLAGS.workdir) and not (config and config.init_from):
         raise WorkdirError(
             f"no trained model in {FLAGS.workdir} (no {workdir_lib.CONFIG_FILE}); train "
-            "there first (--mode=train) or pass --config.init_from=MODEL_DIR"
+            "there first (--mode=train) or pass --config=FILE --config.init_from=MODEL_DIR"
         )
+    if config is None:
+        raise ConfigError("--config: required to train (e.g. --config=configs/resnet.py)")
 
 
 def run(argv) -> None:
@@ -139,11 +151,10 @@ def run(argv) -> None:
         xla_defaults = _cpu_xla_defaults()
         initialize_distributed()
         logs.setup(FLAGS.verbose)
-        config, defaults = config_lib.resolve(
-            FLAGS["config"].config_filename, FLAGS["config"].override_values, FLAGS.mode
-        )
+        mode_flags.check_flags(FLAGS.mode)
+        _check_model_there(FLAGS.config)
+        config = ml_collections.ConfigDict(FLAGS.config.to_dict())  # unlocked: the run's own
         log.info("%s", _what_runs(config))
-        _check_model_there(config)
         if xla_defaults and FLAGS.verbose:
             log.info("XLA_FLAGS=%s (stagejax's CPU defaults added)", xla_defaults)
         log.info(
@@ -162,7 +173,7 @@ def run(argv) -> None:
             writing(FLAGS.workdir),
             lock.claim(FLAGS.workdir, hold=jax.process_index() == 0, agree=agree) as claim,
         ):
-            _run_mode(config, defaults, claim)
+            _run_mode(config, claim)
     except StagejaxError as e:
         cli.exit_with(f"error: {e}", 2)
     except interrupts.Interrupted as e:  # exit status 130 (SIGINT) or 143 (SIGTERM)
@@ -185,23 +196,21 @@ def _all_agree(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def _run_mode(config, defaults, claim: lock.Claim) -> None:
+def _run_mode(config, claim: lock.Claim) -> None:
     # Imported here: they load the model and data stack, which --help does not need.
-    from stagejax.evaluate import best, predict
+    from stagejax.evaluate import predict
     from stagejax.section import run as section_run
-    from stagejax.train import loop
+    from stagejax.train import best, loop
 
+    workdir = _prepare_workdir(config)
     if FLAGS.mode == "train":
-        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False, defaults=defaults)
         loop.train_and_evaluate(config, workdir, claim=claim)
-        return
-    workdir, config = _eval_workdir_and_config(config)
-    if FLAGS.mode == "eval":
-        best.evaluate_workdir(config, workdir)
+    elif FLAGS.mode == "eval":
+        best.evaluate_workdir(config, workdir, overwrite=FLAGS.overwrite)
     elif FLAGS.mode == "section":
-        section_run.stage_sections(config, workdir, claim)
+        section_run.stage_sections(config, workdir, mode_flags.section_options(), claim)
     else:
-        predict.predict_folder(config, workdir)
+        predict.predict_folder(config, workdir, mode_flags.predict_options())
 
 
 def _trained(workdir: str) -> bool:
@@ -209,24 +218,21 @@ def _trained(workdir: str) -> bool:
     return (Path(workdir).expanduser() / workdir_lib.CONFIG_FILE).is_file()
 
 
-def _eval_workdir_and_config(config):
-    """The workdir and config of ``--mode=eval/predict/section``.
-
-    A training run's workdir brings its own config (so model and crop match
-    training). Without one, ``--config.init_from`` (e.g. weights from
-    ``stagejax.convert``) is evaluated as it is, in a new workdir.
-    """
-    if _trained(FLAGS.workdir) or not config.init_from:
-        workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
-        return workdir, workdir_lib.eval_config(workdir, config)
-    workdir = workdir_lib.prepare_workdir(FLAGS.workdir, config, write=jax.process_index() == 0)
-    return workdir, config
+def _prepare_workdir(config) -> Path:
+    """The checked workdir. A training run's workdir brings its own recipe (so model and
+    crop match training; `config_lib.complete_argv`); without one, ``--config.init_from``
+    (e.g. weights from ``stagejax.convert``) is evaluated as it is, in a new workdir."""
+    if FLAGS.mode == "train":
+        return workdir_lib.prepare_workdir(FLAGS.workdir, config, write=False)
+    if _trained(FLAGS.workdir):
+        return workdir_lib.prepare_workdir(FLAGS.workdir, config, must_exist=True)
+    return workdir_lib.prepare_workdir(FLAGS.workdir, config, write=jax.process_index() == 0)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing; a bad flag or config override (a field that does not exist,
     a value of the wrong type) is one ``error:`` line and exit 2 (`stagejax.cli`)."""
-    return cli.parse_flags(argv, check=config_lib.check_overrides)
+    return cli.parse_flags(config_lib.complete_argv(argv), check=config_lib.check_overrides)
 
 
 def main() -> None:

@@ -38,3 +38,18 @@ def tiny_sim_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim") / "tiny"
     uncut = simulate.SceneParams(hand_cut=False)
     return simulate.generate(out, num_images=72, image_size=48, seed=0, params=uncut)
+
+
+def shipped_config(overrides: dict | None = None, name: str = "resnet", variant: str = ""):
+    """``configs/<name>.py`` as ``python -m stagejax.main --config=configs/<name>.py`` runs it
+    with the command line's ``overrides`` (flat ``{'a.b': value}``): the variant named, or
+    the one `stagejax.config.default_variant` picks for training."""
+    import runpy
+
+    from stagejax import config as config_lib
+
+    overrides = dict(overrides or {})
+    variant = variant or config_lib.default_variant(overrides.get("data_dir", ""), "train")
+    config = runpy.run_path(str(REPO / "configs" / f"{name}.py"))["get_config"](variant)
+    config.update_from_flattened_dict(overrides)
+    return config

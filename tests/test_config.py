@@ -18,12 +18,13 @@ import ml_collections
 import pytest
 
 from stagejax import config as config_lib
+from stagejax import recipe
 from stagejax.errors import ConfigError, WorkdirError
 from tests.conftest import REPO
 from tests.test_reliability import _error_line, _run
 
 sys.path.insert(0, str(REPO))
-CONFIGS = ["default", "resnet", "resnext", "wide_resnet", "mobilenet"]
+CONFIGS = ["resnet", "resnext", "wide_resnet", "mobilenet"]
 
 
 def _config(name: str = "resnet", variant: str = "demo", **overrides) -> ml_collections.ConfigDict:
@@ -192,40 +193,80 @@ def test_init_from_with_another_head_on_the_command_line(tmp_path):
 RESNET = str(REPO / "configs" / "resnet.py")
 
 
-def test_variant_is_chosen_by_data_unless_named():
-    demo, defaults = config_lib.resolve(RESNET, {})
-    assert (demo.variant, demo.crop_size, demo.num_epochs, demo.global_batch_size) == (
-        "demo",
-        96,
-        14,
-        24,
-    )
-    assert defaults.to_dict() == demo.to_dict()
-    study, _ = config_lib.resolve(RESNET, {"data_dir": "/data"})
-    assert (study.variant, study.crop_size, study.num_epochs, study.global_batch_size) == (
-        "study",
-        896,
-        10,
-        12,
-    )
+def _spec(*args: str) -> str:
+    """The ``--config`` that ``complete_argv`` makes of a command line."""
+    argv = config_lib.complete_argv(["prog", *args])
+    assert sum(a.startswith("--config=") for a in argv) == 1, argv
+    return next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+
+
+def _record(workdir: Path, **fields) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = _config("resnet", "demo")
+    config.update(fields)
+    (workdir / "config.json").write_text(config.to_json())
+    return workdir / "config.json"
+
+
+def test_variant_is_chosen_by_data_unless_named(tmp_path):
+    assert _spec(f"--config={RESNET}", "--workdir=w") == f"{RESNET}:demo"
+    assert _spec(f"--config={RESNET}", "--config.data_dir=/data") == f"{RESNET}:study"
+    assert _spec("--config", RESNET, "--config.data_dir", "/data") == f"{RESNET}:study"
     # Named variants are used as named; predicting reads no dataset: the study's recipe.
-    assert config_lib.resolve(f"{RESNET}:study", {})[0].crop_size == 896
-    assert config_lib.resolve(f"{RESNET}:demo", {"data_dir": "/data"})[0].crop_size == 96
-    assert config_lib.resolve(RESNET, {}, mode="predict")[0].crop_size == 896
-
-
-def test_a_field_given_on_the_command_line_always_wins():
-    config, defaults = config_lib.resolve(RESNET, {"num_epochs": 1, "augment.flip": False})
-    assert config.num_epochs == 1 and config.augment.flip is False
-    assert config.crop_size == 96  # the rest: the demo's
-    assert defaults.num_epochs == 14  # what an older run's config.json lacks is compared to
+    assert _spec(f"--config={RESNET}:demo", "--config.data_dir=/data") == f"{RESNET}:demo"
+    assert _spec(f"--config={RESNET}", "--mode=predict") == f"{RESNET}:study"
+    demo, study = recipe.get_config("demo"), recipe.get_config("study")
+    assert (demo.crop_size, demo.num_epochs, demo.global_batch_size) == (96, 14, 24)
+    assert (study.crop_size, study.num_epochs, study.global_batch_size) == (896, 10, 12)
     with pytest.raises(ConfigError, match=r"^--config=\.\.\.:full: unknown variant"):
-        config_lib.resolve(f"{RESNET}:full", {})
+        recipe.get_config("full")
+
+
+def test_a_trained_workdir_brings_its_recipe(tmp_path):
+    """eval/predict/section on a trained workdir run W/config.json's recipe, with or
+    without --config; training there keeps the file the command line names."""
+    record = _record(tmp_path / "w", num_epochs=3)
+    wanted = f"{Path(recipe.__file__).absolute()}:{record}"
+    for mode in ("eval", "predict", "section"):
+        assert _spec(f"--workdir={tmp_path / 'w'}", f"--mode={mode}") == wanted
+        assert _spec(f"--config={RESNET}", "--workdir", str(tmp_path / "w"), f"--mode={mode}") == (
+            wanted
+        )
+    assert _spec(f"--config={RESNET}", f"--workdir={tmp_path / 'w'}") == f"{RESNET}:demo"
+    # No trained run there and no --config: nothing to complete (main says what is missing).
+    argv = config_lib.complete_argv(["prog", f"--workdir={tmp_path / 'none'}", "--mode=eval"])
+    assert not any(arg.startswith("--config") for arg in argv)
+
+
+def test_recorded_recipe_fills_new_fields_drops_old_and_the_command_line_wins(tmp_path):
+    """An older config.json (before stage_order, with the retired predict_dir/section
+    fields) loads through the one loader; ``--config.X`` applies on top, as absl's
+    config_flags applies it to a config file."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    record = _record(tmp_path / "w", num_epochs=3)
+    old = json.loads(record.read_text())
+    del old["stage_order"]
+    old.update(predict_dir="/x", tta=True, section={"detector": "classical"})
+    record.write_text(json.dumps(old))
+    loaded = recipe.recorded(record)
+    assert loaded.num_epochs == 3 and loaded.stage_order == "" and loaded.variant == "demo"
+    assert "predict_dir" not in loaded and "section" not in loaded and "tta" not in loaded
+    argv = ["prog", f"--workdir={tmp_path / 'w'}", "--mode=eval", "--config.eval_split=validation"]
+    argv = config_lib.complete_argv(argv)
+    fv = flags.FlagValues()  # config_flags reads the overrides from sys_argv (sys.argv in main)
+    config_flags.DEFINE_config_file("config", None, "", fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    flags.DEFINE_string("mode", "train", "", flag_values=fv)
+    fv(argv)
+    assert fv.config.eval_split == "validation" and fv.config.num_epochs == 3
+    assert fv.config.crop_size == 96  # the run's own, not the study's
 
 
 def test_unknown_override_is_refused_before_parsing():
     config_lib.check_overrides(
-        ["prog", f"--config={RESNET}", "--config.augment.flip=False", "--noconfig.tta"]
+        ["prog", f"--config={RESNET}", "--config.augment.flip=False", "--noconfig.remat"]
     )
     with pytest.raises(
         ConfigError,
@@ -235,6 +276,10 @@ def test_unknown_override_is_refused_before_parsing():
         config_lib.check_overrides(["prog", f"--config={RESNET}:study", "--config.num_epoch=2"])
     with pytest.raises(ConfigError, match=r"^--config\.simulated\.crop_size: no such config"):
         config_lib.check_overrides(["prog", f"--config={RESNET}", "--config.simulated.crop_size=8"])
+    with pytest.raises(
+        ConfigError, match=r"^--config\.predict_dir: no longer a config field.*--images"
+    ):
+        config_lib.check_overrides(["prog", f"--config={RESNET}", "--config.predict_dir=/x"])
 
 
 def test_demo_run_does_what_the_command_line_says(tmp_path):
@@ -286,30 +331,31 @@ def test_demo_run_does_what_the_command_line_says(tmp_path):
 
 
 def test_old_workdir_without_newer_fields_still_resumes(tmp_path):
-    """A config.json written before stage_order, device_memory_gb, strict, overwrite (and
-    variant) existed: the missing fields count as the current defaults, so the run
-    resumes; a field it does have still has to match."""
+    """A config.json written before stage_order, device_memory_gb (and variant) existed,
+    holding fields that have since left the recipe: the missing fields count as the
+    defaults, the retired ones are dropped, so the run resumes; a field it does have
+    still has to match."""
     from stagejax.runtime import workdir as workdir_lib
 
-    config, defaults = config_lib.resolve(RESNET, {"data_dir": str(tmp_path / "data")})
+    config = _config("resnet", "study", data_dir=str(tmp_path / "data"))
     old = json.loads(config.to_json())
-    for field in ("stage_order", "device_memory_gb", "strict", "overwrite", "variant"):
+    for field in ("stage_order", "device_memory_gb", "variant"):
         del old[field]
+    old.update(predict_dir="", strict=False, overwrite=False, section={"seed": 1000})
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps(old))
-    workdir_lib.prepare_workdir(tmp_path / "w", config, write=False, defaults=defaults)
-    assert workdir_lib.config_differences(old, json.loads(config.to_json()), defaults) == []
+    workdir_lib.prepare_workdir(tmp_path / "w", config, write=False)
+    recorded = json.loads(workdir_lib.load_run_config(tmp_path / "w").to_json())
+    assert workdir_lib.config_differences(recorded, json.loads(config.to_json())) == []
     # Given on this command line and absent there: compared with the default, not skipped.
-    changed, _ = config_lib.resolve(
-        RESNET, {"data_dir": str(tmp_path / "data"), "stage_order": "a,b"}
-    )
-    assert workdir_lib.config_differences(old, json.loads(changed.to_json()), defaults) == [
+    changed = _config("resnet", "study", data_dir=str(tmp_path / "data"), stage_order="a,b")
+    assert workdir_lib.config_differences(recorded, json.loads(changed.to_json())) == [
         "stage_order"
     ]
     old["model"] = "resnet18"
     (tmp_path / "w" / "config.json").write_text(json.dumps(old))
     with pytest.raises(WorkdirError, match=r"model: 'resnet18' there, 'resnet50' now"):
-        workdir_lib.prepare_workdir(tmp_path / "w", config, write=False, defaults=defaults)
+        workdir_lib.prepare_workdir(tmp_path / "w", config, write=False)
 
 
 def _main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -324,10 +370,10 @@ def test_a_missing_config_file_is_one_line(tmp_path):
 
 
 def test_shipped_configs_work_from_any_directory(tmp_path):
-    """An absolute --config from outside the checkout (configs/*.py load default.py by
-    path); there, section mode on a workdir without a model names that first."""
+    """An absolute --config from outside the checkout (configs/*.py import the recipe
+    from the package); there, section mode on a workdir without a model names that first."""
     paths = [str(REPO / "configs" / f"{n}.py") for n in CONFIGS]
-    code = "import sys; from stagejax import config as c; [c.resolve(p, {}) for p in sys.argv[1:]]"
+    code = "import runpy, sys; [runpy.run_path(p)['get_config']('demo') for p in sys.argv[1:]]"
     res = subprocess.run([sys.executable, "-c", code, *paths], cwd=tmp_path, capture_output=True)
     assert res.returncode == 0, res.stderr[-3000:]
     w = tmp_path / "w"

@@ -25,7 +25,8 @@ from flax import nnx
 
 from stagejax import convert, models
 from stagejax.convert import ConversionError
-from stagejax.runtime.checkpoint import load_model_weights
+from stagejax.errors import ConfigError
+from stagejax.model.saved import load_model_weights
 from tests.conftest import REPO
 
 X = np.random.default_rng(0).uniform(0.0, 1.0, (2, 3, 64, 64)).astype(np.float32)
@@ -266,44 +267,34 @@ def test_unreadable_files_and_missing_torch(tmp_path, monkeypatch):
         convert.load_torch_state_dict(tmp_path / "junk.pth")
 
 
-def test_command_line_end_to_end(tmp_path, capsys):
-    """``python -m stagejax.convert`` is ``sys.exit(main())``; main() runs in-process here
-    (a second interpreter importing jax and torch would double this test's time)."""
+def test_convert_file_end_to_end(tmp_path):
+    """What the command line runs, in-process (a second interpreter importing jax and
+    torch would double this test's time; the command line itself is tested below)."""
     reference = torch_model("mobilenet_v3_small")  # seeded: O(1) logits, see randomize
     src = tmp_path / "checkpoint.pth"
     torch.save({"epoch": 10, "state_dict": reference.state_dict()}, src)  # wrapped state_dict
     out = tmp_path / "imported"
-    args = ["--arch", "mobilenet_v3_small", "--out", str(out)]
-    assert convert.main(["--from", str(src), *args]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {out} (mobilenet_v3_small, 12 classes)")
+    assert convert.convert_file(src, "mobilenet_v3_small", out) == out
     assert json.loads((out / "model.json").read_text()) == {
         "arch": "mobilenet_v3_small",
         "num_classes": 12,
         "in_channels": 3,
     }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "imported"]
 
     model = load_model_weights(out)
     assert type(model).__name__ == "MobileNetV3" and model.num_classes == 12
     assert_logits_equal(jax_logits(model), torch_logits(reference))
 
-    # Errors: one ``error:`` line on stderr and exit status 2, as stagejax.main.
-    assert convert.main(["--from", str(src), *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: --out {out}: exists and is not empty; choose a new directory"
+    # Errors name the flag or the file, on one line.
+    with pytest.raises(ConfigError) as info:
+        convert.convert_file(src, "mobilenet_v3_small", out)
+    assert str(info.value) == f"--out: {out} is not empty; name a new or empty folder"
     torch.save(reference, tmp_path / "whole.pth")
-    other = ["--arch", "mobilenet_v3_small", "--out", str(tmp_path / "other")]
-    assert convert.main(["--from", str(tmp_path / "whole.pth"), *other]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "--trust_pickle" in err and "\n" not in err
-    for bad, text in (
-        [["--arch", "resnet", "--from", str(src), "--out", "x"], "--arch=resnet"],
-        [["--from", str(src)], "--arch, --out required"],
-        [["--from", str(src), *other, "--bogus"], "bogus"],
-    ):
-        assert convert.main(bad) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and text in err and "\n" not in err, err
-    assert not (tmp_path / "other").exists() and not (tmp_path / "x").exists()
+    with pytest.raises(ConversionError) as info:
+        convert.convert_file(tmp_path / "whole.pth", "mobilenet_v3_small", tmp_path / "other")
+    assert "--trust_pickle" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "other").exists()
 
 
 def test_new_head_keeps_the_backbone_and_starts_a_12_stage_classifier():
@@ -360,5 +351,18 @@ def test_command_line_refuses_another_head_and_an_existing_out(tmp_path):
     line = _one_error_line(
         _convert_cli("--from", str(src), "--arch", "resnet18", "--new_head", "--out", str(out))
     )
-    assert line == f"error: --out {out}: exists and is a file; choose a new directory"
+    assert line == f"error: --out: {out} exists and is not a folder"
     assert out.read_text() == "my notes\n"
+
+    # Flags: a missing one (this command's check) and an unknown one (absl's).
+    line = _one_error_line(_convert_cli("--from", str(src)))
+    assert "--arch, --out required; usage: python -m stagejax.convert" in line, line
+    line = _one_error_line(_convert_cli("--from", str(src), "--arch", "resnet18", "--bogus"))
+    assert "bogus" in line, line
+
+    model = tmp_path / "model_dir"
+    res = _convert_cli("--from", str(src), "--arch", "resnet18", "--new_head", "--out", str(model))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith(f"wrote {model} (resnet18, 12 classes)"), res.stdout
+    assert json.loads((model / "model.json").read_text())["num_classes"] == 12
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left

@@ -178,7 +178,7 @@ def test_default_method_and_config_values(tmp_path):
     save_params(tmp_path / "p.json", DetectParams(min_area_um2=900.0))
     assert choose.from_config(str(tmp_path / "p.json")).min_area_um2 == 900.0
     assert choose.from_config("unet").source == str(weights.shipped_path())
-    with pytest.raises(ConfigError, match="config.section.detector: 'watershed' is not"):
+    with pytest.raises(ConfigError, match="--detector: 'watershed' is not"):
         choose.from_config("watershed")
     with pytest.raises(ConfigError, match="--params: is for --method=classical"):
         choose.make_detector("unet", params=str(tmp_path / "p.json"))

@@ -254,9 +254,9 @@ def make_run(tmp_path, image_size=40, crop_size=32, per_split=12):
     """A dataset in the study's layout and a workdir with config.json + best_model/."""
     from PIL import Image
 
-    from configs.default import get_config
     from stagejax import models
-    from stagejax.runtime.checkpoint import save_model_weights
+    from stagejax.model.saved import save_model_weights
+    from stagejax.recipe import get_config
 
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)

@@ -73,13 +73,7 @@ def imported(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     reference = randomize(torchvision.models.resnet18(num_classes=12)).eval()
     tmp = tmp_path_factory.mktemp("imported")
     torch.save(reference.state_dict(), tmp / "resnet18.pth")
-    assert (
-        convert.main(
-            ["--from", str(tmp / "resnet18.pth"), "--arch", "resnet18", "--out", str(tmp / "model")]
-        )
-        == 0
-    )
-    return reference, tmp / "model"
+    return reference, convert.convert_file(tmp / "resnet18.pth", "resnet18", tmp / "model")
 
 
 def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported):
@@ -102,9 +96,17 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
         np.testing.assert_allclose(got[f], expected[f], atol=1e-4, err_msg=f)
     assert not list(workdir.glob("checkpoints/*/[0-9]*")), "evaluation must not train"
 
-    # That workdir now holds a config.json: a later run there takes the model, data and
-    # crop from it (a different --config.crop_size is ignored), the split from the flags.
-    r = _main(workdir, "--mode=eval", "--config.eval_split=validation", "--config.crop_size=40")
+    # That workdir now holds a config.json: a later run there needs only --workdir; it
+    # takes the model, data and crop from it, and the split from the command line.
+    cmd = ["-m", "stagejax.main", f"--workdir={workdir}", "--mode=eval"]
+    r = subprocess.run(
+        [sys.executable, *cmd, "--config.eval_split=validation"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     val_files = (tiny_sim_dir / "split_list" / "validation.txt").read_text().split()
     got = _read_probs(workdir / "eval_validation" / "predictions.csv")
@@ -123,7 +125,7 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
         workdir,
         "--mode=predict",
         f"--config.init_from={model_dir}",
-        f"--config.predict_dir={folder}",
+        f"--images={folder}",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     got = _read_probs(workdir / "predict" / "unlabeled" / "predictions.csv")
@@ -137,8 +139,8 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
         workdir,
         "--mode=predict",
         f"--config.init_from={model_dir}",
-        f"--config.predict_dir={folder}",
-        "--config.tta=True",
+        f"--images={folder}",
+        "--tta",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     got = _read_probs(workdir / "predict" / "unlabeled" / "predictions.csv")
@@ -155,7 +157,7 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
 
 
 def test_eval_without_a_model_is_a_one_line_error(tmp_path, tiny_sim_dir):
-    r = _main(tmp_path / "nothing", "--mode=predict", f"--config.predict_dir={tiny_sim_dir}")
+    r = _main(tmp_path / "nothing", "--mode=predict", f"--images={tiny_sim_dir}")
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "config.json" in lines[0], r.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Layout reading, image decoding and every bad-input case (stagejax.data.layout/images)."""
+"""Layout reading, image decoding and every bad-input case (data.layout, stagejax.images)."""
 
 import io
 import logging
@@ -11,10 +11,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from stagejax.data import images
-from stagejax.data.images import decode_image
+from stagejax import images
 from stagejax.data.layout import read_layout, stage_from_file_name
 from stagejax.errors import DatasetError
+from stagejax.images import decode_image
 
 LABELS = ("1", "2", "3")
 SPLIT_STAGES = {"train": ("1", "2", "3", "1"), "validation": ("2", "3"), "test": ("1",)}

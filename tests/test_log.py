@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from stagejax import models
-from stagejax.runtime import checkpoint
+from stagejax.model import saved
 from tests.conftest import REPO
 
 NOISE = ("Unable to initialize backend", "libtpu", "XLA_FLAGS=", "Downloading and preparing")
@@ -39,7 +39,7 @@ def _eval(tmp_path, model, data_dir, name: str, *extra: str) -> subprocess.Compl
 
 
 def test_default_log_is_the_runs_own_and_verbose_keeps_the_rest(tmp_path, tiny_sim_dir):
-    model = checkpoint.save_model_weights(tmp_path / "model", models.create("resnet18"), "resnet18")
+    model = saved.save_model_weights(tmp_path / "model", models.create("resnet18"), "resnet18")
     res = _eval(tmp_path, model, tiny_sim_dir, "quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     text = res.stdout + res.stderr

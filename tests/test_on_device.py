@@ -109,9 +109,9 @@ def test_true_that_does_not_fit_is_a_one_line_error_with_the_sizes():
     ],
 )
 def test_bad_values_are_refused_naming_the_field(field, value, must):
-    from configs import default
+    from stagejax import recipe
 
-    config = default.get_config("demo")
+    config = recipe.get_config("demo")
     config[field] = value
     with pytest.raises(ConfigError) as err:
         config_lib.validate(config, num_devices=1)
@@ -155,16 +155,15 @@ def test_loader_benchmark_times_both_training_feeds():
 def test_readme_recipe_trains_to_the_same_bits_on_both_feeds(tiny_sim_dir, tmp_path):
     """The README command's recipe (demo variant: Adam with the L2 term, warm-up and
     cosine, rot90 and flips), on one device: what keeps its metrics unchanged."""
-    from configs import default
-    from stagejax import data
+    from stagejax import datasets, recipe
     from stagejax.train import loop as trainer
 
-    config = default.get_config("demo")
+    config = recipe.get_config("demo")
     config.update(
         dict(data_dir=str(tiny_sim_dir), cache_dir=str(tmp_path), model="resnet18", crop_size=32)
     )
     config.crop_range = 4
-    run = trainer.Run(config, data.load(config))
+    run = trainer.Run(config, datasets.load(config))
     assert run.data_on_device.on  # auto, the default: the README command takes this path
     initial = jax.device_get(run.initial_state)
     split = run.dataset.splits["train"]
@@ -182,13 +181,14 @@ def test_readme_recipe_trains_to_the_same_bits_on_both_feeds(tiny_sim_dir, tmp_p
 
 
 def test_memory_check_counts_the_resident_split_against_a_device_limit():
-    import ml_collections
 
+    from stagejax import recipe
     from stagejax.errors import ResourceError
     from stagejax.train import memory
     from tests.test_workdir_safety import _FakeCompiled
 
-    config = ml_collections.ConfigDict(
+    config = recipe.get_config("study")  # the study's recipe, these fields set
+    config.update(
         dict(crop_size=896, global_batch_size=12, precision="bfloat16", device_memory_gb=30.0)
     )
     memory.check_train_step(_FakeCompiled(), config)  # 24.5 GiB in 30
@@ -202,14 +202,13 @@ def test_memory_check_counts_the_resident_split_against_a_device_limit():
 
 
 def test_true_that_does_not_fit_stops_training_before_anything_is_written(tiny_sim_dir, tmp_path):
-    from configs import default
-    from stagejax import data
+    from stagejax import datasets, recipe
     from stagejax.train import loop as trainer
 
-    config = default.get_config("demo")
+    config = recipe.get_config("demo")
     config.update(dict(data_dir=str(tiny_sim_dir), cache_dir=str(tmp_path / "c"), crop_size=32))
     config.update(dict(model="resnet18", data_on_device="true", device_memory_gb=1e-4))
     workdir = tmp_path / "w"
     with pytest.raises(ConfigError, match=r"^config.data_on_device: true, but .*\(50 images"):
-        trainer.train_and_evaluate(config, workdir, data.load(config))
+        trainer.train_and_evaluate(config, workdir, datasets.load(config))
     assert not (workdir / "config.json").exists()

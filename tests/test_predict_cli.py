@@ -1,9 +1,9 @@
 """``--mode=predict`` through the command line, with an imported (random) ResNet-18.
 
 A corrupt file among good ones is skipped and listed, the others predicted;
-``config.strict`` stops at it; an image far from the training scale is named in
+``--strict`` stops at it; an image far from the training scale is named in
 a warning; each folder gets its own CSV; an existing CSV is never replaced
-unless ``config.overwrite=True``.
+unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 
 from stagejax import models
 from stagejax.evaluate import predict
-from stagejax.runtime import checkpoint
+from stagejax.model import saved
 from tests.conftest import REPO
 from tests.test_reliability import _error_line
 
@@ -40,7 +40,7 @@ def _png(size: int, seed: int) -> bytes:
 def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(model dir, folder "slides": good, corrupt, 4x and 1.4x images, folder "more")."""
     tmp = tmp_path_factory.mktemp("predict")
-    model = checkpoint.save_model_weights(tmp / "model", models.create("resnet18"), "resnet18")
+    model = saved.save_model_weights(tmp / "model", models.create("resnet18"), "resnet18")
     slides = tmp / "a" / "slides"
     slides.mkdir(parents=True)
     for i in range(4):
@@ -69,7 +69,7 @@ def _predict(workdir: Path, model: Path, folder: Path, *extra: str):
         "--config.model=resnet18",
         f"--config.crop_size={CROP}",
         f"--config.init_from={model}",
-        f"--config.predict_dir={folder}",
+        f"--images={folder}",
         "--config.eval_batch_size=4",
         *extra,
     ]
@@ -119,7 +119,7 @@ def test_predict_skips_bad_files_warns_on_scale_and_keeps_outputs(tmp_path, setu
     before = csv_path.read_bytes()
     res = _predict(workdir, model, slides)
     line = _error_line(res)
-    assert res.returncode == 2 and str(csv_path) in line and "config.overwrite" in line, line
+    assert res.returncode == 2 and str(csv_path) in line and "--overwrite" in line, line
     assert csv_path.read_bytes() == before
 
     # Another folder gets its own CSV next to the first; macOS's ._ files are not
@@ -131,14 +131,14 @@ def test_predict_skips_bad_files_warns_on_scale_and_keeps_outputs(tmp_path, setu
     assert csv_path.read_bytes() == before
 
     # strict: stops at the corrupt file, naming it, and writes nothing.
-    res = _predict(workdir, model, slides, "--config.strict=True", "--config.overwrite=True")
+    res = _predict(workdir, model, slides, "--strict", "--overwrite")
     line = _error_line(res)
     assert res.returncode == 2 and line.startswith(f"error: {slides / 'corrupt.png'}: "), line
-    assert "config.strict" in line and csv_path.read_bytes() == before
+    assert "--strict" in line and csv_path.read_bytes() == before
 
     # overwrite: replaced, and the log says so.
     os.utime(csv_path, (0, 0))
-    res = _predict(workdir, model, slides, "--config.overwrite=True")
+    res = _predict(workdir, model, slides, "--overwrite")
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"replaced {csv_path}" in res.stderr and csv_path.stat().st_mtime > 0
     assert _rows(csv_path)["good_0.png"]["pred_stage"]

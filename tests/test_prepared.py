@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from stagejax.data import prepared as prepared_lib
-from stagejax.data.images import decode_image
 from stagejax.errors import DatasetError
+from stagejax.images import decode_image
+from stagejax.runtime.files import TMP_PREFIX
 
 LABELS = ("I", "II", "III")
 # (stage, how the image is stored) per split; train covers every stage.
@@ -164,7 +165,7 @@ def test_half_built_caches_are_ignored_and_rebuilt(tmp_path, count_builds):
     for shard in good.cache_path.rglob("*train.array_record*"):
         shard.write_bytes(b"garbage")
     # 2. A crashed build left in a temporary directory next to it.
-    leftover = tmp_path / "cache" / f".{good.cache_path.name}.tmp-crashed"
+    leftover = tmp_path / "cache" / f"{TMP_PREFIX}{good.cache_path.name}.crashed"
     (leftover / "stagejax_layout").mkdir(parents=True)
 
     again = prepared_lib.prepare(tmp_path / "data", tmp_path / "cache")
@@ -172,7 +173,7 @@ def test_half_built_caches_are_ignored_and_rebuilt(tmp_path, count_builds):
     assert again.cache_path == good.cache_path
     assert (again.cache_path / prepared_lib._MARKER).is_file()
     assert [again.splits["train"].source[i] for i in range(5)] == expected
-    leftovers = sorted(p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name)
+    leftovers = sorted(p.name for p in (tmp_path / "cache").iterdir() if TMP_PREFIX in p.name)
     assert leftovers == [leftover.name]  # never touched: it might be another process's build
 
 

@@ -222,10 +222,10 @@ def _error_line(res: subprocess.CompletedProcess) -> str:
 
 def _existing_workdir(path: Path, overrides: dict) -> None:
     """A workdir of an earlier run with this config (so the new run would resume it)."""
-    from stagejax import config as config_lib
     from stagejax.runtime import workdir
+    from tests.conftest import shipped_config
 
-    config, _ = config_lib.resolve(str(REPO / "configs" / "resnet.py"), overrides)
+    config = shipped_config(overrides)
     path.mkdir(parents=True)
     workdir.write_config(path, config)
     (path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.5}\n')

@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
-from stagejax import models
-from stagejax.evaluate.model import Model
+from stagejax import models, recipe
+from stagejax.model import Model
 from stagejax.train import memory
 from stagejax.train import step as step_lib
 from tests.conftest import REPO
@@ -42,7 +41,7 @@ MAX_TEMP_RATIO = {"resnet18": 0.7, "mobilenet_v3_small": 0.95}
 
 
 def _config(name: str, size: int, remat: bool):
-    config = default.get_config()
+    config = recipe.get_config()
     config.model, config.crop_size, config.remat = name, size, remat
     config.global_batch_size = config.eval_batch_size = BATCH
     # SGD at a small rate: parameters move linearly in the gradient, so rounding stays

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from stagejax.data.images import decode_image
 from stagejax.data.layout import SPLITS, read_layout, stage_from_file_name
 from stagejax.errors import ConfigError, DatasetError
+from stagejax.images import decode_image
 from stagejax.section import export
 from stagejax.section.crops import crop_square, cut_tubule, outline_mask
 from stagejax.slides import SlideObject, open_slide, read_geojson, write_geojson

@@ -24,7 +24,7 @@ import pytest
 import tifffile
 
 from stagejax import models
-from stagejax.runtime import checkpoint
+from stagejax.model import saved
 from stagejax.section import crops
 from stagejax.simulate.section import render_section
 from stagejax.slides import open_slide, read_geojson, write_pyramidal_tiff
@@ -39,7 +39,7 @@ MPP, IMAGE, CROP = 4.0, 56, 48
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     """(model dir, folder of two simulated sections)."""
     tmp = tmp_path_factory.mktemp("section")
-    model = checkpoint.save_model_weights(
+    model = saved.save_model_weights(
         tmp / "model", models.create("resnet18"), "resnet18", mpp=MPP, image_size=IMAGE
     )
     slides = tmp / "slides"
@@ -82,7 +82,7 @@ def _rows(path: Path) -> list[dict]:
 def test_folder_outputs_resume_and_summary(setup, tmp_path):
     model, slides = setup
     w = tmp_path / "w"
-    res = _run(w, model, f"--config.section_path={slides}")
+    res = _run(w, model, f"--slides={slides}")
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("s3", "s4"):
         out = w / "sections" / name
@@ -106,7 +106,7 @@ def test_folder_outputs_resume_and_summary(setup, tmp_path):
     assert [r["slide"] for r in summary] == ["s3", "s4"]
     # A rerun skips both (same model), leaving the files untouched.
     before = (w / "sections" / "s3" / "tubules.csv").stat().st_mtime_ns
-    res = _run(w, model, f"--config.section_path={slides}")
+    res = _run(w, model, f"--slides={slides}")
     assert res.returncode == 0 and "already staged" in res.stderr, res.stderr[-3000:]
     assert (w / "sections" / "s3" / "tubules.csv").stat().st_mtime_ns == before
 
@@ -114,7 +114,7 @@ def test_folder_outputs_resume_and_summary(setup, tmp_path):
 def test_without_a_path_a_simulated_section_is_staged_and_scored(setup, tmp_path):
     model, _ = setup
     w = tmp_path / "w"
-    extra = (f"--config.cache_dir={tmp_path / 'cache'}", "--config.section.size_mm=1.4,1.1")
+    extra = (f"--config.cache_dir={tmp_path / 'cache'}", "--section_size_mm=1.4,1.1")
     res = _run(w, model, *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SIMULATED section" in res.stderr
@@ -132,13 +132,13 @@ def test_outputs_of_another_model_are_kept_unless_overwrite(setup, tmp_path):
     model, slides = setup
     w = tmp_path / "w"
     one = slides / "s3.tif"
-    assert _run(w, model, f"--config.section_path={one}").returncode == 0
-    other = checkpoint.save_model_weights(
+    assert _run(w, model, f"--slides={one}").returncode == 0
+    other = saved.save_model_weights(
         tmp_path / "other", models.create("resnet18", seed=5), "resnet18", mpp=MPP, image_size=IMAGE
     )
-    line = _error_line(_run(w, other, f"--config.section_path={one}"))
-    assert "sections/s3" in line and "config.overwrite=True" in line
-    res = _run(w, other, f"--config.section_path={one}", "--config.overwrite=True")
+    line = _error_line(_run(w, other, f"--slides={one}"))
+    assert "sections/s3" in line and "--overwrite" in line
+    res = _run(w, other, f"--slides={one}", "--overwrite")
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads((w / "sections" / "s3" / "section.json").read_text())
     assert str(other.resolve()) in done["model"]
@@ -173,15 +173,20 @@ def test_bad_input_is_one_line_before_any_work(setup, tmp_path):
     bad = tmp_path / "b.tif"
     bad.write_bytes(b"II*\x00 not a tiff at all")
     w = tmp_path / "w"
-    line = _error_line(_run(w, model, f"--config.section_path={bad}"))
+    line = _error_line(_run(w, model, f"--slides={bad}"))
     assert "b.tif" in line and "corrupt or truncated TIFF" in line
     assert not (w / "sections").exists()
     # A model without a recorded pixel size, and none given: the field is named.
-    bare = checkpoint.save_model_weights(tmp_path / "bare", models.create("resnet18"), "resnet18")
-    line = _error_line(_run(tmp_path / "w2", bare, f"--config.section_path={slides / 's3.tif'}"))
+    bare = saved.save_model_weights(tmp_path / "bare", models.create("resnet18"), "resnet18")
+    line = _error_line(_run(tmp_path / "w2", bare, f"--slides={slides / 's3.tif'}"))
     assert "config.mpp" in line
-    line = _error_line(_run(tmp_path / "w3", model, "--config.section_path=/no/such/slides"))
-    assert "config.section_path" in line
+    line = _error_line(_run(tmp_path / "w3", model, "--slides=/no/such/slides"))
+    assert "--slides: /no/such/slides: no such file or folder" in line
+    # The old config field names the flag that replaced it; a flag of another mode is refused.
+    line = _error_line(_run(tmp_path / "w3", model, f"--config.section_path={slides}"))
+    assert "--config.section_path: no longer a config field" in line and "--slides" in line
+    line = _error_line(_run(tmp_path / "w3", model, f"--images={slides}"))
+    assert "--images: not used by --mode=section" in line
 
 
 def _free_port() -> int:
@@ -200,7 +205,7 @@ def test_two_processes_split_the_slides(setup, tmp_path):
             _cmd(
                 w,
                 model,
-                f"--config.section_path={slides}",
+                f"--slides={slides}",
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -226,8 +231,9 @@ def test_a_stopped_folder_run_resumes_at_the_first_unfinished_slide(
 ):
     import signal
 
-    from stagejax import config as config_lib
+    from stagejax import recipe
     from stagejax.section import run as run_lib
+    from stagejax.section.options import SectionOptions
     from stagejax.train import interrupts
 
     model, slides = setup
@@ -237,9 +243,10 @@ def test_a_stopped_folder_run_resumes_at_the_first_unfinished_slide(
         "crop_size": CROP,
         "crop_range": 0,
         "eval_batch_size": 8,
-        "section_path": str(slides),
     }
-    config, _ = config_lib.resolve(str(REPO / "configs" / "resnet.py"), overrides, "section")
+    config = recipe.get_config("study")
+    config.update(overrides)
+    opts = SectionOptions(slides=str(slides))
     w = tmp_path / "w"
     real, calls = run_lib.stage_slide, []
 
@@ -251,13 +258,13 @@ def test_a_stopped_folder_run_resumes_at_the_first_unfinished_slide(
 
     monkeypatch.setattr(run_lib, "stage_slide", stop_at_second)
     with pytest.raises(interrupts.Interrupted) as e:
-        run_lib.stage_sections(config, w)
+        run_lib.stage_sections(config, w, opts)
     assert e.value.final and "after 1 of 2 slide(s)" in str(e.value)
     assert sorted(p.name for p in (w / "sections").iterdir()) == ["s3"]  # no partial s4
     monkeypatch.setattr(run_lib, "stage_slide", real)
     calls.clear()
     with caplog.at_level("INFO"):
-        run_lib.stage_sections(config, w)
+        run_lib.stage_sections(config, w, opts)
     assert "already staged" in caplog.text
     assert (w / "sections" / "s4" / "section.json").is_file()
     assert (w / "sections" / "summary.csv").is_file()
@@ -280,7 +287,7 @@ def test_one_bad_slide_does_not_stop_a_folder(setup, tmp_path):
     (folder / "._a.tif").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     (folder / ".hidden.tif").write_bytes(b"not a slide")
     w = tmp_path / "w"
-    res = _run(w, model, f"--config.section_path={folder}")
+    res = _run(w, model, f"--slides={folder}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "b.tif: cannot be read; skipped (corrupt or truncated TIFF" in res.stderr
     assert "c.tif (3/4): skipped: no tissue found" in res.stderr
@@ -292,10 +299,10 @@ def test_one_bad_slide_does_not_stop_a_folder(setup, tmp_path):
     assert "no tissue found" in summary["c"]["error"]
     # The hint names section mode's pixel-size field, not detect's --mpp.
     assert "no tubules found" in summary["d"]["error"]
-    assert "(--config.section.slide_mpp)" in summary["d"]["error"]
+    assert "(--slide_mpp)" in summary["d"]["error"]
     # Strict: the same folder ends with one error line naming them; a's outputs stay.
-    line = _error_line(_run(w, model, f"--config.section_path={folder}", "--config.strict=True"))
-    assert "3 of 4 slide(s) could not be staged: b, c, d" in line and "config.strict" in line
+    line = _error_line(_run(w, model, f"--slides={folder}", "--strict"))
+    assert "3 of 4 slide(s) could not be staged: b, c, d" in line and "--strict" in line
     assert (w / "sections" / "a" / "section.json").is_file()
 
 
@@ -306,22 +313,22 @@ def test_outputs_are_keyed_by_the_slide_and_the_settings(setup, tmp_path):
     mouse2 = tmp_path / "mouse2" / "s3.tif"  # the same file name, another slide
     mouse2.parent.mkdir()
     shutil.copy(slides / "s4.tif", mouse2)
-    assert _run(w, model, f"--config.section_path={mouse1}").returncode == 0
+    assert _run(w, model, f"--slides={mouse1}").returncode == 0
     done_file = w / "sections" / "s3" / "section.json"
     before = done_file.read_text()
-    line = _error_line(_run(w, model, f"--config.section_path={mouse2}"))
+    line = _error_line(_run(w, model, f"--slides={mouse2}"))
     assert f"holds the results of another slide, {mouse1.resolve()}" in line
-    assert "config.overwrite=True" in line and done_file.read_text() == before
+    assert "--overwrite" in line and done_file.read_text() == before
     # A corrected pixel size, then another detector: the same slide is staged again.
-    mpp = "--config.section.slide_mpp=2.2"
-    res = _run(w, model, f"--config.section_path={mouse1}", mpp)
+    mpp = "--slide_mpp=2.2"
+    res = _run(w, model, f"--slides={mouse1}", mpp)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "config.section.slide_mpp 0.0 -> 2.2); staging again" in res.stderr
+    assert "--slide_mpp 0.0 -> 2.2); staging again" in res.stderr
     assert json.loads(done_file.read_text())["slide_mpp"] == pytest.approx(2.2)
-    classical = "--config.section.detector=classical"
-    res = _run(w, model, f"--config.section_path={mouse1}", mpp, classical)
+    classical = "--detector=classical"
+    res = _run(w, model, f"--slides={mouse1}", mpp, classical)
     assert res.returncode == 0 and "staging again" in res.stderr, res.stderr[-3000:]
-    assert "config.section.detector" in res.stderr
+    assert "--detector" in res.stderr
     assert json.loads(done_file.read_text())["detector"] == "classical"
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from stagejax import simulate
 from stagejax.errors import ConfigError
+from stagejax.runtime.files import TMP_PREFIX
 from stagejax.simulate import (
     cache,
     cells,
@@ -456,7 +457,7 @@ def test_cli_sigterm_mid_render_leaves_no_partial_dataset(tmp_path):
         deadline = time.monotonic() + 90
         while not any(
             len(list((p / "images").glob("*.png"))) >= 4
-            for p in tmp_path.glob(".d.tmp-*")
+            for p in tmp_path.glob(f"{TMP_PREFIX}d.*")
             if (p / "images").is_dir()
         ):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -23,7 +23,7 @@ from stagejax import models
 from stagejax.data.layout import read_layout, stage_from_file_name
 from stagejax.errors import ConfigError, DatasetError
 from stagejax.evaluate import metrics, report
-from stagejax.runtime import checkpoint
+from stagejax.model.saved import read_model_json, save_model_weights
 from stagejax.stages import NUM_STAGES, STAGES, parse_stage, stage_ranks
 from tests.conftest import REPO
 
@@ -203,8 +203,8 @@ def test_layout_with_unknown_names(tmp_path):
 def test_exported_model_carries_the_label_names(tmp_path):
     model = models.create("resnet18")
     ranks = stage_ranks(LEXICOGRAPHIC)
-    checkpoint.save_model_weights(tmp_path / "m", model, "resnet18", 12, 3, LEXICOGRAPHIC, ranks)
-    meta = checkpoint.read_model_json(tmp_path / "m")
+    save_model_weights(tmp_path / "m", model, "resnet18", 12, 3, LEXICOGRAPHIC, ranks)
+    meta = read_model_json(tmp_path / "m")
     assert meta["label_names"] == LEXICOGRAPHIC and meta["stage_ranks"] == list(ranks)
     # model.json of an older run (no label names) means I..XII.
     path = tmp_path / "m" / "model.json"
@@ -214,7 +214,7 @@ def test_exported_model_carries_the_label_names(tmp_path):
         if k not in ("label_names", "stage_ranks")
     }
     path.write_text(json.dumps(old))
-    meta = checkpoint.read_model_json(tmp_path / "m")
+    meta = read_model_json(tmp_path / "m")
     assert meta["label_names"] == list(STAGES) and meta["stage_ranks"] == list(range(12))
 
 
@@ -255,9 +255,11 @@ def test_cli_train_and_predict_with_a_lexicographic_label_list(tmp_path, tiny_si
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
-    def main(*flags: str) -> None:
+    def main(*flags: str, recipe: bool = True) -> None:
+        """``recipe=False``: only --workdir, as a user of a trained workdir types it."""
+        args = common if recipe else [f"--workdir={workdir}"]
         res = subprocess.run(
-            [sys.executable, "-m", "stagejax.main", *common, *flags],
+            [sys.executable, "-m", "stagejax.main", *args, *flags],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -273,19 +275,19 @@ def test_cli_train_and_predict_with_a_lexicographic_label_list(tmp_path, tiny_si
     assert set(r["pred_stage"] for r in rows) <= set(STAGES)
     saved = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     assert saved["label_names"] == LEXICOGRAPHIC and list(saved["support"]) == list(STAGES)
-    assert checkpoint.read_model_json(workdir / "best_model")["label_names"] == LEXICOGRAPHIC
+    assert read_model_json(workdir / "best_model")["label_names"] == LEXICOGRAPHIC
     assert saved["data"] == str(data.resolve())
 
     # Eval on other data writes its own report and leaves the training run's as it was.
     other = shutil.copytree(data, tmp_path / "other data")
     before = (workdir / "eval_test" / "predictions.csv").read_bytes()
-    main("--mode=eval", f"--config.data_dir={other}")
+    main("--mode=eval", f"--config.data_dir={other}", recipe=False)
     assert (workdir / "eval_test" / "predictions.csv").read_bytes() == before
     report = json.loads((workdir / "eval_test_other_data" / "metrics.json").read_text())
     assert report["data"] == str(other.resolve())
 
     # Predict names the stages as the dataset does, probabilities in class-id order.
-    main("--mode=predict", f"--config.predict_dir={data / 'images'}")
+    main("--mode=predict", f"--images={data / 'images'}", recipe=False)
     out = next((workdir / "predict").rglob("predictions.csv"))
     with out.open(newline="") as f:
         header = next(csv.reader(f))

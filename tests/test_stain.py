@@ -22,10 +22,9 @@ from stagejax import config as config_lib
 from stagejax import models
 from stagejax.data import augment, stain
 from stagejax.errors import CheckpointError, ConfigError
-from stagejax.evaluate.model import Model
-from stagejax.runtime import checkpoint
+from stagejax.model import Model, saved
 from stagejax.section import stage
-from tests.conftest import REPO
+from tests.conftest import REPO, shipped_config
 from tests.test_workdir_safety import _command
 
 H_PAS = np.array([[0.644, 0.717, 0.267], [0.175, 0.972, 0.155]])
@@ -118,7 +117,7 @@ def test_pool_ignores_images_without_tissue_and_the_reference_round_trips():
 
 def _config(**stain_fields) -> ml_collections.ConfigDict:
     overrides = {"model": "resnet18", "crop_size": 32}
-    config, _ = config_lib.resolve(str(REPO / "configs" / "resnet.py"), overrides, "train")
+    config = shipped_config(overrides)
     config.stain.update(stain_fields)
     return config
 
@@ -135,18 +134,18 @@ def test_bad_stain_fields_are_one_line_config_errors():
 def test_a_model_directory_brings_its_stain_and_a_malformed_one_is_refused(tmp_path):
     reference = stain.format_reference(np.arange(1, 7) / 10)
     recorded = {"normalize": "reinhard", "reference": reference}
-    directory = checkpoint.save_model_weights(
+    directory = saved.save_model_weights(
         tmp_path / "m", models.create("resnet18"), "resnet18", stain=recorded
     )
-    assert checkpoint.read_model_json(directory)["stain"] == recorded
+    assert saved.read_model_json(directory)["stain"] == recorded
     config = _config()  # normalisation off on the command line: the weights' wins
     model = Model.from_directory(config, directory)
     assert model.config.stain.to_dict() == recorded and config.stain.normalize == "none"
-    meta = json.loads((directory / checkpoint.MODEL_JSON).read_text())
+    meta = json.loads((directory / saved.MODEL_JSON).read_text())
     meta["stain"]["reference"] = "1,2"
-    (directory / checkpoint.MODEL_JSON).write_text(json.dumps(meta))
+    (directory / saved.MODEL_JSON).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="model.json: malformed stain"):
-        checkpoint.read_model_json(directory)
+        saved.read_model_json(directory)
 
 
 def test_slide_stain_pools_its_tubules_only_when_the_model_normalises():
@@ -171,7 +170,7 @@ def test_training_records_the_reference_and_eval_reuses_it(tiny_sim_dir, tmp_pat
     ran = json.loads((workdir / "config.json").read_text())["stain"]
     reference = stain.parse_reference(ran["reference"], "macenko")
     assert np.all(np.isfinite(reference)) and ran["normalize"] == "macenko"
-    assert checkpoint.read_model_json(workdir / "best_model")["stain"] == ran
+    assert saved.read_model_json(workdir / "best_model")["stain"] == ran
     trained = json.loads((workdir / "eval_test" / "metrics.json").read_text())
     (workdir / "eval_test").rename(workdir / "eval_test_train")
     res = subprocess.run([*base, "--mode=eval"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -192,3 +191,24 @@ def test_the_stain_benchmark_reports_the_drop_to_the_strongest_shift():
     np.testing.assert_allclose(summary["none"]["balanced_drop"], (0.3, 0.1))
     np.testing.assert_allclose(summary["none"]["balanced_accuracy@1.5"], (0.25, 0.05))
     np.testing.assert_allclose(summary["both"]["within1_accuracy@0"], (0.7, 0.0))
+
+
+@pytest.mark.slow
+def test_the_stain_benchmark_command_trains_once_and_scores_every_staining(tmp_path, capsys):
+    from benchmarks import common
+    from benchmarks import stain as bench
+
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    argv = ["--model=resnet18", "--seeds=0", "--shifts=1.0", "--options=both",
+            "--stain_jitter=0.05", "--tone=0.05", "--normalize=macenko", "--epochs=1", "--tiny",
+            f"--cache_dir={tmp_path / 'c'}", f"--out={tmp_path / 'w'}", f"--json={out}",
+            f"--plot={plot}"]  # fmt: skip
+    assert set(bench.FLAGS) == {a.split("=")[0][2:] for a in argv}
+    bench.main(argv)
+    result = json.loads(out.read_text())
+    (run,) = result["results"]["both"]
+    assert set(run["metrics"]) == {"0.0", "1.0"} and run["train_s"] > 0
+    assert set(result["summary"]["both"]) >= {"balanced_accuracy@1", "balanced_drop"}
+    assert plot.stat().st_size > 0 and "| both |" in capsys.readouterr().out
+    args = common.parse(bench.FLAGS, ["stain", *argv])[0]
+    assert bench.train("both", 0, args)[1] == 0.0  # the finished run is reused, not trained

@@ -26,8 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
-from stagejax import data, models
+from stagejax import datasets, models, recipe
 from stagejax.data import input_pipeline
 from stagejax.train import loop as trainer
 from tests.conftest import REPO
@@ -50,7 +49,7 @@ COMPARE_MODELS = ("mobilenet_v3_small",)
 
 
 def _config(model: str, data_dir: Path, cache_dir: Path, parallelism: str):
-    config = default.get_config()
+    config = recipe.get_config()
     config.model = model
     config.data_dir = str(data_dir)
     config.cache_dir = str(cache_dir)
@@ -86,7 +85,7 @@ def train_briefly(model: str, data_dir: Path, cache_dir: Path, parallelism: str)
     """STEPS train steps (twice, from the same state), one validation pass; numbers
     for the assertions."""
     config = _config(model, data_dir, cache_dir, parallelism)
-    run = trainer.Run(config, data.load(config))
+    run = trainer.Run(config, datasets.load(config))
     counter = count_traces(run)
     initial = jax.device_get(run.initial_state)
     before = jax.tree.leaves(initial.params)
@@ -123,7 +122,7 @@ def _check(result: dict, name: str) -> None:
 def cache_dir(tmp_path_factory, tiny_sim_dir) -> Path:
     """The tiny dataset prepared once; the two-device subprocess reuses this cache."""
     cache = tmp_path_factory.mktemp("cache")
-    data.load(_config("resnet18", tiny_sim_dir, cache, "jit"))
+    datasets.load(_config("resnet18", tiny_sim_dir, cache, "jit"))
     return cache
 
 

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from stagejax import recipe
 from stagejax.errors import ResourceError
 from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax.train import memory
@@ -399,9 +399,8 @@ def test_new_best_is_committed_before_the_old_one_goes(tmp_path, monkeypatch, ca
 
 
 def test_out_of_memory_at_run_time_is_one_line():
-    config = ml_collections.ConfigDict(
-        {"crop_size": 896, "global_batch_size": 12, "precision": "float32"}
-    )
+    config = recipe.get_config("study")  # the study's recipe, these fields set
+    config.update({"crop_size": 896, "global_batch_size": 12, "precision": "float32"})
     err = memory.out_of_memory(
         jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Out of memory allocating 25598862696 bytes.\nmore detail"
@@ -437,7 +436,8 @@ class _FakeCompiled:
 
 def test_memory_check_uses_the_accelerator_limit_and_the_override(monkeypatch):
     monkeypatch.setattr(jax, "local_devices", lambda: [_FakeDevice(), _FakeDevice()])
-    config = ml_collections.ConfigDict(
+    config = recipe.get_config("study")  # the study's recipe, these fields set
+    config.update(
         {
             "crop_size": 896,
             "global_batch_size": 12,

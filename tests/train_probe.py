@@ -49,13 +49,12 @@ if args.num_processes > 1:
 
 import numpy as np  # noqa: E402
 
-from configs import default  # noqa: E402
-from stagejax import data  # noqa: E402
+from stagejax import datasets, recipe  # noqa: E402
 from stagejax.data import input_pipeline, on_device  # noqa: E402
 from stagejax.train import loop as trainer  # noqa: E402
 from tests.tracing import count_traces  # noqa: E402
 
-config = default.get_config()
+config = recipe.get_config()
 config.model = "resnet18"
 config.data_dir = args.data
 config.cache_dir = args.cache
@@ -72,7 +71,7 @@ config.optimizer = args.optimizer
 config.learning_rate = 0.001
 config.data_on_device = "true" if args.compare_paths else args.data_on_device
 
-run = trainer.Run(config, data.load(config))
+run = trainer.Run(config, datasets.load(config))
 counter = count_traces(run)
 assembly = {"traces": 0}
 _assemble = on_device.assemble

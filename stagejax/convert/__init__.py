@@ -1,7 +1,7 @@
 """Import PyTorch weights (torchvision's or the study's) into a stagejax model directory.
 
-    python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes 12] [--new_head]
-        [--trust_pickle]
+``convert_file`` does it; ``python -m stagejax.convert`` is its command line
+(`stagejax.convert.__main__`).
 
 Why by name: the stagejax modules keep torchvision's attribute names, so each
 PyTorch key has exactly one place to go and anything that does not fit (wrong
@@ -21,20 +21,18 @@ optional dependency (``pip install stagejax[baseline]``).
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from flax import nnx
 
 from stagejax import models
 from stagejax.convert.torch_file import load_torch_state_dict
-from stagejax.errors import ConversionError, StagejaxError
-from stagejax.runtime.checkpoint import save_model_weights
+from stagejax.errors import ConfigError, ConversionError
+from stagejax.model.saved import save_model_weights
+from stagejax.runtime import files
 
 # stagejax variable name -> torch parameter/buffer name
 _LEAF_NAMES = {
@@ -240,13 +238,6 @@ def _head_message(
     )
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out}: exists and is a file; choose a new directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConversionError(f"--out {out}: exists and is not empty; choose a new directory")
-
-
 def convert_file(
     src: str | Path,
     arch: str,
@@ -256,80 +247,17 @@ def convert_file(
     new_head: bool = False,
 ) -> Path:
     """Read torch weights from ``src`` and write a stagejax model directory at ``out``
-    (new or empty: checked before anything is read)."""
-    out = Path(out).expanduser()
-    _check_out(out)
+    (new or empty: checked before anything is read; it appears only once complete)."""
+    out = Path(out).expanduser().absolute()
+    files.check_output_dir(out, "--out")
     state = load_torch_state_dict(src, trust_pickle=trust_pickle)
     model = convert_state_dict(state, arch, num_classes, new_head)
-    return save_model_weights(
-        out, model, arch, num_classes=model.num_classes, in_channels=model.in_channels
-    )
 
-
-_USAGE = (
-    "python -m stagejax.convert --from FILE --arch NAME --out DIR [--num_classes 12] "
-    "[--new_head] [--trust_pickle]"
-)
-_REQUIRED = ("from", "arch", "out")
-
-
-def _flag_values() -> flags.FlagValues:
-    """This command's absl flags, kept apart from ``stagejax.main``'s global ones so
-    that ``main`` can run more than once in a process (tests) without leftovers."""
-    fv = flags.FlagValues()
-    flags.DEFINE_string("from", None, "torch checkpoint file", flag_values=fv)
-    flags.DEFINE_enum("arch", None, models.NAMES, "architecture of the weights", flag_values=fv)
-    flags.DEFINE_string("out", None, "output model directory (new or empty)", flag_values=fv)
-    flags.DEFINE_integer(
-        "num_classes",
-        12,
-        "classes of the output model (default: the 12 stages); a file "
-        "whose final classifier has another count is refused unless --new_head is given",
-        lower_bound=1,
-        flag_values=fv,
-    )
-    flags.DEFINE_boolean(
-        "new_head",
-        False,
-        "replace the final classifier layer by a freshly initialised one "
-        "with --num_classes outputs, e.g. to fine-tune from torchvision's ImageNet weights",
-        flag_values=fv,
-    )
-    flags.DEFINE_boolean(
-        "trust_pickle",
-        False,
-        "allow whole pickled modules (torch.save(model)); unpickling can run code",
-        flag_values=fv,
-    )
-    return fv
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stagejax.convert``; ``argv`` without the program name. A user error
-    is one ``error:`` line on stderr and exit status 2, as in ``stagejax.main``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fv = _flag_values()
-    if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
-        print(f"usage: {_USAGE}\n\n{fv.get_help(include_special_flags=False)}")
-        return 0
-    try:
-        rest = fv(["python -m stagejax.convert", *argv])
-        if len(rest) > 1:
-            raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
-        missing = [f"--{n}" for n in _REQUIRED if fv[n].value is None]
-        if missing:
-            raise flags.Error(f"{', '.join(missing)} required; usage: {_USAGE}")
-    except flags.Error as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    try:
-        out = convert_file(
-            fv["from"].value, fv.arch, fv.out, fv.num_classes, fv.trust_pickle, fv.new_head
+    def fill(tmp: Path) -> None:
+        save_model_weights(
+            tmp, model, arch, num_classes=model.num_classes, in_channels=model.in_channels
         )
-    except StagejaxError as e:
-        if os.environ.get("STAGEJAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({fv.arch}, {fv.num_classes} classes)")
-    return 0
+
+    if not files.new_dir(out, fill, "the model"):
+        raise ConfigError(f"--out: {out} was filled by someone else; nothing written")
+    return out

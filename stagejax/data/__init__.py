@@ -1,73 +1,8 @@
-"""Datasets: the study's on-disk layout, its TFDS/ArrayRecord cache, the
-simulated stand-in, stage-balanced sampling, augmentation and the Grain loader.
+"""Datasets on disk: the study's folder layout, its TFDS/ArrayRecord cache
+(``prepared``), stage-balanced sampling, augmentation, stain normalisation and
+the Grain loader.
 
-``load(config)`` is the one entry point the training code uses.
+Nothing is imported here, so the light modules (``augment``, ``stain``) load
+without TFDS; which dataset a config uses (its folder, or the simulated one) is
+chosen above this package, in `stagejax.datasets`.
 """
-
-from __future__ import annotations
-
-import logging
-from pathlib import Path
-
-import ml_collections
-
-from stagejax.data import prepared as prepared_lib
-
-log = logging.getLogger(__name__)
-
-
-def uses_simulated_data(config: ml_collections.ConfigDict) -> bool:
-    return not config.data_dir
-
-
-def training_scale(config: ml_collections.ConfigDict, image_size: int = 0) -> tuple[float, int]:
-    """(um/px, side in px) of the images the model learns from; um/px 0 when unknown.
-
-    The simulated images' pixel size is known from their anatomy; real data's is
-    ``config.mpp``. ``image_size``: the dataset's median short side, if known.
-    """
-    if uses_simulated_data(config):
-        from stagejax.simulate import tubules  # the renderer: only when needed
-
-        size = int(config.simulated.image_size)
-        return float(config.get("mpp", 0.0) or tubules.image_mpp(size)), size
-    size = image_size or int(config.crop_size + 2 * config.crop_range)
-    return float(config.get("mpp", 0.0)), size
-
-
-def load(config: ml_collections.ConfigDict):
-    """Validate and prepare the dataset (generating the simulated one if needed).
-
-    Every problem with the data raises ``DatasetError`` here, before anything
-    is compiled or trained.
-    """
-    from stagejax import simulate  # the renderer: only when the dataset is simulated
-
-    cache = Path(config.cache_dir).expanduser()
-    if uses_simulated_data(config):
-        sim = config.simulated
-        hand_cut = bool(sim.get("hand_cut", True))
-        root = simulate.default_dataset(
-            cache / "simulated",
-            sim.num_images,
-            sim.image_size,
-            sim.seed,
-            params=simulate.SceneParams(hand_cut=hand_cut),
-        )
-        log.warning(
-            "No data_dir given: using the SIMULATED H-PAS dataset (%d %s images of %d px, "
-            "seed %d) at %s. Numbers from this run say nothing about real tubules.",
-            sim.num_images,
-            "hand-cut" if hand_cut else "uncut",
-            sim.image_size,
-            sim.seed,
-            root,
-        )
-    else:
-        root = Path(config.data_dir).expanduser()
-    return prepared_lib.prepare(
-        root,
-        cache / "prepared",
-        crop_size=config.crop_size,
-        stage_order=config.get("stage_order", ""),
-    )

@@ -29,9 +29,9 @@ import numpy as np
 from absl import flags
 
 from stagejax.data.augment import CenterCrop, TrainCrop
-from stagejax.data.images import decode_image
 from stagejax.data.sampler import ShardedOrder, StageBalancedSampler
 from stagejax.errors import ConfigError, DatasetError
+from stagejax.images import decode_image
 
 
 def ensure_absl_flags_parsed() -> None:

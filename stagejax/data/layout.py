@@ -19,8 +19,8 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from stagejax.data.images import image_info
 from stagejax.errors import DatasetError
+from stagejax.images import image_info
 from stagejax.stages import stage_ranks
 
 __all__ = ["SPLITS", "DatasetError", "Example", "Layout", "read_layout", "stage_from_file_name"]

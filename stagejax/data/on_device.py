@@ -50,14 +50,13 @@ import ml_collections
 import numpy as np
 
 from stagejax.data.augment import crop_start, sample_train_params
-from stagejax.data.images import decode_image
 from stagejax.data.sampler import StageBalancedSampler
 from stagejax.errors import ConfigError, DatasetError
+from stagejax.images import decode_image
 
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "true", "false")
-DEFAULT_FRACTION = 0.4
 BATCH_KEYS = ("index", "top", "left", "k", "flip", "label")
 
 # Per rot90 k (0..3), the moves whose composition is np.rot90(crop, k): an optional
@@ -109,12 +108,12 @@ def _smallest_capacity(capacity: int) -> int:
 def decide(config: ml_collections.ConfigDict, split, capacity: tuple[int, str]) -> Decision:
     """The path for ``config.data_on_device``, the training ``split`` and one device's
     ``(bytes, source)`` (`train.memory.device_capacity`)."""
-    mode = config.get("data_on_device", "auto")
+    mode = config.data_on_device
     if mode not in CHOICES:
         raise ConfigError(f"config.data_on_device: {mode!r}; must be one of {', '.join(CHOICES)}")
     if mode == "false":
         return Decision(False, "training data: Grain loader (config.data_on_device=false)")
-    fraction = float(config.get("data_on_device_fraction", DEFAULT_FRACTION))
+    fraction = float(config.data_on_device_fraction)
     sizes = split_sizes(split)
     need = resident_bytes(sizes)
     cap = _smallest_capacity(capacity[0])

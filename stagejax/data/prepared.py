@@ -17,18 +17,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from stagejax.data.images import to_storable
 from stagejax.data.layout import SPLITS, Layout, read_layout
 from stagejax.errors import DatasetError
-from stagejax.runtime import logs
+from stagejax.images import to_storable
+from stagejax.runtime import files, logs
 
 CACHE_FORMAT = 1  # bump whenever what is stored per record changes
 _MARKER = "COMPLETE"
@@ -172,43 +170,40 @@ def prepare(
 
 def _build(layout: Layout, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    leftovers = sorted(path.parent.glob(f".{path.name}.tmp-*"))
+    leftovers = sorted(path.parent.glob(f"{files.TMP_PREFIX}{path.name}.*"))
     if leftovers:
         log.warning(
             "Ignoring unfinished cache build(s) %s; delete them to free space.",
             ", ".join(map(str, leftovers)),
         )
     log.info("Building dataset cache %s from %s.", path, layout.root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        builder = _LayoutBuilder(layout, data_dir=str(tmp), file_format="array_record")
-        tfds.disable_progress_bar()  # we log progress ourselves
-        with logs.quiet_stdout():  # its "Downloading and preparing dataset Unknown size"
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-            )
-        index = {
-            "label_names": layout.label_names,
-            "splits": {
-                split: {
-                    "file_names": [ex.file_name for ex in layout.splits[split]],
-                    "labels": [ex.label for ex in layout.splits[split]],
-                    "sizes": builder.image_sizes[split],
-                }
-                for split in SPLITS
-            },
-        }
-        (tmp / _INDEX).write_text(json.dumps(index))
-        (tmp / _MARKER).write_text("complete\n")  # written last: the cache is usable
-        if not (path / _MARKER).is_file():  # else another process finished first: use theirs
-            if path.exists():  # an incomplete directory (no marker): replace it
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)  # only still there if another process won
+    # False: another process finished first (``_fill`` removed any incomplete one): use theirs.
+    files.new_dir(path, lambda tmp: _fill(layout, tmp, path), "the dataset cache")
     log.info("Dataset cache %s ready.", path)
+
+
+def _fill(layout: Layout, tmp: Path, path: Path) -> None:
+    builder = _LayoutBuilder(layout, data_dir=str(tmp), file_format="array_record")
+    tfds.disable_progress_bar()  # we log progress ourselves
+    with logs.quiet_stdout():  # its "Downloading and preparing dataset Unknown size"
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    index = {
+        "label_names": layout.label_names,
+        "splits": {
+            split: {
+                "file_names": [ex.file_name for ex in layout.splits[split]],
+                "labels": [ex.label for ex in layout.splits[split]],
+                "sizes": builder.image_sizes[split],
+            }
+            for split in SPLITS
+        },
+    }
+    (tmp / _INDEX).write_text(json.dumps(index))
+    (tmp / _MARKER).write_text("complete\n")  # written last: the cache is usable
+    if path.exists() and not (path / _MARKER).is_file():  # an incomplete one: replace it
+        shutil.rmtree(path)
 
 
 def _load(path: Path, image_dir: Path, crop_size: int | None) -> PreparedDataset:

@@ -15,8 +15,8 @@ import numpy as np
 
 from stagejax.data import stain
 from stagejax.data.augment import CenterCrop
-from stagejax.data.images import decode_image
 from stagejax.errors import ConfigError
+from stagejax.images import decode_image
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ annotated part):
         [--steps 300]   (names with commas: repeat --slides/--annotations, or @LIST.txt)
 
 writes DIR/unet.npz (or W.npz) and its record (unet.json), which `--weights`
-(or `--config.section.detector=DIR/unet.npz`) uses. The shipped weights were
+(or `--detector=DIR/unet.npz` of `--mode=section`) uses. The shipped weights were
 made from SIMULATED sections only (`--packed_seeds`: packed sections drawn the
 way real ones look; `--simulated_seeds`: stage-simulator sections; never the
 held-out seeds) by four runs whose one command line is in

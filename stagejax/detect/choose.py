@@ -41,7 +41,7 @@ def make_detector(
     return load_params(params) if params else DetectParams()
 
 
-def from_config(value: str, field: str = "config.section.detector") -> DetectParams | UNetDetector:
+def from_config(value: str, field: str = "--detector") -> DetectParams | UNetDetector:
     """A config field's detector: "unet" (shipped weights), "classical" (its defaults),
     a PARAMS.json of the classical fit, or a U-Net weights file (.npz, or the folder
     `train --method=unet --out DIR` wrote)."""

@@ -25,6 +25,7 @@ from stagejax.detect import metrics, pipeline
 from stagejax.detect.params import FEATURES, DetectParams
 from stagejax.errors import ConfigError, DatasetError
 from stagejax.slides import SlideObject, open_slide, read_geojson
+from stagejax.slides.geometry import outlines
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Section:
         rgb, mpp, scale, slide_mpp = self.coarse(detector.work_mpp)
         labels, _ = pipeline.segment_coarse(detector, rgb, mpp)
         grow = pipeline.grow_px(detector, slide_mpp)
-        polys = pipeline.outlines(labels, scale, grow) if labels.max() else []
+        polys = outlines(labels, scale, grow) if labels.max() else []
         if self.region is not None:
             polys = [p for p in polys if self.region.contains(p.centroid)]
         pred = [SlideObject(geometry=p, object_type="detection") for p in polys]

@@ -9,11 +9,11 @@ to a lab's own annotated sections and writes PARAMS.json, which `--params` reads
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from stagejax.errors import ConfigError
+from stagejax.runtime.files import atomic_write_text
 
 FEATURES = ("hematoxylin", "od", "pas")
 PARAMS_FORMAT = "stagejax.detect params"
@@ -72,12 +72,7 @@ def save_params(path: str | Path, params: DetectParams, fit: dict[str, Any] | No
     doc = {"format": PARAMS_FORMAT, "version": 1, "params": dataclasses.asdict(params)}
     if fit is not None:
         doc["fit"] = fit
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     return path
 
 

@@ -7,19 +7,18 @@ mm section is 4,000 x 3,200 px), and all later work is on that image.
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from shapely.geometry import MultiPolygon, Polygon
-from skimage import measure
 
 from stagejax.detect import segment
 from stagejax.detect.params import DetectParams
 from stagejax.errors import DatasetError
+from stagejax.runtime.files import atomic_write
 from stagejax.slides import Slide, SlideObject, write_geojson
+from stagejax.slides.geometry import outlines
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +45,6 @@ def read_coarse(slide: Slide, work_mpp: float) -> tuple[np.ndarray, float, tuple
     w0, h0 = slide.dimensions
     scale = (w0 / rgb.shape[1], h0 / rgb.shape[0])
     return rgb, slide.mpp * (scale[0] * scale[1]) ** 0.5, scale
-
-
-def outlines(labels: np.ndarray, scale: tuple[float, float], grow: float = 0.0) -> list[Polygon]:
-    """One simplified polygon per label 1..N (consecutive), in level-0 pixel coordinates,
-    grown by `grow` level-0 px (negative: shrunk)."""
-    polys = []
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        mask = np.pad(labels[sl] == i, 1).astype(np.float32)
-        contour = max(measure.find_contours(mask, 0.5), key=len)
-        rows = contour[:, 0] + sl[0].start - 1 + 0.5  # pixel centres at +0.5
-        cols = contour[:, 1] + sl[1].start - 1 + 0.5
-        poly = Polygon(np.stack([cols * scale[0], rows * scale[1]], -1))
-        poly = poly.simplify(0.3 * min(scale), preserve_topology=True)
-        poly = poly if poly.is_valid else poly.buffer(0)
-        if grow:
-            poly = poly.buffer(grow, join_style="round")
-        if isinstance(poly, MultiPolygon):  # shrinking can cut a thin waist
-            poly = max(poly.geoms, key=lambda g: g.area)
-        polys.append(poly)
-    return polys
 
 
 def grow_px(params, mpp: float) -> float:
@@ -145,11 +124,7 @@ def write_outputs(out_dir: str | Path, detection: Detection) -> tuple[Path, Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "detections.png"
-    tmp = out_dir / f".detections.png.{os.getpid()}.tmp"
-    try:
-        overlay(detection).quantize(colors=128).save(tmp, format="PNG", optimize=True)
-        geojson = write_geojson(out_dir / "tubules.geojson", detection.objects)
-        os.replace(tmp, png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = overlay(detection).quantize(colors=128)
+    geojson = write_geojson(out_dir / "tubules.geojson", detection.objects)
+    atomic_write(png, lambda tmp: image.save(tmp, format="PNG", optimize=True))
     return geojson, png

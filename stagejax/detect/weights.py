@@ -13,7 +13,6 @@ in stagejax/detect/__init__.py and the README.
 
 import io
 import json
-import os
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ from stagejax.detect import unet
 from stagejax.detect.learned import Postprocess, UNetDetector
 from stagejax.detect.unet import UNet
 from stagejax.errors import ConfigError
+from stagejax.runtime.files import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_FORMAT = "stagejax.detect unet"
 META_KEY = "__meta__"
@@ -72,16 +72,8 @@ def save_weights(path: str | Path, model: UNet, meta: dict[str, Any]) -> Path:
     arrays = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays, **{META_KEY: np.array(json.dumps(meta))})
-    for target, data in ((path, buf.getvalue()), (path.with_suffix(".json"), None)):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            if data is None:
-                tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-            else:
-                tmp.write_bytes(data)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     return path
 
 

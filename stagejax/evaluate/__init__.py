@@ -1,5 +1,5 @@
-"""Evaluation: one model builder (``model``) shared by evaluation, prediction,
-the explanations and the coming section pipeline; inference passes
-(``inference``), the best checkpoint of a run (``best``), folder prediction
-(``predict``), metrics and the report.
+"""Evaluation: inference passes (``inference``), the best epoch of a run exported
+and evaluated (``best``), folder prediction (``predict``), metrics and the report.
+
+The model they run is `stagejax.model`'s; nothing here imports training.
 """

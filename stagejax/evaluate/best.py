@@ -1,8 +1,9 @@
-"""The best checkpoint of a run: export its weights, evaluate it, write the report.
+"""The best epoch of a run: export its weights, evaluate it, write the report.
 
-``evaluate_best`` ends every training run (and is ``--mode=eval`` on a trained
-workdir); ``evaluate_workdir`` is ``--mode=eval``, which also evaluates weights
-imported with ``stagejax.convert`` (``config.init_from``) in a new workdir.
+``export_and_evaluate`` ends every training run and ``--mode=eval`` on a trained
+workdir, given the state `stagejax.train.best` restored from the best checkpoint
+(restoring needs the optimizer's shape, which is training's); imported weights
+evaluated in a new workdir go straight to ``evaluate_and_report``.
 """
 
 from __future__ import annotations
@@ -16,39 +17,35 @@ from typing import Any
 import jax
 import ml_collections
 
-from stagejax import data as data_lib
-from stagejax.errors import CheckpointError, WorkdirError
+from stagejax import datasets
+from stagejax.errors import WorkdirError
 from stagejax.evaluate import report
 from stagejax.evaluate.inference import evaluate_split
-from stagejax.evaluate.model import Model
-from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.model import Model, TrainState
+from stagejax.model.saved import BEST_MODEL, save_model_weights
 from stagejax.runtime import files
 from stagejax.runtime import workdir as workdir_lib
-from stagejax.train import step as step_lib
+from stagejax.runtime.checkpoint import orbax_errors_silenced
 
 log = logging.getLogger(__name__)
 
-BEST_MODEL = "best_model"
 
-
-def evaluate_best(
-    model: Model, dataset: Any, ckpts: ckpt_lib.TrainCheckpoints, workdir: Path, split_name: str
+def export_and_evaluate(
+    model: Model,
+    dataset: Any,
+    host_state: TrainState,
+    best_epoch: int,
+    workdir: Path,
+    split_name: str,
+    overwrite: bool = False,
 ) -> dict:
-    """Evaluate the best checkpoint on ``split_name``; export its weights; write the report."""
-    abstract = step_lib.abstract_train_state(model.params, model.batch_stats, model.config)
-    restored = ckpts.restore_best(abstract)
-    if restored is None:
-        why = "; ".join(ckpts.skipped["best"])
-        raise CheckpointError(
-            f"{ckpts.directory('best')}: no best checkpoint to evaluate{f' ({why})' if why else ''}"
-        )
-    host_state, meta = restored
+    """Export the best epoch's weights (``host_state``) to ``workdir/best_model``,
+    evaluate them on ``split_name`` and write the report."""
     if jax.process_index() == 0:
         export_model(model, dataset, host_state, workdir / BEST_MODEL)
     state = model.parallel.put_state(host_state)
-    return evaluate_and_report(
-        model, dataset, state, workdir, split_name, {"best_epoch": meta["best_epoch"]}
-    )
+    extra = {"best_epoch": best_epoch}
+    return evaluate_and_report(model, dataset, state, workdir, split_name, extra, overwrite)
 
 
 def evaluate_and_report(
@@ -58,12 +55,14 @@ def evaluate_and_report(
     workdir: Path,
     split_name: str,
     extra: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Metrics of device ``state`` on ``split_name``, and their report in
-    ``workdir/eval_<split>/``."""
+    ``workdir/eval_<split>/`` (a report made from other data is replaced only with
+    ``overwrite``)."""
     data = data_source(model.config)
     out_dir = workdir / eval_dir_name(model.config, workdir, split_name)
-    _refuse_other_data(out_dir, data, model.config)
+    _refuse_other_data(out_dir, data, overwrite)
     with files.writing(out_dir, "the report"):
         metrics, out = evaluate_split(model, state, dataset, split_name)
         metrics.update(extra or {})
@@ -115,16 +114,16 @@ def _resolved(data_dir: str) -> str:
     return str(Path(data_dir).expanduser().resolve())
 
 
-def _refuse_other_data(out_dir: Path, data: str, config: ml_collections.ConfigDict) -> None:
+def _refuse_other_data(out_dir: Path, data: str, overwrite: bool) -> None:
     """One line rather than replacing a report made from other data (unless overwrite)."""
     try:
         made_from = json.loads((out_dir / "metrics.json").read_text()).get("data")
     except (OSError, ValueError):
         return
-    if made_from not in (None, data) and not config.get("overwrite", False):
+    if made_from not in (None, data) and not overwrite:
         raise WorkdirError(
             f"{out_dir}: holds the report of {made_from}, not {data}; pass "
-            "--config.overwrite=True to replace it"
+            "--overwrite to replace it"
         )
 
 
@@ -132,11 +131,11 @@ def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -
     """Weights-only copy of ``host_state``'s model (what eval, predict and explain
     load), swapped in atomically."""
     config = model.config
-    mpp, image_size = data_lib.training_scale(config, getattr(dataset, "image_size", 0))
+    mpp, image_size = datasets.training_scale(config, getattr(dataset, "image_size", 0))
 
     def fill(tmp: Path) -> None:
-        with ckpt_lib.orbax_errors_silenced():
-            ckpt_lib.save_model_weights(
+        with orbax_errors_silenced():
+            save_model_weights(
                 tmp,
                 model.module(host_state),
                 config.model,
@@ -150,20 +149,3 @@ def export_model(model: Model, dataset: Any, host_state: Any, directory: Path) -
             )
 
     files.replace_dir(directory, fill, "the best model")
-
-
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """``--mode=eval``: the best checkpoint of a finished (or stopped) run, on eval_split;
-    without one, the weights of ``config.init_from`` as they are."""
-    workdir = Path(workdir)
-    dataset = data_lib.load(config)
-    model = Model.from_config(config)
-    ckpts = ckpt_lib.TrainCheckpoints(workdir)
-    try:
-        if not ckpts.has_best() and config.init_from:
-            return evaluate_and_report(
-                model, dataset, model.device_state(), workdir, config.eval_split
-            )
-        return evaluate_best(model, dataset, ckpts, workdir, config.eval_split)
-    finally:
-        ckpts.close()

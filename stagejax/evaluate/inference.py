@@ -94,7 +94,7 @@ def evaluate_split(
     model, state: Any, dataset, split_name: str, tta: bool = False
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(metrics, per-example outputs in file order) of ``model`` (an
-    `stagejax.evaluate.model.Model`) with device ``state`` on one split."""
+    `stagejax.model.Model`) with device ``state`` on one split."""
     split = dataset.splits[split_name]
     out = run_inference(
         model.parallel,

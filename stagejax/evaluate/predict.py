@@ -6,18 +6,19 @@ stage, its probability, the 12 probabilities and an ``error`` column.
 
 * One unreadable image should not cost the hundreds of readable ones: it is
   skipped, named in the log and in the CSV's ``error`` column (its prediction
-  columns left empty) and counted in a final warning. ``config.strict=True``
+  columns left empty) and counted in a final warning. ``--strict``
   stops at the first one instead.
 * The model sees the centred ``crop_size`` crop at the scale it was trained
   on; an image from another magnification gets a confident but meaningless
   answer. Images whose short side differs from the training images' by more
   than ``SCALE_TOLERANCE`` are therefore named in a warning.
 * An existing CSV is never replaced silently: predicting a folder again (or
-  another folder of the same name) is refused unless ``config.overwrite=True``.
+  another folder of the same name) is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -29,13 +30,12 @@ from jax.experimental import multihost_utils
 
 from stagejax.data import input_pipeline, layout
 from stagejax.data import prepared as prepared_lib
-from stagejax.data.images import list_images
 from stagejax.errors import CheckpointError, ConfigError, DatasetError, WorkdirError
 from stagejax.evaluate import report
-from stagejax.evaluate.best import BEST_MODEL
 from stagejax.evaluate.inference import run_inference
-from stagejax.evaluate.model import Model
-from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.images import list_images
+from stagejax.model import Model
+from stagejax.model.saved import BEST_MODEL, read_model_json
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class _FileProblems:
         if bad.any():
             i = int(index[bad].min())
             raise DatasetError(
-                f"{self.message(i)} (config.strict=True stops at the first "
+                f"{self.message(i)} (--strict stops at the first "
                 "unusable image; without it such images are skipped and listed)"
             )
 
@@ -186,34 +186,46 @@ def model_directory(config: ml_collections.ConfigDict, workdir: Path) -> tuple[P
     return Path(config.init_from).expanduser(), False
 
 
-def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Predict ``config.predict_dir`` with ``workdir/best_model`` (else ``config.init_from``).
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """What ``--mode=predict`` acts on (its flags; not in the training recipe)."""
+
+    images: str  # the folder of images to stage
+    tta: bool = False  # average the 8 rotations/flips
+    strict: bool = False  # stop at the first unreadable image (default: skip, list it)
+    overwrite: bool = False  # replace an earlier prediction of a folder of the same name
+
+
+def predict_folder(
+    config: ml_collections.ConfigDict, workdir: str | Path, opts: PredictOptions
+) -> Path:
+    """Predict ``opts.images`` with ``workdir/best_model`` (else ``config.init_from``).
 
     Returns the CSV path.
     """
-    if not config.predict_dir:
-        raise ConfigError("config.predict_dir: empty; pass --config.predict_dir=FOLDER")
+    if not opts.images:
+        raise ConfigError("--images: required with --mode=predict (the folder to stage)")
     workdir = Path(workdir)
-    paths = list_images(config.predict_dir, "config.predict_dir")
-    dest = output_path(workdir, config.predict_dir)
+    paths = list_images(opts.images, "--images")
+    dest = output_path(workdir, opts.images)
     replacing = dest.exists()
-    if replacing and not config.get("overwrite", False):
+    if replacing and not opts.overwrite:
         raise WorkdirError(
             f"{dest}: exists (an earlier prediction of a folder named "
-            f"{dest.parent.name!r}); pass --config.overwrite=True to replace it"
+            f"{dest.parent.name!r}); pass --overwrite to replace it"
         )
     model_dir, trained = model_directory(config, workdir)
     model = Model.from_directory(config, model_dir)
     log.info(
         "predicting %d images from %s%s",
         len(paths),
-        config.predict_dir,
-        " with 8-fold test-time augmentation" if config.tta else "",
+        opts.images,
+        " with 8-fold test-time augmentation" if opts.tta else "",
     )
-    problems = _FileProblems(paths, config.crop_size, config.get("strict", False))
+    problems = _FileProblems(paths, config.crop_size, opts.strict)
     out = run_inference(
         model.parallel,
-        model.eval_step(config.tta),
+        model.eval_step(opts.tta),
         model.device_state(),
         problems.watch(input_pipeline.predict_batches(paths, config)),
         len(paths),
@@ -227,10 +239,10 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
         )
         log.log(
             logging.WARNING if replacing else logging.INFO,
-            "replaced %s (config.overwrite=True)" if replacing else "wrote %s",
+            "replaced %s (--overwrite)" if replacing else "wrote %s",
             dest,
         )
-        recorded = ckpt_lib.read_model_json(model_dir)["image_size"]
+        recorded = read_model_json(model_dir)["image_size"]
         reference = (
             (recorded, "the training images (recorded with the model)")
             if recorded
@@ -247,7 +259,7 @@ def predict_folder(config: ml_collections.ConfigDict, workdir: str | Path) -> Pa
             )
     if len(skipped) == len(paths):
         raise DatasetError(
-            f"{config.predict_dir}: none of the {len(paths)} images could be "
+            f"{opts.images}: none of the {len(paths)} images could be "
             f"used ({problems.message(0)}); see {dest}"
         )
     return dest

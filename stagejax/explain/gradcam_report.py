@@ -2,7 +2,7 @@
 
 ``render`` (``python -m stagejax.explain gradcam``) explains the images of a
 split or of a folder with the run's ``best_model``. The model comes from
-`stagejax.evaluate.model.Model`, the builder every inference pass uses, and
+`stagejax.model.Model`, the builder every inference pass uses, and
 the images are centre-cropped and preprocessed exactly as the eval step sees
 them, so the maps explain the calls that evaluation and prediction make.
 """
@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from stagejax import data as data_lib
+from stagejax import datasets
 from stagejax.data.augment import CenterCrop
-from stagejax.data.images import decode_image, list_images
 from stagejax.data.layout import stage_from_file_name
 from stagejax.errors import ConfigError, DatasetError
-from stagejax.evaluate.best import BEST_MODEL
-from stagejax.evaluate.model import Model
 from stagejax.explain.gradcam import gradcam_and_logits, overlay
+from stagejax.images import decode_image, list_images
+from stagejax.model import Model
+from stagejax.model.saved import BEST_MODEL
 from stagejax.runtime.parallel import Parallel
 from stagejax.runtime.workdir import load_run_config
 from stagejax.stages import parse_stage
@@ -84,7 +84,7 @@ class _Images:
 
 
 def _split_images(config, split: str) -> _Images:
-    prepared = data_lib.load(config)
+    prepared = datasets.load(config)
     if split not in prepared.splits:
         raise ConfigError(f"--split: {split!r} is not one of {', '.join(prepared.splits)}")
     source = prepared.splits[split]

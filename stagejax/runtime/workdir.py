@@ -4,10 +4,10 @@ results it did not make.
 A workdir is either empty/new, or holds a ``config.json`` written by an
 earlier stagejax run. Re-running in it resumes that run; fields that change
 what is trained (model, data, optimizer, ...) must then be the same, while
-fields that only change how long or how it is logged may differ. A field
-added to the configs after that run (absent from its config.json) counts as
-the current config's default there; a field the current configs no longer
-have is not read by this code and is not compared.
+fields that only change how long or how it is logged may differ. That
+config.json is read the one way every mode reads it (`stagejax.recipe.recorded`):
+a field added to the recipe since counts as its default there, a field the
+recipe no longer has is dropped.
 
 While a run works in its workdir it holds it with ``lock.claim``.
 """
@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 
+from stagejax import recipe
 from stagejax.errors import WorkdirError
 from stagejax.runtime.files import atomic_write_text
 from stagejax.runtime.lock import CONFIG_FILE, LOCK_FILE, Claim, claim
@@ -29,7 +29,6 @@ __all__ = [
     "CONFIG_FILE",
     "Claim",
     "claim",
-    "eval_config",
     "load_run_config",
     "prepare_workdir",
     "write_config",
@@ -45,34 +44,13 @@ RESUMABLE_FIELDS = {
     "num_workers",
     "eval_batch_size",
     "eval_split",
-    "predict_dir",
-    "tta",
     "cache_dir",
     "init_from",
-    "strict",
-    "overwrite",
     "device_memory_gb",
     "data_on_device",  # the same batches either way (data/on_device.py)
     "data_on_device_fraction",
     "variant",
 }
-
-# Fields that --mode=eval/predict take from the command line; the rest (model, crop,
-# precision of the weights' training...) come from the run's config.json.
-EVAL_FIELDS = (
-    "eval_batch_size",
-    "eval_split",
-    "predict_dir",
-    "tta",
-    "cache_dir",
-    "num_workers",
-    "parallelism",
-    "strict",
-    "overwrite",
-    "mpp",
-    "section_path",
-    "section",
-)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -85,21 +63,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
-    """Fields (flat, ``a.b``) in which a run's ``old`` config.json and the ``new``
-    config differ in what a step does; ``defaults``: the current config before
-    command-line overrides, standing in for fields ``old`` lacks (default ``new``)."""
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Fields (flat, ``a.b``) in which a run's ``old`` config (as `load_run_config`
+    reads it) and the ``new`` config differ in what a step does."""
     old, new = _flatten(old), _flatten(new)
-    defaults = new if defaults is None else _flatten(defaults)
     missing = object()
-    diff = []
-    for k, value in new.items():
-        if k.split(".")[0] in RESUMABLE_FIELDS:
-            continue
-        there = old.get(k, defaults.get(k, missing))
-        if there != value:
-            diff.append(k)
-    return sorted(diff)
+    return sorted(
+        k
+        for k, value in new.items()
+        if k.split(".")[0] not in RESUMABLE_FIELDS and old.get(k, missing) != value
+    )
 
 
 def _check_writable(path: Path) -> None:
@@ -116,13 +89,8 @@ def prepare_workdir(
     config: ml_collections.ConfigDict,
     write: bool = True,
     must_exist: bool = False,
-    defaults: ml_collections.ConfigDict | None = None,
 ) -> Path:
-    """Create/check ``workdir`` for ``config``; raises ``WorkdirError`` in one line.
-
-    ``defaults``: the config file's values without the command line's overrides
-    (see ``config_differences``).
-    """
+    """Create/check ``workdir`` for ``config``; raises ``WorkdirError`` in one line."""
     path = Path(workdir).expanduser().absolute()
     cfg_path = path / CONFIG_FILE
     if must_exist and not cfg_path.is_file():
@@ -130,11 +98,7 @@ def prepare_workdir(
     _check_writable(path)
     if cfg_path.is_file() and not must_exist:
         _adopt_stain_reference(config, cfg_path)
-        _check_same_run(
-            path,
-            json.loads(config.to_json()),
-            None if defaults is None else json.loads(defaults.to_json()),
-        )
+        _check_same_run(path, json.loads(config.to_json()))
     elif (
         not cfg_path.is_file()
         and not must_exist
@@ -154,8 +118,8 @@ def prepare_workdir(
 def _adopt_stain_reference(config: ml_collections.ConfigDict, cfg_path: Path) -> None:
     """A resumed run keeps the stain reference its first part estimated (an empty
     ``stain.reference`` means "estimate it", which that part did)."""
-    stain = config.get("stain")
-    if stain is None or stain.normalize == "none" or stain.reference:
+    stain = config.stain
+    if stain.normalize == "none" or stain.reference:
         return
     try:
         old = json.loads(cfg_path.read_text()).get("stain") or {}
@@ -165,13 +129,9 @@ def _adopt_stain_reference(config: ml_collections.ConfigDict, cfg_path: Path) ->
         stain.reference = old["reference"]
 
 
-def _check_same_run(path: Path, new: dict, defaults: dict | None) -> None:
-    cfg_path = path / CONFIG_FILE
-    try:
-        old = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError:
-        raise WorkdirError(f"{cfg_path}: unreadable; choose another --workdir") from None
-    if diff := config_differences(old, new, defaults):
+def _check_same_run(path: Path, new: dict) -> None:
+    old = json.loads(load_run_config(path).to_json())
+    if diff := config_differences(old, new):
         k = diff[0]
         flat_old, flat_new = _flatten(old), _flatten(new)
         there = flat_old.get(k, "(absent)")
@@ -188,38 +148,6 @@ def write_config(workdir: str | Path, config: ml_collections.ConfigDict) -> None
     atomic_write_text(Path(workdir) / CONFIG_FILE, text)
 
 
-def eval_config(
-    workdir: str | Path, cli_config: ml_collections.ConfigDict
-) -> ml_collections.ConfigDict:
-    """The config to evaluate or predict with a trained ``workdir``: the run's own,
-    so the crop and model match training, with ``EVAL_FIELDS`` (and a non-empty
-    ``data_dir``, to evaluate on another dataset, or ``init_from``) from the command line. Fields
-    the run's config.json lacks (added to the configs later) come from
-    ``cli_config`` too."""
-    config = load_run_config(workdir)
-    _fill_missing(config, cli_config)
-    for k in EVAL_FIELDS:
-        config[k] = cli_config[k]
-    if cli_config.data_dir:
-        config.data_dir = cli_config.data_dir
-    if cli_config.get("init_from"):  # a workdir without a trained model: other weights
-        config.init_from = cli_config.init_from
-    return config
-
-
-def _fill_missing(config: ml_collections.ConfigDict, source: Any) -> None:
-    for k, v in source.items():
-        if k not in config:
-            config[k] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
-        elif isinstance(v, ml_collections.ConfigDict) and isinstance(
-            config[k], ml_collections.ConfigDict
-        ):
-            _fill_missing(config[k], v)
-
-
 def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The config a training run in ``workdir`` used."""
-    path = Path(workdir).expanduser().absolute() / CONFIG_FILE
-    if not path.is_file():
-        raise WorkdirError(f"{path}: missing; is {path.parent} the workdir of a training run?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    """The recipe a training run in ``workdir`` used, filled in (`recipe.recorded`)."""
+    return recipe.recorded(Path(workdir).expanduser().absolute() / CONFIG_FILE)

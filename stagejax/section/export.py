@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -35,8 +34,8 @@ from shapely.geometry import MultiPolygon, Polygon
 
 from stagejax.data.layout import SPLITS
 from stagejax.errors import ConfigError, DatasetError
+from stagejax.runtime.files import check_output_dir, new_dir
 from stagejax.section.crops import cut_tubule
-from stagejax.simulate.tubules import check_output_dir, staging_dir
 from stagejax.slides import SlideObject, open_slide, read_geojson
 from stagejax.stages import NUM_STAGES, STAGES, parse_stage
 
@@ -97,7 +96,7 @@ def model_target(
     """
     names, ranks, source = list(STAGES), list(range(NUM_STAGES)), ""
     if workdir:
-        from stagejax.runtime.checkpoint import MODEL_JSON, read_model_json  # jax: only here
+        from stagejax.model.saved import MODEL_JSON, read_model_json  # jax: only here
 
         model_dir = Path(workdir).expanduser() / "best_model"
         meta, source = read_model_json(model_dir), str(model_dir / MODEL_JSON)
@@ -314,12 +313,9 @@ def export_sections(
     plans = [plan_slide(s, a, target, slide_mpp) for s, a in zip(slides, annotations, strict=True)]
     splits = (split_by_slide if split_by == "slide" else split_random)(plans, seed)
     settings = dict(workdir=None if workdir is None else str(workdir), split_by=split_by, seed=seed)
-    with staging_dir(out) as tmp:
-        _write_dataset(tmp, plans, splits, target, settings)
-        try:
-            os.rename(tmp, out)  # replaces an empty folder; fails on a non-empty one
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            raise ConfigError(f"--out: {out} was filled by someone else; nothing written") from e
+    written = new_dir(
+        out, lambda tmp: _write_dataset(tmp, plans, splits, target, settings), "the dataset"
+    )
+    if not written:
+        raise ConfigError(f"--out: {out} was filled by someone else; nothing written")
     return out

@@ -17,11 +17,10 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from stagejax import data as data_lib
+from stagejax import datasets
 from stagejax.errors import CheckpointError, ConfigError
-from stagejax.evaluate.model import Model
 from stagejax.evaluate.predict import model_directory
-from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.model import Model, saved
 from stagejax.runtime.parallel import Parallel
 from stagejax.simulate.section import DEFAULT_MPP
 
@@ -41,10 +40,10 @@ class StageModel:
 
 
 def _scale(config: ml_collections.ConfigDict, meta: dict, trained: bool) -> tuple[float, int]:
-    mpp = float(config.get("mpp", 0.0)) or meta.get("mpp") or 0.0
+    mpp = float(config.mpp) or meta.get("mpp") or 0.0
     size = meta.get("image_size") or 0
     if trained and not (mpp and size):  # a run from before model.json recorded them
-        run_mpp, run_size = data_lib.training_scale(config)
+        run_mpp, run_size = datasets.training_scale(config)
         mpp, size = mpp or run_mpp, size or run_size
     if not mpp:
         raise ConfigError(
@@ -64,7 +63,7 @@ def _scale(config: ml_collections.ConfigDict, meta: dict, trained: bool) -> tupl
 def load_stage_model(config: ml_collections.ConfigDict, workdir: Path) -> StageModel:
     """The model of ``workdir`` (or ``config.init_from``) on this process's devices."""
     directory, trained = model_directory(config, workdir)
-    meta = ckpt_lib.read_model_json(directory)
+    meta = saved.read_model_json(directory)
     if meta["stage_ranks"] is None:
         raise CheckpointError(
             f"{directory}: its classes {meta['label_names'][:3]}... are not the 12 stages"
@@ -74,7 +73,7 @@ def load_stage_model(config: ml_collections.ConfigDict, workdir: Path) -> StageM
     batch = n * math.ceil(config.eval_batch_size / n)
     parallel = Parallel(config.parallelism, batch, batch, local=True)
     model = Model.from_directory(config, directory, parallel)
-    stamp = (directory / ckpt_lib.MODEL_JSON).stat().st_mtime_ns
+    stamp = (directory / saved.MODEL_JSON).stat().st_mtime_ns
     return StageModel(
         model=model,
         mpp=mpp,

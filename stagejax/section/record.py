@@ -13,7 +13,7 @@ must not be "already staged" with the other's results.
   changed), unless the outputs were edited since they were written (e.g. a
   tubules.geojson corrected in QuPath): then refused without overwrite;
 - another slide, or another model: refused in one line unless
-  ``config.overwrite=True``.
+  ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ ENDS_BYTES = 1 << 20  # hashed at each end of a slide: cheap for a 10 GB scan
 STAGE, SKIP = "stage", "skip"
 # settings key -> the flag that sets it, for messages
 FIELDS = {
-    "slide_mpp": "config.section.slide_mpp",
-    "detector": "config.section.detector",
-    "tta": "config.tta",
-    "review_below": "config.section.review_below",
+    "slide_mpp": "--slide_mpp",
+    "detector": "--detector",
+    "tta": "--tta",
+    "review_below": "--review_below",
     "crop_size": "config.crop_size",
     "model_mpp": "config.mpp",
     "image_size": "the model's image size",
@@ -72,14 +72,15 @@ def _stamp(value: str) -> str:
     return f"{st.st_size}@{st.st_mtime_ns}"
 
 
-def settings(config: ml_collections.ConfigDict, sm, detector: str) -> dict:
-    """Every setting that changes a slide's outputs (the stage model is keyed apart)."""
-    stain = config.get("stain")
+def settings(config: ml_collections.ConfigDict, opts, sm, detector: str) -> dict:
+    """Every setting that changes a slide's outputs (the stage model is keyed apart):
+    the mode's ``opts`` (`SectionOptions`) and the recipe's crop and stain."""
+    stain = config.stain
     return {
-        "slide_mpp": float(config.section.slide_mpp),
-        "detector": f"{detector} {_stamp(config.section.detector)}".strip(),
-        "tta": bool(config.tta),
-        "review_below": float(config.section.review_below),
+        "slide_mpp": float(opts.slide_mpp),
+        "detector": f"{detector} {_stamp(opts.detector)}".strip(),
+        "tta": bool(opts.tta),
+        "review_below": float(opts.review_below),
         "crop_size": int(config.crop_size),
         "model_mpp": round(float(sm.mpp), 6),
         "image_size": int(sm.image_size),
@@ -136,9 +137,9 @@ def decide(out_dir: Path, slide: dict, model: str, now: dict, overwrite: bool) -
         return STAGE
     why = _refusal(out_dir, done, slide, model, now)
     if why and not overwrite:
-        raise WorkdirError(f"{out_dir}: holds {why}; pass --config.overwrite=True to replace them")
+        raise WorkdirError(f"{out_dir}: holds {why}; pass --overwrite to replace them")
     if why or (overwrite and done is not None):
-        log.warning("%s: replacing earlier outputs (config.overwrite=True)", out_dir)
+        log.warning("%s: replacing earlier outputs (--overwrite)", out_dir)
         return STAGE
     if diff := changed(done, now):
         log.warning(

@@ -5,12 +5,12 @@ Per slide, ``W/sections/<slide name>/`` gets the outputs of `outputs` plus
 content fingerprint, the stage model, the settings; see `record`). A slide
 whose record matches is done: a folder run that was stopped resumes at the
 first unfinished slide. Outputs of another slide or model are never replaced
-unless ``config.overwrite=True``; that is decided for every slide before the
+unless ``--overwrite``; that is decided for every slide before the
 first is staged. Every slide is opened (format, pixel size) first too.
 
 One bad slide does not stop a folder: it is named in a warning, skipped, and
 listed with its error in ``summary.csv``; the rest are staged.
-``config.strict=True`` makes the run exit with an error at the end.
+``--strict`` makes the run exit with an error at the end.
 
 With several JAX processes the slides are dealt out between them; each stages
 its own on its local devices, and process 0 writes ``summary.csv`` once all
@@ -38,6 +38,7 @@ from stagejax.runtime import files
 from stagejax.section import outputs, record, truth
 from stagejax.section.crops import cut_tubule
 from stagejax.section.model import StageModel, load_stage_model
+from stagejax.section.options import FLAG, SectionOptions
 from stagejax.section.stage import SLIDE_STAIN_SAMPLE, slide_stain, stage_crops
 from stagejax.slides import open_slide
 from stagejax.slides.reader import OPENSLIDE_SUFFIXES, PLAIN_SUFFIXES, TIFF_SUFFIXES
@@ -51,7 +52,7 @@ SUMMARY = "summary.csv"
 FAILED = ".failed"  # W/sections/.failed/<slide name>.txt: why a slide was not staged
 SLIDE_ERRORS = (DatasetError, ResourceError)  # a slide's own problem: skip it, go on
 SLIDE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + OPENSLIDE_SUFFIXES
-SLIDE_MPP_FIELD = "--config.section.slide_mpp"
+SLIDE_MPP_FIELD = FLAG["slide_mpp"]
 
 
 def list_slides(path: str | Path) -> list[Path]:
@@ -60,7 +61,7 @@ def list_slides(path: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     if not p.is_dir():
-        raise ConfigError(f"config.section_path: {path}: no such file or folder")
+        raise ConfigError(f"--slides: {path}: no such file or folder")
     found = sorted(
         f
         for f in p.iterdir()
@@ -97,9 +98,9 @@ def check_slides(paths: list[Path], slide_mpp: float | None) -> dict[Path, str]:
     return bad
 
 
-def _detector(config: ml_collections.ConfigDict):
-    """DetectParams (classical) or a UNetDetector, from ``config.section.detector``."""
-    return choose.from_config(config.section.detector)
+def _detector(opts: SectionOptions):
+    """DetectParams (classical) or a UNetDetector, from ``--detector``."""
+    return choose.from_config(opts.detector, FLAG["detector"])
 
 
 def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
@@ -111,11 +112,11 @@ def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
 
 
 def stage_slide(
-    path: Path, sm: StageModel, params, config: ml_collections.ConfigDict
+    path: Path, sm: StageModel, params, opts: SectionOptions
 ) -> tuple[outputs.SectionResult, dict[str, float]]:
     """Detect, cut and stage one slide; (its result, seconds per part)."""
     times: dict[str, float] = {}
-    slide_mpp = config.section.slide_mpp or None
+    slide_mpp = opts.slide_mpp or None
     with open_slide(path, slide_mpp, mpp_flag=SLIDE_MPP_FIELD) as slide:
         t = time.perf_counter()
         try:
@@ -141,7 +142,7 @@ def stage_slide(
             crops(),
             len(det.objects),
             sm.batch_size,
-            config.tta,
+            opts.tta,
             desc=path.name,
             stain_source=source,
         )
@@ -161,7 +162,7 @@ def stage_slide(
         tubules=tubules,
         thumbnail=det.rgb,
         thumbnail_scale=det.scale,
-        review_below=float(config.section.review_below),
+        review_below=float(opts.review_below),
     )
     return result, times
 
@@ -199,18 +200,20 @@ def _write_slide(out_dir: Path, result, times, sm: StageModel, truth_path, key: 
     return done
 
 
-def _slides(config: ml_collections.ConfigDict, sm: StageModel) -> tuple[list[Path], bool]:
+def _slides(
+    config: ml_collections.ConfigDict, opts: SectionOptions, sm: StageModel
+) -> tuple[list[Path], bool]:
     """(the slides, whether they came from a folder)."""
-    if config.section_path:
-        slides = list_slides(config.section_path)
-        return slides, Path(config.section_path).expanduser().is_dir()
-    return [truth.simulated_section(config, sm.mpp)], False
+    if opts.slides:
+        slides = list_slides(opts.slides)
+        return slides, Path(opts.slides).expanduser().is_dir()
+    return [truth.simulated_section(config.cache_dir, opts, sm.mpp)], False
 
 
-def _keys(slides, bad, sm: StageModel, config, params) -> dict[Path, dict]:
+def _keys(slides, bad, sm: StageModel, config, opts, params) -> dict[Path, dict]:
     """What would make each readable slide's outputs (`record`)."""
     detector = choose.describe(params)
-    now = record.settings(config, sm, detector)
+    now = record.settings(config, opts, sm, detector)
     return {
         p: {"slide_file": record.slide_fingerprint(p), "settings": now, "detector": detector}
         for p in slides
@@ -218,10 +221,9 @@ def _keys(slides, bad, sm: StageModel, config, params) -> dict[Path, dict]:
     }
 
 
-def _plan(root: Path, keys: dict[Path, dict], sm: StageModel, config) -> dict[Path, str]:
+def _plan(root: Path, keys: dict[Path, dict], sm: StageModel, overwrite: bool) -> dict[Path, str]:
     """STAGE or SKIP per slide, decided for all before any is staged (every process
     decides alike), so a refusal is one line before any work."""
-    overwrite = bool(config.get("overwrite", False))
     return {
         p: record.decide(
             root / slide_name(p), k["slide_file"], sm.fingerprint, k["settings"], overwrite
@@ -242,17 +244,19 @@ def _unreadable(bad: dict[Path, str], slides: list[Path], folder: bool, where: s
         log.warning("%s: cannot be read; skipped (%s)", path.name, why.removeprefix(f"{path}: "))
 
 
-def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim=None) -> Path:
-    """``--mode=section``; returns ``W/sections``."""
+def stage_sections(
+    config: ml_collections.ConfigDict, workdir: str | Path, opts: SectionOptions, claim=None
+) -> Path:
+    """``--mode=section`` with the recipe ``config`` of ``workdir``; returns ``W/sections``."""
     workdir = Path(workdir)
     sm = load_stage_model(config, workdir)
-    slides, folder = _slides(config, sm)
-    bad = check_slides(slides, config.section.slide_mpp or None)
-    _unreadable(bad, slides, folder, config.section_path)
-    params = _detector(config)
+    slides, folder = _slides(config, opts, sm)
+    bad = check_slides(slides, opts.slide_mpp or None)
+    _unreadable(bad, slides, folder, opts.slides)
+    params = _detector(opts)
     root = workdir / SECTIONS
-    keys = _keys(slides, bad, sm, config, params)
-    plans = _plan(root, keys, sm, config)
+    keys = _keys(slides, bad, sm, config, opts, params)
+    plans = _plan(root, keys, sm, opts.overwrite)
     mine = slides[jax.process_index() :: jax.process_count()]
     log.info(
         "staging %d slide(s)%s with %s (%.3f um/px, %d px crops)",
@@ -267,7 +271,7 @@ def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim
     try:
         for i, path in enumerate(mine):
             where = f"{i + 1}/{len(mine)}"
-            if _stage_one(path, root, sm, params, config, keys, plans, bad, where, folder):
+            if _stage_one(path, root, sm, params, opts, keys, plans, bad, where, folder):
                 finished += 1
                 if claim is not None:
                     claim.keep()  # a later failure keeps the slides already finished
@@ -284,11 +288,11 @@ def stage_sections(config: ml_collections.ConfigDict, workdir: str | Path, claim
     failed = _failures(root, slides)
     if folder and jax.process_index() == 0:
         _write_summary(root, slides, sm, failed)
-    _report_failures(failed, slides, root, bool(config.get("strict", False)))
+    _report_failures(failed, slides, root, opts.strict)
     return root
 
 
-def _stage_one(path, root, sm, params, config, keys, plans, bad, where, folder) -> bool:
+def _stage_one(path, root, sm, params, opts, keys, plans, bad, where, folder) -> bool:
     """Stage ``path`` as planned; in a folder run a slide that fails is skipped and
     recorded (one bad slide does not stop a folder). Returns whether it is done."""
     failure = root / FAILED / f"{slide_name(path)}.txt"
@@ -298,7 +302,7 @@ def _stage_one(path, root, sm, params, config, keys, plans, bad, where, folder) 
             raise DatasetError(bad[path])
         if plans[path] == record.SKIP:
             return True
-        _stage(path, root / slide_name(path), sm, params, config, keys[path], where)
+        _stage(path, root / slide_name(path), sm, params, opts, keys[path], where)
         return True
     except SLIDE_ERRORS as e:
         if not folder:
@@ -311,9 +315,9 @@ def _stage_one(path, root, sm, params, config, keys, plans, bad, where, folder) 
         return False
 
 
-def _stage(path: Path, out_dir: Path, sm, params, config, key: dict, where: str) -> None:
+def _stage(path: Path, out_dir: Path, sm, params, opts, key: dict, where: str) -> None:
     t = time.perf_counter()
-    result, times = stage_slide(path, sm, params, config)
+    result, times = stage_slide(path, sm, params, opts)
     done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), key)
     log.info(
         "%s (%s): %d tubules (%d stageable) in %.1f s -> %s",
@@ -353,7 +357,7 @@ def _report_failures(failed: dict[str, str], slides: list[Path], root: Path, str
     if strict:
         raise DatasetError(
             f"{len(failed)} of {len(slides)} slide(s) could not be staged: {names}; the others "
-            f"are in {root} (config.strict=True makes this an error)"
+            f"are in {root} (--strict makes this an error)"
         )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from stagejax.data import stain, stain_reference
 from stagejax.data.augment import CenterCrop
-from stagejax.evaluate.model import Model
+from stagejax.model import Model
 
 log = logging.getLogger(__name__)
 

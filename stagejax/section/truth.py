@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
 from stagejax.detect.metrics import MIN_IOU, match
@@ -27,19 +26,19 @@ TRUTH_FILE = "ground_truth.geojson"
 MARKER = "SIMULATED.json"
 
 
-def simulated_section(config: ml_collections.ConfigDict, mpp: float) -> Path:
-    """The demo slide: SIMULATED section ``config.section.seed`` rendered at the model's
-    pixel size (once; cached in ``cache_dir``)."""
-    size_mm = section_sim.parse_size_mm(config.section.size_mm)
+def simulated_section(cache_dir: str, opts, mpp: float) -> Path:
+    """The demo slide: SIMULATED section ``opts.seed`` (`SectionOptions`) rendered at the
+    model's pixel size (once; cached in ``cache_dir``)."""
+    size_mm = section_sim.parse_size_mm(opts.size_mm)
     mpp = float(np.clip(mpp, *section_sim.MPP_LIMITS))
-    key = f"v{section_sim.GENERATOR_VERSION}-seed{config.section.seed}-mpp{mpp:.4f}-"
+    key = f"v{section_sim.GENERATOR_VERSION}-seed{opts.seed}-mpp{mpp:.4f}-"
     key += f"{size_mm[0]:g}x{size_mm[1]:g}mm"
-    out = Path(config.cache_dir).expanduser() / "simulated_sections" / key
+    out = Path(cache_dir).expanduser() / "simulated_sections" / key
     if not (out / MARKER).is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        section_sim.render_section(out, int(config.section.seed), mpp, 0.0, size_mm)
-    log.warning("No section_path given: staging the SIMULATED section %s (not real tissue)", out)
-    named = out / f"simulated-seed{config.section.seed}.tif"  # its outputs' folder name
+        section_sim.render_section(out, int(opts.seed), mpp, 0.0, size_mm)
+    log.warning("No --slides given: staging the SIMULATED section %s (not real tissue)", out)
+    named = out / f"simulated-seed{opts.seed}.tif"  # its outputs' folder name
     if not named.exists():
         named.symlink_to("section.tif")
     return named

@@ -1,6 +1,6 @@
 """The simulated dataset of a training run: rendered once per set of arguments, then reused.
 
-``stagejax.data.load`` calls :func:`default_dataset` when no ``data_dir`` is given, and
+``stagejax.datasets.load`` calls :func:`default_dataset` when no ``data_dir`` is given, and
 the benchmarks call it for their data; the cache folder's name encodes the arguments.
 """
 
@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from stagejax.errors import DatasetError
+from stagejax.runtime import files
 from stagejax.simulate import tubules
 from stagejax.simulate.scene import SceneParams
 
@@ -61,13 +63,15 @@ def default_dataset(
     if (final / "SIMULATED.json").exists():
         log.warning("Using cached SIMULATED dataset (not real data): %s", final)
         return final
-    with tubules.staging_dir(final) as tmp:
-        tubules.write_dataset(tmp, spec, num_workers)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "SIMULATED.json").exists():
-                raise
-            log.info("Another process cached %s first; using it", final)
+    written = files.new_dir(
+        final, lambda tmp: tubules.write_dataset(tmp, spec, num_workers), "the simulated dataset"
+    )
+    if not written:
+        if not (final / "SIMULATED.json").exists():
+            raise DatasetError(
+                f"{final}: a folder that is not a finished simulated dataset is in the way; "
+                "delete it and rerun"
+            )
+        log.info("Another process cached %s first; using it", final)
     log.warning("SIMULATED dataset ready (not real data): %s", final)
     return final

@@ -25,12 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage, spatial
 
+from stagejax.errors import ConfigError
 from stagejax.simulate import section_layout
 from stagejax.simulate.packed_paint import noise as _noise
 from stagejax.simulate.packed_paint import paint, seams
@@ -214,22 +214,26 @@ def write_packed(out_dir, seed: int, size_mm=(3.4, 4.2), mpp: float = DETECT_MPP
     """Render packed section `seed` into the new or empty folder `out_dir`: section.tif
     (pixel size in its metadata), ground_truth.geojson (one QuPath polygon per tubule,
     level-0 px) and SIMULATED.json (the look); the folder appears only once complete."""
-    from stagejax.detect.pipeline import outlines
-    from stagejax.simulate import section, tubules
+    from stagejax.runtime import files
+    from stagejax.simulate import section
     from stagejax.slides import SlideObject, write_geojson, write_pyramidal_tiff
+    from stagejax.slides.geometry import outlines
 
     w, h = section.check_arguments(int(seed), float(mpp), 0.0, size_mm)
     out = Path(out_dir).expanduser()
-    tubules.check_output_dir(out)
+    files.check_output_dir(out)
     sec = render_packed(int(seed), (w, h), float(mpp))
     truth = [SlideObject(geometry=p, classification="Tubule", properties={"tubule": i + 1})
              for i, p in enumerate(outlines(sec.labels, (1.0, 1.0)))]  # fmt: skip
-    with tubules.staging_dir(out) as tmp:
+    meta = dict(simulated=True, generator="stagejax.simulate.packed", seed=int(seed),
+                mpp=float(mpp), size_mm=[w, h], tubules=len(truth), look=sec.look)  # fmt: skip
+
+    def fill(tmp: Path) -> None:
         write_pyramidal_tiff(tmp / "section.tif", sec.rgb, float(mpp), tile_size=256,
                              compression="deflate")  # fmt: skip
         write_geojson(tmp / "ground_truth.geojson", truth)
-        meta = dict(simulated=True, generator="stagejax.simulate.packed", seed=int(seed),
-                    mpp=float(mpp), size_mm=[w, h], tubules=len(truth), look=sec.look)  # fmt: skip
         (tmp / "SIMULATED.json").write_text(json.dumps(meta, indent=1) + "\n")
-        os.rename(tmp, out)
+
+    if not files.new_dir(out, fill, "the section"):
+        raise ConfigError(f"out: {out} was filled by someone else while rendering")
     return out

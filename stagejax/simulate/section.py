@@ -33,6 +33,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from stagejax.errors import ConfigError
+from stagejax.runtime import files
 from stagejax.simulate import section_layout, tubules
 from stagejax.simulate.scene import SceneParams
 from stagejax.simulate.section_blocks import SectionRenderer
@@ -182,7 +183,7 @@ def render_section(
     size_mm = check_arguments(seed, mpp, stain_shift, size_mm)
     params = params or SCENE
     out = Path(out_dir).expanduser()
-    tubules.check_output_dir(out)
+    files.check_output_dir(out)
     start = time.monotonic()
     layout = section_layout.plan_section(int(seed), size_mm)
     look = sample_look(int(seed), float(mpp), float(stain_shift), params)
@@ -195,7 +196,8 @@ def render_section(
         len(layout.tubules),
         seed,
     )
-    with tubules.staging_dir(out) as tmp:
+
+    def fill(tmp: Path) -> None:
         try:
             write_pyramidal_tiff(
                 tmp / "section.tif",
@@ -209,10 +211,9 @@ def render_section(
             renderer.close()
         write_geojson(tmp / "ground_truth.geojson", ground_truth(layout, float(mpp)))
         _write_meta(tmp, seed, mpp, stain_shift, size_mm, layout, renderer)
-        try:
-            os.rename(tmp, out)
-        except OSError as e:
-            raise ConfigError(f"out: {out} was filled by someone else while rendering") from e
+
+    if not files.new_dir(out, fill, "the section"):
+        raise ConfigError(f"out: {out} was filled by someone else while rendering")
     log.info("%s: section in %.1f s", out, time.monotonic() - start)
     return out
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from stagejax.errors import ConfigError
+from stagejax.runtime import files
 from stagejax.simulate import scene
 from stagejax.simulate.scene import SceneParams
 from stagejax.simulate.tubules import image_seed, slide_stains
@@ -78,12 +79,11 @@ def contact_sheet(
     sheet = _grid(panels, tile, columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # An adaptive 256-colour palette keeps the file small; H-PAS hues are few.
-    sheet.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG).save(
-        tmp, format="PNG", optimize=True
+    quantized = sheet.quantize(
+        256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG
     )
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda tmp: quantized.save(tmp, format="PNG", optimize=True))
     return path
 
 

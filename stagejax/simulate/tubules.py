@@ -14,24 +14,20 @@ at the end, so a failed or interrupted run never leaves a half-written dataset.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from stagejax.errors import ConfigError
+from stagejax.runtime import files
 from stagejax.simulate import scene
 from stagejax.simulate.scene import SceneParams
 from stagejax.stages import NUM_STAGES, STAGES, stage_frequencies
@@ -195,14 +191,6 @@ def _render_and_save(job) -> str:
     return path
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse an ``out`` that is a file or a folder with anything in it."""
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"out: {out} is not empty; name a new or empty folder")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} exists and is not a folder")
-
-
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """The arguments that fix every byte of a simulated dataset; checked when made."""
@@ -246,32 +234,11 @@ def generate(
         num_images, image_size, seed, stain_shift, num_slides, split_by, params or SceneParams()
     )
     out = Path(out).expanduser()
-    check_output_dir(out)
-    with staging_dir(out) as tmp:
-        write_dataset(tmp, spec, num_workers)
-        try:
-            os.rename(tmp, out)  # Replaces an empty folder; fails on a non-empty one.
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            raise ConfigError(
-                f"out: {out} was filled by someone else while rendering; nothing written"
-            ) from e
+    files.check_output_dir(out)
+    if not files.new_dir(out, lambda tmp: write_dataset(tmp, spec, num_workers), "the dataset"):
+        raise ConfigError(f"out: {out} was filled by someone else while rendering; nothing written")
     log.warning("wrote SIMULATED dataset (not real data): %s", out)
     return out
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``final``, removed on exit unless renamed away."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_dataset(root: Path, spec: Spec, num_workers: int | None = None) -> None:

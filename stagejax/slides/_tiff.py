@@ -22,7 +22,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from stagejax.data import images
+from stagejax import images
 from stagejax.errors import DatasetError
 from stagejax.slides.base import Level, Slide, resolve_mpp
 
@@ -246,7 +246,7 @@ class TiffSlide(Slide):
 
 
 def _to_rgb8(raw: np.ndarray, page: tifffile.TiffPage, shift: int = 8) -> np.ndarray:
-    """uint8 RGB from decoded samples, converting as stagejax.data.images does;
+    """uint8 RGB from decoded samples, converting as stagejax.images does;
     16-bit samples are shifted right by ``shift`` (16 - 8: the high byte)."""
     if page.photometric == _PHOTOMETRIC.PALETTE:
         lut = (np.asarray(page.colormap).T >> 8).astype(np.uint8)  # (entries, 3) RGB

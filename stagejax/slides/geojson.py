@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from stagejax.errors import DatasetError
+from stagejax.runtime.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,7 @@ def write_geojson(path: str | Path, objects: Iterable[SlideObject], precision: i
     features = [to_feature(o, precision) for o in objects]
     collection = {"type": "FeatureCollection", "features": features}
     text = json.dumps(collection, separators=(",", ":"), default=_json_default)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text + "\n")
     return path
 
 

@@ -2,7 +2,7 @@
 
 - pyramidal (Big)TIFF, OME-TIFF and Aperio SVS go through tifffile (`_tiff.py`),
   which decodes only the tiles (or strips) a region touches;
-- plain PNG / JPEG are decoded whole by stagejax.data.images (small sections);
+- plain PNG / JPEG are decoded whole by stagejax.images (small sections);
 - the other vendor formats (NDPI, MRXS, SCN, ...) go through OpenSlide, the
   optional extra ``stagejax[slides]`` (`_openslide.py`).
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stagejax.data import images
+from stagejax import images
 from stagejax.errors import DatasetError
 from stagejax.slides import _openslide, _tiff
 from stagejax.slides.base import Level, Slide, resolve_mpp
@@ -31,7 +31,7 @@ MAX_PLAIN_PIXELS = 89_478_485
 
 
 class PlainImageSlide(Slide):
-    """A PNG or JPEG section held in memory: one level, decoded by stagejax.data.images."""
+    """A PNG or JPEG section held in memory: one level, decoded by stagejax.images."""
 
     def __init__(self, path: Path, mpp: float | None, mpp_flag: str):
         with Image.open(path) as im:  # reads the header only

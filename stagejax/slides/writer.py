@@ -14,13 +14,13 @@ support. The file appears under its name only when complete (temp + rename).
 """
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from stagejax.runtime.files import atomic_write, staging_dir
 from stagejax.slides.base import MPP_RANGE
 
 # render(x, y, w, h) -> uint8 (h, w, 3) RGB of that region of level 0.
@@ -154,13 +154,12 @@ def write_pyramidal_tiff(
     if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
         raise ValueError(f"mpp {mpp} um/px is outside {MPP_RANGE}")
     sizes = pyramid_sizes(*size, tile_size)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # usual permissions, not mkstemp's
-    try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as spill_dir:
-            _write(tmp, image, mpp, sizes, tile_size, compression, quality, Path(spill_dir))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        with staging_dir(path) as spill_dir:  # the reduced levels, spilled while built
+            _write(tmp, image, mpp, sizes, tile_size, compression, quality, spill_dir)
+
+    atomic_write(path, write)
     return path
 
 

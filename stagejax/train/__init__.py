@@ -1,6 +1,6 @@
-"""Training: the loop (``loop``), the jitted steps, state and optimizer (``step``),
-signal handling (``interrupts``) and the memory pre-flight (``memory``).
+"""Training: the loop (``loop``), the jitted train step and optimizer (``step``),
+signal handling (``interrupts``), the memory pre-flight (``memory``) and the
+restore of a run's best checkpoint (``best``).
 
-No imports here: ``stagejax.evaluate`` builds on ``train.step`` while
-``train.loop`` builds on ``stagejax.evaluate``.
+Training builds on `stagejax.model` and `stagejax.evaluate`; neither imports it.
 """

@@ -22,16 +22,15 @@ import ml_collections
 import numpy as np
 from clu import parameter_overview
 
-from stagejax import data as data_lib
+from stagejax import datasets
 from stagejax.data import input_pipeline, on_device, stain_reference
 from stagejax.errors import StagejaxError
-from stagejax.evaluate import best
 from stagejax.evaluate.inference import evaluate_split
-from stagejax.evaluate.model import Model
+from stagejax.model import Model
 from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax.runtime import lock, writers
 from stagejax.runtime import workdir as workdir_lib
-from stagejax.train import interrupts, memory
+from stagejax.train import best, interrupts, memory
 from stagejax.train import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, dataset=None):
         self.config = config
-        self.dataset = dataset if dataset is not None else data_lib.load(config)
+        self.dataset = dataset if dataset is not None else datasets.load(config)
         stain_reference.ensure_reference(config, self.dataset.splits["train"])
         self.model = Model.from_config(config)
         self.parallel = self.model.parallel

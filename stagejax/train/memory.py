@@ -59,7 +59,7 @@ def _host_available() -> int:
 
 def device_capacity(config: ml_collections.ConfigDict) -> tuple[int, str]:
     """(bytes one device may use, where the figure comes from)."""
-    if config.get("device_memory_gb", 0):
+    if config.device_memory_gb:
         return int(config.device_memory_gb * GIB), "config.device_memory_gb"
     devices = jax.local_devices()
     limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
@@ -124,7 +124,7 @@ def check_train_step(
     ``resident_bytes``: the training split each device already keeps
     (`data.on_device`); the step must fit beside it. (Host RAM available, the
     CPU's capacity, is measured after it was placed, so it is not taken twice.)"""
-    if config.get("remat", False) and _cpu_remat_note():
+    if config.remat and _cpu_remat_note():
         log.warning(
             "memory: config.remat is on but XLA:CPU undoes it; set XLA_FLAGS=%s before "
             "starting to keep the memory it saves",

@@ -22,9 +22,17 @@ import optax
 from flax import nnx
 
 from stagejax import models
-from stagejax.runtime import checkpoint as ckpt_lib
+from stagejax.model import eval_step as eval_lib
+from stagejax.model import saved
+from stagejax.model.state import (
+    DTYPES,
+    ModelDef,
+    TrainState,
+    compute_dtype,
+    create_train_state,
+    split_model,
+)
 from stagejax.runtime.parallel import Parallel
-from stagejax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +45,10 @@ def create_module(
         config.model,
         num_classes=config.num_classes,
         in_channels=1 if config.grayscale else 3,
-        dtype=step_lib.compute_dtype(config),
+        dtype=compute_dtype(config),
         bn_axis_name=bn_axis_name,
         seed=config.seed if seed is None else seed,
-        remat=bool(config.get("remat", False)),
+        remat=bool(config.remat),
     )
 
 
@@ -72,7 +80,7 @@ class Model:
 
     config: ml_collections.ConfigDict
     parallel: Parallel
-    modeldef: step_lib.ModelDef
+    modeldef: ModelDef
     params: Any
     batch_stats: Any
     label_names: list[str] | None = None
@@ -87,9 +95,9 @@ class Model:
         parallel = parallel or make_parallel(config)
         module = create_module(config, parallel.bn_axis_name)
         if config.init_from:
-            ckpt_lib.load_weights_into(module, config.init_from)
+            saved.load_weights_into(module, config.init_from)
             log.info("initialised weights from %s", config.init_from)
-        return cls(config, parallel, *step_lib.split_model(module))
+        return cls(config, parallel, *split_model(module))
 
     @classmethod
     def from_directory(
@@ -102,36 +110,36 @@ class Model:
         """The model saved in ``directory``; ``precision`` overrides ``config.precision``."""
         parallel = parallel or make_parallel(config)
         directory = Path(directory).expanduser()
-        meta = ckpt_lib.read_model_json(directory)
+        meta = saved.read_model_json(directory)
         config = _with_recorded_stain(config, meta["stain"], directory)
-        dtype = step_lib.DTYPES[precision] if precision else step_lib.compute_dtype(config)
-        module = ckpt_lib.load_model_weights(
+        dtype = DTYPES[precision] if precision else compute_dtype(config)
+        module = saved.load_model_weights(
             directory, dtype=dtype, bn_axis_name=parallel.bn_axis_name
         )
         return cls(
             config,
             parallel,
-            *step_lib.split_model(module),
+            *split_model(module),
             label_names=meta["label_names"],
             stage_ranks=meta["stage_ranks"],
         )
 
-    def state(self, tx: optax.GradientTransformation | None = None) -> step_lib.TrainState:
+    def state(self, tx: optax.GradientTransformation | None = None) -> TrainState:
         """Host state of the model's weights (with ``tx``'s fresh optimizer state)."""
-        return step_lib.create_train_state(self.params, self.batch_stats, tx, self.config.seed)
+        return create_train_state(self.params, self.batch_stats, tx, self.config.seed)
 
-    def device_state(self) -> step_lib.TrainState:
+    def device_state(self) -> TrainState:
         """``state()`` laid out for the eval step."""
         return self.parallel.put_state(self.state())
 
     def eval_step(self, tta: bool = False) -> Callable:
         """The compiled ``(state, batch) -> {'probs', 'features', 'loss'}`` step."""
         if tta not in self._eval_steps:
-            fn = step_lib.make_eval_step(self.modeldef, self.config, tta=tta)
+            fn = eval_lib.make_eval_step(self.modeldef, self.config, tta=tta)
             self._eval_steps[tta] = self.parallel.compile_eval_step(fn)
         return self._eval_steps[tta]
 
-    def module(self, host_state: step_lib.TrainState | None = None) -> nnx.Module:
+    def module(self, host_state: TrainState | None = None) -> nnx.Module:
         """An nnx module in eval mode over ``host_state``'s weights (default: its own)."""
         if host_state is None:
             return self.modeldef.merge(self.params, self.batch_stats, train=False)
@@ -139,4 +147,4 @@ class Model:
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """uint8 [B,H,W,C] -> the eval step's normalised float input."""
-        return step_lib.preprocess(images, self.config)
+        return eval_lib.preprocess(images, self.config)

@@ -18,6 +18,9 @@ A full decode is the only check that reliably finds truncated files (a JPEG or
 TIFF header can be intact while the pixel data is cut short), so `check_image`
 decodes everything; PNGs are also verified chunk by chunk, which finds a missing
 end chunk even when all pixel rows are present.
+
+A top-level module that imports nothing of stagejax but its errors: datasets,
+slides and the simulator all decode here without importing one another.
 """
 
 import io

@@ -1,4 +1,10 @@
-"""Defaults shared by every model config, in two variants: ``study`` and ``demo``.
+"""The training recipe: every config's fields and defaults, in two variants,
+``study`` and ``demo``. The model configs (configs/*.py) start from it, and a
+run's recorded config.json is read back through it (`stagejax.config.load_recorded`),
+so a field added later has its default there too.
+
+Only what training needs is here: what a mode acts on (the folder to predict,
+the slides, TTA, strict, overwrite) is a flag of that mode (stagejax/main.py).
 
 ``study`` (``--config=configs/resnet.py:study``): the study's recipe on real
 data (Tokuoka et al. 2025, reference-recipe.md): Adam lr 1e-3 with an L2 term
@@ -14,26 +20,40 @@ images of 112 px, hand-cut like the study's): 96 px crops shifted by up to
 stain jitter, brightness and contrast augmentation (chosen by measurement), so
 that the README's command finishes in under 10 minutes on a 2-core CPU.
 
-The rule (`stagejax.config.resolve`):
+The rule (`stagejax.config`):
 
 * a field given on the command line always wins, and ``W/config.json``
   records exactly the config that ran;
 * the variant is the one named after the colon; with none named,
   ``python -m stagejax.main`` picks ``demo`` when no ``--config.data_dir`` is
-  given (and it trains or evaluates), ``study`` otherwise.
+  given, ``study`` otherwise (`stagejax.config.complete_argv`);
+* eval, predict and section on a trained workdir need no ``--config``: the
+  recipe is the run's own W/config.json.
 
 ``get_config()`` without an argument is ``study``.
 """
 
+import json
+from pathlib import Path
+
 import ml_collections
 
-from stagejax.errors import ConfigError
+from stagejax.errors import ConfigError, WorkdirError
 
 VARIANTS = ("study", "demo")
+RECORD = "config.json"  # what a run in W records: W/config.json
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    """The ``variant`` (one of ``VARIANTS``; None: ``study``) of the shared defaults."""
+    """The ``variant`` (one of ``VARIANTS``; None: ``study``) of the shared defaults.
+
+    ``variant`` may instead be the path of a run's ``config.json``: that run's recipe
+    (`recorded`). Why here: ``--config=stagejax/recipe.py:W/config.json`` is how
+    eval, predict and section read a trained workdir's recipe with the command
+    line's ``--config.X`` applied, exactly as for a config file.
+    """
+    if variant and variant.endswith(".json"):
+        return recorded(variant)
     variant = variant or "study"
     if variant not in VARIANTS:
         raise ConfigError(
@@ -59,29 +79,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.data_on_device_fraction = 0.4
     c.eval_batch_size = 12  # Global; padded at the end of the split.
     c.eval_split = "test"
-    c.predict_dir = ""
     # Only for label_list.txt names that are not stage names (I..XII, 1..12): those
     # names in biological order, stage I first, comma-separated.
     c.stage_order = ""
-    c.tta = False  # Predict: average the 8 rotations/flips.
-    c.strict = False  # Predict: stop at the first unreadable image (default: skip, list it).
-    c.overwrite = False  # Predict/section: replace earlier outputs of the same name.
     # Micrometres per pixel of the training images. 0: the simulated dataset's (known);
     # for real data set it (the study's images: about 0.217, an estimate). Recorded in
     # W/best_model/model.json; --mode=section resamples every tubule to it.
     c.mpp = 0.0
-
-    # --mode=section: a slide file or a folder of slides (empty: a simulated section
-    # rendered at the model's pixel size).
-    c.section_path = ""
-    c.section = ml_collections.ConfigDict()
-    c.section.slide_mpp = 0.0  # um/px of the slides (0: from each file's metadata).
-    # Tubule detector: unet (the shipped U-Net weights), classical (its default
-    # parameters), a PARAMS.json or a U-Net .npz of `python -m stagejax.detect train`.
-    c.section.detector = "unet"
-    c.section.review_below = 0.5  # Tubules staged with less confidence go to review.csv.
-    c.section.seed = 1000  # The simulated section's seed (held out from the detector's fit).
-    c.section.size_mm = "4.4,3.5"  # The simulated section's width,height in mm.
 
     # The simulated dataset, generated into cache_dir when data_dir is empty.
     c.simulated = ml_collections.ConfigDict()
@@ -145,3 +149,33 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.augment.brightness = 0.1
         c.augment.contrast = 0.1
     return c
+
+
+def recorded(path: str | Path) -> ml_collections.ConfigDict:
+    """The recipe a run recorded in ``path`` (its config.json), read the one way every
+    mode reads it: fields added to the recipe since then get their defaults (of that
+    run's variant); fields the recipe no longer has (e.g. ``predict_dir``, now a
+    flag of its mode) are dropped."""
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise WorkdirError(f"{path}: missing; is {path.parent} the workdir of a training run?")
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise WorkdirError(f"{path}: unreadable; choose another --workdir") from None
+    variant = old.get("variant") if old.get("variant") in VARIANTS else "study"
+    config = get_config(variant)
+    _overlay(config, old)
+    return config
+
+
+def _overlay(config: ml_collections.ConfigDict, values: dict) -> None:
+    """``config``'s fields set from ``values`` where both have them."""
+    for key, value in values.items():
+        if key not in config:
+            continue
+        if isinstance(config[key], ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                _overlay(config[key], value)
+        else:
+            config[key] = value
