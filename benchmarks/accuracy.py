@@ -37,13 +37,12 @@ two implementations of one recipe and say nothing about real tubules.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import common
@@ -55,32 +54,44 @@ CHANCE = 1.0 / 12
 PARITY_POINTS = 2.0  # issue target: stagejax mean balanced accuracy within 2 points of torch
 log = logging.getLogger("accuracy")
 
+FLAGS: common.Flags = {
+    "model": ("resnet18", "Architecture (a torchvision and stagejax name)."),
+    "num_images": (480, "Simulated dataset size."),
+    "image_size": (96, "Simulated image size (px)."),
+    "crop_size": (80, "Train and test crop (px)."),
+    "crop_range": (8, "Train crop shift (+/- px)."),
+    "batch": (12, "Train batch, a multiple of 12 (the study: 12)."),
+    "eval_batch": (24, "Evaluation batch."),
+    "epochs": (5, "Epochs per run."),
+    "seeds": ("109,110,111", "Training seeds, one run per framework each."),
+    "frameworks": (",".join(FRAMEWORKS), "From " + ", ".join(FRAMEWORKS)),
+    "data_seed": (0, "Simulator seed."),
+    "split_by": ("random", "Simulator split (see the module doc).", ("slide", "random")),
+    "cache_dir": (common.DEFAULT_CACHE, "Simulated images and their ArrayRecord cache."),
+    "workdir": ("", "stagejax run folders (default: a temp dir)."),
+    "timeout": (3600.0, "Per run (s)."),
+    "json": ("", "Also write all results here."),
+}  # fmt: skip
+
 
 # --- children --------------------------------------------------------------------------
 
 
 def stagejax_config(job: dict):
+    """The study's recipe; no loader workers (as the study's DataLoader and the torch
+    side), one log line per epoch, epoch-end checkpoints only."""
     return common.stagejax_config(
-        model=job["model"],
-        data_dir=job["data_dir"],
-        cache_dir=job["cache_dir"],
-        crop_size=job["crop_size"],
-        crop_range=job["crop_range"],
-        global_batch_size=job["batch"],
-        eval_batch_size=job["eval_batch"],
-        num_epochs=job["epochs"],
-        seed=job["seed"],
-        precision="float32",
-        num_workers=0,  # as the study's DataLoader; the torch side uses none either
-        log_every_steps=1000,  # one line per epoch is enough here
-        checkpoint_every_steps=100000,  # epoch-end checkpoints only
-    )
+        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
+        crop_size=job["crop_size"], crop_range=job["crop_range"], global_batch_size=job["batch"],
+        eval_batch_size=job["eval_batch"], num_epochs=job["epochs"], seed=job["seed"],
+        precision="float32", num_workers=0, log_every_steps=1000,
+        checkpoint_every_steps=100000)  # fmt: skip
 
 
 def run_stagejax(job: dict) -> dict:
-    from stagejax import data as data_lib
+    from stagejax import datasets as data_lib
     from stagejax.data import input_pipeline
-    from stagejax.train import loop as trainer
+    from stagejax.train import loop as trainer  # training's public entry
 
     input_pipeline.ensure_absl_flags_parsed()
     config = stagejax_config(job)
@@ -89,37 +100,21 @@ def run_stagejax(job: dict) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)  # as stagejax.main does
     t0 = time.perf_counter()
     metrics = trainer.train_and_evaluate(config, workdir, dataset)
-    wall = time.perf_counter() - t0
-    return {
-        "framework": "stagejax",
-        "seed": job["seed"],
-        "wall_s": wall,
-        "best_epoch": int(metrics["best_epoch"]),
-        **{k: float(metrics[k]) for k in METRICS},
-        "workdir": str(workdir),
-    }
+    return {"framework": "stagejax", "seed": job["seed"], "wall_s": time.perf_counter() - t0,
+            "best_epoch": int(metrics["best_epoch"]), **{k: float(metrics[k]) for k in METRICS},
+            "workdir": str(workdir)}  # fmt: skip
 
 
 def run_torch(job: dict) -> dict:
     from benchmarks import torch_baseline as tb
 
-    recipe = tb.Recipe(
-        model=job["model"],
-        crop_size=job["crop_size"],
-        crop_range=job["crop_range"],
-        batch_size=job["batch"],
-        eval_batch_size=job["eval_batch"],
-        num_epochs=job["epochs"],
-        seed=job["seed"],
-    )
+    recipe = tb.Recipe(model=job["model"], crop_size=job["crop_size"],
+                       crop_range=job["crop_range"], batch_size=job["batch"],
+                       eval_batch_size=job["eval_batch"], num_epochs=job["epochs"],
+                       seed=job["seed"])  # fmt: skip
     r = tb.train_and_evaluate(job["data_dir"], recipe, tb.STUDY)
-    return {
-        "framework": "torch",
-        "seed": job["seed"],
-        "wall_s": r["wall_s"],
-        "best_epoch": r["best_epoch"],
-        **{k: r[k] for k in METRICS},
-    }
+    return {"framework": "torch", "seed": job["seed"], "wall_s": r["wall_s"],
+            "best_epoch": r["best_epoch"], **{k: r[k] for k in METRICS}}  # fmt: skip
 
 
 def child(job: dict) -> dict:
@@ -142,10 +137,8 @@ def aggregate(runs: list[dict]) -> dict[str, dict]:
         agg: dict = {"runs": len(rs)}
         for k in (*METRICS, "wall_s"):
             vals = [float(r[k]) for r in rs]
-            agg[k] = {
-                "mean": statistics.fmean(vals),
-                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            }
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            agg[k] = {"mean": statistics.fmean(vals), "std": std}
         out[fw] = agg
     return out
 
@@ -169,39 +162,15 @@ def markdown(runs: list[dict], agg: dict[str, dict], par: dict | None) -> str:
         if "error" in r:
             rows.append([r["framework"], str(r["seed"]), f"error: {r['error']}", "", "", "", ""])
             continue
-        rows.append(
-            [
-                r["framework"],
-                str(r["seed"]),
-                pct(r["balanced_accuracy"]),
-                pct(r["accuracy"]),
-                pct(r["within1_accuracy"]),
-                str(r["best_epoch"]),
-                f"{r['wall_s']:.0f}",
-            ]
-        )
+        rows.append([r["framework"], str(r["seed"]), *(pct(r[k]) for k in METRICS),
+                     str(r["best_epoch"]), f"{r['wall_s']:.0f}"])  # fmt: skip
     for fw, a in agg.items():
-        rows.append(
-            [
-                f"**{fw} mean +/- std**",
-                f"{a['runs']} seeds",
-                *(f"{pct(a[k]['mean'])} +/- {pct(a[k]['std'])}" for k in METRICS),
-                "",
-                f"{a['wall_s']['mean']:.0f} +/- {a['wall_s']['std']:.0f}",
-            ]
-        )
-    text = common.markdown_table(
-        [
-            "framework",
-            "seed",
-            "test balanced acc %",
-            "test acc %",
-            "test +/-1 acc %",
-            "best epoch",
-            "wall s",
-        ],
-        rows,
-    )
+        rows.append([f"**{fw} mean +/- std**", f"{a['runs']} seeds",
+                     *(f"{pct(a[k]['mean'])} +/- {pct(a[k]['std'])}" for k in METRICS), "",
+                     f"{a['wall_s']['mean']:.0f} +/- {a['wall_s']['std']:.0f}"])  # fmt: skip
+    header = ["framework", "seed", "test balanced acc %", "test acc %", "test +/-1 acc %",
+              "best epoch", "wall s"]  # fmt: skip
+    text = common.markdown_table(header, rows)
     text += f"\n\nChance: {100 * CHANCE:.1f}% (12 stages). SIMULATED images."
     if par is not None:
         text += (
@@ -216,55 +185,16 @@ def markdown(runs: list[dict], agg: dict[str, dict], par: dict | None) -> str:
 
 
 def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: {text!r}; need distinct non-negative integers")
-    return seeds
+    return common.integers(text, "seeds")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--num_images", type=int, default=480, help="simulated dataset size")
-    p.add_argument("--image_size", type=int, default=96, help="simulated image size (px)")
-    p.add_argument("--crop_size", type=int, default=80)
-    p.add_argument("--crop_range", type=int, default=8)
-    p.add_argument("--batch", type=int, default=12, help="multiple of 12 (the study: 12)")
-    p.add_argument("--eval_batch", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--seeds", default="109,110,111")
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    p.add_argument("--data_seed", type=int, default=0, help="simulator seed")
-    p.add_argument(
-        "--split_by",
-        choices=("slide", "random"),
-        default="random",
-        help="simulator split: random images (default; see the module doc) or held-out slides",
-    )
-    p.add_argument("--cache_dir", default=common.DEFAULT_CACHE)
-    p.add_argument("--workdir", default="", help="stagejax run folders (default: a temp dir)")
-    p.add_argument("--timeout", type=float, default=3600, help="per run (s)")
-    p.add_argument("--json", default="", help="also write all results here")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    return p
-
-
-def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+def validate(args) -> tuple[list[int], list[str]]:
     """Refuse settings the recipe cannot run, before generating or training anything."""
     seeds = parse_seeds(args.seeds)
-    names = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    if not names or any(n not in FRAMEWORKS for n in names):
-        raise ValueError(f"--frameworks: {args.frameworks!r}; choose from {FRAMEWORKS}")
-    if args.batch < 12 or args.batch % 12:
-        raise ValueError(
-            f"--batch: {args.batch} is not a positive multiple of 12 "
-            "(every batch holds every stage equally often)"
-        )
-    if args.epochs < 1 or args.eval_batch < 1 or args.num_images < 12 * 5:
-        raise ValueError("--epochs and --eval_batch must be >= 1 and --num_images >= 60")
+    names = common.names(args.frameworks, "frameworks", FRAMEWORKS)
+    common.check_batch(args.batch, "batch")
+    if args.epochs < 1 or args.eval_batch < 1 or args.num_images < 12 * 3:
+        raise ValueError("--epochs and --eval_batch must be >= 1 and --num_images >= 36")
     if args.crop_range < 0:
         raise ValueError(f"--crop_range: must be >= 0, got {args.crop_range}")
     if args.crop_size > args.image_size:
@@ -272,26 +202,16 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     return seeds, names
 
 
-def main(argv: list[str] | None = None) -> None:
-    started = common.start(build_parser(), argv, child, validate)
-    if started is None:
-        return
-    args, (seeds, names) = started
-    shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.crop_size, log)
+def run(args) -> None:
+    seeds, names = validate(args)
+    warning = common.warn_slow_xla_cpu_shape(args.model, args.crop_size, log)
     root = common.simulated_root(
         args.num_images, args.image_size, args.data_seed, args.cache_dir, split_by=args.split_by
     )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stagejax-accuracy-"))
-    base = {
-        "model": args.model,
-        "data_dir": str(root),
-        "crop_size": args.crop_size,
-        "crop_range": args.crop_range,
-        "batch": args.batch,
-        "eval_batch": args.eval_batch,
-        "epochs": args.epochs,
-        "cache_dir": str(Path(args.cache_dir).expanduser()),
-    }
+    keys = ("model", "crop_size", "crop_range", "batch", "eval_batch", "epochs")
+    base = {k: getattr(args, k) for k in keys}
+    base.update(data_dir=str(root), cache_dir=str(Path(args.cache_dir).expanduser()))
     runs = []
     t0 = time.perf_counter()
     for seed in seeds:
@@ -299,35 +219,23 @@ def main(argv: list[str] | None = None) -> None:
             log.info("training %s, seed %d", fw, seed)
             run_dir = workdir / f"{fw}-seed{seed}"
             if run_dir.exists():  # stagejax would resume it: not a fresh, timed run
-                raise SystemExit(f"{run_dir}: exists; pass an empty --workdir")
+                raise ValueError(f"{run_dir}: exists; pass an empty --workdir")
             job = {**base, "framework": fw, "seed": seed, "workdir": str(run_dir)}
-            r = common.run_child(MODULE, job, args.timeout)
-            runs.append({"framework": fw, "seed": seed, **r})
-            print(json.dumps(runs[-1]), flush=True)
+            runs.append(
+                {"framework": fw, "seed": seed, **common.run_child(MODULE, job, args.timeout)}
+            )
     agg = aggregate(runs)
     par = parity(agg)
-    report = {
-        "machine": common.machine_info(),
-        "command": common.command_line(MODULE),
-        "warning": shape_warning,
-        "setting": {
-            **base,
-            "num_images": args.num_images,
-            "image_size": args.image_size,
-            "data_seed": args.data_seed,
-            "split_by": args.split_by,
-            "seeds": seeds,
-        },
-        "simulated_data": True,
-        "runs": runs,
-        "summary": agg,
-        "parity": par,
-        "total_wall_s": time.perf_counter() - t0,
-    }
-    print("\n" + markdown(runs, agg, par) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    setting = {**base, **{k: getattr(args, k) for k in ("num_images", "image_size",
+                                                          "data_seed", "split_by")},
+               "seeds": seeds}  # fmt: skip
+    report = {"warning": warning, "setting": setting, "simulated_data": True, "runs": runs,
+              "summary": agg, "parity": par, "total_wall_s": time.perf_counter() - t0}  # fmt: skip
+    common.finish(MODULE, report, markdown(runs, agg, par), args.json)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
-"""What the benchmark scripts share: the machine's description, the simulated
-dataset, one child process per measurement, statistics and markdown tables.
+"""What every benchmark shares: its command line, its child processes, its report.
 
-Why child processes: JAX and PyTorch each size their thread pools to the whole
-machine, and peak memory (RSS on a CPU) is per process, so each framework is
-measured in a fresh process and the parent only collects JSON.
+* Command line: absl flags, declared as a `Flags` dict (name -> default and help)
+  and parsed by `main` into private flag values, so that several benchmarks run
+  in one test process without clashing in absl's global flags.
+* Child processes: `Child` / `run_child` run ``python -m MODULE --child JOB`` and
+  read back the one JSON line it `emit`s. Why: JAX and PyTorch each size their
+  thread pools to the whole machine, and peak memory (RSS on a CPU) is per
+  process, so each measurement runs in a fresh process and the parent collects.
+  ``--in_process`` (every benchmark has it) runs each job's ``MODULE.child`` in
+  this process instead: a check that the code runs (the tests), whose timings and
+  peaks mean little; a job given its own environment still gets a process.
+* Report: `finish` prints the markdown (`markdown_table`) and writes the JSON
+  (machine, command, results), by convention under ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
+import datetime
 import importlib
 import json
 import logging
@@ -25,34 +33,152 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import types
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+
+from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = "~/.cache/stagejax"
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "grain", "torch", "torchvision", "numpy", "pillow")
-# The tubule simulator, imported through this one name only (it may move).
-SIMULATOR_MODULE = "stagejax.simulate"
 # bf16 dense matrix rate measured on this project's H200 (8192^3 bf16 matmul,
 # random data: 769-798 TFLOP/s); the datasheet's ~990 is not reached in practice.
 H200_BF16_PEAK_FLOPS = 790e12
 
+# name -> (default, help) or (default, help, type or choices): see `define`.
+Flags = dict[str, tuple]
+COMMON_FLAGS: Flags = {"help": (False, "Show the flags and exit.")}
+CHILD_FLAGS: Flags = {  # a benchmark with child processes
+    "child": ("", "(internal) run one job, given as JSON"),
+    "in_process": (False, "Run the jobs in this process (a quick check: timings mix)."),
+}
+IN_PROCESS = False  # set by --in_process for the run of one `main`
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def define(spec: Flags, fv: flags.FlagValues) -> None:
+    """absl flags from ``spec``: the type follows the default (a list is a
+    comma-separated list flag); a third item names the type when the default is
+    None, or is the tuple of allowed values (an enum flag)."""
+    makers = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string, list: flags.DEFINE_list}  # fmt: skip
+    for name, (default, text, *kind) in spec.items():
+        if kind and isinstance(kind[0], tuple):
+            flags.DEFINE_enum(name, default, kind[0], text, flag_values=fv)
+        else:
+            makers[kind[0] if kind else type(default)](name, default, text, flag_values=fv)
+
+
+def parse(
+    spec: Flags, argv: Sequence[str], children: bool = True
+) -> tuple[types.SimpleNamespace, list[str]]:
+    """(the flags of ``spec``, `COMMON_FLAGS` and, with ``children``, `CHILD_FLAGS`;
+    the positional arguments); a bad flag is a SystemExit with one ``error:`` line."""
+    fv = flags.FlagValues()
+    define({**spec, **COMMON_FLAGS, **(CHILD_FLAGS if children else {})}, fv)
+    try:
+        rest = fv(list(argv))
+    except flags.Error as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    if fv.help:
+        print(fv.main_module_help() or fv.get_help())
+        raise SystemExit(0)
+    args = types.SimpleNamespace(**{name: fv[name].value for name in fv})
+    args.given = {name for name in spec if fv[name].present}
+    return args, rest[1:]
+
+
+def main(
+    spec: Flags,
+    run: Callable[[types.SimpleNamespace], None],
+    argv: Sequence[str] | None,
+    child: Callable[[dict], dict] | None = None,
+    positional: int = 0,
+) -> None:
+    """A benchmark's ``main``: parse ``argv`` (default ``sys.argv``); as a child
+    (``--child JOB``) print ``child(job)`` for `run_child`; else log at INFO and
+    ``run(args)``, a ``ValueError`` from which is the ``error:`` exit line.
+    ``positional``: how many positional arguments it takes (``args.positional``)."""
+    global IN_PROCESS
+    args, rest = parse(spec, sys.argv if argv is None else ["benchmark", *argv], bool(child))
+    if getattr(args, "child", ""):
+        emit(child(json.loads(args.child)))
+        return
+    if len(rest) > positional:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(rest[positional:])}")
+    args.positional = rest
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)
+    IN_PROCESS = getattr(args, "in_process", False)
+    try:
+        run(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        IN_PROCESS = False
+
+
+def names(text: str | list[str], flag: str, allowed: Sequence[str] = ()) -> list[str]:
+    """A comma-separated (or list) flag's distinct, non-empty names, from ``allowed``."""
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
+    items = [s for s in items if s]
+    if not items or len(set(items)) != len(items) or (allowed and set(items) - set(allowed)):
+        choices = f"; choose from {', '.join(allowed)}" if allowed else ""
+        raise ValueError(f"--{flag}: {text!r}: distinct names{choices}")
+    return items
+
+
+def integers(text: str | list[str], flag: str, low: int = 0) -> list[int]:
+    """A comma-separated (or list) flag of distinct integers >= ``low``."""
+    try:
+        values = [int(s) for s in names(text, flag)]
+    except ValueError:
+        raise ValueError(f"--{flag}: {text!r}: distinct integers >= {low}") from None
+    if min(values) < low:
+        raise ValueError(f"--{flag}: {text!r}: distinct integers >= {low}")
+    return values
+
+
+def check_model(name: str, flag: str = "model") -> None:
+    from stagejax import models
+
+    if name not in models.NAMES:
+        raise ValueError(f"--{flag}: {name!r} is not one of {', '.join(models.NAMES)}")
+
+
+def check_image_size(size: int) -> None:
+    if size < 32:
+        raise ValueError(f"--image_size: {size} is below the 32 px a ResNet downsamples by")
+
+
+def check_batch(batch: int, flag: str) -> None:
+    if batch < 12 or batch % 12:
+        raise ValueError(
+            f"--{flag}: {batch} is not a positive multiple of 12 (the study's sampler "
+            "takes batch / 12 images of every stage)"
+        )
+
+
+# --- the machine ---------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
-def versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
+def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in names:
+    for name in packages:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -71,14 +197,49 @@ def machine_info() -> dict:
     }
 
 
+def device_of_jax() -> str:
+    import jax
+
+    return f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
+
+
 def stagejax_xla_defaults() -> str:
     """Give a stagejax child the XLA:CPU flags ``python -m stagejax.main`` sets
     (`stagejax.runtime.xla_flags`), before it imports JAX, so that a benchmark
-    times what a user runs; returns the ``XLA_FLAGS`` the child runs with."""
+    times what a user runs; returns the ``XLA_FLAGS`` the child runs with. Not
+    in process (``--in_process``): JAX has started there, and the compilation
+    cache would file the executable under flags it was not compiled with."""
     from stagejax.runtime import xla_flags
 
-    xla_flags.apply_cpu_defaults()
+    if not IN_PROCESS:
+        xla_flags.apply_cpu_defaults()
     return os.environ.get("XLA_FLAGS", "")
+
+
+def peak_flops(device: str) -> tuple[float | None, str]:
+    """The FLOP/s that model FLOP utilisation is measured against, for a child's
+    ``device`` string ("gpu: NVIDIA H200", "cuda: NVIDIA H200", "cpu: ..."), and
+    where the number comes from. None for an accelerator with no known peak."""
+    if "H200" in device or "H100" in device:
+        return H200_BF16_PEAK_FLOPS, "bf16 matmul rate measured on an H200 here (790 TFLOP/s)"
+    if device.startswith("cpu"):
+        flags_text = ""
+        with contextlib.suppress(OSError):
+            flags_text = Path("/proc/cpuinfo").read_text()
+        per_cycle = 64 if " avx512f" in flags_text else 32  # float32 FMA, two units
+        cores = os.cpu_count() or 1
+        return cores * 3.0e9 * per_cycle, (
+            f"nominal CPU peak, an estimate: {cores} cores x 3 GHz x {per_cycle} float32 FLOP/cycle"
+        )
+    return None, f"no known peak for {device!r}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the study's setting ---------------------------------------------------------------------
 
 
 def scaled_crop_range(crop_size: int) -> int:
@@ -101,22 +262,15 @@ def warn_slow_xla_cpu_shape(model: str, image_size: int, log) -> str | None:
     crops up to 64 px -- runs at ~1/50 of its usual FLOP rate (RESULTS.md,
     profile), so a small CPU setting there measures that one kernel, not the
     framework."""
-    if not (
-        model.startswith(("resnet", "resnext", "wide_resnet")) and resnet_final_map(image_size) <= 2
-    ):
+    final = resnet_final_map(image_size)
+    if not (model.startswith(("resnet", "resnext", "wide_resnet")) and final <= 2):
         return None
     msg = (
-        f"{model} at {image_size} px has a {resnet_final_map(image_size)}-px layer4 map: "
-        "XLA:CPU's 3x3 conv is very slow there, so stagejax CPU numbers are not "
-        "representative; use >= 65 px"
+        f"{model} at {image_size} px has a {final}-px layer4 map: XLA:CPU's 3x3 conv is "
+        "very slow there, so stagejax CPU numbers are not representative; use >= 65 px"
     )
     log.warning(msg)
     return msg
-
-
-def simulator():
-    """The tubule simulator module (``default_dataset``, ``render_stage_examples``)."""
-    return importlib.import_module(SIMULATOR_MODULE)
 
 
 def simulated_root(
@@ -126,59 +280,56 @@ def simulated_root(
     cache_dir: str = DEFAULT_CACHE,
     split_by: str = "slide",
     num_workers: int | None = None,
+    **params,
 ) -> Path:
-    """The simulated layout folder (generated once, then reused from the cache).
+    """The SIMULATED layout folder (generated once, then reused from the cache).
 
     ``split_by='slide'`` holds whole slides (stainings) out for validation and
-    test, the harder and default case; ``'random'`` mixes every slide into
-    every split. ``num_workers``: render processes (default: the simulator's)."""
-    return simulator().default_dataset(
+    test, the harder case; ``'random'`` mixes every slide into every split.
+    ``params``: `stagejax.simulate.SceneParams` fields (e.g. ``hand_cut``). Under
+    100 images render in this process by default: faster than starting a pool."""
+    from stagejax import simulate
+
+    if num_workers is None and num_images < 100:
+        num_workers = 1
+
+    return simulate.default_dataset(
         Path(cache_dir).expanduser() / "simulated",
         num_images,
         image_size,
         seed,
         split_by=split_by,
         num_workers=num_workers,
+        **({"params": simulate.SceneParams(**params)} if params else {}),
     )
 
 
-def peak_flops(device: str) -> tuple[float | None, str]:
-    """The FLOP/s that model FLOP utilisation is measured against, for a child's
-    ``device`` string ("gpu: NVIDIA H200", "cuda: NVIDIA H200", "cpu: ..."), and
-    where the number comes from. None for an accelerator with no known peak."""
-    if "H200" in device or "H100" in device:
-        return H200_BF16_PEAK_FLOPS, "bf16 matmul rate measured on an H200 here (790 TFLOP/s)"
-    if device.startswith("cpu"):
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            flags = ""
-        per_cycle = 64 if " avx512f" in flags else 32  # float32 FMA, two units
-        cores = os.cpu_count() or 1
-        return (
-            cores * 3.0e9 * per_cycle,
-            f"nominal CPU peak, an estimate: {cores} cores x 3 GHz x {per_cycle} "
-            "float32 FLOP/cycle",
-        )
-    return None, f"no known peak for {device!r}"
+def stagejax_config(variant: str | None = None, **fields):
+    """``stagejax.recipe`` (of ``variant``) with ``fields`` set (a dotted name sets a
+    nested field): every benchmark builds stagejax the way ``python -m stagejax.main``
+    would, from the study's recipe."""
+    from stagejax import recipe
+
+    config = recipe.get_config(variant)
+    for key, value in fields.items():
+        *path, last = key.split(".")
+        node = config
+        for name in path:
+            node = node[name]
+        node[last] = value
+    return config
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def resolve_precision(precision: str) -> str:
+    """``auto``: float32 on a CPU, bfloat16 on an accelerator (as training does)."""
+    import jax
+
+    if precision != "auto":
+        return precision
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def summary(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "median": float(statistics.median(values)),
-        "min": float(min(values)),
-        "max": float(max(values)),
-    }
-
-
-def command_line(module: str) -> str:
-    """This invocation as a user would type it (``python -m module ...``), for the report."""
-    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+# --- child processes ---------------------------------------------------------------------------
 
 
 def emit(result: dict) -> None:
@@ -192,15 +343,59 @@ def child_pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
-def _pump(stream, keep: collections.deque, echo=None) -> threading.Thread:
-    """Read ``stream`` line by line in a thread, keeping the lines (and echoing them)."""
+class Child:
+    """``python -m module --child JOB_JSON``, started now, in its own process group
+    (so that a kill takes its loader workers too). Its log goes to this process's
+    stderr as it runs; `wait` returns the JSON it emitted or ``{"error": ...}``
+    with the last lines of that log, so that one failure does not lose the others."""
+
+    def __init__(self, module: str, job: dict, env: dict[str, str] | None = None):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--child", json.dumps(job)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": child_pythonpath(), **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            process_group=0,
+        )
+        self.out: collections.deque = collections.deque()
+        self.err: collections.deque = collections.deque(maxlen=3)
+        self.pumps = [_pump(self.proc.stdout, self.out), _pump(self.proc.stderr, self.err, True)]
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait(self, timeout: float | None = None) -> dict:
+        timed_out = False
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        self.kill()  # leftover workers too
+        for pump in self.pumps:
+            pump.join(timeout=10)
+        if timed_out:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        for line in reversed(self.out):
+            if line.startswith(RESULT_PREFIX):
+                return json.loads(line[len(RESULT_PREFIX) :])
+        tail = " | ".join(line.strip() for line in self.err if line.strip())
+        return {"error": f"exit code {self.proc.returncode}, no result ({tail[-400:]})"}
+
+
+def _pump(stream, keep: collections.deque, echo: bool = False) -> threading.Thread:
+    """Read ``stream`` line by line in a thread, keeping the lines (echoed to stderr)."""
 
     def run() -> None:
         for line in stream:
             keep.append(line)
-            if echo is not None:
-                echo.write(line)
-                echo.flush()
+            if echo:
+                sys.stderr.write(line)
+                sys.stderr.flush()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -210,44 +405,16 @@ def _pump(stream, keep: collections.deque, echo=None) -> threading.Thread:
 def run_child(
     module: str, job: dict, timeout: float | None = None, env: dict[str, str] | None = None
 ) -> dict:
-    """Run ``python -m module --child JOB_JSON`` and return the JSON it emitted.
-
-    The child's log goes to this process's stderr as it runs; a failure comes
-    back as ``{"error": ...}`` with the last lines of that log, so that one
-    framework's failure does not lose the others' numbers. The child runs in its
-    own process group: on a timeout its loader workers are killed with it.
-    """
-    cmd = [sys.executable, "-m", module, "--child", json.dumps(job)]
-    child_env = {**os.environ, "PYTHONPATH": child_pythonpath(), **(env or {})}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=child_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        process_group=0,
-    )
-    out: collections.deque = collections.deque()
-    err: collections.deque = collections.deque(maxlen=3)
-    pumps = [_pump(proc.stdout, out), _pump(proc.stderr, err, echo=sys.stderr)]
-    timed_out = False
+    """Run one child to its end (see `Child`) and return what it emitted; with
+    ``--in_process`` and no ``env``, ``module.child(job)`` here (no time limit), an
+    exception as ``{"error": ...}`` with its last lines as a child's would be."""
+    if not IN_PROCESS or env:
+        return Child(module, job, env).wait(timeout)
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
-        os.killpg(proc.pid, signal.SIGKILL)  # leftover workers too
-    proc.wait()
-    for pump in pumps:
-        pump.join(timeout=10)
-    if timed_out:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(out):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    tail = " | ".join(line.strip() for line in err if line.strip())
-    return {"error": f"exit code {proc.returncode}, no result ({tail[-400:]})"}
+        return importlib.import_module(module).child(job)
+    except Exception:  # noqa: BLE001 -- as a crashed child: one job's numbers lost
+        lines = traceback.format_exc().strip().splitlines()
+        return {"error": "in process: " + " | ".join(lines[-3:])[-400:]}
 
 
 def time_left(deadline: float | None) -> float:
@@ -263,7 +430,7 @@ def run_child_capped(
     min_s: float = 5.0,
     env: dict[str, str] | None = None,
 ) -> dict:
-    """``run_child`` for at most ``cap_s`` and never past ``deadline``; with less
+    """`run_child` for at most ``cap_s`` and never past ``deadline``; with less
     than ``min_s`` left it does not start and says so (``{"skipped": ...}``).
     The child's wall time is added as ``wall_s``."""
     left = time_left(deadline)
@@ -275,6 +442,17 @@ def run_child_capped(
     return out
 
 
+# --- the report ----------------------------------------------------------------------------
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": float(statistics.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
+
+
 def fmt(value, digits: int = 1) -> str:
     if value is None:
         return "n/a"
@@ -284,69 +462,38 @@ def fmt(value, digits: int = 1) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """The one table renderer: strings as they are, numbers through `fmt`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        "| " + " | ".join(fmt(v) if not isinstance(v, str) else v for v in row) + " |"
-        for row in rows
-    ]
+    lines += ["| " + " | ".join(v if isinstance(v, str) else fmt(v) for v in row) + " |"
+              for row in rows]  # fmt: skip
     return "\n".join(lines)
 
 
-def stagejax_config(**fields):
-    """``configs/default.py`` with ``fields`` set: every benchmark builds stagejax the
-    way ``python -m stagejax.main`` would, from the study's recipe."""
-    from configs import default
-
-    config = default.get_config()
-    for key, value in fields.items():
-        config[key] = value
-    return config
+def ratio_table(ratio: dict[str, float]) -> str:
+    """Same-run ratios (``a/b`` -> value) as a table; '' when there are none."""
+    if not ratio:
+        return ""
+    rows = [[k, f"{v:.2f}x"] for k, v in ratio.items()]
+    return markdown_table(["same-run ratio (median images/s)", "value"], rows)
 
 
-def finish(
-    module: str,
-    job: dict,
-    results: dict,
-    ratio: dict,
-    table: str,
-    warning: str | None,
-    json_path: str | None,
-) -> None:
-    """Print the markdown table and write the JSON report (machine, command, results)."""
-    report = {
-        "machine": machine_info(),
+def command_line(module: str) -> str:
+    """This invocation as a user would type it (``python -m module ...``)."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def finish(module: str, report: dict, table: str, json_path: str | Path | None) -> dict:
+    """The one result writer: print ``table`` (markdown) and write ``report`` with
+    the command, date and machine to ``json_path`` (none when empty); returns it."""
+    full = {
         "command": command_line(module),
-        "warning": warning,
-        "job": job,
-        "results": results,
-        "ratios": ratio,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        **report,
     }
-    print("\n" + table + "\n")
+    if table:
+        print("\n" + table.strip() + "\n", flush=True)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=1)
-
-
-def child_main(children: dict[str, Callable[[dict], dict]], argv: list[str] | None = None) -> None:
-    """``python -m MODULE --child JOB_JSON`` for a module of several child kinds:
-    runs ``children[job["part"]]`` and prints its JSON for `run_child`."""
-    p = argparse.ArgumentParser(description="a benchmark child process")
-    p.add_argument("--child", required=True, help="the job, as JSON")
-    job = json.loads(p.parse_args(argv).child)
-    emit(children[job["part"]](job))
-
-
-def start(parser, argv, child: Callable[[dict], dict], validate: Callable):
-    """The opening every benchmark's ``main`` shares: parse ``argv``; as a child
-    (``--child JOB``), run the job, print its JSON and return None; else set up
-    logging and return ``(args, validate(args))``, a ``ValueError`` from which is
-    the exit message."""
-    args = parser.parse_args(argv)
-    if args.child:
-        emit(child(json.loads(args.child)))
-        return None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        return args, validate(args)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(full, indent=1) + "\n")
+    return full

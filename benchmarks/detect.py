@@ -28,12 +28,10 @@ Times move with the machine's load, which the JSON records.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -44,6 +42,22 @@ from stagejax.simulate import section
 from stagejax.slides import open_slide, read_geojson
 
 log = logging.getLogger(__name__)
+MODULE = "benchmarks.detect"
+FLAGS: common.Flags = {
+    "out": ("/tmp/stagejax_detect_bench", "Render cache."),
+    "seeds": ("100,101,102", "Held-out section seeds."),
+    "stain_shift": (1.0, "The held-out staining."),
+    "mpp": (1.0, "um/px of the accuracy sections."),
+    "size_mm": ("3.0,2.4", "Size of the accuracy sections (mm)."),
+    "method": (None, "unet (default) or classical.", str),
+    "weights": (None, "U-Net .npz (default: the shipped).", str),
+    "params": (None, "PARAMS.json (default: the defaults).", str),
+    "no_timing": (False, "Skip the study-scale section."),
+    "json": (None, "Where to write results (default: see the module doc).", str),
+    "real": (None, "Folder of the REAL images (shared/real).", str),
+    "overlays": ("/tmp/stagejax_real_overlays", "--real: where the overlays go."),
+    "finetune_steps": (0, "--real: the fine-tuning curve's steps."),
+}  # fmt: skip
 
 
 def _render(root: Path, seed: int, mpp: float | None, shift: float, size_mm) -> Path:
@@ -63,23 +77,7 @@ def _score(folder: Path, detector) -> tuple[dict, float, int]:
     return evaluate(found, read_geojson(folder / "ground_truth.geojson")), seconds, len(found)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="/tmp/stagejax_detect_bench", help="render cache")
-    parser.add_argument("--seeds", default="100,101,102")
-    parser.add_argument("--stain_shift", type=float, default=1.0, help="held-out staining")
-    parser.add_argument("--mpp", type=float, default=1.0, help="um/px of the accuracy sections")
-    parser.add_argument("--size_mm", default="3.0,2.4", help="size of the accuracy sections")
-    parser.add_argument("--method", default=None, help="unet (default) or classical")
-    parser.add_argument("--weights", default=None, help="U-Net .npz (default: the shipped)")
-    parser.add_argument("--params", default=None, help="PARAMS.json (default: the defaults)")
-    parser.add_argument("--no_timing", action="store_true", help="skip the study-scale section")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--real", default=None, help="folder of the REAL images (shared/real)")
-    parser.add_argument("--overlays", default="/tmp/stagejax_real_overlays")
-    parser.add_argument("--finetune_steps", type=int, default=0, help="--real: fine-tuning curve")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def run(args) -> None:
     detector = choose.make_detector(args.method, args.weights, args.params)
     if args.real is not None:
         return real_main(args, detector)
@@ -91,11 +89,8 @@ def main() -> None:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     size_mm = section.parse_size_mm(args.size_mm)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = common.integers(args.seeds, "seeds")
     result = {
-        "command": common.command_line("benchmarks.detect"),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": common.machine_info(),
         "simulated": True,
         "method": "classical" if classical else "unet",
         "device": str(jax.devices()[0]),
@@ -130,11 +125,15 @@ def main() -> None:
                             "detect_seconds": round(seconds, 2), "detections": n,
                             "peak_rss_mb": round(common.peak_rss_mb()), "accuracy": s,
                             "load_avg_1min_after": round(os.getloadavg()[0], 2)}  # fmt: skip
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("accuracy",) if k in result}, indent=1))
+    rows = [
+        [k, *(common.fmt(a["all"][f], 3) for f in SCORES)] for k, a in result["accuracy"].items()
+    ]
     if "timing" in result:
-        print(json.dumps({k: v for k, v in result["timing"].items() if k != "accuracy"}))
+        rows.append(["study-scale section", f"{result['timing']['detect_seconds']} s"])
+    common.finish(MODULE, result, common.markdown_table(["", *SCORES], rows), args.json)
+
+
+SCORES = ("precision", "recall", "f1", "mean_iou")
 
 
 def real_main(args, detector) -> None:
@@ -145,9 +144,6 @@ def real_main(args, detector) -> None:
         return
     classical = isinstance(detector, DetectParams)
     result = {
-        "command": common.command_line("benchmarks.detect"),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": common.machine_info(),
         "data": "REAL, H&E, downsampled figure image (shared/real); not simulated",
         "method": "classical" if classical else "unet",
         "weights": None if classical else detector.source,
@@ -164,9 +160,14 @@ def real_main(args, detector) -> None:
             real, Path(args.overlays) / "finetune", (10, 30, None), args.finetune_steps
         )
     result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
-    path = Path(args.json or "benchmarks/results/detect_real_cpu.json")
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("section_A", "section_A_bottom")}, indent=1))
+    path = args.json or "benchmarks/results/detect_real_cpu.json"
+    rows = [[k, *(common.fmt(result[k][f], 3) for f in (*SCORES, "pixel_iou"))]
+            for k in ("section_A", "section_A_bottom")]  # fmt: skip
+    common.finish(MODULE, result, common.markdown_table(["", *SCORES, "pixel_iou"], rows), path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv)
 
 
 if __name__ == "__main__":

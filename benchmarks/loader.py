@@ -5,10 +5,9 @@ this process (PNG decode, uint8 crop + rot90 + flip, and, as the alternative to
 device-side normalisation, float32 conversion + min-max in numpy), the jitted
 `device_preprocess` on the local JAX backend, and the whole grain train loader
 (`input_pipeline.train_batches`) for several worker counts. Images are PNGs of
-the tubule simulator (one per stage, ``--images sim``) or of plain numpy noise
-and blobs (``--images noise``, no dependence on the simulator).
+the tubule simulator (one per stage).
 
-    python benchmarks/loader.py --workers 0,1,2 [--num_batches 4 --trials 3] [--json out.json]
+    python -m benchmarks.loader --workers 0,1,2 [--num_batches 4 --trials 3] [--json out.json]
 
 ``--train_paths``: instead, train a model (``--model``) on those images through
 both training feeds in one run, the Grain loader and the split kept on the
@@ -16,22 +15,20 @@ devices (`stagejax.data.on_device`), interleaved over ``--trials`` rounds, and
 report images/s and the share of the step spent waiting for the next batch
 (`compare_feeds`; the GPU suite's ``data_on_device`` part calls it with a time cap):
 
-    python benchmarks/loader.py --train_paths --model resnet18 --image_size 304 \
+    python -m benchmarks.loader --train_paths --model resnet18 --image_size 304 \
         --crop_size 256 --num_images 48 --global_batch 12 --num_batches 6 --trials 3
 
-Prints markdown tables and the same numbers as JSON. On a shared machine the
+Prints markdown tables (and writes the JSON with ``--json``). On a shared machine the
 numbers move with the load; the load average is recorded with them.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
-import platform
 import time
 import types
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +38,22 @@ from PIL import Image
 
 from benchmarks import common
 from stagejax.data import augment, input_pipeline, on_device
-from stagejax.data.images import decode_image
+from stagejax.images import decode_image
+
+MODULE = "benchmarks.loader"
+FLAGS: common.Flags = {
+    "workers": ("0,1,2", "Grain worker counts."),
+    "image_size": (1152, "Image size (px)."),
+    "crop_size": (896, "Crop size (px)."),
+    "num_images": (12, "Images."),
+    "num_batches": (4, "Timed batches of 12."),
+    "trials": (3, "Timed runs per worker count (the median is reported)."),
+    "repeats": (5, "Per component timing."),
+    "train_paths": (False, "Instead: train through both training feeds."),
+    "model": ("resnet18", "--train_paths: the model."),
+    "global_batch": (12, "--train_paths: the batch."),
+    "json": ("", "Also write the results here."),
+}  # fmt: skip
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -50,32 +62,12 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def noise_image(seed: int, size: int) -> np.ndarray:
-    """Pinkish noisy background with dark blobs and a ring: a crude H-PAS stand-in."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:size, :size].astype(np.float32)
-    image = np.empty((size, size, 3), np.float32)
-    image[...] = (225, 190, 215)
-    r = np.hypot(y - size / 2, x - size / 2)
-    image[np.abs(r - size * 0.4) < size * 0.01] = (190, 80, 160)  # membrane
-    for cy, cx, rad in zip(
-        rng.uniform(0, size, 400), rng.uniform(0, size, 400), rng.uniform(4, 14, 400), strict=True
-    ):
-        sl = (
-            slice(max(int(cy - rad), 0), int(cy + rad) + 1),
-            slice(max(int(cx - rad), 0), int(cx + rad) + 1),
-        )
-        inside = (y[sl] - cy) ** 2 + (x[sl] - cx) ** 2 < rad**2
-        image[sl][inside] = (90, 60, 150)  # nuclei
-    image += rng.normal(0, 8, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
+def benchmark_pngs(num_images: int, size: int) -> list[bytes]:
+    """PNGs of the tubule simulator, one per stage in turn."""
+    from stagejax import simulate
 
-
-def benchmark_pngs(kind: str, num_images: int, size: int) -> list[bytes]:
-    if kind == "sim":
-        per_stage = common.simulator().render_stage_examples(size, seed=0)
-        return [png_bytes(per_stage[i % len(per_stage)]) for i in range(num_images)]
-    return [png_bytes(noise_image(i, size)) for i in range(num_images)]
+    per_stage = simulate.render_stage_examples(size, seed=0)
+    return [png_bytes(per_stage[i % len(per_stage)]) for i in range(num_images)]
 
 
 def per_image_ms(fn, repeats: int) -> float:
@@ -115,7 +107,7 @@ def component_timings(data: bytes, crop: int, crop_range: int, repeats: int) -> 
         "pil_decode_without_verify_ms": per_image_ms(plain_pil, repeats),
         "crop_rot90_flip_uint8_ms": per_image_ms(
             lambda: crop_t.random_map({"image": image}, rng), repeats
-        ),
+        ),  # fmt: skip
         "host_float32_min_max_ms": per_image_ms(lambda: host_float_min_max(cropped), repeats),
         f"device_preprocess_{jax.default_backend()}_ms": device_ms,
         "bytes_per_crop_uint8": cropped.nbytes,
@@ -158,17 +150,13 @@ def _feed_round(run, initial, batches, num_batches: int, warmup: int) -> dict:
 
 def train_paths(split, args) -> dict:
     """Both training feeds through the trainer's own step, interleaved over rounds."""
-    from stagejax.train import loop as trainer
+    from stagejax.train import loop as trainer  # training's public entry
 
     config = common.stagejax_config(
-        model=args.model,
-        crop_size=args.crop_size,
-        crop_range=common.scaled_crop_range(args.crop_size),
-        global_batch_size=args.global_batch,
-        eval_batch_size=args.global_batch,
-        num_workers=int(args.workers.split(",")[0]),
-        data_on_device="true",
-    )
+        model=args.model, crop_size=args.crop_size,
+        crop_range=common.scaled_crop_range(args.crop_size), global_batch_size=args.global_batch,
+        eval_batch_size=args.global_batch, num_workers=int(args.workers.split(",")[0]),
+        data_on_device="true")  # fmt: skip
     run = trainer.Run(config, types.SimpleNamespace(splits={"train": split}))
     return compare_feeds(run, split, args.trials, args.num_batches)
 
@@ -216,120 +204,65 @@ def compare_feeds(
     }
 
 
-def print_train_paths(result: dict, args) -> None:
-    m, t = result["machine"], result["train_paths"]
-    print(
-        f"\n{args.model}, {args.images} {args.image_size}px PNG -> {args.crop_size}px crop, "
-        f"batch {args.global_batch}, {args.num_images} images, {t['num_workers']} Grain "
-        f"workers, {m['cpus']} CPUs, load {m['load_avg_1min']:.1f} -> "
-        f"{m['load_avg_1min_after']:.1f}; decode + upload once: {t['decode_and_upload_s']:.1f} s\n"
-    )
-    print("| training feed | images/s (median) | loader wait, share of step time |\n|---|---|---|")
-    for name, row in t["paths"].items():
-        print(f"| {name} | {row['images_per_s']:.2f} | {100 * row['loader_wait_fraction']:.1f}% |")
+def train_paths_table(t: dict) -> str:
+    rows = [[name, f"{r['images_per_s']:.2f}", f"{100 * r['loader_wait_fraction']:.1f}%"]
+            for name, r in t["paths"].items()]  # fmt: skip
+    note = (f"{t['num_workers']} Grain workers; decode + upload once: "
+            f"{t['decode_and_upload_s']:.1f} s")  # fmt: skip
+    header = ["training feed", "images/s (median)", "loader wait, share of step time"]
+    return note + "\n\n" + common.markdown_table(header, rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--images", choices=("sim", "noise"), default="sim")
-    parser.add_argument("--image_size", type=int, default=1152)
-    parser.add_argument("--crop_size", type=int, default=896)
-    parser.add_argument("--num_images", type=int, default=12)
-    parser.add_argument("--num_batches", type=int, default=4, help="timed batches of 12")
-    parser.add_argument(
-        "--trials", type=int, default=3, help="timed runs per worker count (the median is reported)"
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="per component timing")
-    parser.add_argument("--json", default="", help="also write the results here")
-    parser.add_argument("--train_paths", action="store_true", help="both training feeds")
-    parser.add_argument("--model", default="resnet18", help="--train_paths: the model")
-    parser.add_argument("--global_batch", type=int, default=12, help="--train_paths: batch")
-    args = parser.parse_args()
-    input_pipeline.ensure_absl_flags_parsed()
+def loader_table(result: dict) -> str:
+    c = result["components"]
+    rows = [[k[:-3], f"{v:.1f}"] for k, v in c.items() if k.endswith("_ms")]
+    text = common.markdown_table(["host step (one image, main process)", "ms"], rows)
+    text += (f"\n\ncrop bytes: uint8 {c['bytes_per_crop_uint8'] / 1e6:.1f} MB, "
+             f"float32 {c['bytes_per_crop_float32'] / 1e6:.1f} MB\n\n")  # fmt: skip
+    rows = [[str(r["workers"]), f"{r['images_per_s']:.1f}", f"{r['images_per_s_best']:.1f}",
+             f"{r['images_per_s_per_worker']:.1f}"] for r in result["loader"]]  # fmt: skip
+    header = ["grain workers", "images/s (median)", "best", "images/s per worker"]
+    return text + common.markdown_table(header, rows)
 
+
+def make_split(args) -> types.SimpleNamespace:
     labels = np.arange(args.num_images, dtype=np.int32) % 12
-    images = benchmark_pngs(args.images, args.num_images, args.image_size)
-    split = types.SimpleNamespace(
-        source=[
-            dict(image=im, label=int(lb), file_name=f"bench_{i}_{lb + 1}-{i}.png")
-            for i, (im, lb) in enumerate(zip(images, labels, strict=True))
-        ],
-        labels=labels,
-        file_names=[f"bench_{i}.png" for i in range(args.num_images)],
-    )
+    images = benchmark_pngs(args.num_images, args.image_size)
+    source = [dict(image=im, label=int(lb), file_name=f"bench_{i}_{lb + 1}-{i}.png")
+              for i, (im, lb) in enumerate(zip(images, labels, strict=True))]  # fmt: skip
+    names = [f"bench_{i}.png" for i in range(args.num_images)]
+    return types.SimpleNamespace(source=source, labels=labels, file_names=names)
 
-    result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_avg_1min": os.getloadavg()[0],
-            "processor": platform.processor() or platform.machine(),
-            "jax_backend": jax.default_backend(),
-            "versions": common.versions(),
-        },
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "images": args.images,
-        "image_size": args.image_size,
-        "crop_size": args.crop_size,
-    }
+
+def run(args) -> None:
+    input_pipeline.ensure_absl_flags_parsed()
+    workers = common.integers(args.workers, "workers")
+    split = make_split(args)
+    keys = ("image_size", "crop_size", "num_images")
+    result = {k: getattr(args, k) for k in keys} | {"jax_backend": jax.default_backend()}
     if args.train_paths:
         result["train_paths"] = train_paths(split, args)
-        result["machine"]["load_avg_1min_after"] = os.getloadavg()[0]
-        print_train_paths(result, args)
-        _write(result, args.json)
+        result["load_avg_1min_after"] = os.getloadavg()[0]
+        common.finish(MODULE, result, train_paths_table(result["train_paths"]), args.json)
         return
-    result["components"] = component_timings(images[0], args.crop_size, 128, args.repeats)
+    result["components"] = component_timings(split.source[0]["image"], args.crop_size, 128,
+                                              args.repeats)  # fmt: skip
     result["loader"] = []
-    for w in (int(v) for v in args.workers.split(",")):
+    for w in workers:
         config = ml_collections.ConfigDict(
-            dict(
-                crop_size=args.crop_size,
-                crop_range=128,
-                global_batch_size=12,
-                seed=0,
-                num_workers=w,
-                augment=dict(rot90=True, flip=True),
-            )
-        )
+            dict(crop_size=args.crop_size, crop_range=128, global_batch_size=12, seed=0,
+                 num_workers=w, augment=dict(rot90=True, flip=True))
+        )  # fmt: skip
         rates = loader_images_per_s(split, config, args.num_batches, args.trials)
         rate = float(np.median(rates))
-        result["loader"].append(
-            {
-                "workers": w,
-                "images_per_s": rate,
-                "images_per_s_best": max(rates),
-                "images_per_s_per_worker": rate / max(w, 1),
-            }
-        )
-
-    c, m = result["components"], result["machine"]
-    print(
-        f"\n{args.images} {args.image_size}px PNG ({c['png_bytes'] / 1e6:.1f} MB) -> "
-        f"{args.crop_size}px crop, {m['cpus']} CPUs, load {m['load_avg_1min']:.1f}\n"
-    )
-    print("| host step (one image, main process) | ms |\n|---|---|")
-    for k, v in c.items():
-        if k.endswith("_ms"):
-            print(f"| {k[:-3]} | {v:.1f} |")
-    print(
-        f"\ncrop bytes: uint8 {c['bytes_per_crop_uint8'] / 1e6:.1f} MB, "
-        f"float32 {c['bytes_per_crop_float32'] / 1e6:.1f} MB\n"
-    )
-    print("| grain workers | images/s (median) | best | images/s per worker |\n|---|---|---|---|")
-    for row in result["loader"]:
-        print(
-            f"| {row['workers']} | {row['images_per_s']:.1f} | {row['images_per_s_best']:.1f} "
-            f"| {row['images_per_s_per_worker']:.1f} |"
-        )
-    _write(result, args.json)
+        result["loader"].append({"workers": w, "images_per_s": rate,
+                                 "images_per_s_best": max(rates),
+                                 "images_per_s_per_worker": rate / max(w, 1)})  # fmt: skip
+    common.finish(MODULE, result, loader_table(result), args.json)
 
 
-def _write(result: dict, path: str) -> None:
-    text = json.dumps(result, indent=2)
-    print("\n" + text)
-    if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv)
 
 
 if __name__ == "__main__":

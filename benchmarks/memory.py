@@ -23,15 +23,12 @@ XLA_FLAGS (on a CPU; the results record the flags used).
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import logging
 import os
-import sys
 import time
 import types
-from pathlib import Path
+from collections.abc import Sequence
 
 from benchmarks import common
 
@@ -39,6 +36,18 @@ MODULE = "benchmarks.memory"
 PRECISIONS = ("float32", "bfloat16")
 GIB = 2**30
 log = logging.getLogger("memory")
+
+FLAGS: common.Flags = {
+    "models": ("resnet50,mobilenet_v3_large", "Architectures."),
+    "sizes": ("224,448,896", "Crop sizes (px)."),
+    "precisions": (",".join(PRECISIONS), "From " + ", ".join(PRECISIONS)),
+    "batch": (12, "Global batch (the study's: 12)."),
+    "time_steps": (0, "Timed steps after a warm-up (0: compile only)."),
+    "timeout": (1800.0, "Per configuration (s)."),
+    "xla_keep_remat": (False, "Add memory.CPU_REMAT_XLA_FLAG to the children's XLA_FLAGS "
+                       "(XLA:CPU undoes remat without it)."),
+    "json": ("", "Default: benchmarks/results/memory-DATE.json."),
+}  # fmt: skip
 
 
 # --- one configuration (child) ---------------------------------------------------------
@@ -79,33 +88,27 @@ def _time_steps(compiled, state, batch, steps: int) -> tuple[list[float], object
     return times, state
 
 
-def measure_one(job: dict) -> dict:
-    """Compile (and optionally time) the trainer's step for one configuration."""
+def child(job: dict) -> dict:
+    """Compile (and optionally time) the trainer's step for one configuration, with
+    the XLA:CPU flags stagejax sets."""
+    common.stagejax_xla_defaults()  # before JAX starts
     import jax
 
     from stagejax.data import input_pipeline
-    from stagejax.train import loop as trainer
+    from stagejax.train import loop as trainer  # training's public entry
     from stagejax.train import memory
 
     input_pipeline.ensure_absl_flags_parsed()
-    config = common.stagejax_config(
-        model=job["model"],
-        crop_size=job["size"],
-        global_batch_size=job["batch"],
-        eval_batch_size=job["batch"],
-        precision=job["precision"],
-        remat=job["remat"],
-    )
+    config = common.stagejax_config(model=job["model"], crop_size=job["size"],
+                                    global_batch_size=job["batch"], eval_batch_size=job["batch"],
+                                    precision=job["precision"], remat=job["remat"])  # fmt: skip
     run = trainer.Run(config, _stand_in_dataset(job["batch"]))
     state = run.parallel.put_state(run.initial_state)
     batch = _batch(run, job["size"], job["batch"])
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, batch).compile()  # as loop.compile_train_step
-    out: dict = {
-        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compile_s": time.perf_counter() - t0,
-    }
+    out: dict = {"device": common.device_of_jax(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "compile_s": time.perf_counter() - t0}  # fmt: skip
     stats = compiled.memory_analysis()
     if stats is None:
         return {**out, "error": "this backend gives no memory analysis"}
@@ -121,11 +124,6 @@ def measure_one(job: dict) -> dict:
         out["peak_device_bytes"] = peak
     out["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     return out
-
-
-def child(job: dict) -> dict:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    return measure_one(job)
 
 
 # --- the report -------------------------------------------------------------------------
@@ -157,35 +155,14 @@ def rows(results: list[dict]) -> list[list[str]]:
         off_s = r.get("step_s", {}).get("median")
         on_s = on.get("step_s", {}).get("median")
         errors = "; ".join(x["error"][:60] for x in (r, on) if "error" in x)
-        out.append(
-            [
-                job["model"],
-                str(job["size"]),
-                job["precision"],
-                _gib(off_t),
-                _gib(on_t),
-                _ratio(off_t, on_t),
-                common.fmt(off_s, 3),
-                common.fmt(on_s, 3),
-                _ratio(on_s, off_s),
-                errors,
-            ]
-        )
+        out.append([job["model"], str(job["size"]), job["precision"], _gib(off_t), _gib(on_t),
+                    _ratio(off_t, on_t), common.fmt(off_s, 3), common.fmt(on_s, 3),
+                    _ratio(on_s, off_s), errors])  # fmt: skip
     return out
 
 
-HEADER = (
-    "model",
-    "px",
-    "precision",
-    "temp GiB off",
-    "temp GiB on",
-    "off/on",
-    "s/step off",
-    "s/step on",
-    "slowdown",
-    "errors",
-)
+HEADER = ("model", "px", "precision", "temp GiB off", "temp GiB on", "off/on", "s/step off",
+          "s/step on", "slowdown", "errors")  # fmt: skip
 
 
 def markdown(results: list[dict], batch: int) -> str:
@@ -196,60 +173,18 @@ def markdown(results: list[dict], batch: int) -> str:
 # --- running ----------------------------------------------------------------------------
 
 
-def _names(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def validate(args: argparse.Namespace) -> list[dict]:
+def validate(args) -> list[dict]:
     """The jobs, in order (remat off then on for each configuration)."""
-    from stagejax import models
-
-    bad = [m for m in _names(args.models) if m not in models.NAMES]
-    if bad or not _names(args.models):
-        raise ValueError(f"--models: {args.models!r}; choose from {', '.join(models.NAMES)}")
-    if any(p not in PRECISIONS for p in _names(args.precisions)):
-        raise ValueError(f"--precisions: {args.precisions!r}; choose from {', '.join(PRECISIONS)}")
-    try:
-        sizes = [int(s) for s in _names(args.sizes)]
-    except ValueError:
-        raise ValueError(f"--sizes: {args.sizes!r}; comma-separated pixel sizes") from None
-    if not sizes or min(sizes) < 32:
-        raise ValueError(f"--sizes: {args.sizes!r}; at least 32 px each")
+    models = common.names(args.models, "models")
+    for m in models:
+        common.check_model(m, "models")
+    precisions = common.names(args.precisions, "precisions", PRECISIONS)
+    sizes = common.integers(args.sizes, "sizes", low=32)
     if args.batch < 12 or args.time_steps < 0:
         raise ValueError("--batch must be >= 12 (one image per stage), --time_steps >= 0")
-    return [
-        {
-            "model": m,
-            "size": s,
-            "precision": p,
-            "remat": r,
-            "batch": args.batch,
-            "time_steps": args.time_steps,
-        }  # fmt: skip
-        for m in _names(args.models)
-        for s in sizes
-        for p in _names(args.precisions)
-        for r in (False, True)
-    ]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet50,mobilenet_v3_large")
-    p.add_argument("--sizes", default="224,448,896", help="crop sizes (px)")
-    p.add_argument("--precisions", default=",".join(PRECISIONS))
-    p.add_argument("--batch", type=int, default=12, help="global batch (the study's: 12)")
-    p.add_argument("--time_steps", type=int, default=0, help="timed steps after a warm-up")
-    p.add_argument("--timeout", type=float, default=1800, help="per configuration (s)")
-    p.add_argument(
-        "--xla_keep_remat",
-        action="store_true",
-        help="add memory.CPU_REMAT_XLA_FLAG to the children's XLA_FLAGS (XLA:CPU undoes "
-        "remat without it)",
-    )
-    p.add_argument("--json", default="", help="default: benchmarks/results/memory-DATE.json")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    return p
+    return [{"model": m, "size": s, "precision": p, "remat": r, "batch": args.batch,
+             "time_steps": args.time_steps}
+            for m in models for s in sizes for p in precisions for r in (False, True)]  # fmt: skip
 
 
 def child_env(keep_remat: bool) -> dict[str, str] | None:
@@ -260,34 +195,22 @@ def child_env(keep_remat: bool) -> dict[str, str] | None:
     return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {CPU_REMAT_XLA_FLAG}".strip()}
 
 
-def write(path: Path, args: argparse.Namespace, results: list[dict]) -> None:
-    report = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": common.command_line(MODULE),
-        "machine": common.machine_info(),
-        "args": {k: v for k, v in vars(args).items() if k != "child"},
-        "results": results,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-
-
-def main(argv: list[str] | None = None) -> None:
-    started = common.start(build_parser(), argv, child, validate)
-    if started is None:
-        return
-    args, jobs = started
-    path = Path(args.json or f"benchmarks/results/memory-{datetime.date.today():%Y-%m-%d}.json")
+def run(args) -> None:
+    jobs = validate(args)
+    path = args.json or f"benchmarks/results/memory-{datetime.date.today():%Y-%m-%d}.json"
     env = child_env(args.xla_keep_remat)
-    results = []
-    for job in jobs:
+    setting = {k: getattr(args, k) for k in FLAGS if k != "json"}
+    results: list[dict] = []
+    for job in jobs:  # the JSON after each child: a run cut short keeps what it has
         log.info("measuring %s", key(job))
-        out = common.run_child(MODULE, job, timeout=args.timeout, env=env)
-        results.append({"job": job, **out})
-        print(json.dumps({"name": key(job), **out}), flush=True)
-        write(path, args, results)  # after each child: a run cut short keeps what it has
+        results.append({"job": job, **common.run_child(MODULE, job, args.timeout, env)})
+        common.finish(MODULE, {"args": setting, "results": results}, "", path)
     log.info("load average at the end: %.2f; wrote %s", os.getloadavg()[0], path)
     print("\n" + markdown(results, args.batch) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,11 @@ CI size (see tests/test_parity.py).
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,33 +81,16 @@ class Setting:
 # CI size, seconds on 2 cores. Uncut 48 px images, 40 px crops (a 2 x 2 layer4 map):
 # there torch float32 itself stays within 1e-3 of torch float64 for 3 steps, at
 # 32 px or on hand-cut images for 2 (measured), so no float32 pair can be held longer.
-TINY = Setting(
-    crop_size=40,
-    crop_range=4,
-    batch=12,
-    eval_batch=12,
-    steps=3,
-    window=3,
-    num_images=72,
-    image_size=48,
-    hand_cut=False,
-)
+TINY = Setting(crop_size=40, crop_range=4, batch=12, eval_batch=12, steps=3, window=3,
+               num_images=72, image_size=48, hand_cut=False)  # fmt: skip
 
 
 def data_dir(s: Setting) -> str:
     """``s.data_dir``, or the SIMULATED dataset of ``s`` (generated once, then cached)."""
     if s.data_dir:
         return s.data_dir
-    from stagejax import simulate
-
-    root = simulate.default_dataset(
-        Path(s.cache_dir).expanduser() / "simulated",
-        s.num_images,
-        s.image_size,
-        0,
-        split_by=s.split_by,
-        params=simulate.SceneParams(hand_cut=s.hand_cut),
-    )
+    root = common.simulated_root(s.num_images, s.image_size, 0, s.cache_dir, s.split_by,
+                                 hand_cut=s.hand_cut)  # fmt: skip
     return str(root)
 
 
@@ -116,19 +98,10 @@ def stagejax_config(s: Setting, root: str):
     """The study's recipe (configs/default.py) on the layout folder ``root`` at this
     size: constant lr, float32, no device augmentation, no loader workers."""
     config = common.stagejax_config(
-        model=s.model,
-        data_dir=root,
-        cache_dir=str(Path(s.cache_dir).expanduser()),
-        crop_size=s.crop_size,
-        crop_range=s.crop_range,
-        global_batch_size=s.batch,
-        eval_batch_size=s.eval_batch,
-        num_epochs=s.epochs,
-        seed=s.seed,
-        precision="float32",
-        num_workers=0,
-        schedule="constant",
-    )
+        model=s.model, data_dir=root, cache_dir=str(Path(s.cache_dir).expanduser()),
+        crop_size=s.crop_size, crop_range=s.crop_range, global_batch_size=s.batch,
+        eval_batch_size=s.eval_batch, num_epochs=s.epochs, seed=s.seed, precision="float32",
+        num_workers=0, schedule="constant")  # fmt: skip
     for field in ("stain_jitter", "brightness", "contrast"):
         config.augment[field] = 0.0
     return config
@@ -169,39 +142,28 @@ def loss_summary(steps: list[dict], window: int) -> dict:
     first = steps[:window]
     rel = [s["rel_diff"] for s in first]
     over = next((s["step"] for s in steps if s["rel_diff"] >= LOSS_TARGET), None)
-    out = {
-        "window": len(rel),
-        "target": LOSS_TARGET,
-        "max_rel_diff": max(rel),
-        "median_rel_diff": statistics.median(rel),
-        "met": max(rel) < LOSS_TARGET,
-        "first_step_at_or_over_target": over,
-        "all_steps_median_rel_diff": statistics.median(s["rel_diff"] for s in steps),
-        "last_step_rel_diff": steps[-1]["rel_diff"],
-    }
+    out = {"window": len(rel), "target": LOSS_TARGET, "max_rel_diff": max(rel),
+           "median_rel_diff": statistics.median(rel), "met": max(rel) < LOSS_TARGET,
+           "first_step_at_or_over_target": over,
+           "all_steps_median_rel_diff": statistics.median(s["rel_diff"] for s in steps),
+           "last_step_rel_diff": steps[-1]["rel_diff"]}  # fmt: skip
     if "loss_torch64" in first[0]:
         for side, key in (("stagejax", "loss_jax"), ("torch", "loss_torch")):
             d = [abs(s[key] - s["loss_torch64"]) / abs(s["loss_torch64"]) for s in first]
-            out[f"{side}_vs_float64"] = {
-                "max_rel_diff": max(d),
-                "median_rel_diff": statistics.median(d),
-                "first_step_at_or_over_target": next(
-                    (s["step"] for s, v in zip(first, d, strict=True) if v >= LOSS_TARGET), None
-                ),
-            }
+            over = next((s["step"] for s, v in zip(first, d, strict=True) if v >= LOSS_TARGET),
+                        None)  # fmt: skip
+            out[f"{side}_vs_float64"] = {"max_rel_diff": max(d),
+                                         "median_rel_diff": statistics.median(d),
+                                         "first_step_at_or_over_target": over}  # fmt: skip
     return out
 
 
 def validate(s: Setting) -> None:
     """Refuse what cannot run, before any data are made or models built."""
-    from stagejax import models
-
-    if s.model not in models.NAMES:
-        raise ValueError(f"--model: {s.model!r}; choose one of {', '.join(models.NAMES)}")
-    if s.batch < 12 or s.batch % 12 or s.eval_batch < 1:
-        raise ValueError(f"--batch: {s.batch} is not a positive multiple of 12")
-    if s.epochs < 1 or s.steps < 0 or s.window < 1:
-        raise ValueError("--epochs and --window must be >= 1, --steps >= 0")
+    common.check_model(s.model)
+    common.check_batch(s.batch, "batch")
+    if s.epochs < 1 or s.steps < 0 or s.window < 1 or s.eval_batch < 1:
+        raise ValueError("--epochs, --window and --eval_batch must be >= 1, --steps >= 0")
     if s.split_by not in ("slide", "random"):
         raise ValueError(f"--split_by: {s.split_by!r} is not one of 'slide', 'random'")
     if not s.data_dir and s.crop_size + 2 * s.crop_range > s.image_size:
@@ -239,8 +201,8 @@ def _train_and_test(setting: Setting, config, dataset, spe: int, num_steps: int)
 
 def run_parity(setting: Setting) -> dict:
     """Make the data, build the pair, train both and test both; the report as a dict."""
-    from stagejax import data as data_lib
-    from stagejax.train import step as step_lib
+    from stagejax import datasets as data_lib
+    from stagejax.train import step as step_lib  # training's public step helpers
 
     validate(setting)
     root = data_dir(setting)
@@ -249,30 +211,18 @@ def run_parity(setting: Setting) -> dict:
     num_train = len(dataset.splits["train"].labels)
     spe = step_lib.steps_per_epoch(num_train, setting.batch)
     num_steps = setting.steps or setting.epochs * spe
-    report = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load_avg_before": [round(v, 2) for v in os.getloadavg()],
-        "simulated_data": (Path(root) / "SIMULATED.json").exists(),
-        "data_dir": root,
-        "setting": dataclasses.asdict(setting),
-        "train_images": num_train,
-        "steps_per_epoch": spe,
-        "num_steps": num_steps,
-        "conventions": list(pp.CONVENTIONS),
-    }
+    report = {"load_avg_before": [round(v, 2) for v in os.getloadavg()],
+              "simulated_data": (Path(root) / "SIMULATED.json").exists(), "data_dir": root,
+              "setting": dataclasses.asdict(setting), "train_images": num_train,
+              "steps_per_epoch": spe, "num_steps": num_steps,
+              "conventions": list(pp.CONVENTIONS)}  # fmt: skip
     t0 = time.perf_counter()
     result = _train_and_test(setting, config, dataset, spe, num_steps)
     gap = result["test"]["gap_points"]["balanced_accuracy"]
-    result["accuracy_target"] = {
-        "points": POINTS_TARGET,
-        "gap_points": gap,
-        "met": abs(gap) <= POINTS_TARGET,
-    }
-    report.update(
-        total_wall_s=time.perf_counter() - t0,
-        load_avg_after=[round(v, 2) for v in os.getloadavg()],
-        machine=common.machine_info(),
-    )
+    result["accuracy_target"] = {"points": POINTS_TARGET, "gap_points": gap,
+                                 "met": abs(gap) <= POINTS_TARGET}  # fmt: skip
+    report.update(total_wall_s=time.perf_counter() - t0,
+                  load_avg_after=[round(v, 2) for v in os.getloadavg()])  # fmt: skip
     return {**report, **result}
 
 
@@ -287,19 +237,12 @@ def _step_table(report: dict) -> str:
     header += ["loss torch float64", "stagejax vs f64", "torch vs f64"] if f64 else []
     rows = []
     for s in first:
-        row = [
-            str(s["step"]),
-            f"{s['loss_jax']:.6f}",
-            f"{s['loss_torch']:.6f}",
-            f"{s['rel_diff']:.2e}",
-        ]
+        row = [str(s["step"]), f"{s['loss_jax']:.6f}", f"{s['loss_torch']:.6f}",
+               f"{s['rel_diff']:.2e}"]  # fmt: skip
         if f64:
             ref = s["loss_torch64"]
-            row += [
-                f"{ref:.6f}",
-                f"{abs(s['loss_jax'] - ref) / ref:.2e}",
-                f"{abs(s['loss_torch'] - ref) / ref:.2e}",
-            ]
+            row += [f"{ref:.6f}", f"{abs(s['loss_jax'] - ref) / ref:.2e}",
+                    f"{abs(s['loss_torch'] - ref) / ref:.2e}"]  # fmt: skip
         rows.append(row)
     return common.markdown_table(header, rows)
 
@@ -348,9 +291,7 @@ def markdown(report: dict) -> str:
             )
     text += _gradient_lines(report) + "\n"
     test = report["test"]
-    rows = [
-        [name, *(f"{100 * test[name][k]:.1f}" for k in METRICS)] for name in ("stagejax", "torch")
-    ]
+    rows = [[n, *(f"{100 * test[n][k]:.1f}" for k in METRICS)] for n in ("stagejax", "torch")]
     rows.append(["gap (points)", *(f"{test['gap_points'][k]:+.1f}" for k in METRICS)])
     text += common.markdown_table(["test", "balanced acc %", "acc %", "+/-1 acc %"], rows)
     text += (
@@ -384,64 +325,31 @@ FLAG_HELP = {
 }
 
 
-def define_flags(fv=None) -> None:
-    """One flag per `Setting` field, plus --out and --tiny, on ``fv`` (absl's global
-    flags by default). Called only when run as a program, so that importing this
-    module (tests) adds nothing to the global flags."""
-    from absl import flags
-
-    fv = flags.FLAGS if fv is None else fv
-    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-              float: flags.DEFINE_float, str: flags.DEFINE_string}  # fmt: skip
-    defaults = Setting()
-    for name, text in FLAG_HELP.items():
-        value = getattr(defaults, name)
-        define[type(value)](name, value, text, flag_values=fv)
-    flags.DEFINE_string(
-        "out",
-        "benchmarks/results/parity_cpu.json",
-        "JSON report ('': none; with --tiny none unless given).",
-        flag_values=fv,
-    )
-    flags.DEFINE_bool(
-        "tiny", False, "The CI size; flags given explicitly still win.", flag_values=fv
-    )
+FLAGS: common.Flags = {
+    **{name: (getattr(Setting(), name), text) for name, text in FLAG_HELP.items()},
+    "out": ("benchmarks/results/parity_cpu.json", "JSON report ('': none; with --tiny none "
+            "unless given)."),
+    "tiny": (False, "The CI size; flags given explicitly still win."),
+}  # fmt: skip
 
 
-def setting_from_flags(fv) -> Setting:
+def setting_from_flags(args) -> Setting:
     """``Setting()`` or, with --tiny, ``TINY``, with every flag given explicitly applied."""
-    base = TINY if fv.tiny else Setting()
-    given = {
-        f.name: fv[f.name].value
-        for f in dataclasses.fields(Setting)
-        if f.name in fv and fv[f.name].present
-    }
-    return dataclasses.replace(base, **given)
+    given = {name: getattr(args, name) for name in FLAG_HELP if name in args.given}
+    return dataclasses.replace(TINY if args.tiny else Setting(), **given)
 
 
-def main(argv) -> None:
-    from absl import app, flags
+def run(args) -> None:
+    setting = setting_from_flags(args)
+    validate(setting)
+    report = run_parity(setting)
+    out = args.out if ("out" in args.given or not args.tiny) else ""
+    common.finish("benchmarks.parity", report, markdown(report), out)
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    fv = flags.FLAGS
-    logging.getLogger().setLevel(logging.INFO)
-    setting = setting_from_flags(fv)
-    try:
-        validate(setting)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-    report = {"command": common.command_line("benchmarks.parity"), **run_parity(setting)}
-    print("\n" + markdown(report) + "\n")
-    out = fv.out if (fv["out"].present or not fv.tiny) else ""
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1) + "\n")
-        log.info("wrote %s", out)
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags()
-    app.run(main)
+    main()

@@ -41,7 +41,7 @@ CONVENTIONS = (
     "unmasked, then optax.adam",
     "loss: mean over the batch of the softmax cross-entropy, no label smoothing, on both",
     "input: uint8 -> float32 /255 -> per-image min-max over all channels on both "
-    "(stagejax.train.step.preprocess with every device augmentation off; torch: the same "
+    "(stagejax.model.preprocess with every device augmentation off; torch: the same "
     "maths on NCHW); the constant-image thresholds (torch 0, stagejax 1e-6) never differ "
     "on uint8 input, whose smallest span is 1/255",
     "precision: float32; TF32 off in torch and 'highest' matmul precision in JAX (they "
@@ -96,19 +96,15 @@ def by_torch_name(tree) -> dict[str, np.ndarray]:
 
     from stagejax import convert
 
-    return {
-        convert.torch_name(path): convert.to_torch_layout(np.asarray(var[...]))
-        for path, var in nnx.to_flat_state(tree)
-    }
+    return {convert.torch_name(path): convert.to_torch_layout(np.asarray(var[...]))
+            for path, var in nnx.to_flat_state(tree)}  # fmt: skip
 
 
 def tensor_rel_diffs(jax_named: dict[str, np.ndarray], torch_model) -> dict[str, float]:
     """Per tensor max|a - b| / max|b| (over the names stagejax has): max and median."""
     ref = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
-    rel = [
-        float(np.max(np.abs(v - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-12))
-        for k, v in jax_named.items()
-    ]
+    rel = [float(np.max(np.abs(v - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-12))
+           for k, v in jax_named.items()]  # fmt: skip
     return {"max": max(rel), "median": statistics.median(rel)}
 
 
@@ -121,7 +117,7 @@ class Pair:
 
     trainer: object  # benchmarks.torch_baseline.Trainer, study variant
     initial: object  # a copy of the untrained torch model
-    model: object  # stagejax.evaluate.model.Model (the untrained weights)
+    model: object  # stagejax.model.Model (the untrained weights)
     train_step: object
     state: object  # stagejax TrainState on the device, updated by train_paired
 
@@ -133,26 +129,19 @@ def build_pair(model_name: str, seed: int, config, steps_per_epoch: int) -> Pair
 
     from benchmarks import torch_baseline as tb
     from stagejax import convert
-    from stagejax.evaluate.model import Model, make_parallel
-    from stagejax.train import step as step_lib
+    from stagejax import model as model_lib
+    from stagejax.train import step as step_lib  # training's public step and optimizer
 
-    trainer = tb.Trainer(
-        model_name,
-        tb.STUDY,
-        torch.device("cpu"),
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-        seed=seed,
-    )
+    trainer = tb.Trainer(model_name, tb.STUDY, torch.device("cpu"), lr=config.learning_rate,
+                         weight_decay=config.weight_decay, seed=seed)  # fmt: skip
     weights = {k: v.detach().cpu().numpy() for k, v in trainer.model.state_dict().items()}
     module = convert.convert_state_dict(weights, model_name, num_classes=config.num_classes)
     check_batchnorm_conventions(module, trainer.model)
-    parallel = make_parallel(config)
-    model = Model(config, parallel, *step_lib.split_model(module))
+    parallel = model_lib.make_parallel(config)
+    model = model_lib.Model(config, parallel, *model_lib.split_model(module))
     tx = step_lib.create_optimizer(config, steps_per_epoch)
-    step = parallel.compile_train_step(
-        step_lib.make_train_step(model.modeldef, tx, config, parallel)
-    )
+    step = parallel.compile_train_step(step_lib.make_train_step(model.modeldef, tx, config,
+                                                                parallel))  # fmt: skip
     state = parallel.put_state(model.state(tx))
     return Pair(trainer, copy.deepcopy(trainer.model), model, step, state)
 
@@ -164,12 +153,10 @@ def check_batchnorm_conventions(module, torch_model) -> None:
 
     from stagejax.models.layers import BatchNorm
 
-    ours = [
-        (m.momentum, m.epsilon) for _, m in nnx.iter_modules(module) if isinstance(m, BatchNorm)
-    ]
-    theirs = [
-        (m.momentum, m.eps) for m in torch_model.modules() if isinstance(m, torch.nn.BatchNorm2d)
-    ]
+    ours = [(m.momentum, m.epsilon) for _, m in nnx.iter_modules(module)
+            if isinstance(m, BatchNorm)]  # fmt: skip
+    theirs = [(m.momentum, m.eps) for m in torch_model.modules()
+              if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
     if sorted(ours) != sorted(theirs):
         raise ParityError(f"BatchNorm (momentum, eps): stagejax {set(ours)}, torch {set(theirs)}")
 
@@ -189,7 +176,7 @@ def stagejax_first_batch(pair: Pair, images: np.ndarray, labels: np.ndarray) -> 
     import optax
 
     from benchmarks import parity_branches as pb
-    from stagejax.train import step as step_lib
+    from stagejax import model as model_lib
 
     md = pair.model.modeldef
 
@@ -205,14 +192,11 @@ def stagejax_first_batch(pair: Pair, images: np.ndarray, labels: np.ndarray) -> 
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return aux, md.merge(params, stats, train=False)(x), grads
 
-    x = step_lib.preprocess(images, pair.model.config)
+    x = model_lib.preprocess(images, pair.model.config)
     (train, relu_inputs), eval_, grads = run(pair.model.params, pair.model.batch_stats, x, labels)
-    return {
-        "train": np.asarray(train, np.float64),
-        "eval": np.asarray(eval_, np.float64),
-        "grads": by_torch_name(grads),
-        "branches": pb.jax_branches(relu_inputs) if relu_inputs else None,
-    }
+    return {"train": np.asarray(train, np.float64), "eval": np.asarray(eval_, np.float64),
+            "grads": by_torch_name(grads),
+            "branches": pb.jax_branches(relu_inputs) if relu_inputs else None}  # fmt: skip
 
 
 def initial_logits(
@@ -238,12 +222,10 @@ def initial_logits(
         ref64 = _torch_logits(pair.initial, images, train, torch.float64)
         ref32 = _torch_logits(pair.initial, images, train, torch.float32)
         scale = float(np.max(np.abs(ref64)))
-        out[mode] = {
-            "stagejax_vs_torch64": float(np.max(np.abs(got - ref64))),
-            "stagejax_vs_torch32": float(np.max(np.abs(got - ref32))),
-            "torch32_vs_torch64": float(np.max(np.abs(ref32 - ref64))),
-            "max_abs_logit": scale,
-        }
+        out[mode] = {"stagejax_vs_torch64": float(np.max(np.abs(got - ref64))),
+                     "stagejax_vs_torch32": float(np.max(np.abs(got - ref32))),
+                     "torch32_vs_torch64": float(np.max(np.abs(ref32 - ref64))),
+                     "max_abs_logit": scale}  # fmt: skip
         allowed = tolerance * (1.0 if train else max(1.0, scale))
         if not out[mode]["stagejax_vs_torch64"] <= allowed:
             raise ParityError(
@@ -278,9 +260,8 @@ def train_paired(pair: Pair, images: np.ndarray, labels: np.ndarray, window: int
         wall["stagejax"] += t1 - t0
         wall["torch"] += time.perf_counter() - t1
         rel = abs(loss_jax - loss_torch) / abs(loss_torch)
-        steps.append(
-            {"step": i + 1, "loss_jax": loss_jax, "loss_torch": loss_torch, "rel_diff": rel}
-        )
+        steps.append({"step": i + 1, "loss_jax": loss_jax, "loss_torch": loss_torch,
+                      "rel_diff": rel})  # fmt: skip
         if i == 0:
             named = by_torch_name(pair.state.batch_stats)
             checks["batch_stats_after_step_1_rel_diff"] = tensor_rel_diffs(named, trainer.model)
@@ -288,14 +269,8 @@ def train_paired(pair: Pair, images: np.ndarray, labels: np.ndarray, window: int
             named = by_torch_name(pair.state.params)
             checks[f"params_after_step_{window}_rel_diff"] = tensor_rel_diffs(named, trainer.model)
         if (i + 1) % 10 == 0 or i + 1 == len(images):
-            log.info(
-                "step %d/%d: loss stagejax %.6f torch %.6f (rel. diff %.2e)",
-                i + 1,
-                len(images),
-                loss_jax,
-                loss_torch,
-                rel,
-            )
+            log.info("step %d/%d: loss stagejax %.6f torch %.6f (rel. diff %.2e)", i + 1,
+                     len(images), loss_jax, loss_torch, rel)  # fmt: skip
     return steps, checks, wall
 
 
@@ -325,16 +300,11 @@ def _tensor_errors(g: dict, ref: dict, weights: dict, wd: float) -> dict:
     components whose sign differs, both with the L2 term ``wd * w`` added."""
     g = {n: g[n].astype(np.float64) + wd * w for n, w in weights.items()}
     ref = {n: ref[n] + wd * w for n, w in weights.items()}
-    rel = [
-        float(np.max(np.abs(g[n] - r)) / max(float(np.max(np.abs(r))), 1e-30))
-        for n, r in ref.items()
-    ]
+    rel = [float(np.max(np.abs(g[n] - r)) / max(float(np.max(np.abs(r))), 1e-30))
+           for n, r in ref.items()]  # fmt: skip
     flips = sum(int(np.sum(np.sign(g[n]) != np.sign(r))) for n, r in ref.items())
-    return {
-        "median_tensor_rel_error": statistics.median(rel),
-        "max_tensor_rel_error": max(rel),
-        "sign_flip_share": flips / sum(r.size for r in ref.values()),
-    }
+    return {"median_tensor_rel_error": statistics.median(rel), "max_tensor_rel_error": max(rel),
+            "sign_flip_share": flips / sum(r.size for r in ref.values())}  # fmt: skip
 
 
 def gradient_check(
@@ -357,10 +327,8 @@ def gradient_check(
     x, y = torch_input(images), torch.from_numpy(labels.astype(np.int64))
     weights = {n: p.detach().double().numpy() for n, p in pair.initial.named_parameters()}
     b32, b64 = pb.Branches([], []), pb.Branches([], [])
-    grads = {
-        "stagejax": first["grads"],
-        "torch32": pb.torch_gradients(pair.initial, x, y, torch.float32, record=b32),
-    }
+    torch32 = pb.torch_gradients(pair.initial, x, y, torch.float32, record=b32)
+    grads = {"stagejax": first["grads"], "torch32": torch32}
     ref = pb.torch_gradients(pair.initial, x, y, torch.float64, record=b64)
     branches = {"stagejax": first.get("branches"), "torch32": b32}
     out = {}
@@ -371,8 +339,6 @@ def gradient_check(
             out[side]["branch_matched"] = None  # not a ResNet: no branch record
             continue
         forced = pb.torch_gradients(pair.initial, x, y, torch.float64, force=taken)
-        out[side]["branch_matched"] = {
-            **_tensor_errors(g, forced, weights, wd),
-            "choices_unlike_float64": pb.flips(taken, b64),
-        }
+        out[side]["branch_matched"] = {**_tensor_errors(g, forced, weights, wd),
+                                       "choices_unlike_float64": pb.flips(taken, b64)}  # fmt: skip
     return out

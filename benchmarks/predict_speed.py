@@ -31,12 +31,9 @@ invocation.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +42,20 @@ from benchmarks import common
 MODULE = "benchmarks.predict_speed"
 FRAMEWORKS = ("stagejax", "stagejax_tta", "torch", "torch_channels_last")
 log = logging.getLogger("predict_speed")
+
+FLAGS: common.Flags = {
+    "model": ("resnet50", "Architecture (a torchvision and stagejax name)."),
+    "image_size": (896, "Crop size fed to the model (px)."),
+    "batch": (8, "Images per batch."),
+    "steps": (5, "Timed batches."),
+    "warmup": (1, "Untimed batches (>= 1: compiles)."),
+    "frameworks": ("stagejax,torch,torch_channels_last", "From " + ", ".join(FRAMEWORKS)),
+    "precision": ("auto", "stagejax compute dtype (auto: float32 on a CPU).",
+                  ("auto", "float32", "bfloat16")),
+    "seed": (0, "Seed of the random input batch and torch's weights."),
+    "timeout": (3600.0, "Per framework (s)."),
+    "json": ("", "Also write all results here."),
+}  # fmt: skip
 
 
 def input_batch(batch: int, image_size: int, seed: int) -> np.ndarray:
@@ -75,30 +86,19 @@ def time_batches(predict: Callable[[], object], warmup: int, steps: int) -> dict
 def rate_summary(batch_s: list[float], batch: int) -> dict:
     """Images/s at the median, fastest and slowest timed batch."""
     s = common.summary(batch_s)
-    return {
-        "images_per_s": batch / s["median"],
-        "images_per_s_min": batch / s["max"],
-        "images_per_s_max": batch / s["min"],
-        "batch_s": s,
-    }
+    return {"images_per_s": batch / s["median"], "images_per_s_min": batch / s["max"],
+            "images_per_s_max": batch / s["min"], "batch_s": s}  # fmt: skip
 
 
 def bench_stagejax(job: dict, tta: bool) -> dict:
     import jax
 
-    from stagejax.evaluate.model import Model
+    from stagejax.model import Model
 
-    precision = job["precision"]
-    if precision == "auto":
-        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    config = common.stagejax_config(
-        model=job["model"],
-        crop_size=job["image_size"],
-        eval_batch_size=job["batch"],
-        precision=precision,
-        seed=job["seed"],
-        tta=tta,
-    )
+    precision = common.resolve_precision(job["precision"])
+    config = common.stagejax_config(model=job["model"], crop_size=job["image_size"],
+                                    eval_batch_size=job["batch"], precision=precision,
+                                    seed=job["seed"])  # fmt: skip
     # As predict.py builds it: weights and BatchNorm statistics, no optimizer.
     model = Model.from_config(config)
     par, state, step = model.parallel, model.device_state(), model.eval_step(tta)
@@ -109,15 +109,10 @@ def bench_stagejax(job: dict, tta: bool) -> dict:
         out["probs"] = jax.block_until_ready(step(state, batch))["probs"]
 
     timing = time_batches(run, job["warmup"], job["steps"])
-    return {
-        "framework": "stagejax_tta" if tta else "stagejax",
-        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
-        "precision": precision,
-        "views": 8 if tta else 1,
-        **timing,
-        **rate_summary(timing["batch_s"], job["batch"]),
-        "peak_rss_mb": common.peak_rss_mb(),
-    }
+    return {"framework": "stagejax_tta" if tta else "stagejax", "device": common.device_of_jax(),
+            "precision": precision, "views": 8 if tta else 1, **timing,
+            **rate_summary(timing["batch_s"], job["batch"]),
+            "peak_rss_mb": common.peak_rss_mb()}  # fmt: skip
 
 
 def bench_torch(job: dict, channels_last: bool) -> dict:
@@ -143,19 +138,13 @@ def bench_torch(job: dict, channels_last: bool) -> dict:
 
     timing = time_batches(run, job["warmup"], job["steps"])
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
-    return {
-        "framework": "torch_channels_last" if channels_last else "torch",
-        "device": f"{device.type}: {dev}",
-        "precision": "float32",
-        **timing,
-        **rate_summary(timing["batch_s"], job["batch"]),
-        "peak_rss_mb": common.peak_rss_mb(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return {"framework": "torch_channels_last" if channels_last else "torch",
+            "device": f"{device.type}: {dev}", "precision": "float32", **timing,
+            **rate_summary(timing["batch_s"], job["batch"]), "peak_rss_mb": common.peak_rss_mb(),
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
 def child(job: dict) -> dict:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if job["framework"].startswith("stagejax"):
         xla = common.stagejax_xla_defaults()
         return {**bench_stagejax(job, tta=job["framework"] == "stagejax_tta"), "xla_flags": xla}
@@ -197,105 +186,40 @@ def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
         if "error" in r:
             rows.append([name, f"error: {r['error']}", "", "", "", "", ""])
             continue
-        rows.append(
-            [
-                name,
-                r.get("precision", ""),
-                f"{r['images_per_s']:.3f}",
-                f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
-                f"{r['batch_s']['median']:.2f}",
-                f"{r['first_batch_s']:.1f}",
-                f"{r['peak_rss_mb']:.0f}",
-            ]
-        )
-    text = common.markdown_table(
-        [
-            "framework",
-            "precision",
-            "images/s (median batch)",
-            "images/s range",
-            "s/batch (median)",
-            "first batch s (incl. compile)",
-            "peak RSS MB",
-        ],
-        rows,
+        rows.append([name, r.get("precision", ""), f"{r['images_per_s']:.3f}",
+                     f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
+                     f"{r['batch_s']['median']:.2f}", f"{r['first_batch_s']:.1f}",
+                     f"{r['peak_rss_mb']:.0f}"])  # fmt: skip
+    header = ["framework", "precision", "images/s (median batch)", "images/s range",
+              "s/batch (median)", "first batch s (incl. compile)", "peak RSS MB"]  # fmt: skip
+    return common.markdown_table(header, rows) + (
+        "\n\n" + common.ratio_table(ratio) if ratio else ""
     )
-    if ratio:
-        text += "\n\n" + common.markdown_table(
-            ["same-run ratio (median images/s)", "value"],
-            [[k, f"{v:.2f}x"] for k, v in ratio.items()],
-        )
-    return text
 
 
-def parse_frameworks(text: str) -> list[str]:
-    names = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [n for n in names if n not in FRAMEWORKS]
-    if bad or not names:
-        raise ValueError(f"--frameworks: {text!r}; choose from {', '.join(FRAMEWORKS)}")
-    return names
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--image_size", type=int, default=896, help="crop size fed to the model")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed batches")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches (>= 1: compiles)")
-    p.add_argument("--frameworks", default="stagejax,torch,torch_channels_last")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="stagejax compute dtype (auto: float32 on a CPU, else bfloat16)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
-    p.add_argument("--json", default="", help="also write all results here")
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    return p
-
-
-def validate(args: argparse.Namespace) -> list[str]:
+def validate(args) -> list[str]:
     """Refuse sizes that cannot run, before any child starts; returns the frameworks."""
-    from stagejax import models
-
-    if args.model not in models.NAMES:
-        raise ValueError(f"--model: {args.model!r} is not one of {', '.join(models.NAMES)}")
+    common.check_model(args.model)
     for name in ("image_size", "batch", "steps", "warmup"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
-    if args.image_size < 32:
-        raise ValueError(
-            f"--image_size: {args.image_size} is below the 32 px a ResNet downsamples by"
-        )
-    return parse_frameworks(args.frameworks)
+    common.check_image_size(args.image_size)
+    return common.names(args.frameworks, "frameworks", FRAMEWORKS)
 
 
-def main(argv: list[str] | None = None) -> None:
-    started = common.start(build_parser(), argv, child, validate)
-    if started is None:
-        return
-    args, names = started
-    shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
-    job = {
-        "model": args.model,
-        "image_size": args.image_size,
-        "batch": args.batch,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "seed": args.seed,
-        "precision": args.precision,
-    }
-    results = measure(
-        names,
-        job,
-        args.timeout,
-        on_result=lambda name, r: print(json.dumps({"name": name, **r}), flush=True),
-    )
+def run(args) -> None:
+    names = validate(args)
+    warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
+    keys = ("model", "image_size", "batch", "steps", "warmup", "seed", "precision")
+    job = {k: getattr(args, k) for k in keys}
+    results = measure(names, job, args.timeout)
     ratio = ratios(results)
-    common.finish(MODULE, job, results, ratio, markdown(results, ratio), shape_warning, args.json)
+    common.finish(MODULE, {"warning": warning, "job": job, "results": results, "ratios": ratio},
+                  markdown(results, ratio), args.json)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import textwrap
 import time
 from pathlib import Path
 
@@ -182,68 +181,3 @@ def finetune_curve(real_dir: Path, out: Path, counts, steps: int) -> list[dict]:
                      "f1_top_after": record["f1_after"], "bottom": bottom})  # fmt: skip
         log.info("fine-tuned on %d tubules: bottom F1 %.3f", rows[-1]["tubules"], bottom["f1"])
     return rows
-
-
-def describe(rgb: np.ndarray, labels: np.ndarray | None = None, mpp: float = 3.0) -> dict:
-    """Numbers that describe a section's look: tissue fraction, optical density of the
-    tissue per channel (10th/50th/90th percentiles), glass RGB; with labels, tubule
-    count and median equivalent diameter (um)."""
-    from stagejax.detect import segment
-
-    od = segment.optical_density(rgb)
-    mean = od.mean(-1)
-    tissue = mean > 0.08
-    pct = np.percentile(od[tissue], [10, 50, 90], 0).round(3).tolist()
-    out = {"tissue_fraction": round(float(tissue.mean()), 2), "tissue_od_p10_p50_p90_rgb": pct,
-           "glass_rgb": np.median(rgb[mean < 0.03], 0).round().tolist()}  # fmt: skip
-    if labels is not None and labels.max():
-        areas = np.bincount(labels.ravel())[1:] * mpp**2
-        out["tubules"] = int((areas > 0).sum())
-        out["median_diameter_um"] = round(float(np.median(2 * np.sqrt(areas / np.pi))), 1)
-    return out
-
-
-def packed_sheet(real_dir: Path, png: Path, seeds=(1, 3, 5, 8)) -> Path:
-    """docs picture: SIMULATED packed sections with their numbers, beside the numbers
-    (never the pixels) of the real sections B and D and the real PAS tubule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from stagejax.simulate import packed
-
-    lines = ["REAL (numbers only; images not shown):"]
-    for key in ("B", "D"):
-        name, mpp = SECTIONS[key]
-        rgb = np.asarray(Image.open(real_dir / name).convert("RGB"))
-        lines.append(f"section {key} (H&E, ~{mpp:g} um/px): {_text(describe(rgb, mpp=mpp))}")
-    rgb = np.asarray(Image.open(real_dir / "tubule_PAS_unlabelled.png").convert("RGB"))
-    lines.append(f"study's PAS tubule (~0.7 um/px): {_text(describe(rgb, mpp=0.7))}")
-    lines.append("All: tubules packed, touching, split by thin white clefts; lengthwise "
-                 "bands under the tunica; bright star-shaped lumens; JPEG figures.")  # fmt: skip
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 6.2))
-    for ax, seed in zip(axes, seeds, strict=True):
-        sec = packed.render_packed(seed, (3.4, 4.2))
-        ax.imshow(sec.rgb)
-        ax.set_axis_off()
-        lk = sec.look
-        title = (f"SIMULATED seed {seed}: {lk['stain']}, H {lk['h_od']:.2f}, 2nd "
-                 f"{lk['e_od']:.2f} OD; scan {lk['scan_mpp']:.1f} um/px, JPEG {lk['jpeg']}; "
-                 f"{_text(describe(sec.rgb, sec.labels, sec.mpp))}")  # fmt: skip
-        ax.set_title(textwrap.fill(title, 60), fontsize=7)
-    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, family="monospace", va="bottom")
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.17, wspace=0.03)
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
-    return Path(png)
-
-
-def _text(d: dict) -> str:
-    od = d["tissue_od_p10_p50_p90_rgb"][1]
-    extra = (
-        f", {d['tubules']} tubules of median {d['median_diameter_um']:g} um"
-        if "tubules" in d
-        else ""
-    )
-    return f"tissue {d['tissue_fraction']:.0%}, median tissue OD (R,G,B) {od}{extra}"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.throughput --model resnet50 --image_size 896 --global_batch 48 \\
         --study_batch 12 --steps 50 --frameworks stagejax,torch,torch_tuned \\
-        [--rounds 2] [--profile] [--json out.json]
+        [--rounds 2] [--profile] [--flops] [--json out.json]
 
 ``--study_batch`` sets the batch of the ``torch`` variant alone (the study
 trained with 12), so that "stagejax against the study's recipe" compares
@@ -23,42 +23,61 @@ Steps are timed in windows of ``--window`` steps (synchronised at the end of
 each window); images/s is reported as the median and range over windows. The
 first step (trace + compile + run) is reported separately. Peak memory is
 the device's peak (GPU) or the process's peak RSS (CPU; main process only).
-``--profile`` adds a breakdown of the stagejax step (`stagejax_step.profile_stagejax`).
+``--profile`` adds a breakdown of the stagejax step (`throughput_report.profile`).
 ``--flops`` adds each step's FLOPs (stagejax: XLA's cost analysis of the
 compiled step; torch: ``torch.utils.flop_counter`` over one forward and
-backward) and the model FLOP utilisation against the device's peak
-(`common.peak_flops`).
+backward) and the model FLOP utilisation against the device's peak.
 ``--rounds N`` measures every framework N times, interleaved (stagejax,
 torch, torch_tuned, stagejax, ...), and pools the windows of all rounds: on
 a shared machine, load that comes and goes then hits every framework alike.
 
-stagejax is built exactly as training builds it: ``stagejax.train.loop.Run`` on a config
-from ``configs/default.py`` (``--precision auto`` = bfloat16 on an accelerator,
-float32 on a CPU). The simulated images are ``image_size + 2 * crop_range``
-px, the study's 1152 px for 896 px crops.
+stagejax is built exactly as training builds it: ``stagejax.train.loop.Run`` on
+``stagejax.recipe`` (``--precision auto`` = bfloat16 on an accelerator, float32 on
+a CPU). The simulated images are ``image_size + 2 * crop_range`` px, the study's
+1152 px for 896 px crops.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import statistics
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from benchmarks import common
 from benchmarks import throughput_report as report
-from benchmarks.stagejax_step import build_run, jax_peak_memory_mb, profile_stagejax, xla_flops
 
 MODULE = "benchmarks.throughput"
 FRAMEWORKS = ("stagejax", "torch", "torch_tuned")
 log = logging.getLogger("throughput")
 
+FLAGS: common.Flags = {
+    "model": ("resnet50", "Architecture (a torchvision and stagejax name)."),
+    "image_size": (896, "Crop size (px)."),
+    "crop_range": (None, "Train crop shift (+/- px); default: 128 scaled to --image_size.", int),
+    "global_batch": (48, "stagejax and torch_tuned batch, a multiple of 12."),
+    "study_batch": (None, "Batch of the 'torch' (study recipe) variant only.", int),
+    "steps": (50, "Measured steps per phase."),
+    "warmup": (5, "Unmeasured steps per phase."),
+    "window": (5, "Steps per timing window."),
+    "frameworks": (",".join(FRAMEWORKS), "NAME[@BATCH],... with NAME from " + str(FRAMEWORKS)),
+    "precision": ("auto", "stagejax compute dtype.", ("auto", "float32", "bfloat16")),
+    "num_workers": (None, "Loader workers (stagejax, torch_tuned); default 0 on a CPU.", int),
+    "torch_compile": ("auto", "torch_tuned's torch.compile (auto: CUDA).", ("auto", "on", "off")),
+    "num_images": (96, "Simulated dataset size."),
+    "seed": (109, "Sampler and torch seed."),
+    "cache_dir": (common.DEFAULT_CACHE, "Simulated images and their ArrayRecord cache."),
+    "profile": (False, "Add the stagejax step breakdown."),
+    "profile_repeats": (5, "Timed calls per profiled part."),
+    "flops": (False, "Add each step's FLOPs and the model FLOP utilisation."),
+    "rounds": (1, "Measure every framework this many times, interleaved."),
+    "timeout": (3600.0, "Per framework (s)."),
+    "json": ("", "Also write all results here."),
+}  # fmt: skip
 
-# --- timing ----------------------------------------------------------------------------
+
+# --- timing ------------------------------------------------------------------------------
 
 
 def timed_windows(
@@ -84,12 +103,8 @@ def timed_windows(
 def phase_result(rates: list[float], step_times: list[float]) -> dict:
     """Summaries plus the raw windows (kept so that rounds can be pooled)."""
     ms = [1e3 * t for t in step_times]
-    return {
-        "images_per_s": common.summary(rates),
-        "step_time_ms": common.summary(ms),
-        "windows_images_per_s": rates,
-        "windows_step_time_ms": ms,
-    }
+    return {"images_per_s": common.summary(rates), "step_time_ms": common.summary(ms),
+            "windows_images_per_s": rates, "windows_step_time_ms": ms}  # fmt: skip
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
@@ -106,12 +121,9 @@ def pool_rounds(rounds: list[dict]) -> dict:
     for phase in ("model_only", "end_to_end"):
         rates = [v for r in ok for v in r[phase]["windows_images_per_s"]]
         ms = [v for r in ok for v in r[phase]["windows_step_time_ms"]]
-        merged = phase_result(rates, [t / 1e3 for t in ms])
-        if phase == "end_to_end":
-            merged["loader_wait_fraction"] = statistics.median(
-                r[phase]["loader_wait_fraction"] for r in ok
-            )
-        out[phase] = merged
+        out[phase] = phase_result(rates, [t / 1e3 for t in ms])
+    waits = [r["end_to_end"]["loader_wait_fraction"] for r in ok]
+    out["end_to_end"]["loader_wait_fraction"] = statistics.median(waits)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
     return out
 
@@ -129,7 +141,24 @@ class WaitClock:
         return item
 
 
-# --- stagejax --------------------------------------------------------------------------
+def two_phases(job: dict, train_step, resident, batches, sync) -> dict:
+    """First step, then model only (``resident`` batch) and end to end (``batches``)."""
+    b, w = job["global_batch"], job["window"]
+    t0 = time.perf_counter()
+    sync(train_step(resident))
+    out = {"first_step_s": time.perf_counter() - t0}
+    timed_windows(lambda: train_step(resident), sync, job["warmup"], w, b)
+    out["model_only"] = phase_result(*timed_windows(lambda: train_step(resident), sync,
+                                                    job["steps"], w, b))  # fmt: skip
+    clock = WaitClock(batches)
+    timed_windows(lambda: train_step(next(clock)), sync, job["warmup"], w, b)
+    clock.waited, t0 = 0.0, time.perf_counter()
+    e2e = phase_result(*timed_windows(lambda: train_step(next(clock)), sync, job["steps"], w, b))
+    e2e["loader_wait_fraction"] = clock.waited / (time.perf_counter() - t0)
+    return {**out, "end_to_end": e2e}
+
+
+# --- the children ------------------------------------------------------------------------
 
 
 def bench_stagejax(job: dict) -> dict:
@@ -137,57 +166,25 @@ def bench_stagejax(job: dict) -> dict:
 
     from stagejax.data import input_pipeline
 
-    config, run = build_run(job)
+    config, run = report.build_run(job)
     par = run.parallel
-    state = par.put_state(run.initial_state)
-    split = run.dataset.splits["train"]
-    b, w = job["global_batch"], job["window"]
+    raw = input_pipeline.train_batches(run.dataset.splits["train"], config)
+    holder = {"state": par.put_state(run.initial_state)}
 
-    raw = input_pipeline.train_batches(split, config)
+    def step(batch):
+        holder["state"], _ = run.train_step(holder["state"], batch)
+        return holder["state"]
+
     resident = par.put_batch(next(raw))
-    t0 = time.perf_counter()
-    state, _ = run.train_step(state, resident)
-    jax.block_until_ready(state)
-    first_step_s = time.perf_counter() - t0
-
-    holder = {"state": state}
-
-    def model_step():
-        holder["state"], _ = run.train_step(holder["state"], resident)
-        return holder["state"]
-
-    sync = jax.block_until_ready
-    timed_windows(model_step, sync, job["warmup"], w, b)
-    model_only = phase_result(*timed_windows(model_step, sync, job["steps"], w, b))
-
-    batches = WaitClock(par.prefetch(raw))
-
-    def e2e_step():
-        holder["state"], _ = run.train_step(holder["state"], next(batches))
-        return holder["state"]
-
-    timed_windows(e2e_step, sync, job["warmup"], w, b)
-    batches.waited = 0.0
-    t0 = time.perf_counter()
-    e2e = phase_result(*timed_windows(e2e_step, sync, job["steps"], w, b))
-    e2e["loader_wait_fraction"] = batches.waited / (time.perf_counter() - t0)
-    flops = xla_flops(run.train_step, holder["state"], resident) if job.get("flops") else {}
-    return {
-        "framework": "stagejax",
-        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
-        "precision": config.precision,
-        "batch": b,
-        "num_workers": config.num_workers,
-        "first_step_s": first_step_s,
-        "model_only": model_only,
-        "end_to_end": e2e,
-        **flops,
-        "peak_device_memory_mb": jax_peak_memory_mb(),
-        "peak_rss_mb": common.peak_rss_mb(),
-    }
-
-
-# --- torch -----------------------------------------------------------------------------
+    out = two_phases(job, step, resident, par.prefetch(raw), jax.block_until_ready)
+    flops = report.xla_flops(run.train_step, holder["state"], resident) if job["flops"] else {}
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"framework": "stagejax", "device": common.device_of_jax(),
+            "precision": config.precision, "batch": job["global_batch"],
+            "num_workers": config.num_workers, **out, **flops,
+            "peak_device_memory_mb": None if peak is None else peak / 2**20,
+            "peak_rss_mb": common.peak_rss_mb()}  # fmt: skip
 
 
 def bench_torch(job: dict, variant: str) -> dict:
@@ -196,87 +193,54 @@ def bench_torch(job: dict, variant: str) -> dict:
     from benchmarks import torch_baseline as tb
 
     device = tb.default_device()
-    tuning = (
-        tb.STUDY
-        if variant == "torch"
-        else tb.tuned(device, job["num_workers"], job["torch_compile"])
-    )
+    cuda = device.type == "cuda"
+    tuned = tb.tuned(device, job["num_workers"], job["torch_compile"])
+    tuning = tb.STUDY if variant == "torch" else tuned
     split = tb.read_split(job["data_dir"], "train")
     trainer = tb.Trainer(job["model"], tuning, device, seed=job["seed"])
     trainer.model.train()
-    b, w = job["global_batch"], job["window"]
+    b = job["global_batch"]
     total = 1 + 2 * job["warmup"] + job["steps"] + 1
     sampler = tb.make_sampler("reference", split.labels, b, job["seed"], total)
     loader = iter(
         tb.train_loader(split, job["image_size"], job["crop_range"], sampler, tuning, job["seed"])
     )
     x, y = trainer.to_device(*next(loader))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def sync(_):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    sync(trainer.train_step(x, y))
-    first_step_s = time.perf_counter() - t0
-
-    def model_step():
-        return trainer.train_step(x, y)
-
-    timed_windows(model_step, sync, job["warmup"], w, b)
-    model_only = phase_result(*timed_windows(model_step, sync, job["steps"], w, b))
-
-    batches = WaitClock(loader)
-
-    def e2e_step():
-        return trainer.train_step(*trainer.to_device(*next(batches)))
-
-    timed_windows(e2e_step, sync, job["warmup"], w, b)
-    batches.waited = 0.0
-    t0 = time.perf_counter()
-    e2e = phase_result(*timed_windows(e2e_step, sync, job["steps"], w, b))
-    e2e["loader_wait_fraction"] = batches.waited / (time.perf_counter() - t0)
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    batches = iter(lambda: trainer.to_device(*next(loader)), None)
+    out = two_phases(job, lambda batch: trainer.train_step(*batch), (x, y), batches, sync)
     flops = {}
-    if job.get("flops"):
-        flops = {
-            "step_flops": tb.train_step_flops(trainer, x, y),
-            "flops_source": "torch.utils.flop_counter, one eager forward + backward",
-        }
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
-    return {
-        "framework": variant,
-        "device": f"{device.type}: {dev}",
-        "batch": b,
-        **flops,
-        "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
-        "num_workers": tuning.num_workers,
-        "first_step_s": first_step_s,
-        "model_only": model_only,
-        "end_to_end": e2e,
-        "peak_device_memory_mb": peak_mb,
-        "peak_rss_mb": common.peak_rss_mb(),
-        "notes": trainer.notes,
-        "torch_compile": trainer.compile_status,
-        "torch_threads": torch.get_num_threads(),
-    }
+    if job["flops"]:
+        source = "torch.utils.flop_counter, one eager forward + backward"
+        flops = {"step_flops": tb.train_step_flops(trainer, x, y), "flops_source": source}
+    dev = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
+    return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b, **flops,
+            "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
+            "num_workers": tuning.num_workers, **out,
+            "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "peak_rss_mb": common.peak_rss_mb(), "notes": trainer.notes,
+            "torch_compile": trainer.compile_status,
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
 def child(job: dict) -> dict:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     fw = job["framework"]
     if fw == "stagejax":
         xla = common.stagejax_xla_defaults()  # before JAX starts
         return {**bench_stagejax(job), "xla_flags": xla}
     if fw == "stagejax_profile":
         xla = common.stagejax_xla_defaults()
-        return {**profile_stagejax(job), "xla_flags": xla}
+        return {**report.profile(job), "xla_flags": xla}
     return bench_torch(job, fw)
 
 
-# --- running -----------------------------------------------------------------------------
+# --- running ---------------------------------------------------------------------------------
 
 
 def parse_specs(
@@ -293,16 +257,9 @@ def parse_specs(
             raise ValueError(
                 f"--frameworks: {item!r}; NAME[@BATCH] with NAME one of {', '.join(FRAMEWORKS)}"
             )
-        b = (
-            int(batch)
-            if batch
-            else (study_batch if name == "torch" and study_batch else global_batch)
-        )
-        if b < 12 or b % 12:
-            raise ValueError(
-                f"--frameworks: {item!r}: batch {b} is not a positive multiple of "
-                "12 (the study's sampler takes batch / 12 images of every stage)"
-            )
+        default = study_batch if name == "torch" and study_batch else global_batch
+        b = int(batch) if batch else default
+        common.check_batch(b, f"frameworks: {item!r}: batch")
         specs.append((item, name, b))
     keys = [k for k, _, _ in specs]
     if len(set(keys)) != len(keys):
@@ -329,13 +286,8 @@ def measure(
             done = per_round[key]
             need = done[0].get("wall_s", 5.0) if done else 5.0
             log.info("measuring %s (round %d/%d)", key, r + 1, rounds)
-            out = common.run_child_capped(
-                MODULE,
-                {**job, "framework": name, "global_batch": batch},
-                cap_s(key),
-                deadline,
-                min_s=need,
-            )
+            sub = {**job, "framework": name, "global_batch": batch}
+            out = common.run_child_capped(MODULE, sub, cap_s(key), deadline, min_s=need)
             if "skipped" in out:
                 if not done:
                     done.append({"error": f"not run: {out['skipped']}"})
@@ -352,149 +304,58 @@ def measure(
     return results
 
 
-def validate(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+def validate(args) -> list[tuple[str, str, int]]:
     """Refuse settings that cannot run, before any data is generated; returns the
     ``(key, framework, batch)`` specs to measure."""
-    from stagejax import models
-
     for name in ("global_batch", "study_batch"):
-        b = getattr(args, name)
-        if b is not None and (b < 12 or b % 12):
-            raise ValueError(
-                f"--{name}: {b} is not a positive multiple of 12 (the study's "
-                "sampler takes batch / 12 images of every stage)"
-            )
+        if getattr(args, name) is not None:
+            common.check_batch(getattr(args, name), name)
     specs = parse_specs(args.frameworks, args.global_batch, args.study_batch)
     if not (specs or args.profile):
         raise ValueError(
             f"--frameworks: {args.frameworks!r}; a list of distinct names from "
             f"{', '.join(FRAMEWORKS)} (may be empty with --profile)"
         )
-    if args.model not in models.NAMES:
-        raise ValueError(f"--model: {args.model!r} is not one of {', '.join(models.NAMES)}")
+    common.check_model(args.model)
     for name in ("steps", "window", "rounds", "profile_repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
-    if args.image_size < 32:
-        raise ValueError(
-            f"--image_size: {args.image_size} is below the 32 px a ResNet downsamples by"
-        )
+    common.check_image_size(args.image_size)
     return specs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--image_size", type=int, default=896, help="crop size (px)")
-    p.add_argument("--crop_range", type=int, default=None, help="default: 128 scaled to image_size")
-    p.add_argument("--global_batch", type=int, default=48)
-    p.add_argument(
-        "--study_batch",
-        type=int,
-        default=None,
-        help="batch of the 'torch' (study recipe) variant only; the study used 12. "
-        "Default: --global_batch",
-    )
-    p.add_argument("--steps", type=int, default=50, help="measured steps per phase")
-    p.add_argument("--warmup", type=int, default=5, help="unmeasured steps per phase")
-    p.add_argument("--window", type=int, default=5, help="steps per timing window")
-    p.add_argument(
-        "--frameworks",
-        default=",".join(FRAMEWORKS),
-        help="NAME[@BATCH],... with NAME from " + ", ".join(FRAMEWORKS),
-    )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="stagejax compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)",
-    )
-    p.add_argument(
-        "--num_workers",
-        type=int,
-        default=None,
-        help="loader workers for stagejax and torch_tuned (torch, as the study, "
-        "uses 0); default: 0 on a CPU-only machine, else min(8, CPUs - 2)",
-    )
-    p.add_argument("--torch_compile", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--num_images", type=int, default=96, help="simulated dataset size")
-    p.add_argument("--seed", type=int, default=109)
-    p.add_argument("--cache_dir", default=common.DEFAULT_CACHE)
-    p.add_argument("--profile", action="store_true", help="add the stagejax step breakdown")
-    p.add_argument("--profile_repeats", type=int, default=5)
-    p.add_argument(
-        "--flops", action="store_true", help="add each step's FLOPs and the model FLOP utilisation"
-    )
-    p.add_argument("--timeout", type=float, default=3600, help="per framework (s)")
-    p.add_argument("--json", default="", help="also write all results here")
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="repeat every framework this many times, interleaved (noisy machines)",
-    )
-    p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    return p
-
-
-def make_job(args: argparse.Namespace, data_dir: str, crop_range: int) -> dict:
-    """What every child is told (the framework and its batch are added per child)."""
-    return {
-        "model": args.model,
-        "image_size": args.image_size,
-        "crop_range": crop_range,
-        "global_batch": args.global_batch,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "window": args.window,
-        "precision": args.precision,
-        "num_workers": args.num_workers,
-        "torch_compile": args.torch_compile,
-        "seed": args.seed,
-        "data_dir": data_dir,
-        "flops": args.flops,
-        "cache_dir": str(os.path.expanduser(args.cache_dir)),
-        "profile_repeats": args.profile_repeats,
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    started = common.start(build_parser(), argv, child, validate)
-    if started is None:
-        return
-    args, specs = started
-    shape_warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
-    crop_range = (
-        args.crop_range
-        if args.crop_range is not None
-        else common.scaled_crop_range(args.image_size)
-    )
+def run(args) -> None:
+    specs = validate(args)
+    warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
+    crop_range = args.crop_range
+    if crop_range is None:
+        crop_range = common.scaled_crop_range(args.image_size)
     if args.num_workers is None:
         import torch  # cheap accelerator probe (jax would claim the device in this process)
 
         args.num_workers = min(8, (os.cpu_count() or 2) - 2) if torch.cuda.is_available() else 0
-    root = common.simulated_root(
-        args.num_images, args.image_size + 2 * crop_range, cache_dir=args.cache_dir
-    )
-    job = make_job(args, str(root), crop_range)
-
-    def show(key: str, r: int, out: dict) -> None:
-        print(json.dumps({"name": key, "round": r, **out}), flush=True)
-
-    results = measure(specs, job, args.rounds, lambda _: args.timeout, on_result=show)
+    root = common.simulated_root(args.num_images, args.image_size + 2 * crop_range,
+                                 cache_dir=args.cache_dir)  # fmt: skip
+    keys = ("model", "image_size", "global_batch", "steps", "warmup", "window", "precision",
+            "num_workers", "torch_compile", "seed", "flops", "profile_repeats")  # fmt: skip
+    job = {k: getattr(args, k) for k in keys}
+    job.update(crop_range=crop_range, data_dir=str(root),
+               cache_dir=str(os.path.expanduser(args.cache_dir)))  # fmt: skip
+    results = measure(specs, job, args.rounds, lambda _: args.timeout)
     if args.profile:
         log.info("measuring stagejax_profile")
-        results["stagejax_profile"] = common.run_child(
-            MODULE, {**job, "framework": "stagejax_profile"}, args.timeout
-        )
-        print(json.dumps({"name": "stagejax_profile", **results["stagejax_profile"]}), flush=True)
+        prof = {**job, "framework": "stagejax_profile"}
+        results["stagejax_profile"] = common.run_child(MODULE, prof, args.timeout)
     report.add_mfu(results)
     ratio = report.ratios(results)
-    common.finish(
-        MODULE, job, results, ratio, report.markdown(results, ratio), shape_warning, args.json
-    )
+    common.finish(MODULE, {"warning": warning, "job": job, "results": results, "ratios": ratio},
+                  report.markdown(results, ratio), args.json)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

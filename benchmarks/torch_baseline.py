@@ -25,11 +25,9 @@ the line of label_list.txt that equals ``{stage}``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -41,7 +39,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from benchmarks import common
+
 log = logging.getLogger("torch_baseline")
+MODULE = "benchmarks.torch_baseline"
+METRICS = ("balanced_accuracy", "accuracy", "within1_accuracy")
 
 NUM_STAGES = 12
 FLIP_PROBABILITY = 2.0 / 3.0
@@ -60,11 +62,8 @@ def read_split(root: str | Path, split: str) -> Split:
     """One split of a study-layout folder; labels from the file names."""
     root = Path(root)
     names = [s.strip() for s in (root / "label_list.txt").read_text().splitlines() if s.strip()]
-    files = [
-        s.strip()
-        for s in (root / "split_list" / f"{split}.txt").read_text().splitlines()
-        if s.strip()
-    ]
+    text = (root / "split_list" / f"{split}.txt").read_text()
+    files = [s.strip() for s in text.splitlines() if s.strip()]
     labels = []
     for f in files:
         stage = f[f.rfind("_") + 1 : f.rfind("-")]
@@ -122,15 +121,8 @@ class TubuleImages(torch.utils.data.Dataset):
     Eval items are record indices. Yields float32 CHW in [0, 1] (host min-max,
     as the study) or, with ``host_normalize=False``, the uint8 HWC crop."""
 
-    def __init__(
-        self,
-        split: Split,
-        crop_size: int,
-        crop_range: int,
-        train: bool,
-        seed: int,
-        host_normalize: bool = True,
-    ):
+    def __init__(self, split: Split, crop_size: int, crop_range: int, train: bool, seed: int,
+                 host_normalize: bool = True):  # fmt: skip
         self.split, self.crop_size, self.crop_range = split, crop_size, crop_range
         self.train, self.seed, self.host_normalize = train, seed, host_normalize
 
@@ -141,9 +133,8 @@ class TubuleImages(torch.utils.data.Dataset):
         if self.train:
             record, position = item
             rng = np.random.default_rng((self.seed, position))
-            image = train_view(
-                decode(self.split.paths[record]), self.crop_size, self.crop_range, rng
-            )
+            image = decode(self.split.paths[record])
+            image = train_view(image, self.crop_size, self.crop_range, rng)
         else:
             record = item
             image = center_view(decode(self.split.paths[record]), self.crop_size)
@@ -280,17 +271,9 @@ def tuned(device: torch.device, num_workers: int = 2, compile_mode: str = "auto"
             )
     else:
         do_compile = compile_mode == "on"
-    return Tuning(
-        name="tuned",
-        bf16=bf16,
-        channels_last=True,
-        compile=do_compile,
-        fused_adam=True,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        device_normalize=True,
-        notes=tuple(notes),
-    )
+    return Tuning(name="tuned", bf16=bf16, channels_last=True, compile=do_compile,
+                  fused_adam=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+                  device_normalize=True, notes=tuple(notes))  # fmt: skip
 
 
 def create_model(name: str, num_classes: int = NUM_STAGES) -> torch.nn.Module:
@@ -314,16 +297,8 @@ def create_optimizer(
 class Trainer:
     """Model, optimizer and one train step for a variant on a device."""
 
-    def __init__(
-        self,
-        model_name: str,
-        tuning: Tuning,
-        device: torch.device,
-        *,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        seed: int = 109,
-    ):
+    def __init__(self, model_name: str, tuning: Tuning, device: torch.device, *,
+                 lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 109):  # fmt: skip
         torch.manual_seed(seed)
         self.tuning, self.device = tuning, device
         self.notes = list(tuning.notes)
@@ -331,9 +306,8 @@ class Trainer:
         if tuning.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer, kind = create_optimizer(
-            model.parameters(), lr, weight_decay, tuning.fused_adam
-        )
+        self.optimizer, kind = create_optimizer(model.parameters(), lr, weight_decay,
+                                                tuning.fused_adam)  # fmt: skip
         if tuning.fused_adam:
             self.notes.append(f"Adam: {kind}")
         self._forward = torch.compile(model) if tuning.compile else model
@@ -409,31 +383,20 @@ def train_step_flops(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> floa
 def train_loader(
     split: Split, crop_size: int, crop_range: int, sampler, tuning: Tuning, seed: int
 ) -> torch.utils.data.DataLoader:
-    ds = TubuleImages(
-        split, crop_size, crop_range, True, seed, host_normalize=not tuning.device_normalize
-    )
+    ds = TubuleImages(split, crop_size, crop_range, True, seed, not tuning.device_normalize)
     workers = tuning.num_workers
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=tuning.pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=2 if workers else None,
-    )
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=tuning.pin_memory,
+                                       persistent_workers=workers > 0,
+                                       prefetch_factor=2 if workers else None)  # fmt: skip
 
 
 def eval_loader(
     split: Split, crop_size: int, batch_size: int, tuning: Tuning
 ) -> torch.utils.data.DataLoader:
-    ds = TubuleImages(split, crop_size, 0, False, 0, host_normalize=not tuning.device_normalize)
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=tuning.num_workers,
-        pin_memory=tuning.pin_memory,
-    )
+    ds = TubuleImages(split, crop_size, 0, False, 0, not tuning.device_normalize)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=tuning.num_workers,
+                                       pin_memory=tuning.pin_memory)  # fmt: skip
 
 
 # --- evaluation ------------------------------------------------------------------------
@@ -444,12 +407,9 @@ def stage_metrics(labels: Sequence[int], preds: Sequence[int]) -> dict:
     +/-1-stage accuracy (stage order, not cyclic, as the study)."""
     labels, preds = np.asarray(labels), np.asarray(preds)
     recalls = [float(np.mean(preds[labels == s] == s)) for s in np.unique(labels)]
-    return {
-        "num_examples": int(labels.size),
-        "accuracy": float(np.mean(preds == labels)),
-        "balanced_accuracy": float(np.mean(recalls)),
-        "within1_accuracy": float(np.mean(np.abs(preds - labels) <= 1)),
-    }
+    return {"num_examples": int(labels.size), "accuracy": float(np.mean(preds == labels)),
+            "balanced_accuracy": float(np.mean(recalls)),
+            "within1_accuracy": float(np.mean(np.abs(preds - labels) <= 1))}  # fmt: skip
 
 
 def evaluate(trainer: Trainer, split: Split, crop_size: int, batch_size: int) -> dict:
@@ -487,14 +447,8 @@ def train_and_evaluate(
     device = device or default_device()
     t0 = time.perf_counter()
     train, val, test = (read_split(data_dir, s) for s in ("train", "validation", "test"))
-    trainer = Trainer(
-        recipe.model,
-        tuning,
-        device,
-        lr=recipe.learning_rate,
-        weight_decay=recipe.weight_decay,
-        seed=recipe.seed,
-    )
+    trainer = Trainer(recipe.model, tuning, device, lr=recipe.learning_rate,
+                      weight_decay=recipe.weight_decay, seed=recipe.seed)  # fmt: skip
     steps = max(1, len(train.labels) // recipe.batch_size)
     sampler = make_sampler(recipe.sampler, train.labels, recipe.batch_size, recipe.seed, steps)
     loader = train_loader(train, recipe.crop_size, recipe.crop_range, sampler, tuning, recipe.seed)
@@ -505,63 +459,49 @@ def train_and_evaluate(
         for images, labels in loader:
             losses.append(trainer.train_step(*trainer.to_device(images, labels)))
         val_metrics = evaluate(trainer, val, recipe.crop_size, recipe.eval_batch_size)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": float(torch.stack(losses).mean()),
-                **{f"val_{k}": v for k, v in val_metrics.items()},
-            }
-        )
-        log.info(
-            "epoch %d/%d: loss %.4f, validation balanced accuracy %.4f",
-            epoch,
-            recipe.num_epochs,
-            history[-1]["train_loss"],
-            val_metrics["balanced_accuracy"],
-        )
+        history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).mean()),
+                        **{f"val_{k}": v for k, v in val_metrics.items()}})  # fmt: skip
+        log.info("epoch %d/%d: loss %.4f, validation balanced accuracy %.4f", epoch,
+                 recipe.num_epochs, history[-1]["train_loss"],
+                 val_metrics["balanced_accuracy"])  # fmt: skip
         if val_metrics["balanced_accuracy"] >= best:
             best, best_epoch = val_metrics["balanced_accuracy"], epoch
             best_state = copy.deepcopy(trainer.model.state_dict())
     trainer.model.load_state_dict(best_state)
     result = evaluate(trainer, test, recipe.crop_size, recipe.eval_batch_size)
-    result.update(
-        best_epoch=best_epoch,
-        best_val_balanced_accuracy=best,
-        history=history,
-        wall_s=time.perf_counter() - t0,
-        steps_per_epoch=steps,
-        variant=tuning.name,
-        notes=trainer.notes,
-        device=str(device),
-    )
+    result.update(best_epoch=best_epoch, best_val_balanced_accuracy=best, history=history,
+                  wall_s=time.perf_counter() - t0, steps_per_epoch=steps, variant=tuning.name,
+                  notes=trainer.notes, device=str(device))  # fmt: skip
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", required=True, help="study-layout folder")
-    defaults = Recipe()
-    for f in dataclasses.fields(Recipe):
-        p.add_argument(
-            f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name)
-        )
-    p.add_argument("--epochs", type=int, dest="num_epochs", default=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=("study", "tuned"), default="study")
-    p.add_argument("--num_workers", type=int, default=2, help="tuned variant only")
-    p.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--json", default="")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+FLAGS: common.Flags = {
+    "data_dir": ("", "Study-layout folder (required)."),
+    **{f.name: (f.default, f"The recipe's {f.name}.") for f in dataclasses.fields(Recipe)},
+    "variant": ("study", "The study's run or tuned PyTorch.", ("study", "tuned")),
+    "num_workers": (2, "Loader workers (tuned variant only)."),
+    "torch_compile": ("auto", "torch.compile (tuned; auto: on CUDA).", ("auto", "on", "off")),
+    "json": ("", "Also write the result here."),
+}  # fmt: skip
+
+
+def run(args) -> None:
+    if not args.data_dir:
+        raise ValueError("--data_dir: a study-layout folder is required")
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     device = default_device()
-    tuning = (
-        STUDY if args.variant == "study" else tuned(device, args.num_workers, args.torch_compile)
-    )
+    tuning = STUDY
+    if args.variant == "tuned":
+        tuning = tuned(device, args.num_workers, args.torch_compile)
     result = train_and_evaluate(args.data_dir, recipe, tuning, device)
-    text = json.dumps({"recipe": dataclasses.asdict(recipe), **result}, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    table = common.markdown_table(["variant", *METRICS, "best epoch", "wall s"],
+                                  [[tuning.name, *(result[k] for k in METRICS),
+                                    str(result["best_epoch"]), result["wall_s"]]])  # fmt: skip
+    common.finish(MODULE, {"recipe": dataclasses.asdict(recipe), **result}, table, args.json)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The benchmarks' pure parts: the PyTorch baseline's recipe pieces against
-stagejax's, ratios, pooling, tables and argument checks. No timing assertions."""
+"""The benchmarks: the PyTorch baseline's recipe pieces against stagejax's, ratios,
+pooling, tables and argument checks, and every benchmark's command line run with
+each of its flags at toy sizes (module-scoped: one run per command). No timing
+assertions."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -18,6 +19,7 @@ from benchmarks import torch_baseline as tb
 from stagejax.data import augment
 from stagejax.data.sampler import StageBalancedSampler
 from stagejax.evaluate import metrics as metrics_lib
+from stagejax.train.memory import CPU_REMAT_XLA_FLAG
 
 # --- the baseline's recipe pieces equal stagejax's ---------------------------------------
 
@@ -203,8 +205,15 @@ def test_run_child_without_a_result_is_an_error_not_an_exception():
 
 
 def test_run_child_reports_the_end_of_a_crash():
-    out = common.run_child("benchmarks.gpu_suite_parts", {"part": "prepare"}, timeout=120)
+    out = common.run_child("benchmarks.gpu_suite", {"part": "prepare"}, timeout=120)
     assert "exit code 1" in out["error"] and "KeyError" in out["error"]
+
+
+def test_an_in_process_job_runs_here_and_its_crash_is_an_error(monkeypatch):
+    monkeypatch.setattr(common, "IN_PROCESS", True)
+    out = common.run_child("benchmarks.gpu_suite", {"part": "prepare"})
+    assert out["error"].startswith("in process:") and "KeyError" in out["error"]
+    assert "error" in common.run_child("benchmarks.common", {}, env={"X": "1"})  # a process
 
 
 def test_emit_is_what_run_child_reads(capsys):
@@ -291,7 +300,7 @@ def test_throughput_timed_windows_cover_every_step():
     ],
 )
 def test_throughput_refuses_bad_arguments(argv, match):
-    args = throughput.build_parser().parse_args(argv)
+    args, _ = common.parse(throughput.FLAGS, ["t", *argv])
     with pytest.raises(ValueError, match=match):
         throughput.validate(args)
 
@@ -388,7 +397,7 @@ def test_peak_flops_by_device():
 def test_xla_flops_counts_a_matmul():
     import jax
 
-    from benchmarks.stagejax_step import xla_flops
+    from benchmarks.throughput_report import xla_flops
 
     f = jax.jit(lambda a, b: a @ b)
     a = jnp.ones((32, 64))
@@ -410,7 +419,7 @@ def test_torch_train_step_flops_count_forward_and_backward():
 
 
 def test_throughput_accepts_profile_alone():
-    args = throughput.build_parser().parse_args(["--frameworks", "", "--profile"])
+    args, _ = common.parse(throughput.FLAGS, ["t", "--frameworks=", "--profile"])
     assert throughput.validate(args) == []
 
 
@@ -474,14 +483,14 @@ def test_predict_speed_input_is_seeded_uint8():
 )
 def test_predict_speed_refuses_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
-        predict_speed.validate(predict_speed.build_parser().parse_args(argv))
+        predict_speed.validate(common.parse(predict_speed.FLAGS, ["p", *argv])[0])
 
 
 # --- memory (remat) ---------------------------------------------------------------------
 
 
 def test_memory_jobs_pair_remat_off_and_on():
-    args = memory_bench.build_parser().parse_args(["--models=resnet18", "--sizes=64,96"])
+    args, _ = common.parse(memory_bench.FLAGS, ["m", "--models=resnet18", "--sizes=64,96"])
     jobs = memory_bench.validate(args)
     assert len(jobs) == 2 * 2 * 2  # sizes x precisions x remat
     assert [j["remat"] for j in jobs[:2]] == [False, True]
@@ -505,7 +514,7 @@ def test_memory_jobs_pair_remat_off_and_on():
 )
 def test_memory_refuses_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
-        memory_bench.validate(memory_bench.build_parser().parse_args(argv))
+        memory_bench.validate(common.parse(memory_bench.FLAGS, ["m", *argv])[0])
 
 
 def test_memory_table_compares_remat_off_and_on():
@@ -523,16 +532,6 @@ def test_memory_table_compares_remat_off_and_on():
     ]  # fmt: skip
     header, rule, *rows = memory_bench.markdown(results, 12).split("\n\n")[1].splitlines()
     assert all(row.count("|") == header.count("|") for row in rows)
-
-
-def test_memory_measures_the_trainers_step():
-    """In process, one tiny configuration: the numbers the report needs are there."""
-    job = {"model": "resnet18", "size": 32, "precision": "float32", "remat": True,
-           "batch": 12, "time_steps": 1}  # fmt: skip
-    out = memory_bench.measure_one(job)
-    assert out["temp_bytes"] > 0 and out["argument_bytes"] > 0 and out["fits"]
-    assert out["need_bytes"] >= out["temp_bytes"] + out["argument_bytes"]
-    assert out["step_s"]["median"] > 0
 
 
 # --- accuracy ---------------------------------------------------------------------------
@@ -594,7 +593,7 @@ def test_accuracy_seeds():
 )
 def test_accuracy_refuses_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
-        accuracy.validate(accuracy.build_parser().parse_args(argv))
+        accuracy.validate(common.parse(accuracy.FLAGS, ["a", *argv])[0])
 
 
 def test_accuracy_stagejax_config_is_the_study_recipe():
@@ -619,6 +618,137 @@ def test_accuracy_stagejax_config_is_the_study_recipe():
     assert (recipe.learning_rate, recipe.weight_decay) == (c.learning_rate, c.weight_decay)
 
 
-def test_parsers_are_argparse():
-    for mod in (throughput, predict_speed, accuracy, memory_bench):
-        assert isinstance(mod.build_parser(), argparse.ArgumentParser)
+# --- every command line, run with every flag at toy sizes -----------------------------------
+
+
+@pytest.fixture
+def bench_cache(tmp_path_factory):
+    """The simulated data of the throughput and accuracy commands and of the GPU smoke
+    (tests/test_gpu_suite.py): the same 36 images of 40 px, made once."""
+    return tmp_path_factory.getbasetemp() / "benchmark_cache"
+
+
+def _run(module, argv: list[str], capsys) -> str:
+    module.main(argv)
+    return capsys.readouterr().out
+
+
+def _flags_used(module, argv: list[str]) -> None:
+    """The test names every flag the benchmark has."""
+    used = {a.split("=")[0].lstrip("-").removeprefix("no") for a in argv if a.startswith("--")}
+    assert set(module.FLAGS) <= used, set(module.FLAGS) - used
+
+
+def test_throughput_command_with_the_profile(bench_cache, tmp_path, capsys):
+    """--profile (the stagejax step breakdown) and torch's FLOPs, one step each."""
+    out = tmp_path / "t.json"
+    # The GPU suite smoke's sizes and data (tests/test_gpu_suite.py): one dataset, and
+    # its compiled steps are reused.
+    argv = ["--model=resnet18", "--image_size=32", "--crop_range=4", "--global_batch=24",
+            "--study_batch=12", "--steps=1", "--warmup=0", "--window=1",
+            "--frameworks=torch", "--precision=float32", "--num_workers=0",
+            "--torch_compile=off", "--num_images=36", "--seed=109",
+            f"--cache_dir={bench_cache}", "--profile", "--profile_repeats=1", "--flops",
+            "--rounds=1", "--timeout=600", f"--json={out}", "--in_process"]  # fmt: skip
+    _flags_used(throughput, argv)
+    text = _run(throughput, argv, capsys)
+    results = json.loads(out.read_text())["results"]
+    assert "error" not in results["torch"], results["torch"]
+    assert results["torch"]["mfu"]["step_flops"] > 0
+    prof = results["stagejax_profile"]
+    assert "error" not in prof, prof
+    assert set(prof["parts_ms"]) >= {"device_preprocess", "forward_backward", "full_train_step"}
+    assert all(v > 0 for v in prof["parts_ms"].values())
+    assert "stagejax step part (timed alone)" in text
+
+
+def test_predict_speed_command(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    argv = ["--model=resnet18", "--image_size=32", "--batch=2", "--steps=1", "--warmup=1",
+            "--frameworks=stagejax_tta,torch_channels_last", "--precision=float32",
+            "--seed=0", "--timeout=600", f"--json={out}", "--in_process"]  # fmt: skip
+    _flags_used(predict_speed, argv)
+    text = _run(predict_speed, argv, capsys)
+    results = json.loads(out.read_text())["results"]
+    assert (
+        results["stagejax_tta"]["views"] == 8 and results["torch_channels_last"]["images_per_s"] > 0
+    )
+    assert "stagejax_tta" in text
+
+
+def test_memory_command(tmp_path, capsys, monkeypatch):
+    """The jobs measured here, in this process; the environment they would get as
+    children recorded (--xla_keep_remat's effect is the GPU smoke's: remat on < off)."""
+    envs = []
+
+    def here(module, job, timeout=None, env=None):
+        envs.append(env)
+        return memory_bench.child(job)
+
+    monkeypatch.setattr(common, "run_child", here)
+    out = tmp_path / "m.json"
+    argv = ["--models=resnet18", "--sizes=32", "--precisions=float32", "--batch=12",
+            "--time_steps=1", "--timeout=600", "--xla_keep_remat", f"--json={out}",
+            "--in_process"]  # fmt: skip
+    _flags_used(memory_bench, argv)
+    text = _run(memory_bench, argv, capsys)
+    off, on = json.loads(out.read_text())["results"]
+    assert "error" not in off and "error" not in on, (off, on)
+    assert on["temp_bytes"] > 0 and on["step_s"]["median"] > 0 and on["fits"]
+    assert [e["XLA_FLAGS"].split()[-1] for e in envs] == [CPU_REMAT_XLA_FLAG] * 2
+    assert "| resnet18 | 32 | float32 |" in text
+
+
+def test_accuracy_command(bench_cache, tmp_path, capsys):
+    out = tmp_path / "a.json"
+    argv = ["--model=resnet18", "--num_images=36", "--image_size=40", "--crop_size=32",
+            "--crop_range=4", "--batch=12", "--eval_batch=12", "--epochs=1", "--seeds=1",
+            "--frameworks=stagejax,torch", "--data_seed=0", "--split_by=slide",
+            f"--cache_dir={bench_cache}", f"--workdir={tmp_path / 'w'}", "--timeout=600",
+            f"--json={out}", "--in_process"]  # fmt: skip
+    _flags_used(accuracy, argv)
+    text = _run(accuracy, argv, capsys)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["framework"] for r in runs] == ["stagejax", "torch"]
+    assert all("error" not in r and 0 <= r["balanced_accuracy"] <= 1 for r in runs), runs
+    assert "SIMULATED" in text
+
+
+def test_loader_commands(tmp_path, capsys):
+    from benchmarks import loader
+
+    out = tmp_path / "l.json"
+    argv = ["--workers=0", "--image_size=40", "--crop_size=32",
+            "--num_images=12", "--num_batches=1", "--trials=1", "--repeats=1",
+            f"--json={out}"]  # fmt: skip
+    text = _run(loader, argv, capsys)
+    assert json.loads(out.read_text())["loader"][0]["images_per_s"] > 0
+    assert "| grain workers |" in text
+    paths = ["--train_paths", "--model=resnet18", "--global_batch=12"]
+    _flags_used(loader, argv + paths)
+    text = _run(loader, [*argv, *paths], capsys)
+    feeds = json.loads(out.read_text())["train_paths"]["paths"]
+    assert set(feeds) == {"grain", "on_device"} and "| on_device |" in text
+
+
+def test_torch_baseline_command(tiny_sim_dir, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = [f"--data_dir={tiny_sim_dir}", "--model=resnet18", "--crop_size=32",
+            "--crop_range=4", "--batch_size=12", "--eval_batch_size=12",
+            "--learning_rate=0.001", "--weight_decay=0.0005", "--num_epochs=1", "--seed=1",
+            "--sampler=stagejax", "--variant=tuned", "--num_workers=0",
+            "--torch_compile=off", f"--json={out}"]  # fmt: skip
+    _flags_used(tb, argv)
+    text = _run(tb, argv, capsys)
+    result = json.loads(out.read_text())
+    assert result["variant"] == "tuned" and result["recipe"]["sampler"] == "stagejax"
+    assert 0 <= result["balanced_accuracy"] <= 1 and "| tuned |" in text
+
+
+def test_a_bad_flag_is_one_error_line():
+    with pytest.raises(SystemExit, match="error: .*no_such_flag"):
+        throughput.main(["--no_such_flag=1"])
+    with pytest.raises(SystemExit, match="error: --frameworks"):
+        throughput.main(["--frameworks=jax"])
+    with pytest.raises(SystemExit, match="unexpected arguments"):
+        predict_speed.main(["extra"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ import pytest
 from stagejax import config as config_lib
 from stagejax import recipe
 from stagejax.errors import ConfigError, WorkdirError
-from tests.conftest import REPO
-from tests.test_reliability import _error_line, _run
+from tests.conftest import REPO, error_line, run_cli, run_main
 
 sys.path.insert(0, str(REPO))
 CONFIGS = ["resnet", "resnext", "wide_resnet", "mobilenet"]
@@ -173,8 +171,8 @@ def test_bad_value_on_the_command_line(flag, field, tmp_path):
         "model": "resnet18",
         "crop_size": 32,
     }
-    res = _run(workdir, overrides, flag)
-    line = _error_line(res)
+    res = run_main(workdir, flag, overrides=overrides)
+    line = error_line(res)
     assert res.returncode == 2 and line.startswith(f"error: {field}; must be "), line
     assert not workdir.exists() and not (tmp_path / "c").exists()
 
@@ -182,8 +180,8 @@ def test_bad_value_on_the_command_line(flag, field, tmp_path):
 def test_init_from_with_another_head_on_the_command_line(tmp_path):
     model = _model_dir(tmp_path / "imagenet_r18", num_classes=1000)
     overrides = {"cache_dir": str(tmp_path / "c"), "model": "resnet18", "init_from": model}
-    res = _run(tmp_path / "workdir", overrides)
-    line = _error_line(res)
+    res = run_main(tmp_path / "workdir", overrides=overrides)
+    line = error_line(res)
     assert res.returncode == 2 and "1000 classes" in line and "--new_head" in line, line
     assert "training resnet18" not in res.stderr and not (tmp_path / "c").exists()
 
@@ -285,34 +283,15 @@ def test_unknown_override_is_refused_before_parsing():
 def test_demo_run_does_what_the_command_line_says(tmp_path):
     """``--config.num_epochs=1`` on the simulated demo (no data_dir, no variant): the
     demo's sizes, but one epoch, in config.json and in what ran."""
-    from tests.test_reliability import TIMEOUT
-
     workdir = tmp_path / "w"
-    flags = [
-        f"--config.{k}={v}"
-        for k, v in {
-            "num_epochs": 1,
-            "model": "resnet18",
-            "cache_dir": tmp_path / "cache",
-            "simulated.num_images": 36,
-            "eval_batch_size": 24,
-        }.items()
-    ]
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stagejax.main",
-            f"--config={RESNET}",
-            f"--workdir={workdir}",
-            *flags,
-        ],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    overrides = {
+        "num_epochs": 1,
+        "model": "resnet18",
+        "cache_dir": tmp_path / "cache",
+        "simulated.num_images": 36,
+        "eval_batch_size": 24,
+    }
+    res = run_main(workdir, overrides=overrides)
     assert res.returncode == 0, res.stderr[-3000:]
     ran = json.loads((workdir / "config.json").read_text())
     assert (ran["variant"], ran["num_epochs"], ran["crop_size"], ran["global_batch_size"]) == (
@@ -358,14 +337,9 @@ def test_old_workdir_without_newer_fields_still_resumes(tmp_path):
         workdir_lib.prepare_workdir(tmp_path / "w", config, write=False)
 
 
-def _main(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, "-m", "stagejax.main", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_a_missing_config_file_is_one_line(tmp_path):
-    line = _error_line(_main(REPO, "--config=configs/nope.py", f"--workdir={tmp_path / 'w'}"))
+    res = run_cli("stagejax.main", "--config=configs/nope.py", f"--workdir={tmp_path / 'w'}")
+    line = error_line(res)
     assert "--config: configs/nope.py: no such config file" in line
 
 
@@ -377,5 +351,6 @@ def test_shipped_configs_work_from_any_directory(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, *paths], cwd=tmp_path, capture_output=True)
     assert res.returncode == 0, res.stderr[-3000:]
     w = tmp_path / "w"
-    line = _error_line(_main(tmp_path, f"--config={paths[0]}", f"--workdir={w}", "--mode=section"))
+    args = (f"--config={paths[0]}", f"--workdir={w}", "--mode=section")
+    line = error_line(run_cli("stagejax.main", *args, cwd=tmp_path, env={"PYTHONPATH": None}))
     assert line.startswith(f"error: no trained model in {w}"), line

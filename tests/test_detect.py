@@ -1,13 +1,11 @@
 """Tubule detection (stagejax.detect) on small drawn and simulated sections."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from shapely import affinity
-from shapely.geometry import Point, box
+from shapely.geometry import box
 
 from stagejax.detect import DetectParams, detect_slide, evaluate, fit, load_params
 from stagejax.slides import (
@@ -17,50 +15,17 @@ from stagejax.slides import (
     write_geojson,
     write_pyramidal_tiff,
 )
-
-MPP = 2.0  # um/px of the drawn sections
-
-
-def _draw(rng, radius_um=95.0, size_um=(1400, 1100), stain=(0.30, 0.55, 0.25)):
-    """A section drawn directly: touching purple discs with a pale lumen on pink stroma,
-    inside an elliptical tissue outline on white glass. Returns (RGB, truth objects)."""
-    w, h = int(size_um[0] / MPP), int(size_um[1] / MPP)
-    yy, xx = np.mgrid[0:h, 0:w] * MPP
-    cx, cy = size_um[0] / 2, size_um[1] / 2
-    tissue = ((xx - cx) / (0.46 * size_um[0])) ** 2 + ((yy - cy) / (0.45 * size_um[1])) ** 2 < 1
-    od = np.zeros((h, w, 3), np.float32)
-    od[tissue] = (0.05, 0.12, 0.06)  # pink interstitium
-    truth, step = [], 2 * radius_um + 4
-    for j, y in enumerate(np.arange(cy % step, size_um[1], step * 0.87)):
-        for x in np.arange((j % 2) * step / 2 + cx % step, size_um[0], step):
-            x0, y0 = x + rng.uniform(-3, 3), y + rng.uniform(-3, 3)
-            r = radius_um * rng.uniform(0.9, 1.0)
-            inside = np.hypot(xx - x0, yy - y0) < r
-            if not ((inside & tissue).sum() > 0.95 * inside.sum() > 0):
-                continue
-            lumen = np.hypot(xx - x0, yy - y0) < 0.3 * r
-            od[inside & ~lumen] = stain
-            od[lumen] = (0.03, 0.06, 0.04)
-            circle = Point(x0 / MPP, y0 / MPP).buffer(r / MPP, quad_segs=16)
-            truth.append(SlideObject(geometry=circle, object_type="annotation"))
-    od *= rng.uniform(0.7, 1.3, od.shape[:2])[..., None].astype(np.float32)  # nuclei-like grain
-    rgb = np.clip(255 * 10**-od, 0, 255).astype(np.uint8)
-    return rgb, truth
+from tests.conftest import DRAWN_MPP, draw_section, run_cli
 
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
     """A drawn section as a pyramidal TIFF with its pixel size, and its truth GeoJSON."""
     root = tmp_path_factory.mktemp("drawn")
-    rgb, truth = _draw(np.random.default_rng(0))
-    write_pyramidal_tiff(root / "s.tif", rgb, MPP, tile_size=256, compression="deflate")
+    rgb, truth = draw_section(np.random.default_rng(0))
+    write_pyramidal_tiff(root / "s.tif", rgb, DRAWN_MPP, tile_size=256, compression="deflate")
     write_geojson(root / "truth.geojson", truth)
     return root / "s.tif", root / "truth.geojson", truth
-
-
-def _cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stagejax.detect", *args],
-                          capture_output=True, text=True, timeout=120, **kw)  # fmt: skip
 
 
 def test_detection_finds_the_drawn_tubules(drawn):
@@ -76,7 +41,7 @@ def test_detection_finds_the_drawn_tubules(drawn):
 def test_cli_writes_qupath_geojson_and_overlay(drawn, tmp_path):
     path, _, truth = drawn
     out = tmp_path / "out"
-    proc = _cli("--slide", str(path), "--out", str(out), "--method=classical")
+    proc = run_cli("stagejax.detect", "--slide", str(path), "--out", str(out), "--method=classical")
     assert proc.returncode == 0, proc.stderr
     raw = json.loads((out / "tubules.geojson").read_text())
     assert raw["type"] == "FeatureCollection"
@@ -115,8 +80,9 @@ def test_metrics_on_hand_made_cases():
 
 def test_train_fits_small_tubules_and_params_file_is_used(tmp_path):
     """Prepubertal-size tubules (60 um across) defeat the adult defaults; the fit recovers."""
-    rgb, truth = _draw(np.random.default_rng(1), radius_um=30.0, size_um=(700, 560))
-    write_pyramidal_tiff(tmp_path / "small.tif", rgb, MPP, tile_size=256, compression="deflate")
+    rgb, truth = draw_section(np.random.default_rng(1), radius_um=30.0, size_um=(700, 560))
+    write_pyramidal_tiff(tmp_path / "small.tif", rgb, DRAWN_MPP, tile_size=256,
+                         compression="deflate")  # fmt: skip
     write_geojson(tmp_path / "small.geojson", truth)
     sections = fit.load_sections([str(tmp_path / "small.tif")], [str(tmp_path / "small.geojson")],
                                  None)  # fmt: skip
@@ -132,7 +98,8 @@ def test_train_fits_small_tubules_and_params_file_is_used(tmp_path):
     save_params(params, best, record)
     assert load_params(params) == best
     out = tmp_path / "out"
-    proc = _cli("--slide", str(tmp_path / "small.tif"), "--out", str(out), "--params", str(params))
+    proc = run_cli("stagejax.detect", "--slide", str(tmp_path / "small.tif"), "--out", str(out),
+                   "--params", str(params))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert evaluate(read_geojson(out / "tubules.geojson"), truth)["all"]["f1"] >= 0.9
 
@@ -140,15 +107,18 @@ def test_train_fits_small_tubules_and_params_file_is_used(tmp_path):
 def test_train_cli_never_worsens_f1(drawn, tmp_path):
     path, truth_path, truth = drawn
     params = tmp_path / "p.json"
-    proc = _cli("train", "--method=classical", "--slides", str(path), "--annotations",
-                str(truth_path), "--out", str(params), "--sweeps", "1")  # fmt: skip
+    proc = run_cli("stagejax.detect", "train", "--method=classical", "--slides", str(path),
+                   "--annotations", str(truth_path), "--out", str(params),
+                   "--sweeps", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(params.read_text())
     before = doc["fit"]["before"]["f1"]
     assert doc["fit"]["after"]["f1"] >= before
     assert load_params(params) == DetectParams(**doc["params"])
     out = tmp_path / "out"
-    proc = _cli("--slide", str(path), "--out", str(out), "--params", str(params))
+    proc = run_cli(
+        "stagejax.detect", "--slide", str(path), "--out", str(out), "--params", str(params)
+    )
     assert proc.returncode == 0, proc.stderr
     f1 = evaluate(read_geojson(out / "tubules.geojson"), truth)["all"]["f1"]
     assert f1 == pytest.approx(doc["fit"]["after"]["f1"]) and f1 >= before
@@ -180,9 +150,11 @@ def test_bad_input_is_one_line_and_output_untouched(case, tmp_path):
             rgb[np.hypot(xx - 150, yy - 150) < 120] = (225, 190, 205)
         slide = tmp_path / "s.png"
         Image.fromarray(rgb).save(slide)
-        args = ["--mpp", str(MPP)]
+        args = ["--mpp", str(DRAWN_MPP)]
     # --overwrite: the existing file may be replaced, yet a failed run must leave it as it was.
-    proc = _cli("--slide", str(slide), "--out", str(out), "--overwrite", *args)
+    proc = run_cli(
+        "stagejax.detect", "--slide", str(slide), "--out", str(out), "--overwrite", *args
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(slide) in lines[0], lines
@@ -209,20 +181,21 @@ def test_existing_outputs_are_replaced_only_when_asked(drawn, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "tubules.geojson").write_text("corrected in QuPath")
-    proc = _cli("--slide", str(path), "--out", str(out), "--method=classical")
+    proc = run_cli("stagejax.detect", "--slide", str(path), "--out", str(out), "--method=classical")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "tubules.geojson exists" in lines[0] and "--overwrite" in lines[0]
     assert (out / "tubules.geojson").read_text() == "corrected in QuPath"
-    proc = _cli("--slide", str(path), "--out", str(out), "--method=classical", "--overwrite")
+    proc = run_cli("stagejax.detect", "--slide", str(path), "--out", str(out), "--method=classical",
+                   "--overwrite")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert read_geojson(out / "tubules.geojson")
     params = tmp_path / "p.json"
     params.write_text("{}")
     for method, target in (("classical", params), ("unet", tmp_path / "w.npz")):
         target.write_text("{}")
-        proc = _cli("train", f"--method={method}", "--slides", str(path), "--annotations",
-                    str(truth_path), "--out", str(target))  # fmt: skip
+        proc = run_cli("stagejax.detect", "train", f"--method={method}", "--slides", str(path),
+                       "--annotations", str(truth_path), "--out", str(target))  # fmt: skip
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and str(target) in lines[0], proc.stderr
         assert target.read_text() == "{}"
@@ -234,8 +207,9 @@ def test_annotations_off_the_slide_are_refused_before_training(drawn, tmp_path):
     write_geojson(tmp_path / "off.geojson", shifted)
     comma = tmp_path / "mouse 1, slide A.tif"  # a lab's file name with a comma
     comma.write_bytes(path.read_bytes())
-    proc = _cli("train", "--method=unet", "--slides", str(comma), "--annotations",
-                str(tmp_path / "off.geojson"), "--out", str(tmp_path / "w"))  # fmt: skip
+    proc = run_cli("stagejax.detect", "train", "--method=unet", "--slides", str(comma),
+                   "--annotations", str(tmp_path / "off.geojson"),
+                   "--out", str(tmp_path / "w"))  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "lie off" in lines[0] and "off.geojson" in lines[0] and str(comma) in lines[0]

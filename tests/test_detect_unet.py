@@ -1,8 +1,6 @@
 """The learned tubule detector (stagejax.detect: unet, learned, train_unet, weights)."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,20 +18,15 @@ from stagejax.slides import (
     write_geojson,
     write_pyramidal_tiff,
 )
-from tests.test_detect import MPP, _draw
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stagejax.detect", *args],
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+from tests.conftest import DRAWN_MPP, draw_section, run_cli
 
 
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
     """A small drawn section (touching discs) as a TIFF with its truth GeoJSON."""
     root = tmp_path_factory.mktemp("drawn_unet")
-    rgb, truth = _draw(np.random.default_rng(2), size_um=(1000, 800))
-    write_pyramidal_tiff(root / "s.tif", rgb, MPP, tile_size=256, compression="deflate")
+    rgb, truth = draw_section(np.random.default_rng(2), size_um=(1000, 800))
+    write_pyramidal_tiff(root / "s.tif", rgb, DRAWN_MPP, tile_size=256, compression="deflate")
     write_geojson(root / "truth.geojson", truth)
     return root / "s.tif", root / "truth.geojson", truth
 
@@ -156,7 +149,7 @@ def test_shipped_weights_detect_a_held_out_simulated_section(shipped, sim):
 def test_cli_unet_writes_geojson_and_bad_weights_is_one_line(sim, tmp_path):
     path, truth = sim
     out = tmp_path / "out"
-    proc = _cli("--slide", str(path), "--out", str(out), "--method=unet")
+    proc = run_cli("stagejax.detect", "--slide", str(path), "--out", str(out), "--method=unet")
     assert proc.returncode == 0, proc.stderr
     objects = read_geojson(out / "tubules.geojson")
     assert objects and all(o.object_type == "detection" for o in objects)
@@ -164,7 +157,8 @@ def test_cli_unet_writes_geojson_and_bad_weights_is_one_line(sim, tmp_path):
     assert (out / "detections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = tmp_path / "bad.npz"
     bad.write_text("not weights")
-    proc = _cli("--slide", str(path), "--out", str(tmp_path / "o2"), "--weights", str(bad))
+    proc = run_cli("stagejax.detect", "--slide", str(path), "--out", str(tmp_path / "o2"),
+                   "--weights", str(bad))  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and str(bad) in lines[0], proc.stderr
     assert not (tmp_path / "o2").exists()

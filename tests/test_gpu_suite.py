@@ -1,5 +1,5 @@
-"""The GPU suite (benchmarks/gpu_suite.sh), run here in its smoke mode exactly as the
-GPU machine runs it (through bash, the packages already importable, no wheels),
+"""The GPU suite (benchmarks/gpu_suite.sh), run here in its smoke mode as the GPU
+machine runs it (through bash, the packages already importable, no wheels),
 so that the script cannot rot between the rare GPU runs. No timing assertions:
 the values only have to be sane."""
 
@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_suite, gpu_suite_report, gpu_suite_section, gpu_suite_targets
+from benchmarks import gpu_suite, gpu_suite_report
+from benchmarks import gpu_suite_parts as parts
 from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
@@ -21,19 +22,17 @@ SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One smoke run (~1-2 min on 2 cores): its output folder and its JSON."""
+    """One smoke run, its jobs in one process (``--in_process``; the memory job and the
+    section render still in their own): its output folder and its JSON. The budget is
+    generous against the work (about 2 min on 2 cores) so that load cannot cut it."""
     tmp = tmp_path_factory.mktemp("gpu_suite")
     out = tmp / "out"
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), str(out), "--smoke", "--cache_dir", str(tmp / "cache")],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    cache = tmp_path_factory.getbasetemp() / "benchmark_cache"  # as tests/test_benchmarks.py
+    args = ["--smoke", "--in_process", "--cache_dir", str(cache), "--num_workers", "0",
+            "--budget_s", "1500"]  # fmt: skip
+    proc = subprocess.run(["bash", str(SCRIPT), str(out), *args], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, json.loads((out / gpu_suite.JSON_NAME).read_text())
 
@@ -46,18 +45,18 @@ def _positive_rate(summary: dict) -> bool:
 def test_smoke_reports_every_part(smoke):
     _, report = smoke
     assert report["mode"] == "smoke"
-    parts = report["parts"]
-    assert list(parts) == [p.name for p in gpu_suite.PARTS]
+    done = report["parts"]
+    assert list(done) == [p.name for p in gpu_suite.PARTS]
     for p in gpu_suite.PARTS:
         want = "pending" if p.run is None else "ok"
-        assert parts[p.name]["status"] == want, (p.name, parts[p.name])
-    assert parts["prepare"]["train_images"] > 0
+        assert done[p.name]["status"] == want, (p.name, done[p.name])
+    assert done["prepare"]["train_images"] > 0
 
 
 @pytest.mark.slow
 def test_smoke_training_rates_loader_share_and_mfu_are_sane(smoke):
     _, report = smoke
-    sizes = gpu_suite.SMOKE
+    sizes = parts.SMOKE
     train = report["parts"]["train_throughput"]["results"]
     assert list(train) == list(sizes.train)
     for key, r in train.items():
@@ -68,7 +67,7 @@ def test_smoke_training_rates_loader_share_and_mfu_are_sane(smoke):
         assert 0 < r["mfu"]["model_only"] < 1 and 0 < r["mfu"]["end_to_end"] < 1, key
         assert r["mfu"]["step_flops"] > 0
     assert train["torch@12"]["num_workers"] == 0  # the study's loader: no workers
-    assert train["torch_tuned@24"]["num_workers"] == train["stagejax@24"]["num_workers"] == 1
+    assert train["torch_tuned@24"]["num_workers"] == train["stagejax@24"]["num_workers"] == 0
     share = report["parts"]["loader_share"]["results"]
     assert set(share) == {k for k in sizes.train if k.startswith("stagejax")}
     for r in share.values():
@@ -94,22 +93,22 @@ def test_smoke_prediction_with_and_without_tta(smoke):
 @pytest.mark.slow
 def test_smoke_training_feeds_memory_and_section_are_sane(smoke):
     _, report = smoke
-    parts = report["parts"]
-    feeds = parts["data_on_device"]["results"]
+    done = report["parts"]
+    feeds = done["data_on_device"]["results"]
     assert set(feeds) == {"grain", "on_device"}
     for r in feeds.values():
         assert r["images_per_s"] > 0 and 0 <= r["loader_wait_fraction"] <= 1
-    assert parts["data_on_device"]["batch"] == gpu_suite.SMOKE.feed_batch
-    pairs = gpu_suite_targets.memory_pairs(report)
-    assert set(pairs) == set(gpu_suite.SMOKE.memory_batches)
+    assert done["data_on_device"]["batch"] == parts.SMOKE.feed_batch
+    pairs = gpu_suite_report.memory_pairs(report)
+    assert set(pairs) == set(parts.SMOKE.memory_batches)
     for off, on in pairs.values():
         assert "error" not in off and "error" not in on, (off, on)
         assert 0 < on["temp_bytes"] < off["temp_bytes"]
         assert on["step_s"]["median"] > 0 and off["step_s"]["median"] > 0
         assert "cse_barrier_expander" in on["xla_flags"]  # as stagejax.main sets it
-    render = parts["section_render"]
+    render = done["section_render"]
     assert render["section_px"][0] > 0 and render["render_s"] > 0
-    passes = parts["section"]["results"]
+    passes = done["section"]["results"]
     first = passes["first_pass"]
     assert first["tubules"] > 0 and first["tubules_per_second"] > 0
     assert first["total_seconds"] >= first["seconds"]["stage"] > 0
@@ -154,7 +153,7 @@ def _report_so_far() -> dict:
         "budget_s": 520,
         "setup_s": 10,
         "num_workers": 14,
-        "sizes": dataclasses.asdict(gpu_suite.GPU),
+        "sizes": dataclasses.asdict(parts.GPU),
         "machine": {"cpu": "x", "cpu_count": 16, "gpu": None, "versions": {"jax": "0"}},
         "parts": {p.name: {"status": "waiting"} for p in gpu_suite.PARTS},
     }
@@ -164,11 +163,11 @@ def test_markdown_and_targets_of_a_run_cut_short():
     report = _report_so_far()
     report["parts"]["prepare"] = {"status": "failed", "error": "timed out after 90 s"}
     report["parts"]["train_throughput"] = {"status": "running", "rounds": {"stagejax@48": [{}]}}
-    report["targets"] = rows = gpu_suite_targets.targets(report)
+    report["targets"] = rows = gpu_suite_report.targets(report)
     text = gpu_suite_report.markdown(report)
     assert "| prepare | failed | n/a | error: timed out after 90 s |" in text
     assert "stagejax@48: 1 round(s) done" in text
-    assert len(rows) == 4 + 1 + 2 * len(gpu_suite.GPU.memory_batches) + 1 + 1
+    assert len(rows) == 4 + 1 + 2 * len(parts.GPU.memory_batches) + 1 + 1
     assert [t["met"] for t in rows] == [None] * len(rows)
     assert "| section (study-scale px) staged end to end" in text
     assert text.count("| not measured |") == len(rows)
@@ -176,14 +175,7 @@ def test_markdown_and_targets_of_a_run_cut_short():
 
 def test_part_deadlines_leave_the_later_parts_their_floors(monkeypatch):
     monkeypatch.setattr(gpu_suite.time, "monotonic", lambda: 1000.0)
-    ctx = gpu_suite.Context(
-        sizes=gpu_suite.GPU,
-        out_dir=REPO,
-        cache_dir="",
-        num_workers=1,
-        deadline=1300.0,
-        report=_report_so_far(),
-    )
+    ctx = parts.Context(parts.GPU, "", 1, deadline=1300.0, report=_report_so_far())
     names = [p.name for p in gpu_suite.PARTS]
     train, last = names.index("train_throughput"), len(names) - 1
     later = sum(p.floor_s for p in gpu_suite.PARTS[train + 1 :] if p.run and not p.derived)
@@ -200,21 +192,15 @@ def test_gpu_budget_caps_fit_the_run():
     """The parts' caps, with the wheel install and start-up, inside the 540 s a GPU
     command may take; the floors inside the budget."""
     runs = [p for p in gpu_suite.PARTS if p.run and not p.derived]
-    assert gpu_suite.GPU.budget_s <= 520
-    assert sum(p.cap_s for p in runs) <= gpu_suite.GPU.budget_s - 25
-    assert sum(p.floor_s for p in runs) <= gpu_suite.GPU.budget_s - 30
+    assert parts.GPU.budget_s <= 520
+    assert sum(p.cap_s for p in runs) <= parts.GPU.budget_s - 25
+    assert sum(p.floor_s for p in runs) <= parts.GPU.budget_s - 30
 
 
 def test_section_without_its_render_reports_an_error(tmp_path):
-    ctx = gpu_suite.Context(
-        sizes=gpu_suite.SMOKE,
-        out_dir=tmp_path,
-        cache_dir=str(tmp_path),
-        num_workers=1,
-        deadline=gpu_suite.time.monotonic() + 60,
-        report=_report_so_far(),
-    )
-    out = gpu_suite_section.section(ctx, ctx.deadline)
+    deadline = gpu_suite.time.monotonic() + 60
+    ctx = parts.Context(parts.SMOKE, str(tmp_path), 1, deadline, _report_so_far())
+    out = parts.section(ctx, ctx.deadline)
     assert out == {"error": "no section: section_render did not run"}
     assert gpu_suite_report.status_of("section", out) == "failed"
 
@@ -244,16 +230,10 @@ def test_a_crashing_part_keeps_its_traceback_and_the_later_parts_run(monkeypatch
         ),
     )
     report = {**_report_so_far(), "parts": {n: {"status": "waiting"} for n in "abc"}}
-    ctx = gpu_suite.Context(
-        sizes=gpu_suite.SMOKE,
-        out_dir=tmp_path,
-        cache_dir="",
-        num_workers=1,
-        deadline=gpu_suite.time.monotonic() + 60,
-        report=report,
-    )
+    deadline = gpu_suite.time.monotonic() + 60
+    ctx = parts.Context(parts.SMOKE, "", 1, deadline, report, gpu_suite.writer(tmp_path))
     gpu_suite.run_parts(ctx)
-    parts = json.loads((tmp_path / gpu_suite.JSON_NAME).read_text())["parts"]
-    assert parts["a"]["status"] == "crashed" and "KeyError: 'bug'" in parts["a"]["traceback"]
-    assert parts["b"]["status"] == "ok" and parts["c"] == {"status": "pending", "why": "later"}
+    written = json.loads((tmp_path / gpu_suite.JSON_NAME).read_text())["parts"]
+    assert written["a"]["status"] == "crashed" and "KeyError: 'bug'" in written["a"]["traceback"]
+    assert written["b"]["status"] == "ok" and written["c"] == {"status": "pending", "why": "later"}
     assert "| a | crashed |" in (tmp_path / gpu_suite.MARKDOWN_NAME).read_text()

@@ -8,9 +8,7 @@ writes into its CSV files.
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from stagejax import convert
-from tests.conftest import REPO
+from tests.conftest import run_main
 from tests.test_convert import randomize
 
 CROP = 32
@@ -52,20 +50,8 @@ def _read_probs(path: Path) -> dict[str, np.ndarray]:
 
 
 def _main(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        "--config=configs/resnet.py",
-        f"--workdir={workdir}",
-        "--config.model=resnet18",
-        f"--config.crop_size={CROP}",
-        "--config.crop_range=4",
-        f"--config.cache_dir={workdir.parent / 'cache'}",
-        *args,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    fields = {"model": "resnet18", "crop_size": CROP, "crop_range": 4}
+    return run_main(workdir, *args, overrides={**fields, "cache_dir": workdir.parent / "cache"})
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +84,7 @@ def test_eval_and_predict_with_imported_weights(tmp_path, tiny_sim_dir, imported
 
     # That workdir now holds a config.json: a later run there needs only --workdir; it
     # takes the model, data and crop from it, and the split from the command line.
-    cmd = ["-m", "stagejax.main", f"--workdir={workdir}", "--mode=eval"]
-    r = subprocess.run(
-        [sys.executable, *cmd, "--config.eval_split=validation"],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_main(workdir, "--mode=eval", "--config.eval_split=validation", config=None)
     assert r.returncode == 0, r.stderr[-2000:]
     val_files = (tiny_sim_dir / "split_list" / "validation.txt").read_text().split()
     got = _read_probs(workdir / "eval_validation" / "predictions.csv")

@@ -16,8 +16,8 @@ import pytest
 from stagejax import config as config_lib
 from stagejax.data import input_pipeline, on_device
 from stagejax.errors import ConfigError
+from tests.conftest import run_probe
 from tests.test_input_pipeline import SPLIT, make_config, png_bytes, take
-from tests.test_parallel import _probe
 
 STEPS = 3
 
@@ -120,7 +120,9 @@ def test_bad_values_are_refused_naming_the_field(field, value, must):
 
 def _compare(tmp_path, tiny_sim_dir, name, *extra, procs=1):
     """Probe both paths in one process; the numbers the assertions need."""
-    leaves, losses, _ = _probe(tmp_path, name, tiny_sim_dir, "--compare_paths", *extra, procs=procs)
+    leaves, losses, _ = run_probe(
+        tmp_path, name, tiny_sim_dir, "--compare_paths", *extra, procs=procs
+    )
     z = np.load(tmp_path / f"{name}.npz")
     assert bool(z["batches_equal"]) and bool(z["params_equal"]), name
     np.testing.assert_array_equal(losses, z["grain_losses"])
@@ -185,15 +187,15 @@ def test_memory_check_counts_the_resident_split_against_a_device_limit():
     from stagejax import recipe
     from stagejax.errors import ResourceError
     from stagejax.train import memory
-    from tests.test_workdir_safety import _FakeCompiled
+    from tests.conftest import FakeCompiled
 
     config = recipe.get_config("study")  # the study's recipe, these fields set
     config.update(
         dict(crop_size=896, global_batch_size=12, precision="bfloat16", device_memory_gb=30.0)
     )
-    memory.check_train_step(_FakeCompiled(), config)  # 24.5 GiB in 30
+    memory.check_train_step(FakeCompiled(), config)  # 24.5 GiB in 30
     with pytest.raises(ResourceError) as e:
-        memory.check_train_step(_FakeCompiled(), config, resident_bytes=6 * memory.GIB)
+        memory.check_train_step(FakeCompiled(), config, resident_bytes=6 * memory.GIB)
     message = str(e.value)
     assert (
         "but the device has 24.0 GiB (config.device_memory_gb) free beside the 6.0 GiB" in message

@@ -4,62 +4,28 @@ Each configuration runs in its own process (tests/train_probe.py) because the
 number of fake CPU devices and the distributed runtime are fixed at JAX start.
 """
 
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
-
-PROBE = str(REPO / "tests" / "train_probe.py")
+from tests.conftest import PROBE, run_probe
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Data-parallel layouts sum the batch in another order: the same steps up to float32
+# rounding. A ReLU input within rounding of zero can then land on the other side (the
+# mechanism measured by benchmarks/parity_branches.py), which moves that step's
+# gradients by 1e-3..5e-2 and the next losses by up to ~3e-4 relative: seen at step 3
+# on an AVX2 CPU (jax 0.10.2, 2026-12-07) where AVX-512 CPUs stayed below 1e-4. So:
+# the first two losses to 1e-4 (a wrong gradient reduction moves the second by more),
+# the third and the parameters after it to what a flip allows.
+def _assert_same_steps(losses, ref_losses):
+    np.testing.assert_allclose(losses[:2], ref_losses[:2], rtol=1e-4)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
 
 
-def _probe(tmp_path, name, data, *extra, procs=1, timeout=600):
-    out = tmp_path / f"{name}.npz"
-    base = [
-        sys.executable,
-        PROBE,
-        "--out",
-        str(out),
-        "--data",
-        str(data),
-        "--cache",
-        str(tmp_path / "cache"),
-        *extra,
-    ]
-    if procs == 1:
-        res = subprocess.run(base, capture_output=True, text=True, timeout=timeout)
-        assert res.returncode == 0, res.stderr[-3000:]
-    else:
-        port = _free_port()
-        ps = [
-            subprocess.Popen(
-                base + ["--num_processes", str(procs), "--process_id", str(i), "--port", str(port)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(procs)
-        ]
-        for p in ps:
-            _, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, err[-3000:]
-    z = np.load(out)
-    leaves = [z[f"arr_{i}"] for i in range(sum(k.startswith("arr_") for k in z.files))]
-    # Traced during the first step only; never again (no retracing per step).
-    assert int(z["traces"]) == int(z["traces_after_first"])
-    return leaves, z["losses"], int(z["traces"])
-
-
-def _assert_same(a, b, rtol=2e-4, atol=5e-5):
+def _assert_same(a, b, rtol=2e-3, atol=1e-3):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
@@ -68,27 +34,27 @@ def _assert_same(a, b, rtol=2e-4, atol=5e-5):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_sim_dir):
     tmp = tmp_path_factory.mktemp("single")
-    return _probe(tmp, "one", tiny_sim_dir, "--devices", "1")
+    return run_probe(tmp, "one", tiny_sim_dir, "--devices", "1")
 
 
 def test_jit_mesh_and_pmap_match_one_device(tmp_path, tiny_sim_dir, single):
     ref_leaves, ref_losses, traces = single
     assert traces == 1, "the jitted train step was traced more than once"
     for mode in ("jit", "pmap"):
-        leaves, losses, traces = _probe(
+        leaves, losses, traces = run_probe(
             tmp_path, mode, tiny_sim_dir, "--devices", "8", "--mode", mode
         )
         assert traces == 1, f"{mode}: the train step was traced more than once"
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+        _assert_same_steps(losses, ref_losses)
         _assert_same(leaves, ref_leaves)
     # Training moved the parameters: the comparison is not between two initial states.
     assert ref_losses[0] != ref_losses[-1]
 
 
 def test_two_processes_match_one_process(tmp_path, tiny_sim_dir):
-    one, losses1, _ = _probe(tmp_path, "p1", tiny_sim_dir, "--devices", "4")
-    two, losses2, _ = _probe(tmp_path, "p2", tiny_sim_dir, "--devices", "2", procs=2)
-    np.testing.assert_allclose(losses2, losses1, rtol=1e-4)
+    one, losses1, _ = run_probe(tmp_path, "p1", tiny_sim_dir, "--devices", "4")
+    two, losses2, _ = run_probe(tmp_path, "p2", tiny_sim_dir, "--devices", "2", procs=2)
+    _assert_same_steps(losses2, losses1)
     _assert_same(two, one)
 
 

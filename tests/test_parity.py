@@ -12,6 +12,7 @@ wall on the shared 2-core machine).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -30,8 +31,15 @@ def setting(tiny_sim_dir, tmp_path_factory) -> parity.Setting:
 
 
 @pytest.fixture(scope="module")
-def report(setting) -> dict:
-    return parity.run_parity(setting)
+def report(setting, tmp_path_factory) -> dict:
+    """The CI run through the command line, every flag given (TINY's values)."""
+    out = tmp_path_factory.mktemp("parity") / "parity.json"
+    argv = [f"--{f.name}={getattr(setting, f.name)}" for f in dataclasses.fields(setting)]
+    argv += ["--tiny", f"--out={out}"]
+    used = {a[2:].split("=")[0] for a in argv}
+    assert set(parity.FLAGS) <= used, set(parity.FLAGS) - used
+    parity.main(argv)
+    return json.loads(out.read_text())
 
 
 @pytest.mark.slow
@@ -193,18 +201,13 @@ def test_loss_summary_finds_where_the_trajectories_part():
 
 
 def test_flags_start_from_tiny_and_explicit_flags_win():
-    from absl import flags
+    from benchmarks import common
 
-    fv = flags.FlagValues()
-    parity.define_flags(fv)
-    fv(["parity", "--tiny", "--steps=2", "--model=resnet34"])
-    assert parity.setting_from_flags(fv) == dataclasses.replace(
+    args, _ = common.parse(parity.FLAGS, ["parity", "--tiny", "--steps=2", "--model=resnet34"])
+    assert parity.setting_from_flags(args) == dataclasses.replace(
         parity.TINY, steps=2, model="resnet34"
     )
-    fv = flags.FlagValues()
-    parity.define_flags(fv)
-    fv(["parity"])
-    assert parity.setting_from_flags(fv) == parity.Setting()
+    assert parity.setting_from_flags(common.parse(parity.FLAGS, ["parity"])[0]) == parity.Setting()
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -23,8 +21,7 @@ from PIL import Image
 from stagejax import models
 from stagejax.evaluate import predict
 from stagejax.model import saved
-from tests.conftest import REPO
-from tests.test_reliability import _error_line
+from tests.conftest import error_line, run_main
 
 CROP = 32
 
@@ -59,28 +56,9 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _predict(workdir: Path, model: Path, folder: Path, *extra: str):
-    cmd = [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        "--config=configs/resnet.py",
-        f"--workdir={workdir}",
-        "--mode=predict",
-        "--config.model=resnet18",
-        f"--config.crop_size={CROP}",
-        f"--config.init_from={model}",
-        f"--images={folder}",
-        "--config.eval_batch_size=4",
-        *extra,
-    ]
-    return subprocess.run(
-        cmd,
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    flags = ("--mode=predict", f"--images={folder}", *extra)
+    fields = {"model": "resnet18", "crop_size": CROP, "init_from": model, "eval_batch_size": 4}
+    return run_main(workdir, *flags, overrides=fields)
 
 
 def _rows(path: Path) -> dict[str, dict[str, str]]:
@@ -118,7 +96,7 @@ def test_predict_skips_bad_files_warns_on_scale_and_keeps_outputs(tmp_path, setu
     # Predicting the same folder again is refused; the CSV stays as it was.
     before = csv_path.read_bytes()
     res = _predict(workdir, model, slides)
-    line = _error_line(res)
+    line = error_line(res)
     assert res.returncode == 2 and str(csv_path) in line and "--overwrite" in line, line
     assert csv_path.read_bytes() == before
 
@@ -132,7 +110,7 @@ def test_predict_skips_bad_files_warns_on_scale_and_keeps_outputs(tmp_path, setu
 
     # strict: stops at the corrupt file, naming it, and writes nothing.
     res = _predict(workdir, model, slides, "--strict", "--overwrite")
-    line = _error_line(res)
+    line = error_line(res)
     assert res.returncode == 2 and line.startswith(f"error: {slides / 'corrupt.png'}: "), line
     assert "--strict" in line and csv_path.read_bytes() == before
 

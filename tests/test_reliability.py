@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +21,10 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import error_line, run_main, shipped_config
 
 STAGES = [str(s) for s in range(1, 13)]
 SIZE, CROP = 40, 32
-TIMEOUT = 300
 
 
 def _image(seed: int, size: int = SIZE) -> Image.Image:
@@ -190,40 +187,9 @@ def _overrides(data_dir: Path, cache_dir: Path) -> dict:
     }
 
 
-def _run(workdir: Path, overrides: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        f"--config={REPO / 'configs' / 'resnet.py'}",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in overrides.items()),
-        *extra,
-    ]
-    return subprocess.run(
-        cmd,
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-
-
-def _error_line(res: subprocess.CompletedProcess) -> str:
-    """The run failed with exactly one ``error:`` line, last on stderr, no traceback."""
-    assert res.returncode != 0, res.stderr[-3000:]
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr[-3000:]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    return errors[0]
-
-
 def _existing_workdir(path: Path, overrides: dict) -> None:
     """A workdir of an earlier run with this config (so the new run would resume it)."""
     from stagejax.runtime import workdir
-    from tests.conftest import shipped_config
 
     config = shipped_config(overrides)
     path.mkdir(parents=True)
@@ -253,9 +219,9 @@ def test_bad_dataset_is_one_error_line_and_leaves_workdir_untouched(case, tmp_pa
     _existing_workdir(workdir, overrides)
     before = _snapshot(workdir)
 
-    res = _run(workdir, overrides)
+    res = run_main(workdir, overrides=overrides)
 
-    line = _error_line(res)
+    line = error_line(res)
     assert culprit in line, line
     assert "training resnet18" not in res.stderr  # stopped before the training loop
     assert _snapshot(workdir) == before  # nothing written, changed or deleted
@@ -269,9 +235,9 @@ def test_bad_dataset_leaves_a_new_workdir_empty(tmp_path, valid_dir):
     _, culprit = _truncated_tiff(root)
     workdir = tmp_path / "new_workdir"
 
-    res = _run(workdir, _overrides(root, tmp_path / "cache"))
+    res = run_main(workdir, overrides=_overrides(root, tmp_path / "cache"))
 
-    assert culprit in _error_line(res)
+    assert culprit in error_line(res)
     assert not workdir.exists() or not any(workdir.iterdir())
 
 
@@ -282,8 +248,8 @@ def test_unwritable_workdir(tmp_path, valid_dir):
     workdir.mkdir()
     workdir.chmod(0o555)
     try:
-        res = _run(workdir, _overrides(valid_dir, tmp_path / "cache"))
-        line = _error_line(res)
+        res = run_main(workdir, overrides=_overrides(valid_dir, tmp_path / "cache"))
+        line = error_line(res)
     finally:
         workdir.chmod(0o755)
     assert str(workdir) in line and "not writable" in line, line
@@ -296,9 +262,9 @@ def test_workdir_that_cannot_be_created(tmp_path, valid_dir):
     blocker.write_text("not a folder\n")
     workdir = blocker / "workdir"
 
-    res = _run(workdir, _overrides(valid_dir, tmp_path / "cache"))
+    res = run_main(workdir, overrides=_overrides(valid_dir, tmp_path / "cache"))
 
-    line = _error_line(res)
+    line = error_line(res)
     assert str(workdir) in line and "not writable" in line, line
     assert blocker.read_text() == "not a folder\n"
 
@@ -318,9 +284,9 @@ def test_bad_config_override_is_one_error_line(flag, field, tmp_path, valid_dir)
     _existing_workdir(workdir, overrides)
     before = _snapshot(workdir)
 
-    res = _run(workdir, overrides, flag)
+    res = run_main(workdir, flag, overrides=overrides)
 
-    line = _error_line(res)
+    line = error_line(res)
     assert field in line, line
     assert _snapshot(workdir) == before
     assert not (tmp_path / "cache").exists()
@@ -348,9 +314,9 @@ def test_diverging_run_stops_and_keeps_only_finite_checkpoints(tmp_path, valid_d
     }
     workdir = tmp_path / "workdir"
 
-    res = _run(workdir, overrides)
+    res = run_main(workdir, overrides=overrides)
 
-    line = _error_line(res)
+    line = error_line(res)
     assert res.returncode == 2
     assert "NaN/Inf by step 2" in line and "last good checkpoint (step 1)" in line, line
     latest = workdir / "checkpoints" / "latest"

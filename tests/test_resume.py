@@ -17,16 +17,22 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import (
+    REPO,
+    assert_trees_equal,
+    best_model,
+    cli_command,
+    cli_env,
+    latest_state,
+    main_args,
+    run_cli,
+)
 
 EPOCHS = 5
 STEPS_PER_EPOCH = 4  # 50 train images of tiny_sim_dir // global batch 12
@@ -35,22 +41,10 @@ NUM_KILLS = 5
 LAUNCH_TIMEOUT = 180  # s, one process from start to exit
 
 
-def _command(workdir: Path, data: Path, cache: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        f"--config={REPO / 'configs' / 'resnet.py'}",
-        f"--workdir={workdir}",
-        f"--config.data_dir={data}",
-        f"--config.cache_dir={cache}",
-        "--config.model=resnet18",
-        "--config.crop_size=32",
-        "--config.crop_range=4",
-        f"--config.num_epochs={EPOCHS}",
-        "--config.checkpoint_every_steps=2",
-        "--config.log_every_steps=1",
-    ]
+def _args(workdir: Path, data: Path, cache: Path) -> list[str]:
+    fields = {"model": "resnet18", "crop_size": 32, "crop_range": 4, "num_epochs": EPOCHS}
+    fields |= {"checkpoint_every_steps": 2, "log_every_steps": 1}
+    return main_args(workdir, overrides={"data_dir": data, "cache_dir": cache, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +52,9 @@ def env(tmp_path_factory) -> dict[str, str]:
     """CPU only; a shared persistent compilation cache so that each restart loads the
     compiled steps instead of compiling them again (the same executable either way)."""
     cache = tmp_path_factory.mktemp("xla_cache")
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    return cli_env(
+        {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +62,8 @@ def reference(tmp_path_factory, tiny_sim_dir, env) -> dict:
     """One uninterrupted run."""
     tmp = tmp_path_factory.mktemp("reference")
     workdir, cache = tmp / "run", tmp / "cache"
-    res = subprocess.run(
-        _command(workdir, tiny_sim_dir, cache),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
+    res = run_cli(
+        "stagejax.main", *_args(workdir, tiny_sim_dir, cache), env=env, timeout=LAUNCH_TIMEOUT
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return {"workdir": workdir, "cache": cache}
@@ -100,20 +86,6 @@ def _records(workdir: Path, offset: int = 0) -> list[dict]:
     return out
 
 
-def _latest_state(workdir: Path) -> tuple[int, dict]:
-    """The newest latest-checkpoint step and its full train state (params, batch
-    statistics, optimizer state, step, RNG) as numpy."""
-    root = workdir / "checkpoints" / "latest"
-    step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
-    with ocp.StandardCheckpointer() as ckptr:
-        return step, jax.device_get(ckptr.restore(root / str(step) / "state"))
-
-
-def _best_model(workdir: Path) -> dict:
-    with ocp.StandardCheckpointer() as ckptr:
-        return jax.device_get(ckptr.restore(workdir / "best_model" / "weights"))
-
-
 def _meta(step_dir: Path) -> dict:
     return json.loads((step_dir / "meta" / "metadata").read_text())
 
@@ -122,14 +94,6 @@ def _best_meta(workdir: Path) -> tuple[str, dict]:
     """(step, meta) of the best checkpoint: the best epoch and its validation score."""
     (step_dir,) = (workdir / "checkpoints" / "best").iterdir()
     return step_dir.name, _meta(step_dir)
-
-
-def _assert_trees_equal(a, b, what: str) -> None:
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb, f"{what}: different tree structure"
-    for x, y in zip(la, lb, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
 
 
 def _assert_same_result(workdir: Path, ref: Path) -> None:
@@ -145,11 +109,11 @@ def _assert_same_result(workdir: Path, ref: Path) -> None:
     assert (workdir / "eval_test" / "predictions.csv").read_bytes() == (
         ref / "eval_test" / "predictions.csv"
     ).read_bytes()
-    step, state = _latest_state(workdir)
-    ref_step, ref_state = _latest_state(ref)
+    step, state = latest_state(workdir)
+    ref_step, ref_state = latest_state(ref)
     assert step == ref_step == TOTAL
-    _assert_trees_equal(state, ref_state, "final train state")
-    _assert_trees_equal(_best_model(workdir), _best_model(ref), "best_model weights")
+    assert_trees_equal(state, ref_state, "final train state")
+    assert_trees_equal(best_model(workdir), best_model(ref), "best_model weights")
 
 
 def _by_step(records: list[dict], key: str) -> dict[int, list[float]]:
@@ -169,7 +133,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_sim_dir, 
     delays = [rng.uniform(0.0, 0.6) for _ in targets]
     info = f"seed {seed}, kill after steps {targets} + delays {np.round(delays, 2).tolist()}"
     workdir = tmp_path / "run"
-    cmd = _command(workdir, tiny_sim_dir, tmp_path / "cache")
+    cmd = cli_command("stagejax.main", *_args(workdir, tiny_sim_dir, tmp_path / "cache"))
     logs: list[Path] = []
     reached: list[int] = []  # the last step logged when each kill came
     for i, (target, delay) in enumerate([*zip(targets, delays, strict=True), (None, None)]):
@@ -257,14 +221,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     (workdir / ".best_model.old" / "junk").write_text("x")
     shutil.rmtree(workdir / "eval_test")
 
-    res = subprocess.run(
-        _command(workdir, tiny_sim_dir, reference["cache"]),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
-    )
+    args = _args(workdir, tiny_sim_dir, reference["cache"])
+    res = run_cli("stagejax.main", *args, env=env, timeout=LAUNCH_TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     warnings = [
         line for line in res.stderr.splitlines() if f"{latest}/{TOTAL} is unreadable" in line

@@ -6,8 +6,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from stagejax.section import export
 from stagejax.section.crops import crop_square, cut_tubule, outline_mask
 from stagejax.slides import SlideObject, open_slide, read_geojson, write_geojson
 from stagejax.stages import STAGES, parse_stage
+from tests.conftest import run_cli
 
 MPP, SIZE = 4.0, 64  # the "model's" um/px and image side
 
@@ -140,12 +139,7 @@ def test_workdir_gives_labels_and_scale_and_flags_win(section, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "stagejax.section", "export", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("stagejax.section", "export", *args)
 
 
 def _one_error_line(proc) -> str:

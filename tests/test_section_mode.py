@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +26,15 @@ from stagejax.section import crops
 from stagejax.simulate.section import render_section
 from stagejax.slides import open_slide, read_geojson, write_pyramidal_tiff
 from stagejax.stages import STAGES
-from tests.conftest import REPO
-from tests.test_reliability import _error_line
+from tests.conftest import (
+    REPO,
+    cli_command,
+    cli_env,
+    error_line,
+    free_port,
+    main_args,
+    run_cli,
+)
 
 MPP, IMAGE, CROP = 4.0, 56, 48
 
@@ -50,28 +54,14 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     return model, slides
 
 
-def _cmd(workdir: Path, model: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        f"--config={REPO / 'configs' / 'resnet.py'}",
-        f"--workdir={workdir}",
-        "--mode=section",
-        "--config.model=resnet18",
-        f"--config.init_from={model}",
-        f"--config.crop_size={CROP}",
-        "--config.crop_range=0",
-        "--config.eval_batch_size=8",
-        *extra,
-    ]
+def _args(workdir: Path, model: Path, *extra: str) -> list[str]:
+    fields = {"model": "resnet18", "init_from": model, "crop_size": CROP}
+    fields |= {"crop_range": 0, "eval_batch_size": 8}
+    return main_args(workdir, "--mode=section", *extra, overrides=fields)
 
 
-def _run(workdir, model, *extra, env=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run(
-        _cmd(workdir, model, *extra), capture_output=True, text=True, env=env, cwd=REPO
-    )
+def _run(workdir, model, *extra):
+    return run_cli("stagejax.main", *_args(workdir, model, *extra))
 
 
 def _rows(path: Path) -> list[dict]:
@@ -136,7 +126,7 @@ def test_outputs_of_another_model_are_kept_unless_overwrite(setup, tmp_path):
     other = saved.save_model_weights(
         tmp_path / "other", models.create("resnet18", seed=5), "resnet18", mpp=MPP, image_size=IMAGE
     )
-    line = _error_line(_run(w, other, f"--slides={one}"))
+    line = error_line(_run(w, other, f"--slides={one}"))
     assert "sections/s3" in line and "--overwrite" in line
     res = _run(w, other, f"--slides={one}", "--overwrite")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -173,42 +163,38 @@ def test_bad_input_is_one_line_before_any_work(setup, tmp_path):
     bad = tmp_path / "b.tif"
     bad.write_bytes(b"II*\x00 not a tiff at all")
     w = tmp_path / "w"
-    line = _error_line(_run(w, model, f"--slides={bad}"))
+    line = error_line(_run(w, model, f"--slides={bad}"))
     assert "b.tif" in line and "corrupt or truncated TIFF" in line
     assert not (w / "sections").exists()
     # A model without a recorded pixel size, and none given: the field is named.
     bare = saved.save_model_weights(tmp_path / "bare", models.create("resnet18"), "resnet18")
-    line = _error_line(_run(tmp_path / "w2", bare, f"--slides={slides / 's3.tif'}"))
+    line = error_line(_run(tmp_path / "w2", bare, f"--slides={slides / 's3.tif'}"))
     assert "config.mpp" in line
-    line = _error_line(_run(tmp_path / "w3", model, "--slides=/no/such/slides"))
+    line = error_line(_run(tmp_path / "w3", model, "--slides=/no/such/slides"))
     assert "--slides: /no/such/slides: no such file or folder" in line
     # The old config field names the flag that replaced it; a flag of another mode is refused.
-    line = _error_line(_run(tmp_path / "w3", model, f"--config.section_path={slides}"))
+    line = error_line(_run(tmp_path / "w3", model, f"--config.section_path={slides}"))
     assert "--config.section_path: no longer a config field" in line and "--slides" in line
-    line = _error_line(_run(tmp_path / "w3", model, f"--images={slides}"))
+    line = error_line(_run(tmp_path / "w3", model, f"--images={slides}"))
     assert "--images: not used by --mode=section" in line
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_split_the_slides(setup, tmp_path):
     model, slides = setup
-    w, port = tmp_path / "w", _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    w, port = tmp_path / "w", free_port()
+    env = cli_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     procs = [
         subprocess.Popen(
-            _cmd(
-                w,
-                model,
-                f"--slides={slides}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
+            cli_command(
+                "stagejax.main",
+                *_args(
+                    w,
+                    model,
+                    f"--slides={slides}",
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -301,7 +287,7 @@ def test_one_bad_slide_does_not_stop_a_folder(setup, tmp_path):
     assert "no tubules found" in summary["d"]["error"]
     assert "(--slide_mpp)" in summary["d"]["error"]
     # Strict: the same folder ends with one error line naming them; a's outputs stay.
-    line = _error_line(_run(w, model, f"--slides={folder}", "--strict"))
+    line = error_line(_run(w, model, f"--slides={folder}", "--strict"))
     assert "3 of 4 slide(s) could not be staged: b, c, d" in line and "--strict" in line
     assert (w / "sections" / "a" / "section.json").is_file()
 
@@ -316,7 +302,7 @@ def test_outputs_are_keyed_by_the_slide_and_the_settings(setup, tmp_path):
     assert _run(w, model, f"--slides={mouse1}").returncode == 0
     done_file = w / "sections" / "s3" / "section.json"
     before = done_file.read_text()
-    line = _error_line(_run(w, model, f"--slides={mouse2}"))
+    line = error_line(_run(w, model, f"--slides={mouse2}"))
     assert f"holds the results of another slide, {mouse1.resolve()}" in line
     assert "--overwrite" in line and done_file.read_text() == before
     # A corrected pixel size, then another detector: the same slide is staged again.
@@ -344,9 +330,10 @@ def test_a_12bit_slide_in_16bit_samples_is_detected(setup, tmp_path):
                      photometric="rgb", resolution=res_cm, resolutionunit="CENTIMETER")  # fmt: skip
     counts = []
     for slide_path in (slides / "s3.tif", path):
-        cmd = [sys.executable, "-m", "stagejax.detect", f"--slide={slide_path}",
-               f"--out={tmp_path / slide_path.stem}", "--method=classical"]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        out = tmp_path / slide_path.stem
+        res = run_cli(
+            "stagejax.detect", f"--slide={slide_path}", f"--out={out}", "--method=classical"
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         counts.append(int(res.stdout.split()[0]))  # "N tubules in ..."
     assert "16-bit samples scaled to 8 bit by their 12-bit range" in res.stderr

@@ -4,7 +4,6 @@ the command line (bad arguments, a non-empty --out, interrupted renders)."""
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ from stagejax.simulate import (
     tubules,
 )
 from stagejax.stages import NUM_STAGES, stage_frequencies
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_command, run_cli
 
 # Cheap rendering for layout tests: appearance does not matter there.
 FAST = simulate.SceneParams(min_render_size=64)
@@ -317,19 +316,9 @@ def test_image_mpp_from_tubule_anatomy():
 # --- command line --------------------------------------------------------------------
 
 
-def _cli(*args: str, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "stagejax.simulate", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        **popen,
-    )
-
-
 def test_cli_writes_dataset(tmp_path):
-    res = _cli(
+    res = run_cli(
+        "stagejax.simulate",
         "tubules",
         "--out",
         str(tmp_path / "d"),
@@ -359,7 +348,9 @@ def test_cli_writes_dataset(tmp_path):
 
 def test_cli_hand_cut_flag_reaches_the_files(tmp_path):
     args = ["--num_images", "24", "--image_size", "32", "--seed", "3", "--num_workers", "1"]
-    res = _cli("tubules", "--out", str(tmp_path / "uncut"), "--hand_cut=false", *args)
+    res = run_cli(
+        "stagejax.simulate", "tubules", "--out", str(tmp_path / "uncut"), "--hand_cut=false", *args
+    )
     assert res.returncode == 0, res.stderr
     meta = json.loads((tmp_path / "uncut" / "SIMULATED.json").read_text())
     assert meta["scene_params"]["hand_cut"] is False
@@ -374,7 +365,7 @@ def test_cli_hand_cut_flag_reaches_the_files(tmp_path):
 
 
 def test_cli_help_lists_the_commands():
-    res = _cli("--help")
+    res = run_cli("stagejax.simulate", "--help")
     assert "tubules" in res.stdout + res.stderr and "--num_images" in res.stdout + res.stderr
 
 
@@ -395,7 +386,9 @@ def test_cli_help_lists_the_commands():
 )
 def test_cli_bad_arguments_are_one_line(tmp_path, args, names):
     args = [a.format(tmp=tmp_path) for a in args]
-    res = _cli("tubules", "--out", str(tmp_path / "d"), "--image_size", "32", *args)
+    res = run_cli(
+        "stagejax.simulate", "tubules", "--out", str(tmp_path / "d"), "--image_size", "32", *args
+    )
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert lines[0].startswith("error: ") and names in lines[0], lines
@@ -412,7 +405,7 @@ def test_cli_bad_arguments_are_one_line(tmp_path, args, names):
     ],
 )
 def test_cli_usage_errors_are_one_line(tmp_path, args, says):
-    res = _cli(*[a.format(tmp=tmp_path) for a in args])
+    res = run_cli("stagejax.simulate", *[a.format(tmp=tmp_path) for a in args])
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and says in lines[0], res.stderr
     assert list(tmp_path.iterdir()) == []
@@ -423,8 +416,9 @@ def test_cli_refuses_a_non_empty_out_and_leaves_it_untouched(tmp_path):
     (out / "images").mkdir(parents=True)
     (out / "notes.txt").write_text("keep me")
     before = _snapshot(tmp_path)
+    args = ("tubules", "--out", out, "--num_images", "18", "--image_size", "32")
     for _ in range(2):  # the retry gets the same answer, not another one
-        res = _cli("tubules", "--out", str(out), "--num_images", "18", "--image_size", "32")
+        res = run_cli("stagejax.simulate", *args)
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [
             f"error: out: {out} is not empty; name a new or empty folder"
         ], res.stderr
@@ -434,9 +428,7 @@ def test_cli_refuses_a_non_empty_out_and_leaves_it_untouched(tmp_path):
 def test_cli_sigterm_mid_render_leaves_no_partial_dataset(tmp_path):
     out = tmp_path / "d"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
+        cli_command(
             "stagejax.simulate",
             "tubules",
             "--out",
@@ -447,7 +439,7 @@ def test_cli_sigterm_mid_render_leaves_no_partial_dataset(tmp_path):
             "32",
             "--num_workers",
             "2",
-        ],
+        ),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

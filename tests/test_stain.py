@@ -24,8 +24,7 @@ from stagejax.data import augment, stain
 from stagejax.errors import CheckpointError, ConfigError
 from stagejax.model import Model, saved
 from stagejax.section import stage
-from tests.conftest import REPO, shipped_config
-from tests.test_workdir_safety import _command
+from tests.conftest import REPO, cli_command, main_args, shipped_config
 
 H_PAS = np.array([[0.644, 0.717, 0.267], [0.175, 0.972, 0.155]])
 # Another staining day: both hues moved, hematoxylin stronger, PAS weaker.
@@ -161,7 +160,9 @@ def test_slide_stain_pools_its_tubules_only_when_the_model_normalises():
 
 def test_training_records_the_reference_and_eval_reuses_it(tiny_sim_dir, tmp_path):
     workdir = tmp_path / "w"
-    base = _command(workdir, tiny_sim_dir, tmp_path / "cache")
+    fields = {"data_dir": tiny_sim_dir, "cache_dir": tmp_path / "cache", "model": "resnet18"}
+    fields |= {"crop_size": 32, "crop_range": 4, "optimizer": "sgd", "log_every_steps": 1}
+    base = cli_command("stagejax.main", *main_args(workdir, overrides=fields))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     train = [*base, "--config.num_epochs=1", "--config.stain.normalize=macenko"]
     res = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -31,65 +31,45 @@ from stagejax import recipe
 from stagejax.errors import ResourceError
 from stagejax.runtime import checkpoint as ckpt_lib
 from stagejax.train import memory
-from tests.conftest import REPO
-from tests.test_resume import _assert_trees_equal, _best_model, _latest_state
+from tests.conftest import (
+    REPO,
+    FakeCompiled,
+    assert_trees_equal,
+    best_model,
+    cli_command,
+    cli_env,
+    error_line,
+    latest_state,
+    main_args,
+    run_cli,
+)
 
 STEPS = 8  # 50 train images // batch 12 = 4 steps per epoch, 2 epochs
 TIMEOUT = 240
-
-
-def _command(workdir: Path, data: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "stagejax.main",
-        f"--config={REPO / 'configs' / 'resnet.py'}",
-        f"--workdir={workdir}",
-        f"--config.data_dir={data}",
-        f"--config.cache_dir={cache}",
-        "--config.model=resnet18",
-        "--config.crop_size=32",
-        "--config.crop_range=4",
-        "--config.num_epochs=2",
-        "--config.optimizer=sgd",
-        "--config.log_every_steps=1",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """CPU; one persistent compilation cache, so later launches load the compiled steps."""
     cache = tmp_path_factory.mktemp("xla_cache")
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    return cli_env(
+        {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    )
 
 
 @pytest.fixture(scope="module")
 def cmd(tiny_sim_dir, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("data_cache")
-    return lambda workdir, *extra: _command(workdir, tiny_sim_dir, cache, *extra)
-
-
-def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    """``stagejax.main``'s arguments for a workdir: 2 epochs of SGD on the tiny dataset."""
+    fields = {"data_dir": tiny_sim_dir, "cache_dir": tmp_path_factory.mktemp("data_cache")}
+    fields |= {"model": "resnet18", "crop_size": 32, "crop_range": 4, "num_epochs": 2}
+    fields |= {"optimizer": "sgd", "log_every_steps": 1}
+    return lambda workdir, *extra: main_args(workdir, *extra, overrides=fields)
 
 
 def _last_line(stderr: str) -> str:
     """The one closing line of a stopped run: last on stderr, and no traceback."""
     assert "Traceback" not in stderr, stderr[-3000:]
     return [line for line in stderr.splitlines() if line.strip()][-1]
-
-
-def _error_line(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 2, res.stderr[-3000:]
-    line = _last_line(res.stderr)
-    assert line.startswith("error: ") and res.stderr.count("error: ") == 1, res.stderr[-3000:]
-    return line
 
 
 def _tree(path: Path) -> dict[str, tuple]:
@@ -116,21 +96,21 @@ def reference(tmp_path_factory, cmd, env) -> dict:
     workdir.mkdir()
     os.utime(workdir, ns=(10**18, 10**18))
     before = _tree(workdir)
-    failed = _run(
-        cmd(
-            workdir,
-            "--config.learning_rate=3e38",
-            "--config.schedule=cosine",
-            "--config.warmup_epochs=0.25",
-        ),
-        env,
+    diverging = ("--config.learning_rate=3e38", "--config.schedule=cosine")
+    failed = run_cli(
+        "stagejax.main",
+        *cmd(workdir, *diverging, "--config.warmup_epochs=0.25"),
+        env=env,
+        timeout=TIMEOUT,
     )
     after = _tree(workdir)
     stale_pid = _dead_pid()
     (workdir / ".stagejax.lock").write_text(
         json.dumps({"pid": stale_pid, "host": "elsewhere", "started": "2026-01-01 00:00:00"})
     )
-    retry = _run(cmd(workdir), {**env, "JAX_LOG_COMPILES": "1"})
+    retry = run_cli(
+        "stagejax.main", *cmd(workdir), env={**env, "JAX_LOG_COMPILES": "1"}, timeout=TIMEOUT
+    )
     assert retry.returncode == 0, retry.stderr[-3000:]
     return {
         "workdir": workdir,
@@ -143,7 +123,7 @@ def reference(tmp_path_factory, cmd, env) -> dict:
 
 
 def test_failure_before_first_checkpoint_leaves_workdir_as_found(reference):
-    line = _error_line(reference["failed"])
+    line = error_line(reference["failed"], returncode=2)
     assert "NaN/Inf by step 2" in line, line
     assert "[1] " in reference["failed"].stderr  # it did train and log a step first
     assert reference["after"] == reference["before"]  # no config.json, metrics, lock...
@@ -195,12 +175,14 @@ def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     args = cmd(workdir)
     with log.open("w") as f:
-        first = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=f)
+        first = subprocess.Popen(
+            cli_command("stagejax.main", *args), cwd=REPO, env=env, stdout=f, stderr=f
+        )
     try:
         _wait_for(lambda: _trained_steps(workdir), first, log, "step 1")
         first.send_signal(signal.SIGSTOP)  # holds the lock, for certain, while the second runs
-        second = _run(args, env)
-        line = _error_line(second)
+        second = run_cli("stagejax.main", *args, env=env, timeout=TIMEOUT)
+        line = error_line(second, returncode=2)
         assert f"in use by another stagejax run (pid {first.pid} on " in line, line
         assert "training resnet18" not in second.stderr  # refused before reading the data
         first.send_signal(signal.SIGINT)
@@ -217,9 +199,9 @@ def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
         line,
     )
     assert m and int(m[1]) < STEPS and m[2] == str(workdir / "checkpoints" / "latest"), line
-    assert _latest_state(workdir)[0] == int(m[1])
+    assert latest_state(workdir)[0] == int(m[1])
 
-    resumed = _run(args, env)
+    resumed = run_cli("stagejax.main", *args, env=env, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {m[1]} " in resumed.stderr
     ref = reference["workdir"]
@@ -227,16 +209,17 @@ def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
         assert (workdir / "eval_test" / name).read_bytes() == (
             ref / "eval_test" / name
         ).read_bytes()
-    (step, state), (ref_step, ref_state) = _latest_state(workdir), _latest_state(ref)
+    (step, state), (ref_step, ref_state) = latest_state(workdir), latest_state(ref)
     assert step == ref_step == STEPS
-    _assert_trees_equal(state, ref_state, "final train state")
-    _assert_trees_equal(_best_model(workdir), _best_model(ref), "best_model weights")
+    assert_trees_equal(state, ref_state, "final train state")
+    assert_trees_equal(best_model(workdir), best_model(ref), "best_model weights")
 
 
 def test_sigterm_before_the_first_checkpoint_removes_the_new_workdir(tmp_path, cmd, env):
     workdir, log = tmp_path / "new" / "run", tmp_path / "run.log"
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd(workdir), cwd=REPO, env=env, stdout=f, stderr=f)
+        args = cli_command("stagejax.main", *cmd(workdir))
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=f)
     lock = workdir / ".stagejax.lock"
     try:
         _wait_for(
@@ -255,8 +238,10 @@ def test_sigterm_before_the_first_checkpoint_removes_the_new_workdir(tmp_path, c
 
 def test_memory_preflight_refuses_a_step_that_cannot_fit(tmp_path, cmd, env):
     workdir = tmp_path / "new"
-    res = _run(cmd(workdir, "--config.device_memory_gb=0.01"), env)
-    line = _error_line(res)
+    res = run_cli(
+        "stagejax.main", *cmd(workdir, "--config.device_memory_gb=0.01"), env=env, timeout=TIMEOUT
+    )
+    line = error_line(res, returncode=2)
     m = re.search(r"train step needs ([\d.]+) GiB .* device has ([\d.]+) GiB", line)
     assert m and float(m[1]) > float(m[2]) == 0.01, line
     for field in ("config.crop_size", "config.global_batch_size", "precision=bfloat16"):
@@ -270,8 +255,8 @@ def test_eval_of_an_incomplete_best_checkpoint_is_one_line(tmp_path, cmd, env, r
     shutil.copytree(reference["workdir"], workdir)
     (step_dir,) = (workdir / "checkpoints" / "best").iterdir()
     shutil.rmtree(step_dir / "meta")  # as a kill in the middle of deleting it would
-    res = _run(cmd(workdir, "--mode=eval"), env)
-    line = _error_line(res)
+    res = run_cli("stagejax.main", *cmd(workdir, "--mode=eval"), env=env, timeout=TIMEOUT)
+    line = error_line(res, returncode=2)
     assert f"{step_dir.parent}: no best checkpoint" in line and "incomplete" in line, line
     assert "'meta'" in line, line
     assert any(
@@ -309,8 +294,13 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(
     size = sum(p.stat().st_size for p in ref_step.rglob("*") if p.is_file())
     # Room for two checkpoints and a half: latest 2 fits, then best 4, then latest 4 not.
     workdir = tmpfs(int(2.5 * size)) / "run"
-    res = _run(cmd(workdir, "--config.checkpoint_every_steps=2"), env)
-    line = _error_line(res)
+    res = run_cli(
+        "stagejax.main",
+        *cmd(workdir, "--config.checkpoint_every_steps=2"),
+        env=env,
+        timeout=TIMEOUT,
+    )
+    line = error_line(res, returncode=2)
     assert line.startswith(
         f"error: {workdir / 'checkpoints' / 'latest'}: cannot write the "
         "checkpoint of step 4 (No space left on device"
@@ -420,20 +410,6 @@ class _FakeDevice:
         return {"bytes_limit": 23 * memory.GIB}
 
 
-class _FakeCompiled:
-    def memory_analysis(self):
-        return type(
-            "Stats",
-            (),
-            dict(
-                temp_size_in_bytes=24 * memory.GIB,
-                argument_size_in_bytes=memory.GIB // 2,
-                output_size_in_bytes=memory.GIB // 2,
-                alias_size_in_bytes=memory.GIB // 2,
-            ),
-        )()
-
-
 def test_memory_check_uses_the_accelerator_limit_and_the_override(monkeypatch):
     monkeypatch.setattr(jax, "local_devices", lambda: [_FakeDevice(), _FakeDevice()])
     config = recipe.get_config("study")  # the study's recipe, these fields set
@@ -448,7 +424,7 @@ def test_memory_check_uses_the_accelerator_limit_and_the_override(monkeypatch):
     )
     assert memory.device_capacity(config) == (23 * memory.GIB, "gpu memory limit")
     with pytest.raises(ResourceError) as e:
-        memory.check_train_step(_FakeCompiled(), config)
+        memory.check_train_step(FakeCompiled(), config)
     assert str(e.value).startswith(
         "memory: the train step needs 24.5 GiB per device (temporaries 24.0, arguments 0.5, "
         "outputs 0.0) but the device has 23.0 GiB (gpu memory limit); lower "
@@ -456,4 +432,4 @@ def test_memory_check_uses_the_accelerator_limit_and_the_override(monkeypatch):
         "--config.precision=bfloat16 or --config.remat=True"
     ), str(e.value)
     config.device_memory_gb = 30.0  # e.g. a larger share, or a smaller one for a shared GPU
-    memory.check_train_step(_FakeCompiled(), config)
+    memory.check_train_step(FakeCompiled(), config)

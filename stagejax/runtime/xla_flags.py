@@ -26,11 +26,11 @@ from importlib import metadata
 
 log = logging.getLogger(__name__)
 
-# The XLA:CPU flags stagejax sets by default, each "--name=value", as
-# `benchmarks/xla_cpu.py` chose them on quiet cores (benchmarks/RESULTS.md,
-# 2026-12-01): convolutions through XLA's own (Eigen) kernels instead of
-# YNNPACK's, 1.22x the default's speed (geometric mean over ResNet-18/50
-# prediction and training), logits within 2.3e-5 of PyTorch's.
+# The XLA:CPU flags stagejax sets by default, each "--name=value", as a one-off
+# study chose them on quiet cores (benchmarks/RESULTS.md, "XLA:CPU options against
+# PyTorch", 2026-12-01; its script since removed): convolutions through XLA's own
+# (Eigen) kernels instead of YNNPACK's, 1.22x the default's speed (geometric mean
+# over ResNet-18/50 prediction and training), logits within 2.3e-5 of PyTorch's.
 CPU_DEFAULT_XLA_FLAGS: tuple[str, ...] = (
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 )

@@ -289,6 +289,11 @@ def stage_sections(
     if folder and jax.process_index() == 0:
         _write_summary(root, slides, sm, failed)
     _report_failures(failed, slides, root, opts.strict)
+    log.info(
+        "to correct them: open %s/<slide>/tubules.geojson in QuPath, export the corrected "
+        "objects, then python -m stagejax.section export turns them into a training set",
+        root,
+    )
     return root
 
 

@@ -1,0 +1,82 @@
+"""The section-level benchmarks' command lines (benchmarks.detect's simulated mode,
+benchmarks.section), each run once with every flag at toy sizes: small held-out
+sections and, for section, a random-weights ResNet-18 in a workdir of its own
+instead of a trained one. No score thresholds: the detectors and the model are
+not what is tested here, the benchmarks' plumbing is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import common, detect, section
+from stagejax import models
+from stagejax.detect import DetectParams
+from stagejax.detect.params import save_params
+from stagejax.detect.weights import shipped_path
+from stagejax.model import saved
+from stagejax.runtime import workdir as workdir_lib
+
+MPP, IMAGE, CROP = 4.0, 56, 48  # as tests/test_section_mode.py: a coarse, quick scale
+
+
+def _flags_used(module, *argvs: list[str]) -> None:
+    used = {a.split("=")[0].lstrip("-").removeprefix("no") for v in argvs for a in v}
+    assert set(module.FLAGS) <= used, set(module.FLAGS) - used
+
+
+@pytest.mark.slow
+def test_detect_command_scores_held_out_sections(tmp_path, capsys):
+    params = save_params(tmp_path / "params.json", DetectParams())
+    out = tmp_path / "d.json"
+    base = [f"--out={tmp_path / 'renders'}", "--seeds=100", "--stain_shift=1.0", "--mpp=2.0",
+            "--size_mm=0.8,0.6", "--no_timing", f"--json={out}"]  # fmt: skip
+    classical = [*base, "--method=classical", f"--params={params}"]
+    unet = [*base, f"--weights={shipped_path()}"]
+    # --real and --overlays: tests/test_real_sections.py. --finetune_steps is not run in
+    # CI: three U-Net fine-tunings of the real section (RESULTS.md has the curve).
+    used = {a.split("=")[0][2:] for a in [*classical, *unet, "--real", "--overlays"]}
+    assert set(detect.FLAGS) - used == {"finetune_steps"}
+    for argv, method in ((classical, "classical"), (unet, "unet")):
+        detect.main(argv)
+        result = json.loads(out.read_text())
+        assert result["method"] == method and result["simulated"]
+        assert set(result["accuracy"]) == {"stain_shift=0", "stain_shift=1"}
+        assert [s["seed"] for s in result["per_section"]] == [100, 100]
+        assert "timing" not in result
+    assert "| stain_shift=1 |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def random_workdir(tmp_path_factory):
+    """A workdir as training leaves it, holding a random-weights ResNet-18."""
+    workdir = tmp_path_factory.mktemp("section") / "w"
+    config = common.stagejax_config(model="resnet18", crop_size=CROP, crop_range=4,
+                                    eval_batch_size=12)  # fmt: skip
+    workdir_lib.prepare_workdir(workdir, config)
+    saved.save_model_weights(workdir / "best_model", models.create("resnet18"), "resnet18",
+                             mpp=MPP, image_size=IMAGE)  # fmt: skip
+    return workdir
+
+
+@pytest.mark.slow
+def test_section_command_scores_and_times_nothing_it_was_not_asked_to(
+    random_workdir, tmp_path, capsys
+):
+    out = tmp_path / "s.json"
+    argv = [f"--workdir={random_workdir}", f"--out={tmp_path / 'renders'}", "--seeds=3",
+            "--stain_shift=1.0", "--size_mm=1.4,1.1", "--notiming", "--detector=classical",
+            f"--json={out}"]  # fmt: skip
+    _flags_used(section, argv)
+    section.main(argv)
+    result = json.loads(out.read_text())
+    assert result["stage_model"]["mpp"] == MPP and result["detector"]
+    for shift in ("stain_shift=0", "stain_shift=1"):
+        row = result["accuracy"][shift]["per_section"][0]
+        assert row["seed"] == 3 and row["auto_cut"]["matched_stageable"] > 0, row
+        assert 0 <= row["truth_cut"]["balanced_accuracy"] <= 1
+    assert result["timing"] == {}
+    assert "| stain_shift=1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: --workdir"):
+        section.main([])
