@@ -257,3 +257,30 @@ def run_probe(tmp_path: Path, name: str, data, *extra: str, procs: int = 1, time
     # Traced during the first step only; never again (no retracing per step).
     assert int(z["traces"]) == int(z["traces_after_first"])
     return leaves, z["losses"], int(z["traces"])
+
+
+# The files that take longest, started first: pytest runs on two workers, one file per
+# worker at a time (pyproject.toml), and a long file started last would run alone.
+LONGEST_FIRST = (
+    "test_train_all_models.py",
+    "test_parallel.py",
+    "test_on_device.py",
+    "test_remat.py",
+    "test_resume.py",
+    "test_gpu_suite.py",
+    "test_benchmarks.py",
+    "test_workdir_safety.py",
+    "test_config.py",
+    "test_sampler.py",
+    "test_multiprocess_failure.py",
+    "test_convert.py",
+    "test_section_mode.py",
+    "test_reliability.py",
+    "test_predict_cli.py",
+    "test_stain.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

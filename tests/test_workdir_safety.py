@@ -217,9 +217,12 @@ def test_second_process_is_refused_and_sigint_resumes_to_the_same_result(
 
 def test_sigterm_before_the_first_checkpoint_removes_the_new_workdir(tmp_path, cmd, env):
     workdir, log = tmp_path / "new" / "run", tmp_path / "run.log"
+    # No compilation cache: compiling keeps the run before its first checkpoint long after
+    # the lock appears (with cached steps the 2 epochs can end before the signal lands).
+    cold = {**env, "JAX_ENABLE_COMPILATION_CACHE": "false"}
     with log.open("w") as f:
         args = cli_command("stagejax.main", *cmd(workdir))
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=f)
+        proc = subprocess.Popen(args, cwd=REPO, env=cold, stdout=f, stderr=f)
     lock = workdir / ".stagejax.lock"
     try:
         _wait_for(
