@@ -311,12 +311,7 @@ def stagejax_config(variant: str | None = None, **fields):
     from stagejax import recipe
 
     config = recipe.get_config(variant)
-    for key, value in fields.items():
-        *path, last = key.split(".")
-        node = config
-        for name in path:
-            node = node[name]
-        node[last] = value
+    config.update_from_flattened_dict(fields)
     return config
 
 
