@@ -60,7 +60,7 @@ FLAGS: common.Flags = {
 log = logging.getLogger(__name__)
 
 
-def _render(out: str, seed: int, mpp: float, shift: float, size_mm) -> Path:
+def render(out: str, seed: int, mpp: float, shift: float, size_mm) -> Path:
     out = Path(out) / f"seed{seed}_shift{shift:g}_mpp{mpp:.4f}_{size_mm[0]:g}x{size_mm[1]:g}"
     if not (out / "section.tif").exists():
         section_sim.render_section(out, seed, mpp=mpp, stain_shift=shift, size_mm=size_mm)
@@ -87,7 +87,7 @@ def accuracy(sm: StageModel, opts: SectionOptions, args) -> dict:
     for shift in sorted({0.0, args.stain_shift}):
         rows = []
         for seed in map(int, args.seeds):
-            path = _render(args.out, seed, sm.mpp, shift, size_mm) / "section.tif"
+            path = render(args.out, seed, sm.mpp, shift, size_mm) / "section.tif"
             result, _ = run_lib.stage_slide(path, sm, detector, opts)
             auto = truth_lib.compare(result, truth_lib.truth_file(path))
             gt = _truth_cut_scores(path, auto, sm)
@@ -108,7 +108,7 @@ def _means(rows: list[dict]) -> dict:
 
 
 def timing(out: str, sm: StageModel, opts: SectionOptions) -> dict:
-    folder = _render(out, 1000, section_sim.DEFAULT_MPP, 0.0, section_sim.STUDY_SIZE_MM)
+    folder = render(out, 1000, section_sim.DEFAULT_MPP, 0.0, section_sim.STUDY_SIZE_MM)
     return time_section(folder / "section.tif", sm, opts)
 
 
@@ -135,6 +135,9 @@ def time_section(path: Path, sm: StageModel, opts: SectionOptions | None = None)
         "total_seconds": round(total, 2),
         "tubules_per_second": round(n / total, 2),
         "staging_tubules_per_second": round(n / max(times["stage"], 1e-9), 2),
+        # The share of the staging loop spent waiting for crops ("cut": time blocked on
+        # the cutting threads); the model waits for the host that long.
+        "device_wait_share": round(times["cut"] / max(times["cut"] + times["stage"], 1e-9), 3),
         "peak_rss_mb": round(common.peak_rss_mb()),
         "load_avg_1min_before": round(load, 2),
         "load_avg_1min_after": round(os.getloadavg()[0], 2),

@@ -17,6 +17,7 @@ Corrected outlines go back into a dataset with ``python -m stagejax.section expo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -31,7 +32,7 @@ from ml_collections import config_flags
 from stagejax import cli, mode_flags
 from stagejax import config as config_lib
 from stagejax.errors import ConfigError, StagejaxError, WorkdirError
-from stagejax.runtime import lock, logs
+from stagejax.runtime import accelerator, lock, logs
 from stagejax.runtime import workdir as workdir_lib
 from stagejax.runtime import xla_flags as xla_flags_lib
 from stagejax.runtime.files import writing
@@ -67,6 +68,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
+)
+flags.DEFINE_bool(
+    "require_accelerator",
+    False,
+    "Stop with an error when JAX runs on the CPU (e.g. a GPU/TPU job whose JAX and plugin "
+    "versions disagree); without it such a run warns and goes on.",
 )
 flags.mark_flags_as_required(["workdir"])
 
@@ -151,6 +158,9 @@ def run(argv) -> None:
         xla_defaults = _cpu_xla_defaults()
         initialize_distributed()
         logs.setup(FLAGS.verbose)
+        accelerator.check(
+            jax.default_backend(), jax.config.jax_platforms, FLAGS.require_accelerator
+        )
         mode_flags.check_flags(FLAGS.mode)
         _check_model_there(FLAGS.config)
         config = ml_collections.ConfigDict(FLAGS.config.to_dict())  # unlocked: the run's own
@@ -167,13 +177,17 @@ def run(argv) -> None:
         # Every value, before any data is read; a trained workdir brings its own sizes.
         config_lib.validate(config, sizes=FLAGS.mode == "train" or not _trained(FLAGS.workdir))
         agree = _all_agree if jax.process_count() > 1 else None
+        lock_dir = mode_flags.lock_dir(FLAGS.mode, FLAGS.workdir)
         # The lock is taken before the data is read (a second run is refused at once);
         # a failure before the run's first checkpoint takes back what it wrote.
         with (
             writing(FLAGS.workdir),
-            lock.claim(FLAGS.workdir, hold=jax.process_index() == 0, agree=agree) as claim,
+            lock.claim(lock_dir, hold=jax.process_index() == 0, agree=agree) as claim,
         ):
             _run_mode(config, claim)
+        if lock_dir != FLAGS.workdir:  # a shard's own lock folder, empty once released
+            with contextlib.suppress(OSError):
+                os.rmdir(lock_dir)
     except StagejaxError as e:
         cli.exit_with(f"error: {e}", 2)
     except interrupts.Interrupted as e:  # exit status 130 (SIGINT) or 143 (SIGTERM)

@@ -4,9 +4,12 @@ in the training recipe; each is refused in a mode that does not use it."""
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from stagejax.errors import ConfigError
+from stagejax.section.folder import parse_shard
 from stagejax.section.options import SectionOptions
 
 FLAGS = flags.FLAGS
@@ -24,6 +27,8 @@ USED_BY = {
     "tta": ("predict", "section"),
     "strict": ("predict", "section"),
     "overwrite": ("eval", "predict", "section"),
+    "shard": ("section",),
+    "cut_workers": ("section",),
 }
 
 
@@ -66,6 +71,19 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "overwrite", False, "eval/predict/section: replace earlier outputs of the same name."
     )
+    flags.DEFINE_integer(
+        "cut_workers",
+        _DEFAULT.cut_workers,
+        "section: threads cutting tubules out of a slide (0: one per core).",
+        lower_bound=0,
+    )
+    flags.DEFINE_string(
+        "shard",
+        _DEFAULT.shard,
+        "section: I/N stages every N-th slide of the folder from the I-th, for N independent "
+        "jobs (default: a Slurm job array's task, else all); then python -m stagejax.section "
+        "merge.",
+    )
 
 
 def check_flags(mode: str) -> None:
@@ -86,7 +104,18 @@ def section_options() -> SectionOptions:
         tta=FLAGS.tta,
         strict=FLAGS.strict,
         overwrite=FLAGS.overwrite,
+        shard=FLAGS.shard,
+        cut_workers=FLAGS.cut_workers,
     )
+
+
+def lock_dir(mode: str, workdir: str) -> str:
+    """The folder a run locks: the workdir, or for one shard of a section run its own
+    (W/.shard-I-of-N), so that the shards of a folder run side by side."""
+    if mode != "section":
+        return workdir
+    shard = parse_shard(FLAGS.shard)
+    return workdir if shard.count == 1 else os.path.join(workdir, shard.lock_name)
 
 
 def predict_options():

@@ -29,6 +29,40 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# PyTorch is the oracle of the parity tests. The test extra installs it on Python 3.11
+# only (from this machine's disk; elsewhere a CUDA build of several GB), so on newer
+# Pythons a test that needs it is skipped, with the reason; on 3.11 a missing torch is
+# an import error, never a silent skip.
+TORCH_OPTIONAL = sys.version_info >= (3, 12)
+
+
+NO_TORCH = "torch/torchvision not installed (the test extra has them on Python 3.11 only)"
+
+
+def import_torch():
+    """(torch, torchvision), or (None, None) where the test extra leaves them out;
+    tests that use them carry `needs_torch`."""
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        if not TORCH_OPTIONAL:
+            raise
+        return None, None
+    return torch, torchvision
+
+
+def require_torch():
+    """(torch, torchvision) for a test file that needs them throughout: where the test
+    extra leaves them out, the whole file is skipped, with the reason."""
+    torch, torchvision = import_torch()
+    if torch is None:
+        pytest.skip(NO_TORCH, allow_module_level=True)
+    return torch, torchvision
+
+
+needs_torch = pytest.mark.skipif(TORCH_OPTIONAL and import_torch()[0] is None, reason=NO_TORCH)
+
 
 @pytest.fixture(scope="session")
 def tiny_sim_dir(tmp_path_factory) -> Path:

@@ -1,6 +1,7 @@
 """The section-level benchmarks' command lines (benchmarks.detect's simulated mode,
-benchmarks.section), each run once with every flag at toy sizes: small held-out
-sections and, for section, a random-weights ResNet-18 in a workdir of its own
+benchmarks.section, benchmarks.section_throughput), each run once with every flag at
+toy sizes: small held-out sections and, for section, a random-weights ResNet-18 in a
+workdir of its own
 instead of a trained one. No score thresholds: the detectors and the model are
 not what is tested here, the benchmarks' plumbing is."""
 
@@ -10,7 +11,7 @@ import json
 
 import pytest
 
-from benchmarks import common, detect, section
+from benchmarks import common, detect, section, section_throughput
 from stagejax import models
 from stagejax.detect import DetectParams
 from stagejax.detect.params import save_params
@@ -34,8 +35,7 @@ def test_detect_command_scores_held_out_sections(tmp_path, capsys):
             "--size_mm=0.8,0.6", "--no_timing", f"--json={out}"]  # fmt: skip
     classical = [*base, "--method=classical", f"--params={params}"]
     unet = [*base, f"--weights={shipped_path()}"]
-    # --real and --overlays: tests/test_real_sections.py. --finetune_steps is not run in
-    # CI: three U-Net fine-tunings of the real section (RESULTS.md has the curve).
+    # --real, --overlays and --finetune_steps: tests/test_real_sections.py.
     used = {a.split("=")[0][2:] for a in [*classical, *unet, "--real", "--overlays"]}
     assert set(detect.FLAGS) - used == {"finetune_steps"}
     for argv, method in ((classical, "classical"), (unet, "unet")):
@@ -80,3 +80,21 @@ def test_section_command_scores_and_times_nothing_it_was_not_asked_to(
     assert "| stain_shift=1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: --workdir"):
         section.main([])
+
+
+@pytest.mark.slow
+def test_section_throughput_command_times_the_host_side_and_end_to_end(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    argv = ["--workers=1,2", "--model=resnet18", "--image_size=96", "--crop_size=64",
+            "--size_mm=0.6,0.5", f"--out={tmp_path / 'renders'}", f"--json={out}"]  # fmt: skip
+    _flags_used(section_throughput, argv)
+    section_throughput.main(argv)
+    result = json.loads(out.read_text())
+    host = result["host_side"]
+    assert result["simulated"] and host["tubules"] > 0 and set(host["by_workers"]) == {"1", "2"}
+    assert all(r["tubules_per_second"] > 0 for r in host["by_workers"].values())
+    assert host["by_workers"]["2"]["per_core"] <= host["by_workers"]["2"]["tubules_per_second"]
+    end = result["end_to_end"]
+    assert end["tubules"] == host["tubules"] and end["cut_workers"] == 2
+    assert 0 <= end["device_wait_share"] <= 1
+    assert "| host side, 2 thread(s) |" in capsys.readouterr().out

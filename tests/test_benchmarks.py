@@ -11,15 +11,19 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from benchmarks import accuracy, common, predict_speed, throughput, throughput_report
-from benchmarks import memory as memory_bench
-from benchmarks import torch_baseline as tb
 from stagejax.data import augment
 from stagejax.data.sampler import StageBalancedSampler
 from stagejax.evaluate import metrics as metrics_lib
 from stagejax.train.memory import CPU_REMAT_XLA_FLAG
+from tests.conftest import require_torch
+
+# The benchmarks compare with the PyTorch baseline: their modules import torch.
+torch, _ = require_torch()
+
+from benchmarks import accuracy, common, predict_speed, throughput, throughput_report  # noqa: E402
+from benchmarks import memory as memory_bench  # noqa: E402
+from benchmarks import torch_baseline as tb  # noqa: E402
 
 # --- the baseline's recipe pieces equal stagejax's ---------------------------------------
 

@@ -19,15 +19,15 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torchvision
 from flax import nnx
 
 from stagejax import convert, models
 from stagejax.convert import ConversionError
 from stagejax.errors import ConfigError
 from stagejax.model.saved import load_model_weights
-from tests.conftest import REPO
+from tests.conftest import REPO, require_torch
+
+torch, torchvision = require_torch()
 
 X = np.random.default_rng(0).uniform(0.0, 1.0, (2, 3, 64, 64)).astype(np.float32)
 

@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import gpu_suite, gpu_suite_report
 from benchmarks import gpu_suite_parts as parts
-from tests.conftest import REPO
+from tests.conftest import REPO, needs_torch
 
 SCRIPT = REPO / "benchmarks" / "gpu_suite.sh"
 
@@ -42,6 +42,7 @@ def _positive_rate(summary: dict) -> bool:
 
 
 @pytest.mark.slow
+@needs_torch  # the smoke run trains the PyTorch baseline too
 def test_smoke_reports_every_part(smoke):
     _, report = smoke
     assert report["mode"] == "smoke"
@@ -54,6 +55,7 @@ def test_smoke_reports_every_part(smoke):
 
 
 @pytest.mark.slow
+@needs_torch  # the smoke run trains the PyTorch baseline too
 def test_smoke_training_rates_loader_share_and_mfu_are_sane(smoke):
     _, report = smoke
     sizes = parts.SMOKE
@@ -80,6 +82,7 @@ def test_smoke_training_rates_loader_share_and_mfu_are_sane(smoke):
 
 
 @pytest.mark.slow
+@needs_torch  # the smoke run trains the PyTorch baseline too
 def test_smoke_prediction_with_and_without_tta(smoke):
     _, report = smoke
     pred = report["parts"]["predict"]["results"]
@@ -91,6 +94,7 @@ def test_smoke_prediction_with_and_without_tta(smoke):
 
 
 @pytest.mark.slow
+@needs_torch  # the smoke run trains the PyTorch baseline too
 def test_smoke_training_feeds_memory_and_section_are_sane(smoke):
     _, report = smoke
     done = report["parts"]
@@ -117,6 +121,7 @@ def test_smoke_training_feeds_memory_and_section_are_sane(smoke):
 
 
 @pytest.mark.slow
+@needs_torch  # the smoke run trains the PyTorch baseline too
 def test_smoke_markdown_lists_every_part_and_the_log_is_kept(smoke):
     out, report = smoke
     text = (out / gpu_suite.MARKDOWN_NAME).read_text()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 from PIL import Image
 
 from stagejax import convert
-from tests.conftest import run_main
-from tests.test_convert import randomize
+from tests.conftest import require_torch, run_main
+
+torch, torchvision = require_torch()
+
+from tests.test_convert import randomize  # noqa: E402
 
 CROP = 32
 

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torchvision
 from flax import nnx
 
 from stagejax import models
 from stagejax.errors import ConfigError
 from stagejax.models.layers import BatchNorm
+from tests.conftest import import_torch, needs_torch
+
+torch, torchvision = import_torch()
 
 # (backbone channels, embedding size) per architecture
 DIMS = {
@@ -59,6 +60,7 @@ def test_names_and_unknown_name():
         models.create("resnet51")
 
 
+@needs_torch
 @pytest.mark.parametrize("name", models.NAMES)
 def test_parameter_count_and_feature_shapes(name):
     with torch.device("meta"):  # shapes only: no memory, no init time
@@ -111,6 +113,7 @@ def test_torchvision_initialisation(resnet18):
     assert np.any(np.asarray(other.conv1.kernel[...]) != k)
 
 
+@needs_torch
 @pytest.mark.parametrize("momentum,eps", [(0.1, 1e-5), (0.01, 1e-3)])  # ResNet, MobileNetV3
 def test_batchnorm_follows_torch(momentum, eps):
     rng = np.random.default_rng(0)

@@ -17,8 +17,9 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+from tests.conftest import require_torch
+
+torch, torchvision = require_torch()
 
 from benchmarks import parity  # noqa: E402
 from benchmarks import parity_pair as pp  # noqa: E402

@@ -94,11 +94,44 @@ def test_folder_outputs_resume_and_summary(setup, tmp_path):
             assert (out / png).stat().st_size > 1000
     summary = _rows(w / "sections" / "summary.csv")
     assert [r["slide"] for r in summary] == ["s3", "s4"]
+    assert "; 1 slide(s) to go, about" in res.stderr and "2 slide(s) staged, " in res.stderr
     # A rerun skips both (same model), leaving the files untouched.
     before = (w / "sections" / "s3" / "tubules.csv").stat().st_mtime_ns
     res = _run(w, model, f"--slides={slides}")
     assert res.returncode == 0 and "already staged" in res.stderr, res.stderr[-3000:]
     assert (w / "sections" / "s3" / "tubules.csv").stat().st_mtime_ns == before
+    _shards_equal_one_run(w, model, slides, tmp_path / "sharded")
+
+
+def _shards_equal_one_run(one: Path, model: Path, slides: Path, w: Path) -> None:
+    """Two shards of the folder (one named by --shard, one by a Slurm array's variables)
+    into one workdir, then merge: the outputs of the one run, byte for byte (section.json
+    but for its timings), and its summary."""
+    res = _run(w, model, f"--slides={slides}", "--shard=1/2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "shard 1/2 done" in res.stderr and not (w / "sections" / "summary.csv").exists()
+    slurm = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
+    res = run_cli("stagejax.main", *_args(w, model, f"--slides={slides}"), env=slurm)
+    assert res.returncode == 0 and "shard 0/2 done" in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in w.iterdir()) == ["config.json", "sections"]  # no lock left
+    res = run_cli("stagejax.section", "merge", f"--sections={w / 'sections'}")
+    assert res.returncode == 0 and "merged 2 slides (0 not staged)" in res.stdout, res.stderr
+    for name in ("s3", "s4"):
+        a, b = one / "sections" / name, w / "sections" / name
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for f in a.iterdir():
+            if f.name != "section.json":
+                assert f.read_bytes() == (b / f.name).read_bytes(), f
+        done_a, done_b = (json.loads((d / "section.json").read_text()) for d in (a, b))
+        assert {**done_a, "seconds": 0} == {**done_b, "seconds": 0}
+    summary = (w / "sections" / "summary.csv").read_bytes()
+    assert summary == (one / "sections" / "summary.csv").read_bytes()
+    pooled = _rows(w / "sections" / "stage_frequencies.csv")
+    counts = [
+        np.array(json.loads((one / "sections" / n / "section.json").read_text())["counts_by_rank"])
+        for n in ("s3", "s4")
+    ]
+    assert [int(r["count"]) for r in pooled] == (counts[0] + counts[1]).tolist()
 
 
 def test_without_a_path_a_simulated_section_is_staged_and_scored(setup, tmp_path):
@@ -158,6 +191,31 @@ def test_crops_are_cut_at_the_model_scale_and_white_outside(setup, tmp_path):
         assert abs((cols[-1] - cols[0] + 1) - (x1 - x0) * slide.mpp / MPP) <= 2
 
 
+def test_threads_cut_the_serial_crops_byte_for_byte(setup):
+    """`crops.cut_tubules` on several threads gives, in order, the crops of one thread,
+    and those equal the cut as first written (white set by boolean indexing)."""
+    from PIL import Image
+    from shapely.geometry import Point
+
+    _, slides = setup
+    rng = np.random.default_rng(0)
+    with open_slide(slides / "s3.tif") as slide:
+        w, h = slide.dimensions
+        outlines = [
+            Point(rng.uniform(0, w), rng.uniform(0, h)).buffer(rng.uniform(20, 60), 7)
+            for _ in range(13)
+        ]  # some cross the slide's edge
+        serial = [crops.cut_tubule(slide, g, MPP, IMAGE) for g in outlines]
+        threaded = list(crops.cut_tubules(slide, outlines, MPP, IMAGE, workers=3))
+        for g, a, b in zip(outlines, serial, threaded, strict=True):
+            np.testing.assert_array_equal(a, b)
+            plain = crops.cut_tubule(slide, g, MPP, IMAGE, white_outside=False).copy()
+            origin = crops.crop_square(g, IMAGE * MPP / slide.mpp)
+            plain[~crops.outline_mask(g, origin, MPP / slide.mpp, IMAGE)] = 255
+            np.testing.assert_array_equal(a, plain)
+        assert Image.fromarray(serial[0]).size == (IMAGE, IMAGE)
+
+
 def test_bad_input_is_one_line_before_any_work(setup, tmp_path):
     model, slides = setup
     bad = tmp_path / "b.tif"
@@ -177,6 +235,9 @@ def test_bad_input_is_one_line_before_any_work(setup, tmp_path):
     assert "--config.section_path: no longer a config field" in line and "--slides" in line
     line = error_line(_run(tmp_path / "w3", model, f"--images={slides}"))
     assert "--images: not used by --mode=section" in line
+    line = error_line(_run(tmp_path / "w4", model, f"--slides={slides}", "--shard=2/2"))
+    assert line == "error: --shard: '2/2': needs 0 <= I < N (e.g. 0/4 ... 3/4)"
+    assert not (tmp_path / "w4").exists()
 
 
 def test_two_processes_split_the_slides(setup, tmp_path):

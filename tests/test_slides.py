@@ -65,6 +65,36 @@ def test_regions_equal_the_source(pyramid, source):
         assert (edge[:10] == 255).all() and (edge[:, 20:] == 255).all()
 
 
+def test_tiles_are_decoded_once_within_a_bounded_cache_and_threads_read_alike(
+    pyramid, source, monkeypatch
+):
+    """Neighbouring tubules' crops share tiles: a tile is decoded once while it is in
+    the cache, the cache never holds more than its bound, and regions read by several
+    threads at once equal the source."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open_slide(pyramid) as slide:
+        decoded = []
+        page = slide._pages[0]
+        real = page.decode
+
+        def counting(data, index, **kw):
+            decoded.append(index)
+            return real(data, index, **kw)
+
+        monkeypatch.setattr(page, "decode", counting)
+        slide.read_region(100, 100, 400, 400)  # 2 x 2 tiles of 256 px
+        slide.read_region(300, 300, 400, 400)  # 2 x 2, one of them read before
+        assert len(decoded) == 4 + 3 and len(set(decoded)) == len(decoded)
+        slide._cache.max_bytes = 4 * TILE * TILE * 3  # four tiles
+        boxes = [(x, y, 300, 200) for x in range(0, W - 300, 170) for y in range(0, H - 200, 190)]
+        with ThreadPoolExecutor(4) as pool:
+            regions = list(pool.map(lambda b: slide.read_region(*b), boxes))
+        assert slide._cache.bytes <= slide._cache.max_bytes
+        for (x, y, w, h), region in zip(boxes, regions, strict=True):
+            np.testing.assert_array_equal(region, source[y : y + h, x : x + w])
+
+
 def test_levels_agree_with_downsampling_level0(pyramid, source):
     with open_slide(pyramid) as slide:
         assert [lv.dimensions for lv in slide.levels] == [(2048, 1536), (1024, 768), (512, 384),

@@ -3,11 +3,14 @@
 import json
 import logging
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from stagejax.runtime import writers
+from tests.conftest import REPO
 
 
 def _read_events(path):
@@ -60,6 +63,19 @@ def test_tensorboard_event_file_is_readable(tmp_path):
             if value.HasField("simple_value"):
                 scalars.append((event.step, value.tag, value.simple_value))
     assert scalars == [(3, "train/loss", 2.5), (4, "train/loss", 2.0)]
+
+
+def test_tensorboard_writer_never_imports_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (3.4 s per training start); the
+    writer keeps it out, and torch still imports normally afterwards."""
+    code = (
+        "import sys; from stagejax.runtime import writers; "
+        f"writers.TensorBoardWriter({str(tmp_path)!r}).close(); "
+        "print('torch' in sys.modules, sys.modules.get('torch', 0) is None)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "False"]
 
 
 def test_multiwriter_and_create_writers(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
@@ -70,10 +71,17 @@ def test_defaults_only_on_the_cpu_with_the_measured_jaxlib():
     assert xla_flags.cpu_xla_flags("--u=1", "cpu", [], VERSION, ()) == "--u=1"
 
 
-def test_the_shipped_default_is_the_measured_flag_and_the_user_still_wins():
+def test_the_shipped_default_is_the_measured_flag_and_the_user_still_wins(monkeypatch):
     # Chosen on quiet cores by a study since removed (RESULTS.md, "XLA:CPU options").
     eigen = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
     assert xla_flags.CPU_DEFAULT_XLA_FLAGS == (eigen,)
+    assert xla_flags.CPU_DEFAULTS_JAXLIB == "0.10.2"
+    # With another jaxlib (e.g. 0.12 on Python 3.12) nothing is added.
+    installed = metadata.version("jaxlib")
+    if installed != "0.10.2":
+        assert xla_flags.apply_cpu_defaults({"XLA_FLAGS": "--u=1"}, platforms="cpu") is None
+    # The rest as with the jaxlib it was measured with.
+    monkeypatch.setattr(xla_flags, "CPU_DEFAULTS_JAXLIB", installed)
     env = {"XLA_FLAGS": "--u=1"}
     assert xla_flags.apply_cpu_defaults(env, platforms="cpu") == env["XLA_FLAGS"]
     assert env["XLA_FLAGS"].split() == ["--u=1", eigen]
@@ -90,6 +98,7 @@ def test_main_merges_the_defaults_before_jax_starts():
 import os
 import subprocess
 import sys
+from importlib import metadata
 from importlib import metadata
 from stagejax.runtime import xla_flags
 from tests.conftest import REPO

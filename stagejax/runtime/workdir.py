@@ -103,7 +103,8 @@ def prepare_workdir(
         not cfg_path.is_file()
         and not must_exist
         and any(
-            p.name not in _SCRATCH and not p.name.startswith(".write_test") for p in path.iterdir()
+            p.name not in _SCRATCH and not p.name.startswith((".write_test", ".shard-"))
+            for p in path.iterdir()
         )
     ):
         raise WorkdirError(

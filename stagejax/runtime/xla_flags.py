@@ -102,7 +102,7 @@ def cpu_xla_flags(
     if not defaults or not cpu_only(platforms, accelerator_plugins):
         return xla_flags
     if jaxlib_version != measured_jaxlib:
-        log.info(
+        log.debug(  # nothing a user can act on: said only where debugging asks
             "XLA:CPU defaults %s were measured with jaxlib %s, not %s: not applied",
             " ".join(defaults),
             measured_jaxlib,

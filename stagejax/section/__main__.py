@@ -18,6 +18,12 @@ Commands:
     skipped. --split_by slide (default) puts whole slides in train/validation/test
     (at least 3 slides); random splits per tubule. ROOT must be new or empty; the
     dataset appears there only once complete. Bad input is one `error:` line, exit 2.
+
+  merge    the slides of a folder staged by several jobs (``--mode=section --shard=I/N``,
+           e.g. a Slurm job array) into one summary.csv and one stage_frequencies.csv
+           (counts pooled over every staged slide):
+
+    python -m stagejax.section merge --sections W/sections [--sections W2/sections] [--out DIR]
 """
 
 import json
@@ -29,6 +35,7 @@ from absl import flags
 from stagejax import cli
 from stagejax.errors import ConfigError
 from stagejax.section import export
+from stagejax.section import folder as folder_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -42,7 +49,18 @@ flags.DEFINE_multi_string(
     [],
     "export: corrected QuPath GeoJSON, one per slide, same order; given as --slides.",
 )
-flags.DEFINE_string("out", None, "export: the dataset folder to write (new or empty).")
+flags.DEFINE_string(
+    "out",
+    None,
+    "export: the dataset folder to write (new or empty). merge: the folder for summary.csv "
+    "and stage_frequencies.csv (default: the first --sections).",
+)
+flags.DEFINE_multi_string(
+    "sections",
+    [],
+    "merge: the W/sections folder of each job of a sharded run (one shared folder, or one "
+    "per job); given as --slides.",
+)
 flags.DEFINE_string("workdir", None, "export: training run whose best_model sets scale and labels.")
 flags.DEFINE_float("mpp", None, "export: um/px of the images (default: the model's).")
 flags.DEFINE_integer("image_size", None, "export: image side in px (default: the model's).")
@@ -72,7 +90,19 @@ def export_command() -> None:
     print(f"wrote {meta['images']} tubule images ({splits}) to {root}")
 
 
-COMMANDS = {"export": export_command}
+def merge_command() -> None:
+    folders = cli.path_list(FLAGS.sections, "--sections")
+    if not folders:
+        raise ConfigError("--sections: required (the W/sections folder of each job)")
+    summary, pooled, slides = folder_lib.merge(folders, FLAGS.out or folders[0])
+    failed = sum(s.counts is None for s in slides)
+    print(
+        f"merged {len(slides)} slides ({failed} not staged) from {len(folders)} folder(s): "
+        f"{summary}, {pooled}"
+    )
+
+
+COMMANDS = {"export": export_command, "merge": merge_command}
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ class SectionOptions:
     tta: bool = False  # average the 8 rotations/flips of every crop
     strict: bool = False  # exit with an error when a slide of a folder was skipped
     overwrite: bool = False  # replace earlier outputs of another slide, model or setting
+    cut_workers: int = 0  # threads cutting tubules (0: one per core)
+    shard: str = ""  # "I/N": every N-th slide from the I-th ("": a Slurm array task's, or all)
 
 
 # Each setting's flag, for messages.
@@ -35,4 +37,6 @@ FLAG = {
     "tta": "--tta",
     "strict": "--strict",
     "overwrite": "--overwrite",
+    "cut_workers": "--cut_workers",
+    "shard": "--shard",
 }

@@ -33,12 +33,14 @@ from jax.experimental import multihost_utils
 from stagejax import stages
 from stagejax.detect import choose
 from stagejax.detect import pipeline as detect_lib
-from stagejax.errors import ConfigError, DatasetError, ResourceError, WorkdirError
+from stagejax.errors import ConfigError, DatasetError, ResourceError
 from stagejax.runtime import files
+from stagejax.section import folder as folder_lib
 from stagejax.section import outputs, record, truth
-from stagejax.section.crops import cut_tubule
+from stagejax.section.crops import cut_tubule, cut_tubules, default_workers
 from stagejax.section.model import StageModel, load_stage_model
 from stagejax.section.options import FLAG, SectionOptions
+from stagejax.section.progress import Progress
 from stagejax.section.stage import SLIDE_STAIN_SAMPLE, slide_stain, stage_crops
 from stagejax.slides import open_slide
 from stagejax.slides.reader import OPENSLIDE_SUFFIXES, PLAIN_SUFFIXES, TIFF_SUFFIXES
@@ -48,8 +50,8 @@ log = logging.getLogger(__name__)
 
 SECTIONS = "sections"
 DONE_FILE = record.DONE_FILE
-SUMMARY = "summary.csv"
-FAILED = ".failed"  # W/sections/.failed/<slide name>.txt: why a slide was not staged
+SUMMARY = folder_lib.SUMMARY
+FAILED = folder_lib.FAILED
 SLIDE_ERRORS = (DatasetError, ResourceError)  # a slide's own problem: skip it, go on
 SLIDE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + OPENSLIDE_SUFFIXES
 SLIDE_MPP_FIELD = FLAG["slide_mpp"]
@@ -111,6 +113,19 @@ def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
         yield cut_tubule(slide, objects[k].geometry, sm.mpp, sm.image_size)
 
 
+def _waited(items: Iterator, seconds: list[float]) -> Iterator:
+    """``items``, adding to ``seconds[0]`` the time spent waiting for each (how long
+    staging waited for the cutting threads)."""
+    items = iter(items)
+    while True:
+        t = time.perf_counter()
+        item = next(items, None)
+        seconds[0] += time.perf_counter() - t
+        if item is None:
+            return
+        yield item
+
+
 def stage_slide(
     path: Path, sm: StageModel, params, opts: SectionOptions
 ) -> tuple[outputs.SectionResult, dict[str, float]]:
@@ -129,17 +144,12 @@ def stage_slide(
         source = slide_stain(sm.model, _stain_sample(slide, det.objects, sm), path.name)
         times["stain"] = time.perf_counter() - t
 
-        def crops():
-            for obj in det.objects:
-                t0 = time.perf_counter()
-                crop = cut_tubule(slide, obj.geometry, sm.mpp, sm.image_size)
-                cut_s[0] += time.perf_counter() - t0
-                yield crop
-
+        workers = opts.cut_workers or default_workers()
+        cuts = cut_tubules(slide, (o.geometry for o in det.objects), sm.mpp, sm.image_size, workers)
         t = time.perf_counter()
         probs = stage_crops(
             sm.model,
-            crops(),
+            _waited(cuts, cut_s),
             len(det.objects),
             sm.batch_size,
             opts.tta,
@@ -251,6 +261,11 @@ def stage_sections(
     workdir = Path(workdir)
     sm = load_stage_model(config, workdir)
     slides, folder = _slides(config, opts, sm)
+    shard = folder_lib.parse_shard(opts.shard)
+    slides = shard.take(slides)
+    if not slides:  # a folder of fewer slides than shards
+        log.info("shard %s: no slide of %s falls to this job; nothing to do", shard, opts.slides)
+        return workdir / SECTIONS
     bad = check_slides(slides, opts.slide_mpp or None)
     _unreadable(bad, slides, folder, opts.slides)
     params = _detector(opts)
@@ -259,36 +274,24 @@ def stage_sections(
     plans = _plan(root, keys, sm, opts.overwrite)
     mine = slides[jax.process_index() :: jax.process_count()]
     log.info(
-        "staging %d slide(s)%s with %s (%.3f um/px, %d px crops)",
+        "staging %d slide(s)%s%s with %s (%.3f um/px, %d px crops)",
         len(slides),
+        f" (shard {shard} of the folder)" if shard.count > 1 else "",
         f", {len(mine)} on this process" if jax.process_count() > 1 else "",
         sm.source,
         sm.mpp,
         sm.image_size,
     )
     root.mkdir(parents=True, exist_ok=True)
-    finished = 0
-    try:
-        for i, path in enumerate(mine):
-            where = f"{i + 1}/{len(mine)}"
-            if _stage_one(path, root, sm, params, opts, keys, plans, bad, where, folder):
-                finished += 1
-                if claim is not None:
-                    claim.keep()  # a later failure keeps the slides already finished
-    except interrupts.Interrupted as e:
-        if not finished:
-            raise
-        raise interrupts.Interrupted(
-            e.signum,
-            f"stopped by {e.name} after {finished} of {len(mine)} slide(s) (outputs in {root}); "
-            "rerun the same command to resume at the first unfinished slide",
-        ) from None
+    done = _stage_mine(mine, root, (sm, params, opts, keys, plans, bad, folder), claim)
+    if folder:
+        log.info("%s", done.totals())
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("stagejax section: all slides staged")
-    failed = _failures(root, slides)
+    failed = folder_lib.failures(root, [slide_name(p) for p in slides])
     if folder and jax.process_index() == 0:
-        _write_summary(root, slides, sm, failed)
-    _report_failures(failed, slides, root, opts.strict)
+        _finish_folder(root, slides, sm, failed, shard)
+    folder_lib.report_failures(failed, len(slides), root, opts.strict)
     log.info(
         "to correct them: open %s/<slide>/tubules.geojson in QuPath, export the corrected "
         "objects, then python -m stagejax.section export turns them into a training set",
@@ -297,21 +300,43 @@ def stage_sections(
     return root
 
 
-def _stage_one(path, root, sm, params, opts, keys, plans, bad, where, folder) -> bool:
+def _stage_mine(mine: list[Path], root: Path, plan: tuple, claim) -> Progress:
+    """This process's slides in turn; a stop after some are done says how to resume."""
+    progress = Progress(len(mine))
+    try:
+        for path in mine:
+            if _stage_one(path, root, *plan, progress) and claim is not None:
+                claim.keep()  # a later failure keeps the slides already finished
+    except interrupts.Interrupted as e:
+        finished = progress.staged + progress.skipped
+        if not finished:
+            raise
+        raise interrupts.Interrupted(
+            e.signum,
+            f"stopped by {e.name} after {finished} of {len(mine)} slide(s) (outputs in {root}); "
+            "rerun the same command to resume at the first unfinished slide",
+        ) from None
+    return progress
+
+
+def _stage_one(path, root, sm, params, opts, keys, plans, bad, folder, progress) -> bool:
     """Stage ``path`` as planned; in a folder run a slide that fails is skipped and
     recorded (one bad slide does not stop a folder). Returns whether it is done."""
     failure = root / FAILED / f"{slide_name(path)}.txt"
     failure.unlink(missing_ok=True)
+    where = progress.where()
     try:
         if path in bad:
             raise DatasetError(bad[path])
         if plans[path] == record.SKIP:
+            progress.passed(failed=False)
             return True
-        _stage(path, root / slide_name(path), sm, params, opts, keys[path], where)
+        _stage(path, root / slide_name(path), sm, params, opts, keys[path], progress)
         return True
     except SLIDE_ERRORS as e:
         if not folder:
             raise
+        progress.passed(failed=True)
         why = str(e).removeprefix(f"{path}: ")
         if path not in bad:  # unreadable ones were named before any work
             log.warning("%s (%s): skipped: %s", path.name, where, why)
@@ -320,65 +345,34 @@ def _stage_one(path, root, sm, params, opts, keys, plans, bad, where, folder) ->
         return False
 
 
-def _stage(path: Path, out_dir: Path, sm, params, opts, key: dict, where: str) -> None:
+def _stage(path: Path, out_dir: Path, sm, params, opts, key: dict, progress: Progress) -> None:
     t = time.perf_counter()
+    where = progress.where()
     result, times = stage_slide(path, sm, params, opts)
     done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), key)
+    seconds = time.perf_counter() - t
     log.info(
-        "%s (%s): %d tubules (%d stageable) in %.1f s -> %s",
+        "%s (%s): %d tubules (%d stageable) in %.1f s, %s -> %s",
         path.name,
         where,
         done["tubules"],
         done["stageable"],
-        time.perf_counter() - t,
+        seconds,
+        progress.staged_one(done["tubules"], seconds),
         out_dir,
     )
 
 
-def _failures(root: Path, slides: list[Path]) -> dict[str, str]:
-    """slide name -> why it was not staged (from every process's records)."""
-    found = {}
-    for path in slides:
-        failure = root / FAILED / f"{slide_name(path)}.txt"
-        if failure.is_file():
-            found[slide_name(path)] = failure.read_text().strip()
-    return found
-
-
-def _report_failures(failed: dict[str, str], slides: list[Path], root: Path, strict: bool):
-    """One warning naming the skipped slides; an error when none, or under strict."""
-    if not failed:
-        return
-    names = ", ".join(failed)
-    if len(failed) == len(slides):
-        raise DatasetError(f"{root}: none of the {len(slides)} slides could be staged: {names}")
-    log.warning(
-        "%d of %d slide(s) could not be staged and were skipped (column error of %s): %s",
-        len(failed),
-        len(slides),
-        root / SUMMARY,
-        names,
-    )
-    if strict:
-        raise DatasetError(
-            f"{len(failed)} of {len(slides)} slide(s) could not be staged: {names}; the others "
-            f"are in {root} (--strict makes this an error)"
+def _finish_folder(root: Path, slides, sm: StageModel, failed: dict, shard) -> None:
+    """summary.csv of the folder; a shard leaves it to `folder_lib.merge`, once all have ended."""
+    if shard.count > 1:
+        log.info(
+            "shard %s done; when every shard has ended: python -m stagejax.section merge "
+            "--sections %s (writes summary.csv and stage_frequencies.csv there)",
+            shard,
+            root,
         )
-
-
-def _write_summary(root: Path, slides: list[Path], sm: StageModel, failed: dict) -> Path:
-    rows = []
-    for path in slides:
-        name = slide_name(path)
-        if name in failed:
-            rows.append((name, None, None, None, failed[name]))
-            continue
-        done = record.read_done(root / name)
-        if done is None:
-            raise WorkdirError(f"{root / name}: {DONE_FILE} missing after staging")
-        counts = np.asarray(done["counts_by_rank"])
-        rows.append((name, done["tubules"], done["stageable"], counts, ""))
+        return
     names = stages.names_by_rank(sm.label_names, sm.stage_ranks)
-    path = outputs.write_summary(root / SUMMARY, rows, names)
-    log.info("wrote %s (%d slides)", path, len(rows))
-    return path
+    path = folder_lib.write_folder_summary(root, [slide_name(p) for p in slides], names, failed)
+    log.info("wrote %s (%d slides)", path, len(slides))

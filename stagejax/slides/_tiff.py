@@ -12,8 +12,10 @@ lies inside the file (a truncated copy fails here, not halfway through a run);
 tifffile logged no error while parsing the tags.
 """
 
+import collections
 import logging
 import math
+import threading
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
@@ -147,6 +149,8 @@ class TiffSlide(Slide):
 
     def __init__(self, path: Path, mpp: float | None, mpp_flag: str):
         self._tf = _open(path)
+        self._tf.filehandle.set_lock(True)  # regions are read from several threads
+        self._cache = _TileCache()
         try:
             self._setup(path, mpp, mpp_flag)
         except BaseException:
@@ -228,21 +232,64 @@ class TiffSlide(Slide):
         ]
         white = 0 if page.photometric == _PHOTOMETRIC.MINISWHITE else np.iinfo(page.dtype).max
         raw = np.empty((h, w, spp), page.dtype)
-        segments = self._tf.filehandle.read_segments(
-            [page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices],
-            indices, sort=True,
-        )  # fmt: skip
-        for data, index in segments:
-            try:
-                seg, (s, _, sy, sx, _), shape = page.decode(data, index, jpegtables=page.jpegtables)
-            except _CODEC_ERRORS as e:
-                raise DatasetError(f"{self.path}: cannot decode tile {index} of level {level} "
-                                   f"(corrupt file): {e}") from None  # fmt: skip
+        for seg, (s, _, sy, sx, _), shape in self._segments(level, indices):
             y0, y1 = max(y, sy), min(y + h, sy + shape[1])
             x0, x1 = max(x, sx), min(x + w, sx + shape[2])
             dst = raw[y0 - y : y1 - y, x0 - x : x1 - x, s : s + shape[3]]
             dst[...] = white if seg is None else seg[0, y0 - sy : y1 - sy, x0 - sx : x1 - sx]
         return raw
+
+    def _segments(self, level: int, indices: list[int]) -> list[tuple]:
+        """The decoded segments ``indices`` of ``level`` (page.decode's (data, place,
+        shape)), from the tile cache where they are; the others read and decoded."""
+        page = self._pages[level]
+        found = {i: self._cache.get((level, i)) for i in indices}
+        missing = [i for i, tile in found.items() if tile is None]
+        segments = self._tf.filehandle.read_segments(
+            [page.dataoffsets[i] for i in missing], [page.databytecounts[i] for i in missing],
+            missing, sort=True,
+        ) if missing else []  # fmt: skip
+        for data, index in segments:
+            try:
+                found[index] = page.decode(data, index, jpegtables=page.jpegtables)
+            except _CODEC_ERRORS as e:
+                raise DatasetError(f"{self.path}: cannot decode tile {index} of level {level} "
+                                   f"(corrupt file): {e}") from None  # fmt: skip
+            self._cache.put((level, index), found[index])
+        return [found[i] for i in indices]
+
+
+class _TileCache:
+    """Decoded tiles, the most recently used kept up to ``max_bytes``.
+
+    Why: the crops of neighbouring tubules overlap (a tubule's 1,152 px square at the
+    study's scale spans 9-16 tiles of 512 px, and its neighbours' squares share
+    about half of them), so without it section mode decodes most tiles twice.
+    Thread-safe: several threads cut tubules from one slide.
+    """
+
+    def __init__(self, max_bytes: int = 128 << 20):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._tiles: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key, tile) -> None:
+        size = tile[0].nbytes if tile[0] is not None else 0
+        with self._lock:
+            if key in self._tiles or size > self.max_bytes:
+                return
+            self._tiles[key] = tile
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._tiles.popitem(last=False)
+                self.bytes -= old[0].nbytes if old[0] is not None else 0
 
 
 def _to_rgb8(raw: np.ndarray, page: tifffile.TiffPage, shift: int = 8) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib import metadata
 from typing import Any
 
 import jax
@@ -75,16 +76,27 @@ def device_capacity(config: ml_collections.ConfigDict) -> tuple[int, str]:
 # (a whole compilation), hence "may": rematerialised, ResNet-50 and MobileNetV3
 # need about a third of the temporaries at 224 px (benchmarks/memory.py).
 _REMAT_MAY_FIT = "with remat it may fit: each block keeps only its input for the backward pass"
-# XLA:CPU expands the optimization barriers that keep a block's recomputation apart
-# from its forward pass, and CSE then merges the two: remat saves nothing there
+# Older XLA:CPU expands the optimization barriers that keep a block's recomputation
+# apart from its forward pass, and CSE then merges the two: remat saves nothing there
 # unless this pass is disabled (XLA_FLAGS, before JAX starts).
 CPU_REMAT_XLA_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
+# The jaxlib from which XLA:CPU keeps remat by itself (tests/test_remat.py: jaxlib
+# 0.10.2 undoes it, 0.12.0.1 keeps it; 0.11 was not measured and gets the flag).
+CPU_KEEPS_REMAT_FROM = (0, 12)
 
 
-def xla_flags_for(remat: bool, xla_flags: str) -> str:
-    """``xla_flags`` with `CPU_REMAT_XLA_FLAG` added when ``remat`` is on (a user's flags
-    are kept; the flag only keeps the optimisation barriers that remat places)."""
-    if not remat or CPU_REMAT_XLA_FLAG in xla_flags:
+def cpu_undoes_remat(jaxlib_version: str | None = None) -> bool:
+    """Whether this jaxlib's XLA:CPU undoes remat without `CPU_REMAT_XLA_FLAG`."""
+    version = jaxlib_version or metadata.version("jaxlib")
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    return major_minor < CPU_KEEPS_REMAT_FROM
+
+
+def xla_flags_for(remat: bool, xla_flags: str, jaxlib_version: str | None = None) -> str:
+    """``xla_flags`` with `CPU_REMAT_XLA_FLAG` added when ``remat`` is on and the jaxlib
+    needs it (a user's flags are kept; the flag only keeps the optimisation barriers
+    that remat places)."""
+    if not remat or CPU_REMAT_XLA_FLAG in xla_flags or not cpu_undoes_remat(jaxlib_version):
         return xla_flags
     return f"{xla_flags} {CPU_REMAT_XLA_FLAG}".strip()
 
@@ -111,7 +123,8 @@ def remedies(config: ml_collections.ConfigDict) -> str:
 
 def _cpu_remat_note() -> str:
     on_cpu = jax.local_devices()[0].platform == "cpu"
-    if not on_cpu or CPU_REMAT_XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
+    flag_set = CPU_REMAT_XLA_FLAG in os.environ.get("XLA_FLAGS", "")
+    if not on_cpu or flag_set or not cpu_undoes_remat():
         return ""
     return f"; on a CPU only with XLA_FLAGS={CPU_REMAT_XLA_FLAG}"
 

@@ -1,0 +1,108 @@
+"""Section throughput on a SIMULATED study-scale section: the host side alone, by
+the number of cutting threads, and end to end with a model.
+
+Host side (issue 26): the tubules that section mode detects, cut as it cuts them
+(read the pyramid level the model needs, resample, white outside the outline,
+centre crop) by ``--workers`` threads, with a model that costs nothing: tubules/s
+for each count, and per core (tubules/s over the threads the cores can run).
+End to end: ``benchmarks.section.time_section`` with a random-weights model
+(``--model``, ``--image_size``/``--crop_size`` as the study's 1152/896 px by
+default, at its pixel size): seconds per part, and the share of staging time the
+model waited for crops (``device_wait_share``; on a CPU the model and the threads
+share the cores). Detection is timed once and left out of the host-side rate.
+
+    python -m benchmarks.section_throughput [--workers=1,2] [--model=resnet18] \
+        [--image_size=1152 --crop_size=896] [--size_mm=4.4,3.5] [--json=...]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks import common
+from benchmarks import section as section_bench
+from stagejax.data.augment import CenterCrop
+from stagejax.detect import choose
+from stagejax.detect import pipeline as detect_lib
+from stagejax.section.crops import cut_tubules
+from stagejax.section.options import SectionOptions
+from stagejax.simulate import section as section_sim
+from stagejax.slides import open_slide
+
+MODULE = "benchmarks.section_throughput"
+FLAGS: common.Flags = {
+    "workers": (["1", "2"], "Cutting threads to time the host side with."),
+    "model": ("resnet18", "End-to-end model (random weights); none: host side only."),
+    "image_size": (1152, "The model's image side (the study's 1152 px cut)."),
+    "crop_size": (896, "The model's centre crop (the study's 896 px)."),
+    "size_mm": ("4.4,3.5", "Section width,height in mm (the study's scale: 4.4,3.5)."),
+    "out": ("/tmp/stagejax_section_bench", "Render cache."),
+    "json": ("benchmarks/results/section_throughput_cpu.json", "Where to write results."),
+}  # fmt: skip
+
+
+def host_side(path: Path, mpp: float, image: int, crop: int, workers: list[int]) -> dict:
+    """Detect once; then cut and centre-crop every tubule with each thread count, each
+    from a newly opened slide (its tile cache empty, as section mode starts a slide)."""
+    centre = CenterCrop(crop)
+    with open_slide(path) as slide:
+        t = time.perf_counter()
+        det = detect_lib.detect_slide(slide, choose.from_config("unet"))
+        detect_s = time.perf_counter() - t
+    outlines = [o.geometry for o in det.objects]
+    rows = {}
+    for w in workers:
+        load = os.getloadavg()[0]
+        with open_slide(path) as slide:
+            t = time.perf_counter()
+            for c in cut_tubules(slide, outlines, mpp, image, w):
+                centre.map({"image": c})
+            seconds = time.perf_counter() - t
+            rate = len(outlines) / seconds
+            cores = min(w, len(os.sched_getaffinity(0)))
+            rows[str(w)] = {
+                "seconds": round(seconds, 2),
+                "tubules_per_second": round(rate, 1),
+                "per_core": round(rate / cores, 1),
+                "load_avg_1min_before": load,
+            }
+    return {"tubules": len(outlines), "detect_seconds": round(detect_s, 2), "by_workers": rows}
+
+
+def run(args) -> None:
+    workers = common.integers(args.workers, "workers", low=1)
+    size_mm = tuple(float(v) for v in args.size_mm.split(","))
+    folder = section_bench.render(args.out, 1000, section_sim.DEFAULT_MPP, 0.0, size_mm)
+    path = folder / "section.tif"
+    with open_slide(path) as slide:
+        px = slide.dimensions
+    mpp = section_sim.DEFAULT_MPP * 1152 / args.image_size  # the study's field of view
+    result = {"simulated": True, "section_px": list(px), "cores": len(os.sched_getaffinity(0))}
+    result["host_side"] = host_side(path, mpp, args.image_size, args.crop_size, workers)
+    if args.model != "none":
+        with tempfile.TemporaryDirectory() as tmp:
+            sm = section_bench.study_model(Path(tmp), args.model, args.crop_size, args.image_size)
+            end = section_bench.time_section(path, sm, SectionOptions(cut_workers=max(workers)))
+        result["end_to_end"] = {"model": args.model, "cut_workers": max(workers), **end}
+    rows = [[f"host side, {w} thread(s)", r["tubules_per_second"], r["per_core"], r["seconds"]]
+            for w, r in result["host_side"]["by_workers"].items()]  # fmt: skip
+    if "end_to_end" in result:
+        e = result["end_to_end"]
+        waited = f"device waited {100 * e['device_wait_share']:.0f}%"
+        rows.append(
+            [f"end to end, {args.model}", e["tubules_per_second"], waited, e["total_seconds"]]
+        )
+    table = common.markdown_table(["", "tubules/s", "per core (or wait)", "seconds"], rows)
+    common.finish(MODULE, result, table, args.json)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    common.main(FLAGS, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Progress a person can read on a long folder run: per slide, its tubules/s and the
+folder's time left; at the end, the totals.
+
+Why: a folder of a hundred sections runs for hours; its log should say how far it
+is and when it will end, not only what each slide gave. The time left is the mean
+time of the slides staged so far times the slides still to come (slides already
+staged by an earlier run are skipped at no cost and do not count).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def duration(seconds: float) -> str:
+    """``2 h 05 min``, ``3 min 07 s`` or ``12.3 s``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class Progress:
+    """Counts of one process's slides as they are staged, skipped or fail."""
+
+    def __init__(self, slides: int, clock: Callable[[], float] = time.perf_counter):
+        self.slides, self.clock, self.start = slides, clock, clock()
+        self.visited = self.staged = self.skipped = self.failed = 0
+        self.tubules, self.seconds = 0, 0.0
+
+    def where(self) -> str:
+        """The next slide's place, ``3/10``."""
+        return f"{self.visited + 1}/{self.slides}"
+
+    def staged_one(self, tubules: int, seconds: float) -> str:
+        """Count a staged slide; its rate and the folder's time left, for its log line."""
+        self.visited += 1
+        self.staged += 1
+        self.tubules += tubules
+        self.seconds += seconds
+        text = f"{tubules / max(seconds, 1e-9):.1f} tubules/s"
+        left = self.slides - self.visited
+        if left:
+            eta = duration(self.seconds / self.staged * left)
+            text += f"; {left} slide(s) to go, about {eta} left"
+        return text
+
+    def passed(self, failed: bool) -> None:
+        """Count a slide skipped (staged by an earlier run) or one that failed."""
+        self.visited += 1
+        if failed:
+            self.failed += 1
+        else:
+            self.skipped += 1
+
+    def totals(self) -> str:
+        """The run's last line: what was done, how fast."""
+        elapsed = self.clock() - self.start
+        rate = self.tubules / max(self.seconds, 1e-9)
+        text = (
+            f"{self.staged} slide(s) staged, {self.tubules} tubules in {duration(elapsed)} "
+            f"({rate:.1f} tubules/s while staging)"
+        )
+        if self.skipped:
+            text += f"; {self.skipped} already staged"
+        if self.failed:
+            text += f"; {self.failed} could not be staged"
+        return text
