@@ -28,7 +28,7 @@ from benchmarks import section as section_bench
 from stagejax.data.augment import CenterCrop
 from stagejax.detect import choose
 from stagejax.detect import pipeline as detect_lib
-from stagejax.section.crops import cut_tubules
+from stagejax.section.crops import cut_tubules, default_workers
 from stagejax.section.options import SectionOptions
 from stagejax.simulate import section as section_sim
 from stagejax.slides import open_slide
@@ -63,7 +63,7 @@ def host_side(path: Path, mpp: float, image: int, crop: int, workers: list[int])
                 centre.map({"image": c})
             seconds = time.perf_counter() - t
             rate = len(outlines) / seconds
-            cores = min(w, len(os.sched_getaffinity(0)))
+            cores = min(w, default_workers())
             rows[str(w)] = {
                 "seconds": round(seconds, 2),
                 "tubules_per_second": round(rate, 1),
@@ -81,7 +81,7 @@ def run(args) -> None:
     with open_slide(path) as slide:
         px = slide.dimensions
     mpp = section_sim.DEFAULT_MPP * 1152 / args.image_size  # the study's field of view
-    result = {"simulated": True, "section_px": list(px), "cores": len(os.sched_getaffinity(0))}
+    result = {"simulated": True, "section_px": list(px), "cores": default_workers()}
     result["host_side"] = host_side(path, mpp, args.image_size, args.crop_size, workers)
     if args.model != "none":
         with tempfile.TemporaryDirectory() as tmp:

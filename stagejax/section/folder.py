@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,6 @@ import numpy as np
 
 from stagejax import stages
 from stagejax.errors import ConfigError, DatasetError, WorkdirError
-from stagejax.runtime.files import atomic_write_text
 from stagejax.section import outputs, record
 
 log = logging.getLogger(__name__)
@@ -200,12 +198,4 @@ def merge(folders: Sequence[str | Path], out: str | Path) -> tuple[Path, Path, l
 
 def _write_pooled(path: Path, staged: list[Staged], names: list[str]) -> Path:
     counts = np.sum([s.counts for s in staged], axis=0)
-    percent = 100.0 * counts / counts.sum() if counts.sum() else np.zeros(len(counts))
-    expected = 100.0 * stages.stage_frequencies()
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["stage", "count", "percent", "expected_percent", "slides"])
-    for n, c, p, e in zip(names, counts, percent, expected, strict=True):
-        writer.writerow([n, int(c), f"{p:.2f}", f"{e:.2f}", len(staged)])
-    atomic_write_text(path, buf.getvalue())
-    return path
+    return outputs.write_frequency_csv(path, names, counts, slides=len(staged))

@@ -183,21 +183,31 @@ def _frequency_table(result: SectionResult) -> tuple[list[str], np.ndarray, np.n
     return names, counts, _percent(counts)
 
 
-def _write_frequencies(out_dir: Path, result: SectionResult) -> list[Path]:
-    names, counts, percent = _frequency_table(result)
+def write_frequency_csv(path: Path, names: Sequence[str], counts, **columns) -> Path:
+    """stage_frequencies.csv: per stage (cycle order) its count, percent and the percent
+    expected from stage durations; ``columns``: more columns of one value each."""
+    counts = np.asarray(counts, np.int64)
     expected = 100.0 * stages.stage_frequencies()
     rows = [
         {"stage": n, "count": int(c), "percent": f"{p:.2f}", "expected_percent": f"{e:.2f}"}
-        for n, c, p, e in zip(names, counts, percent, expected, strict=True)
+        | columns
+        for n, c, p, e in zip(names, counts, _percent(counts), expected, strict=True)
     ]
+    header = ["stage", "count", "percent", "expected_percent", *columns]
+    atomic_write_text(path, _csv_text(header, rows))
+    return path
+
+
+def _write_frequencies(out_dir: Path, result: SectionResult) -> list[Path]:
+    names, counts, percent = _frequency_table(result)
+    expected = 100.0 * stages.stage_frequencies()
     csv_path, png_path = out_dir / "stage_frequencies.csv", out_dir / "stage_frequencies.png"
     title = f"{result.slide_name}: stage frequencies, n = {int(counts.sum())} stageable tubules"
     atomic_write(
         png_path,
         lambda tmp: figures.plot_stage_frequencies(tmp, names, percent, expected, counts, title),
     )
-    atomic_write_text(csv_path, _csv_text(["stage", "count", "percent", "expected_percent"], rows))
-    return [png_path, csv_path]
+    return [png_path, write_frequency_csv(csv_path, names, counts)]
 
 
 def _slide_objects(result: SectionResult) -> list[SlideObject]:
