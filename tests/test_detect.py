@@ -214,3 +214,8 @@ def test_annotations_off_the_slide_are_refused_before_training(drawn, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "lie off" in lines[0] and "off.geojson" in lines[0] and str(comma) in lines[0]
     assert not (tmp_path / "w").exists()
+    proc = run_cli("stagejax.detect", "train", "--method=unet", "--slides", str(path),
+                   "--annotations", str(tmp_path / "off.geojson"), "--holdout", "1.5",
+                   "--out", str(tmp_path / "w"))  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--holdout: 1.5" in lines[0], proc.stderr

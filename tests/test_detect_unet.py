@@ -1,5 +1,6 @@
 """The learned tubule detector (stagejax.detect: unet, learned, train_unet, weights)."""
 
+import dataclasses
 import json
 
 import jax
@@ -91,6 +92,33 @@ def test_tiled_batched_inference_equals_untiled_and_compiles_once():
     assert np.abs(whole[:, :250] - short).max() > 1e-3
 
 
+def _distance_map(centres, radii, shape=(120, 200)):
+    """Normalised distance maps of touching discs: 1 at each centre, the max over discs."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return np.max([np.clip(1 - np.hypot(yy - y, xx - x) / r, 0, 1)
+                   for (y, x), r in zip(centres, radii, strict=True)], 0)  # fmt: skip
+
+
+def test_a_shallow_seam_splits_two_tubules_but_a_ripple_does_not():
+    # Two discs overlapping so much that the distance between them stays at ~0.45,
+    # above seed_threshold: one core, split at the next levels into two large parts.
+    dist = _distance_map([(60, 70), (60, 130)], [55, 55])
+    mask = dist > 0
+    post, mpp = learned.Postprocess(), 2.5
+    assert dist[60, 100] > post.seed_threshold
+    labels = learned.instances(mask.astype(float), dist, mpp, post)
+    assert labels.max() == 2 and labels[60, 70] != labels[60, 130]
+    old = dataclasses.replace(post, split_top=0.0)  # no splitting: one merged tubule
+    assert learned.instances(mask.astype(float), dist, mpp, old).max() == 1
+    # A band whose ridge has a small second peak: the second part is below
+    # min_split_um2, so the band stays whole.
+    band = np.maximum(_distance_map([(60, 100)], [60]), _distance_map([(60, 152)], [9]) * 0.7)
+    assert learned.instances((band > 0).astype(float), band, mpp, post).max() == 1
+    # Splitting needs parts that are tubules' own cores: a larger min_split_um2 keeps one.
+    big = dataclasses.replace(post, min_split_um2=20_000.0)
+    assert learned.instances(mask.astype(float), dist, mpp, big).max() == 1
+
+
 def test_targets_rasterised_from_polygons():
     # Level-0 px, 2 level-0 px per coarse px: [10, 30) is coarse pixels 5..14.
     polys = [box(10, 10, 30, 30), box(30, 10, 50, 30)]  # two touching squares
@@ -131,6 +159,37 @@ def test_fine_tuning_lowers_the_loss_and_weights_round_trip(drawn, shipped, tmp_
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ConfigError, match="other.npz: not a U-Net weights file"):
         weights.load_weights(tmp_path / "other.npz")
+
+
+def test_holdout_sets_outlines_aside_and_checks_the_new_weights_on_them(drawn, tmp_path):
+    path, truth_path, _ = drawn
+    sections = fit.load_sections([str(path)], [str(truth_path)], None)
+    n = len(sections[0].truth)
+    train, check = fit.hold_out(sections, 0.25)
+    held, kept = check[0].truth, train[0].truth
+    assert len(held) == round(0.25 * n) and len(kept) == n - len(held)
+    for tubule in held:  # neither tubule nor background for training; the check's region
+        assert train[0].region.intersection(tubule.geometry).area < 1e-6
+        assert check[0].region.contains(tubule.geometry.centroid)
+    example = train_unet.example_from_section(train[0], 2.5)
+    for tubule in held:  # the region's holes are no training ground (coarse px: 2 / 2.5)
+        c = tubule.geometry.centroid
+        assert example.weight[int(c.y * 0.8), int(c.x * 0.8)] == 0
+    assert 0.5 < example.weight.mean() < 1
+    spec = train_unet.TrainSpec(steps=2, batch=2, crop=64)
+    record = train_unet.run(train, "shipped", spec, tmp_path / "w.npz", check=check)
+    assert record["held_out_tubules"] == len(held)
+    assert 0 <= record["held_out_f1_before"] <= 1 and 0 <= record["held_out_f1_after"] <= 1
+    with pytest.raises(ConfigError, match="--holdout: 0.01 of"):
+        fit.hold_out(sections, 0.01)
+
+
+def test_a_worse_held_out_score_is_a_warning(shipped, monkeypatch, caplog):
+    monkeypatch.setattr(train_unet, "_pooled_score", lambda det, secs: {"f1": 0.5, "num_truth": 4})
+    record = {"held_out_f1_before": 0.8}
+    train_unet._check_held_out(record, shipped, ["a section"])
+    assert record["held_out_f1_after"] == 0.5 and record["held_out_tubules"] == 4
+    assert "score worse than --init on the 4 held-out outlines" in caplog.text
 
 
 def test_shipped_weights_detect_a_held_out_simulated_section(shipped, sim):

@@ -31,11 +31,16 @@ def test_truth_is_consecutive_connected_instances_on_darker_pixels(sections):
         assert n >= 5
         assert set(np.unique(sec.labels)) == set(range(n + 1))
         od = segment.optical_density(sec.rgb).mean(-1)
-        glass = od[:10, :10].mean()  # a corner of the frame is glass
+        edges = (od[:3], od[-3:], od[:, :3], od[:, -3:])
+        frame = np.concatenate([e.ravel() for e in edges])
+        glass = np.median(frame)  # the section is an oval inside the frame: its edge is glass
+        tubule_od = []
         for i in range(1, n + 1):
             own = sec.labels == i
             assert ndimage.label(own)[1] == 1
-            assert od[own].mean() > glass + 0.02  # painted from the same labels
+            tubule_od.append(od[own].mean())
+        # Painted from the same labels: every tubule darker than glass, even a pale one.
+        assert min(tubule_od) > glass + 0.005 and np.median(tubule_od) > glass + 0.02
 
 
 def test_looks_are_randomised_per_section(sections):
@@ -46,7 +51,7 @@ def test_looks_are_randomised_per_section(sections):
 
 def test_thin_clefts_give_touching_tubules_and_bands_lie_along_the_tunica():
     rng = np.random.default_rng(0)
-    look = dict(packed.sample_look(rng), cleft_um=0.3, wobble_um=0.5, band_level=-3.0)
+    look = dict(packed.sample_look(rng), cleft_um=0.3, wobble_um=0.5, band_level=-3.0, fill=1.3)
     sec = _render_with(look)
     # Touching: some pixel of one tubule has a 4-neighbour of another.
     lab = sec.labels
@@ -59,6 +64,16 @@ def test_thin_clefts_give_touching_tubules_and_bands_lie_along_the_tunica():
         ev = np.linalg.eigvalsh(np.cov(np.stack([xs, ys])))
         aspects.append(np.sqrt(ev[1] / max(ev[0], 1e-6)))
     assert max(aspects) > 2.5
+
+
+def test_fill_makes_tubules_round_with_interstitial_corners_or_packed():
+    from skimage import measure
+
+    base = dict(packed.sample_look(np.random.default_rng(1)), cleft_um=0.5, space_fraction=0.0)
+    round_, tight = (_render_with(dict(base, fill=f)) for f in (0.95, 1.3))
+    assert (round_.labels > 0).mean() < 0.9 * (tight.labels > 0).mean()  # gaps at the corners
+    solidity = [r.solidity for r in measure.regionprops(round_.labels)]
+    assert np.median(solidity) > 0.95  # rounded, convex profiles
 
 
 def _render_with(look: dict):

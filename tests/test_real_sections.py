@@ -40,6 +40,25 @@ def test_truth_and_scores_of_a_perfect_and_an_empty_detector(stand_in):
     assert rs.pixel_iou([], truth.labels) == 0.0
 
 
+def test_the_bottom_part_ignores_tubules_crossing_the_split_row(stand_in):
+    root, _ = stand_in
+    truth = rs.read_truth(root)
+    _, bottom = rs.split_top_bottom(truth)
+    crossing = [i for i, p in enumerate(truth.polygons)
+                if p.bounds[1] < rs.SPLIT_ROW < p.bounds[3]]  # fmt: skip
+    assert crossing
+    # Every tubule found: a crossing one whose centroid lies below the row is neither a
+    # hit nor a false detection of the bottom part.
+    scores = rs._score(truth, truth.objects(), "bottom")
+    assert scores["num_truth"] == len(bottom)
+    assert scores["precision"] == 1.0 and scores["recall"] == 1.0
+    # A detection that matches no tubule still counts against precision.
+    stray = truth.objects([bottom[0]])[0]
+    stray = type(stray)(geometry=stray.geometry.buffer(40), classification="Tubule")
+    worse = rs._score(truth, [*truth.objects(bottom), stray], "bottom")
+    assert worse["num_detections"] == len(bottom) + 1 and worse["precision"] < 1.0
+
+
 def test_finetune_annotations_mark_only_annotated_ground(stand_in, tmp_path):
     root, _ = stand_in
     truth = rs.read_truth(root)

@@ -18,13 +18,17 @@ annotated part):
 
     python -m stagejax.detect train --method=unet --slides S1.tif,S2.tif \
         --annotations A1.geojson,A2.geojson --out DIR_OR_W.npz [--init shipped|none|W.npz] \
-        [--steps 300]   (names with commas: repeat --slides/--annotations, or @LIST.txt)
+        [--steps 300] [--holdout 0.2]   (names with commas: repeat --slides/--annotations,
+        or @LIST.txt)
+
+`--holdout 0.2` sets a fifth of the outlines aside, never trained on, and scores the old
+and the new weights on them: a warning says when fine-tuning made things worse.
 
 writes DIR/unet.npz (or W.npz) and its record (unet.json), which `--weights`
 (or `--detector=DIR/unet.npz` of `--mode=section`) uses. The shipped weights were
 made from SIMULATED sections only (`--packed_seeds`: packed sections drawn the
 way real ones look; `--simulated_seeds`: stage-simulator sections; never the
-held-out seeds) by four runs whose one command line is in
+held-out seeds) by five runs whose one command line is in
 stagejax/detect/weights/unet.json ("reproduce"). Existing outputs are replaced
 only with --overwrite.
 
@@ -71,6 +75,12 @@ flags.DEFINE_string("init", "shipped", "train, unet: start from shipped, none or
 flags.DEFINE_integer("steps", 300, "train, unet: Adam steps.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "train, unet: peak learning rate.", lower_bound=0)
 flags.DEFINE_string("simulated_seeds", None, "train, unet: SIMULATED sections instead (e.g. 0-15).")
+flags.DEFINE_float(
+    "holdout",
+    0.0,
+    "train, unet: set aside this fraction of each section's outlines (at "
+    "random) to check the new weights on; a warning when they score worse than --init's.",
+)
 flags.DEFINE_string("packed_seeds", None, "train, unet: SIMULATED packed sections too (e.g. 0-47).")
 flags.DEFINE_boolean(
     "overwrite", False, "Replace existing outputs (tubules.geojson may hold QuPath corrections)."
@@ -132,6 +142,11 @@ def train_learned() -> None:
     packed = (
         train_unet.parse_seeds(FLAGS.packed_seeds, "--packed_seeds") if FLAGS.packed_seeds else []
     )
+    check = []
+    if not 0.0 <= FLAGS.holdout < 0.9:
+        raise ConfigError(f"--holdout: {FLAGS.holdout:g} must be a fraction in [0, 0.9)")
+    if FLAGS.holdout and (not FLAGS.slides or FLAGS.simulated_seeds):
+        raise ConfigError("--holdout: sets aside outlines of --slides/--annotations only")
     if FLAGS.simulated_seeds:
         seeds = train_unet.parse_seeds(FLAGS.simulated_seeds)
         sections = train_unet.simulated_sections(seeds, FLAGS.cache_dir)
@@ -139,14 +154,18 @@ def train_learned() -> None:
     elif FLAGS.slides:
         sections = fit.load_sections(*_slide_lists(), FLAGS.mpp)
         about = {"simulated": False}
+        if FLAGS.holdout:
+            sections, check = fit.hold_out(sections, FLAGS.holdout)
+            about["holdout"] = FLAGS.holdout
     else:
         sections, about = [], {"simulated": True}
     if packed:
         about["packed_seeds"] = packed
         about["packed_size_mm"] = list(train_unet.PACKED_SIZE_MM)
     spec = train_unet.TrainSpec(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate)
-    record = train_unet.run(sections, FLAGS.init, spec, out, about, packed)
-    keys = ("f1_before", "f1_after", "mean_iou_after", "loss_first_100", "loss_last_100")
+    record = train_unet.run(sections, FLAGS.init, spec, out, about, packed, check)
+    keys = ("f1_before", "f1_after", "held_out_f1_before", "held_out_f1_after",
+            "mean_iou_after", "loss_first_100", "loss_last_100")  # fmt: skip
     print(json.dumps({k: record[k] for k in keys if k in record}))
     print(f"wrote {out}")
 

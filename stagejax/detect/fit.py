@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import shapely
 
 from stagejax.detect import metrics, pipeline
@@ -104,6 +105,36 @@ def load_sections(
         region = shapely.union_all([o.geometry for o in regions]) if regions else None
         sections.append(Section(Path(slide_path), mpp, truth, region))
     return sections
+
+
+def hold_out(
+    sections: Sequence[Section], fraction: float, seed: int = 0
+) -> tuple[list[Section], list[Section]]:
+    """(sections to train on, sections to check on): `fraction` of each section's outlines,
+    drawn at random, set aside. A held-out tubule is cut out of the training region (it is
+    neither tubule nor background there) and is the only region of its check section, so
+    the check scores the detections whose centroid lies in a held-out tubule."""
+    rng = np.random.default_rng(seed)
+    train, check = [], []
+    for sec in sections:
+        k = int(round(fraction * len(sec.truth)))
+        if k < 1 or k >= len(sec.truth):
+            raise ConfigError(
+                f"--holdout: {fraction:g} of {sec.path.name}'s {len(sec.truth)} outlines is "
+                f"{k}; outline more tubules or choose a fraction that keeps some of each"
+            )
+        held = set(rng.choice(len(sec.truth), k, replace=False).tolist())
+        kept = [o for i, o in enumerate(sec.truth) if i not in held]
+        aside = [o for i, o in enumerate(sec.truth) if i in held]
+        cut = shapely.union_all([o.geometry.buffer(2.0) for o in aside])
+        if sec.region is None:
+            with open_slide(sec.path, sec.mpp) as slide:
+                everywhere = shapely.box(0, 0, *slide.dimensions)
+        region = (sec.region if sec.region is not None else everywhere).difference(cut)
+        train.append(Section(sec.path, sec.mpp, kept, region, sec._coarse))
+        where = shapely.union_all([o.geometry for o in aside])
+        check.append(Section(sec.path, sec.mpp, aside, where, sec._coarse))
+    return train, check
 
 
 def _check_on_slide(truth: Sequence[SlideObject], slide, ann_path) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 from scipy import ndimage
+from shapely.geometry import Polygon
 from skimage import draw
 
 from stagejax.detect import fit, learned, metrics, segment, unet, weights
@@ -80,6 +81,18 @@ def rasterise(polygons: Sequence, shape: tuple[int, int], scale: tuple[float, fl
     return labels
 
 
+def region_mask(region, shape: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
+    """bool mask of a Region (level-0 px) on the coarse grid of `rasterise`, its holes
+    (e.g. outlines set aside, or a QuPath region with a hole) left out."""
+    mask = np.zeros(shape, bool)
+    for part in getattr(region, "geoms", [region]):
+        mask |= rasterise([part], shape, scale) > 0
+        holes = [Polygon(ring) for ring in part.interiors]
+        if holes:
+            mask &= rasterise(holes, shape, scale) == 0
+    return mask
+
+
 def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(foreground, normalised distance) float32 maps of instance labels."""
     dist = np.zeros(labels.shape, np.float32)
@@ -100,7 +113,7 @@ def example_from_section(section: fit.Section, work_mpp: float, normalise: bool 
     labels = rasterise([o.geometry for o in section.truth], rgb.shape[:2], scale)
     fg, dist = targets(labels)
     if section.region is not None:
-        weight = (rasterise([section.region], rgb.shape[:2], scale) > 0).astype(np.float32)
+        weight = region_mask(section.region, rgb.shape[:2], scale).astype(np.float32)
     else:
         weight = np.ones(fg.shape, np.float32)
     tissue = segment.tissue_mask(segment.optical_density(rgb), mpp, DetectParams())
@@ -312,6 +325,19 @@ def _pooled_score(detector, sections: Sequence[fit.Section]) -> dict:
     return metrics.pooled([s.score(detector) for s in sections])["all"]
 
 
+def _check_held_out(record: dict, tuned, check: Sequence[fit.Section]) -> None:
+    """F1 of the new weights on the held-out outlines; a warning when below --init's."""
+    scores = _pooled_score(tuned, check)
+    record.update(held_out_f1_after=scores["f1"], held_out_tubules=scores["num_truth"])
+    before = record.get("held_out_f1_before")
+    if before is not None and scores["f1"] < before:
+        log.warning(
+            "the new weights score worse than --init on the %d held-out outlines (F1 %.3f, "
+            "was %.3f): keep the old weights, or outline more tubules and train again",
+            scores["num_truth"], scores["f1"], before,
+        )  # fmt: skip
+
+
 def run(
     sections: Sequence[fit.Section],
     init: str,
@@ -319,19 +345,25 @@ def run(
     out: Path,
     about=None,
     packed_seeds: Sequence[int] = (),
+    check: Sequence[fit.Section] = (),
 ) -> dict:
     """Trains from `init` on `sections` (and SIMULATED packed sections `packed_seeds`),
     writes `out` (and its .json); returns the record (`about` added), with F1 at
-    IoU >= 0.5 on `sections` before (unless from scratch) and after."""
+    IoU >= 0.5 on `sections` before (unless from scratch) and after, and on the held-out
+    outlines `check` (never trained on) before and after."""
     start = _start(init, spec.seed)
     model, work_mpp, post, norm = start.model, start.work_mpp, start.post, start.normalise
     record: dict = {"init": start.source, **(about or {})}
     if init != "none" and sections:
         record["f1_before"] = _pooled_score(start, sections)["f1"]
+    if init != "none" and check:
+        record["held_out_f1_before"] = _pooled_score(start, check)["f1"]
     examples = [example_from_section(s, work_mpp, norm) for s in sections]
     examples += packed_examples(packed_seeds, work_mpp, norm)
     record.update(train(model, examples, spec))
     meta = {"work_mpp": work_mpp, "postprocess": dataclasses.asdict(post), "normalise_stain": norm}
+    if check:
+        _check_held_out(record, learned.UNetDetector(model, work_mpp, post, str(out), meta), check)
     if sections:
         after = _pooled_score(learned.UNetDetector(model, work_mpp, post, str(out), meta), sections)
         record.update(f1_after=after["f1"], mean_iou_after=after["mean_iou"])

@@ -16,8 +16,12 @@ painted from.
 Anatomy: tubule cells are an anisotropic Voronoi partition of the tissue (each
 seed with its own elongation and orientation: tangential and long under the
 tunica, random inside), relaxed by Lloyd steps; a tubule is its cell less a cleft
-of varying width (down to none: touching), with a wavy border and rounded
+of varying width (down to none: touching), cut to the cell's moment ellipse
+scaled by the section's `fill` (rounded profiles with interstitial corners, up to
+packed polygons flattened against each other), with a wavy border and rounded
 corners. Some cells are left empty: interstitial spaces and shrinkage clefts.
+Where tubules touch, the seam (basement membrane) is drawn from crisp to
+invisible (`rim`), as coarse real scans show it.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def sample_look(rng: np.random.Generator) -> dict:
         cleft_um=float(rng.uniform(0.5, 9.0)),
         wobble_um=float(rng.uniform(1.0, 6.0)),
         round_um=float(rng.uniform(15.0, 45.0)),
-        lumen=float(rng.uniform(0.1, 0.6)),
+        lumen=float(rng.uniform(0.05, 0.45)),
         band_level=float(rng.uniform(-1.0, 1.0)),  # higher: fewer lengthwise bands
         cellularity=float(rng.uniform(0.05, 0.6)),
         tears=int(rng.integers(0, 4)),
@@ -79,6 +83,8 @@ def sample_look(rng: np.random.Generator) -> dict:
         scan_mpp=float(math.exp(rng.uniform(math.log(0.5), math.log(6.0)))),
         jpeg=int(rng.integers(30, 96)) if rng.random() < 0.75 else None,
         background=[float(v) for v in rng.uniform(236, 255, 3)],
+        fill=float(rng.uniform(0.95, 1.3)),  # ellipse scale within the cell: round .. packed
+        rim=float(rng.uniform(0.0, 1.0)),  # how visible the seam between touching tubules is
     )
 
 
@@ -155,12 +161,35 @@ def _nearest(c, aspect, theta, weight, pts, k: int = 8) -> np.ndarray:
     return near[np.arange(len(pts)), d.argmin(1)]
 
 
+def _ellipses(rng, cells, inside, fill: float) -> np.ndarray:
+    """Pixels within their cell's moment ellipse scaled by about `fill`: real tubules are
+    rounded, flattened only where they press on each other, with interstitial corners
+    between them (Voronoi cells alone are polygons)."""
+    lab = np.where(inside, cells + 1, 0).ravel()
+    n = int(lab.max()) + 1
+    yy, xx = np.indices(cells.shape, dtype=np.float64)
+    yy, xx = yy.ravel(), xx.ravel()
+    count = np.maximum(np.bincount(lab, minlength=n), 1)
+
+    def mean(v):
+        return np.bincount(lab, v, minlength=n) / count
+
+    mx, my = mean(xx), mean(yy)
+    sxx, syy, sxy = mean(xx * xx) - mx**2, mean(yy * yy) - my**2, mean(xx * yy) - mx * my
+    det = np.maximum(sxx * syy - sxy**2, 1e-6)
+    dx, dy = xx - mx[lab], yy - my[lab]
+    mahal = (syy[lab] * dx * dx - 2 * sxy[lab] * dx * dy + sxx[lab] * dy * dy) / det[lab]
+    scale = fill * np.exp(rng.normal(0, 0.05, n))  # a uniform ellipse's edge is at 4
+    return (mahal <= 4 * scale[lab] ** 2).reshape(cells.shape)
+
+
 def _tubules(rng, cells, empty, tissue, look, mpp) -> np.ndarray:
     """Instance labels: each non-empty cell less its cleft, wavy and rounded."""
     d = (ndimage.distance_transform_edt(~(seams(cells, one_sided=True) | ~tissue)) + 0.5) * mpp
     cleft = look["cleft_um"] * np.clip(0.6 + 0.6 * _noise(rng, cells.shape, 30 / mpp), 0, 2)
     wavy = d + look["wobble_um"] * _noise(rng, cells.shape, 12 / mpp)
     mask = (wavy > 0.5 * cleft) & tissue & ~empty[cells]
+    mask &= _ellipses(rng, cells, tissue, look.get("fill", 10.0))
     r = look["round_um"] / mpp  # opening by a disk of radius r, by distance transforms
     core = ndimage.distance_transform_edt(mask) > r
     mask &= ndimage.distance_transform_edt(~core) <= r

@@ -48,7 +48,7 @@ def _tubule_densities(rng, labels: np.ndarray, look: dict, mpp: float, dots: np.
     dmax = np.concatenate([[1.0], ndimage.maximum(d, labels, np.arange(1, n + 1))])
     rel = d / np.maximum(dmax[labels], 1e-3)
     frac = np.clip(look["lumen"] * np.exp(rng.normal(0, 0.5, n + 1)), 0, 0.6)
-    frac[rng.random(n + 1) < 0.15] = 0.0
+    frac[rng.random(n + 1) < 0.25] = 0.0  # cut through the epithelium: no lumen
     lumen = inside & (rel > 1 - frac[labels] + 0.12 * noise(rng, labels.shape, 4 / mpp))
     lumen &= frac[labels] > 0
     f = np.exp(rng.normal(0, 0.12, n + 1)).astype(np.float32)[labels]
@@ -56,7 +56,9 @@ def _tubule_densities(rng, labels: np.ndarray, look: dict, mpp: float, dots: np.
     adluminal = np.exp(-np.abs(rel - (1 - frac[labels])) * dmax[labels] / 10.0)
     epi = inside & ~lumen
     h = look["h_od"] * f * (0.45 + dots * (0.6 + 0.6 * basal + 0.3 * adluminal))
-    rim = d < 3.0  # basement membrane and flat myoid nuclei: a seam even where tubules touch
+    # Basement membrane and flat myoid nuclei: a seam even where tubules touch, from
+    # crisp to nearly invisible (real coarse scans often show none between touching ones).
+    rim = (d < 3.0) * np.float32(look.get("rim", 1.0))
     h = h + look["h_od"] * 0.3 * rim
     e = look["e_od"] * f * (0.75 + 0.15 * noise(rng, labels.shape, 2.0) + 0.8 * rim)
     fluff = np.clip(noise(rng, labels.shape, 1.5), 0, None)
