@@ -127,11 +127,11 @@ def hold_out(
         kept = [o for i, o in enumerate(sec.truth) if i not in held]
         aside = [o for i, o in enumerate(sec.truth) if i in held]
         cut = shapely.union_all([o.geometry.buffer(2.0) for o in aside])
-        if sec.region is None:
+        region = sec.region
+        if region is None:  # the whole slide was annotated
             with open_slide(sec.path, sec.mpp) as slide:
-                everywhere = shapely.box(0, 0, *slide.dimensions)
-        region = (sec.region if sec.region is not None else everywhere).difference(cut)
-        train.append(Section(sec.path, sec.mpp, kept, region, sec._coarse))
+                region = shapely.box(0, 0, *slide.dimensions)
+        train.append(Section(sec.path, sec.mpp, kept, region.difference(cut), sec._coarse))
         where = shapely.union_all([o.geometry for o in aside])
         check.append(Section(sec.path, sec.mpp, aside, where, sec._coarse))
     return train, check
