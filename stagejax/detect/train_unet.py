@@ -362,10 +362,11 @@ def run(
     examples += packed_examples(packed_seeds, work_mpp, norm)
     record.update(train(model, examples, spec))
     meta = {"work_mpp": work_mpp, "postprocess": dataclasses.asdict(post), "normalise_stain": norm}
+    tuned = learned.UNetDetector(model, work_mpp, post, str(out), meta)
     if check:
-        _check_held_out(record, learned.UNetDetector(model, work_mpp, post, str(out), meta), check)
+        _check_held_out(record, tuned, check)
     if sections:
-        after = _pooled_score(learned.UNetDetector(model, work_mpp, post, str(out), meta), sections)
+        after = _pooled_score(tuned, sections)
         record.update(f1_after=after["f1"], mean_iou_after=after["mean_iou"])
         if "f1_before" in record and after["f1"] <= record["f1_before"]:
             log.warning(

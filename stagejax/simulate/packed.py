@@ -189,7 +189,7 @@ def _tubules(rng, cells, empty, tissue, look, mpp) -> np.ndarray:
     cleft = look["cleft_um"] * np.clip(0.6 + 0.6 * _noise(rng, cells.shape, 30 / mpp), 0, 2)
     wavy = d + look["wobble_um"] * _noise(rng, cells.shape, 12 / mpp)
     mask = (wavy > 0.5 * cleft) & tissue & ~empty[cells]
-    mask &= _ellipses(rng, cells, tissue, look.get("fill", 10.0))
+    mask &= _ellipses(rng, cells, tissue, look["fill"])
     r = look["round_um"] / mpp  # opening by a disk of radius r, by distance transforms
     core = ndimage.distance_transform_edt(mask) > r
     mask &= ndimage.distance_transform_edt(~core) <= r

@@ -58,7 +58,7 @@ def _tubule_densities(rng, labels: np.ndarray, look: dict, mpp: float, dots: np.
     h = look["h_od"] * f * (0.45 + dots * (0.6 + 0.6 * basal + 0.3 * adluminal))
     # Basement membrane and flat myoid nuclei: a seam even where tubules touch, from
     # crisp to nearly invisible (real coarse scans often show none between touching ones).
-    rim = (d < 3.0) * np.float32(look.get("rim", 1.0))
+    rim = (d < 3.0) * np.float32(look["rim"])
     h = h + look["h_od"] * 0.3 * rim
     e = look["e_od"] * f * (0.75 + 0.15 * noise(rng, labels.shape, 2.0) + 0.8 * rim)
     fluff = np.clip(noise(rng, labels.shape, 1.5), 0, None)
