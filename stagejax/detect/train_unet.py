@@ -274,7 +274,8 @@ def simulated_sections(seeds: Sequence[int], cache_dir) -> list[fit.Section]:
     for k, seed in enumerate(seeds):
         shift = TRAIN_SHIFTS[k % len(TRAIN_SHIFTS)]
         w, h = TRAIN_SIZE_MM
-        out = root / f"seed{seed}_shift{shift:g}_mpp{RENDER_MPP:.3f}_{w:g}x{h:g}"
+        version = section.GENERATOR_VERSION
+        out = root / f"v{version}_seed{seed}_shift{shift:g}_mpp{RENDER_MPP:.3f}_{w:g}x{h:g}"
         if not (out / "section.tif").exists():
             section.render_section(out, int(seed), mpp=RENDER_MPP, stain_shift=shift,
                                    size_mm=TRAIN_SIZE_MM)  # fmt: skip

@@ -139,8 +139,11 @@ class BatchNorm(nnx.Module):
             count = count * lax.psum(1, self.axis_name)
         unbiased = var * (count / jnp.maximum(count - 1, 1))
         m = self.momentum
-        self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
-        self.var[...] = (1.0 - m) * self.var[...] + m * unbiased
+        # set_value, not ``[...] =``: on a tracer NNX's indexed write asks for the
+        # value's sharding and gets an error message built with its source origin,
+        # about 6 ms per write (a third of tracing ResNet-152's train step).
+        self.mean.set_value((1.0 - m) * self.mean[...] + m * mean)
+        self.var.set_value((1.0 - m) * self.var[...] + m * unbiased)
         return mean, var
 
 

@@ -259,9 +259,12 @@ def compose(
     return out
 
 
-def reduce(rgb: np.ndarray, size: int, noise: float, rng: np.random.Generator) -> np.ndarray:
-    """Downsample a supersampled render to `size` (box filter), then add sensor noise."""
-    img = Image.fromarray(rgb).resize((size, size), Image.BOX)
+def reduce(
+    rgb: np.ndarray, size: int | tuple[int, int], noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Downsample a supersampled render to ``size`` (square, or (width, height)) with a
+    box filter, then add sensor noise."""
+    img = Image.fromarray(rgb).resize((size, size) if isinstance(size, int) else size, Image.BOX)
     arr = np.asarray(img).astype(np.float32)
     if noise > 0:
         arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(noise * 255.0)

@@ -50,7 +50,7 @@ STUDY_SIZE_MM = (4.4, 3.5)  # A mouse testis cross-section; ~20,000 x 16,000 px 
 SIZE_MM_RANGE = (0.5, 12.0)
 MPP_LIMITS = (0.1, 4.0)  # Finer wastes time; coarser leaves nuclei under a pixel.
 MAX_PIXELS = 2_000_000_000
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: coarse sections drawn finer and box-reduced (Look.supersampling)
 
 
 def check_arguments(seed: int, mpp: float, stain_shift: float, size_mm) -> tuple[float, float]:

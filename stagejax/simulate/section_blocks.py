@@ -10,6 +10,7 @@ window ahead of the block row being written, and dropped once that row has passe
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import multiprocessing
 import signal
@@ -98,9 +99,14 @@ class SectionRenderer:
     """Renders regions of one section from its layout and look; see the module doc."""
 
     def __init__(self, layout: Layout, look: Look, num_workers: int = 1):
-        self.layout, self.look = layout, look
+        self.layout = layout
         self.width = int(round(layout.width / look.mpp))
         self.height = int(round(layout.height / look.mpp))
+        # Drawn `k` times finer than level 0 and box-reduced (Look.supersampling):
+        # everything below works in render px of `self.look`.
+        self.k = look.supersampling
+        self.noise = look.noise
+        self.look = look = dataclasses.replace(look, mpp=look.mpp / self.k)
         rng = np.random.default_rng(np.random.SeedSequence([look.seed, _FIELDS]))
         w, h, r_um = layout.width, layout.height, look.nucleus_um
         self.tissue_noise = LatticeNoise(rng, w, h, 6 * r_um)
@@ -123,7 +129,7 @@ class SectionRenderer:
         by0, by1 = y // BLOCK, (y + h - 1) // BLOCK
         for key in [k for k in self.blocks if k[1] < by0]:
             del self.blocks[key]  # Rows above this request: the writer is past them.
-        self.patches.drop_above(by0 * BLOCK)
+        self.patches.drop_above(by0 * BLOCK * self.k)
         for by in range(by0, by1 + 1):
             for bx in range(x // BLOCK, (x + w - 1) // BLOCK + 1):
                 if (bx, by) not in self.blocks:
@@ -138,9 +144,21 @@ class SectionRenderer:
         return out
 
     def block(self, bx: int, by: int) -> np.ndarray:
-        """RGB of block (bx, by), from the layout alone."""
-        x0, y0 = bx * BLOCK, by * BLOCK
-        x1, y1 = min(self.width, x0 + BLOCK), min(self.height, y0 + BLOCK)
+        """RGB of block (bx, by) of level 0, from the layout alone."""
+        k = self.k
+        w, h = (
+            min(self.width, (bx + 1) * BLOCK) - bx * BLOCK,
+            min(self.height, (by + 1) * BLOCK) - by * BLOCK,
+        )
+        rgb = self._render(bx * BLOCK * k, by * BLOCK * k, w * k, h * k, bx, by)
+        if k == 1:
+            return rgb
+        rng = np.random.default_rng(np.random.SeedSequence([self.look.seed, _BLOCKS, bx, by]))
+        return render.reduce(rgb, (w, h), self.noise, rng)
+
+    def _render(self, x0: int, y0: int, w: int, h: int, bx: int, by: int) -> np.ndarray:
+        """RGB of render px [x0, x0 + w) x [y0, y0 + h); sensor noise only when k is 1."""
+        x1, y1 = x0 + w, y0 + h
         mpp = self.look.mpp
         xs = ((np.arange(x0, x1) + 0.5) * mpp).astype(np.float32)
         ys = ((np.arange(y0, y1) + 0.5) * mpp).astype(np.float32)
@@ -169,6 +187,8 @@ class SectionRenderer:
             look.stain.tint_od,
             look.noise,
         )
+        if self.k > 1:  # noise after the reduction, as the tubule simulator adds it
+            return render.compose(h_od, p_od, n_od, stain)
         rng = np.random.default_rng(np.random.SeedSequence([look.seed, _BLOCKS, bx, by]))
         return render.compose(h_od, p_od, n_od, stain, rng)
 

@@ -46,6 +46,18 @@ class Look:
     def r_px(self) -> float:
         return self.nucleus_um / self.mpp
 
+    @property
+    def supersampling(self) -> int:
+        """Render px per level-0 px side, as the tubule simulator renders an image.
+
+        Its images are drawn at least ``params.min_render_size`` px wide (a nucleus
+        radius of at least ``cell_scale * min_render_size`` px) and box-reduced; a
+        section at a coarse pixel size is drawn finer and reduced the same way, so
+        that its tubules look like the tubule images a stage model was trained on.
+        """
+        least = self.params.cell_scale * self.params.min_render_size
+        return max(1, math.ceil(least / self.r_px - 1e-9))
+
 
 def sample_look(seed: int, mpp: float, stain_shift: float, params: SceneParams) -> Look:
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SECTION]))
