@@ -1,8 +1,9 @@
 """Contact sheet: one labelled SIMULATED tubule per stage, to see what the simulator draws.
 
 docs/contact_sheet.png is made with
-``python -m stagejax.simulate tubules --contact_sheet docs/contact_sheet.png
---reference shared/reference/real-tubule-stage-I-II.png``.
+``python -m stagejax.simulate tubules --contact_sheet docs/contact_sheet.png``, without
+``--reference``: the real reference image (H&E, another study) states no licence, so
+pictures committed to the repository must not embed it.
 """
 
 from __future__ import annotations
