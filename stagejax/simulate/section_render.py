@@ -8,7 +8,8 @@ on the writer's tiles. Fields that cross blocks (interstitial texture, illuminat
 nuclei, tubules) are functions of global coordinates, so there are no seams.
 
 Tubules, the expensive part, are rendered once each into their bounding box (the tubule
-simulator's stage biology and nuclei at the section's pixel size: ``epithelium``,
+simulator's stage biology and nuclei at the section's render pixel size, finer than
+level 0 for a coarse section, ``Look.supersampling``: ``epithelium``,
 ``render.splat_nuclei``, ``scene._paint_tubule``), as premultiplied H/PAS densities
 plus a coverage map, by worker processes ahead of the block rows that need them, and
 composited into each block they overlap.
