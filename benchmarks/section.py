@@ -44,7 +44,7 @@ from stagejax.section.options import SectionOptions
 from stagejax.section.stage import stage_crops
 from stagejax.simulate import section as section_sim
 from stagejax.slides import open_slide
-from stagejax.stages import parse_stage
+from stagejax.stages import STAGES, parse_stage
 
 MODULE = "benchmarks.section"
 FLAGS: common.Flags = {
@@ -105,7 +105,20 @@ def _means(rows: list[dict]) -> dict:
     mean.update({f"truth_cut_{k}": float(np.mean([r["truth_cut"][k] for r in rows])) for k in keys})
     mean["frequency_l1"] = float(np.mean([r["auto_cut"]["frequency_l1"] for r in rows]))
     mean["matched_stageable"] = int(sum(r["auto_cut"]["matched_stageable"] for r in rows))
+    for cut in ("auto_cut", "truth_cut"):  # summed over the sections
+        mean[f"{cut}_confusion"] = np.sum([r[cut]["confusion"] for r in rows], axis=0).tolist()
     return mean
+
+
+def recall_rows(means: dict) -> list[list]:
+    """Per-stage recall (auto cut) of each staining, in biological order: where the
+    section's stages go wrong."""
+    rows = []
+    for name, m in means.items():
+        c = np.asarray(m["auto_cut_confusion"], float)
+        recall = np.diag(c) / np.maximum(c.sum(axis=1), 1)
+        rows.append([name, *(f"{100 * r:.0f}%" for r in recall)])
+    return rows
 
 
 def timing(out: str, sm: StageModel, opts: SectionOptions) -> dict:
@@ -179,7 +192,9 @@ def run(args) -> None:
     rows = [[k, *(common.fmt(m[f], 3) for f in TABLE)] for k, m in means.items()]
     rows += [[f"time: {k}", f"{t['total_seconds']} s", f"{t['tubules']} tubules"]
              for k, t in result["timing"].items()]  # fmt: skip
-    common.finish(MODULE, result, common.markdown_table(["", *TABLE], rows), args.json)
+    table = common.markdown_table(["", *TABLE], rows)
+    recall = common.markdown_table(["recall (auto cut)", *STAGES], recall_rows(means))
+    common.finish(MODULE, result, f"{table}\n\n{recall}", args.json)
 
 
 TABLE = ("auto_balanced_accuracy", "truth_cut_balanced_accuracy", "auto_within1_accuracy",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import common, detect, section, section_throughput
@@ -76,8 +77,17 @@ def test_section_command_scores_and_times_nothing_it_was_not_asked_to(
         row = result["accuracy"][shift]["per_section"][0]
         assert row["seed"] == 3 and row["auto_cut"]["matched_stageable"] > 0, row
         assert 0 <= row["truth_cut"]["balanced_accuracy"] <= 1
+        # The per-stage confusion (true stage by row, I first) holds every matched tubule,
+        # its diagonal the correct ones; the mean row sums it over the sections.
+        confusion = np.array(row["auto_cut"]["confusion"])
+        assert confusion.shape == (12, 12)
+        assert confusion.sum() == row["auto_cut"]["matched_stageable"]
+        assert np.trace(confusion) == round(row["auto_cut"]["accuracy"] * confusion.sum())
+        mean = result["accuracy"][shift]["mean"]
+        assert mean["auto_cut_confusion"] == confusion.tolist()
     assert result["timing"] == {}
-    assert "| stain_shift=1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| stain_shift=1 |" in out and "| recall (auto cut) | I | II |" in out
     with pytest.raises(SystemExit, match="error: --workdir"):
         section.main([])
 

@@ -59,11 +59,12 @@ def frequencies(ranks: np.ndarray) -> np.ndarray:
 
 
 def stage_scores(true_ranks: np.ndarray, pred_ranks: np.ndarray) -> dict:
-    """accuracy, balanced and +/-1 accuracy of stage ranks (0 = stage I)."""
+    """accuracy, balanced and +/-1 accuracy of stage ranks (0 = stage I), and the
+    confusion matrix (rows: the true stage, columns: the stage given; I first)."""
     c = metrics_lib.confusion_matrix(true_ranks, pred_ranks)
     s = metrics_lib.summarize(c)
     keys = ("num_examples", "accuracy", "balanced_accuracy", "within1_accuracy")
-    return {k: s[k] for k in keys}
+    return {**{k: s[k] for k in keys}, "confusion": c.tolist()}
 
 
 def compare(result, truth_path: Path, min_iou: float = MIN_IOU) -> dict:
