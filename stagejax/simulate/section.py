@@ -190,9 +190,10 @@ def render_section(
     workers = min(2, os.cpu_count() or 1) if num_workers is None else max(1, num_workers)
     renderer = SectionRenderer(layout, look, workers)
     log.warning(
-        "Rendering SIMULATED section (not real data): %d x %d px, %d tubules, seed %d",
+        "Rendering SIMULATED section (not real data): %d x %d px%s, %d tubules, seed %d",
         renderer.width,
         renderer.height,
+        f" (drawn {renderer.k}x finer, then reduced)" if renderer.k > 1 else "",
         len(layout.tubules),
         seed,
     )
