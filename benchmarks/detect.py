@@ -61,10 +61,7 @@ FLAGS: common.Flags = {
 
 
 def _render(root: Path, seed: int, mpp: float | None, shift: float, size_mm) -> Path:
-    mpp_text = f"{mpp or section.DEFAULT_MPP:.3f}"
-    name = f"v{section.GENERATOR_VERSION}_seed{seed}_shift{shift:g}_mpp{mpp_text}"
-    name += f"_{size_mm[0]:g}x{size_mm[1]:g}"
-    out = root / name
+    out = root / section.render_name(seed, mpp or section.DEFAULT_MPP, shift, size_mm)
     if not (out / "section.tif").exists():
         section.render_section(out, seed, mpp=mpp, stain_shift=shift, size_mm=size_mm)
     return out

@@ -61,8 +61,7 @@ log = logging.getLogger(__name__)
 
 
 def render(out: str, seed: int, mpp: float, shift: float, size_mm) -> Path:
-    name = f"v{section_sim.GENERATOR_VERSION}_seed{seed}_shift{shift:g}_mpp{mpp:.4f}"
-    out = Path(out) / f"{name}_{size_mm[0]:g}x{size_mm[1]:g}"
+    out = Path(out) / section_sim.render_name(seed, mpp, shift, size_mm)
     if not (out / "section.tif").exists():
         section_sim.render_section(out, seed, mpp=mpp, stain_shift=shift, size_mm=size_mm)
     return out

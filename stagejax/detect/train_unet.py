@@ -273,9 +273,7 @@ def simulated_sections(seeds: Sequence[int], cache_dir) -> list[fit.Section]:
     slides, truths = [], []
     for k, seed in enumerate(seeds):
         shift = TRAIN_SHIFTS[k % len(TRAIN_SHIFTS)]
-        w, h = TRAIN_SIZE_MM
-        version = section.GENERATOR_VERSION
-        out = root / f"v{version}_seed{seed}_shift{shift:g}_mpp{RENDER_MPP:.3f}_{w:g}x{h:g}"
+        out = root / section.render_name(seed, RENDER_MPP, shift, TRAIN_SIZE_MM)
         if not (out / "section.tif").exists():
             section.render_section(out, int(seed), mpp=RENDER_MPP, stain_shift=shift,
                                    size_mm=TRAIN_SIZE_MM)  # fmt: skip

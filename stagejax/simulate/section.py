@@ -82,6 +82,13 @@ def check_arguments(seed: int, mpp: float, stain_shift: float, size_mm) -> tuple
     return w, h
 
 
+def render_name(seed: int, mpp: float, stain_shift: float, size_mm) -> str:
+    """A folder name for a rendered section in a cache: the generator version and every
+    argument that changes its pixels, so a cache never serves an older render."""
+    w, h = size_mm
+    return f"v{GENERATOR_VERSION}_seed{seed}_shift{stain_shift:g}_mpp{mpp:.4f}_{w:g}x{h:g}"
+
+
 def parse_size_mm(text: str) -> tuple[float, float]:
     """'4.4,3.5' -> (4.4, 3.5); ConfigError otherwise."""
     parts = [p.strip() for p in str(text).split(",")]

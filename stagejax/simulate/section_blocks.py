@@ -105,7 +105,6 @@ class SectionRenderer:
         # Drawn `k` times finer than level 0 and box-reduced (Look.supersampling):
         # everything below works in render px of `self.look`.
         self.k = look.supersampling
-        self.noise = look.noise
         self.look = look = dataclasses.replace(look, mpp=look.mpp / self.k)
         rng = np.random.default_rng(np.random.SeedSequence([look.seed, _FIELDS]))
         w, h, r_um = layout.width, layout.height, look.nucleus_um
@@ -150,14 +149,13 @@ class SectionRenderer:
             min(self.width, (bx + 1) * BLOCK) - bx * BLOCK,
             min(self.height, (by + 1) * BLOCK) - by * BLOCK,
         )
-        rgb = self._render(bx * BLOCK * k, by * BLOCK * k, w * k, h * k, bx, by)
-        if k == 1:
-            return rgb
         rng = np.random.default_rng(np.random.SeedSequence([self.look.seed, _BLOCKS, bx, by]))
-        return render.reduce(rgb, (w, h), self.noise, rng)
+        # Sensor noise after the reduction, as the tubule simulator adds it.
+        rgb = self._render(bx * BLOCK * k, by * BLOCK * k, w * k, h * k, rng if k == 1 else None)
+        return rgb if k == 1 else render.reduce(rgb, (w, h), self.look.noise, rng)
 
-    def _render(self, x0: int, y0: int, w: int, h: int, bx: int, by: int) -> np.ndarray:
-        """RGB of render px [x0, x0 + w) x [y0, y0 + h); sensor noise only when k is 1."""
+    def _render(self, x0: int, y0: int, w: int, h: int, rng) -> np.ndarray:
+        """RGB of render px [x0, x0 + w) x [y0, y0 + h); sensor noise from ``rng`` if given."""
         x1, y1 = x0 + w, y0 + h
         mpp = self.look.mpp
         xs = ((np.arange(x0, x1) + 0.5) * mpp).astype(np.float32)
@@ -187,9 +185,6 @@ class SectionRenderer:
             look.stain.tint_od,
             look.noise,
         )
-        if self.k > 1:  # noise after the reduction, as the tubule simulator adds it
-            return render.compose(h_od, p_od, n_od, stain)
-        rng = np.random.default_rng(np.random.SeedSequence([look.seed, _BLOCKS, bx, by]))
         return render.compose(h_od, p_od, n_od, stain, rng)
 
     def _where(self, xs, ys):
