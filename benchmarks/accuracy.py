@@ -4,35 +4,18 @@
         --crop_size 80 --crop_range 8 --batch 12 --epochs 5 --split_by random \\
         --seeds 109,110,111 [--json out.json]
 
-Both frameworks train with the study's recipe (reference-recipe.md): Adam
-lr 1e-3 with an L2 term of 5e-4 added to the gradient, stage-balanced
-batches (``batch / 12`` images of every stage), shifted crop + rot90 +
-vertical flip, per-image min-max, from scratch; after each epoch the
-validation split is evaluated and the epoch with the best validation
-balanced accuracy (ties: the later one) is tested.
+Both train with the study's recipe from scratch (Adam lr 1e-3 with an L2 term of 5e-4,
+stage-balanced batches, shifted crop + rot90 + flip, per-image min-max), test the epoch
+with the best validation balanced accuracy (ties: the later): stagejax through
+``stagejax.train.loop.train_and_evaluate`` (float32, its own workdir), PyTorch through
+``benchmarks.torch_baseline`` (``study``). Every (seed, framework) run is a fresh
+process, interleaved seed by seed so that load on a shared machine hits both alike; wall
+time is the training function's (not dataset generation or stagejax's one-off cache).
 
-* stagejax: ``stagejax.train.loop.train_and_evaluate`` on a ``configs/default``
-  config pointing at the simulated layout folder (so its ArrayRecord cache is
-  built from the same files), float32, the run's own workdir (checkpoints
-  and report included in the wall time).
-* torch: ``benchmarks.torch_baseline.train_and_evaluate``, variant ``study``
-  (float32, no loader workers, the study's balanced sampler).
-
-Every (seed, framework) run is a fresh process, interleaved seed by seed so
-that load changes on a shared machine hit both frameworks alike. Wall time
-is the training function's (compilation, evaluation each epoch, final test),
-not dataset generation or stagejax's one-off ArrayRecord conversion.
-
-The defaults are a setting that finishes in about 12 minutes on an idle
-2-core CPU (26 measured on a shared one) and still learns. With slides held
-out (``--split_by slide``, the simulator's default) one 6-epoch seed gave
-test balanced accuracy of 9% (stagejax) and 26% (torch), with validation
-near chance in most epochs for both (RESULTS.md): generalising to unseen
-stainings needs far more training than a CPU allows here. With a random
-split the validation and test images share slides with training.
-
-The images are SIMULATED (``stagejax.simulate``): the numbers compare
-two implementations of one recipe and say nothing about real tubules.
+The defaults finish in about 12 minutes on an idle 2-core CPU and still learn. With
+slides held out (``--split_by slide``) validation stays near chance for both in a CPU
+budget (RESULTS.md), so the default splits at random. The images are SIMULATED: the
+numbers compare two implementations of one recipe, not how they do on real tubules.
 """
 
 from __future__ import annotations
@@ -118,11 +101,8 @@ def run_torch(job: dict) -> dict:
 
 
 def child(job: dict) -> dict:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s {job['framework']} seed {job['seed']}: %(message)s",
-    )
+    fmt = f"%(asctime)s {job['framework']} seed {job['seed']}: %(message)s"
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
     return run_stagejax(job) if job["framework"] == "stagejax" else run_torch(job)
 
 
@@ -157,13 +137,10 @@ def markdown(runs: list[dict], agg: dict[str, dict], par: dict | None) -> str:
     def pct(v: float) -> str:
         return f"{100 * v:.1f}"
 
-    rows = []
-    for r in runs:
-        if "error" in r:
-            rows.append([r["framework"], str(r["seed"]), f"error: {r['error']}", "", "", "", ""])
-            continue
-        rows.append([r["framework"], str(r["seed"]), *(pct(r[k]) for k in METRICS),
-                     str(r["best_epoch"]), f"{r['wall_s']:.0f}"])  # fmt: skip
+    rows = [[r["framework"], str(r["seed"]), f"error: {r['error']}", "", "", "", ""]
+            if "error" in r else [r["framework"], str(r["seed"]), *(pct(r[k]) for k in METRICS),
+                                  str(r["best_epoch"]), f"{r['wall_s']:.0f}"]
+            for r in runs]  # fmt: skip
     for fw, a in agg.items():
         rows.append([f"**{fw} mean +/- std**", f"{a['runs']} seeds",
                      *(f"{pct(a[k]['mean'])} +/- {pct(a[k]['std'])}" for k in METRICS), "",
@@ -173,11 +150,10 @@ def markdown(runs: list[dict], agg: dict[str, dict], par: dict | None) -> str:
     text = common.markdown_table(header, rows)
     text += f"\n\nChance: {100 * CHANCE:.1f}% (12 stages). SIMULATED images."
     if par is not None:
-        text += (
-            f"\n\nParity (stagejax mean balanced accuracy - torch's): "
-            f"{par['stagejax_minus_torch_points']:+.1f} points; target >= "
-            f"-{par['tolerance_points']:.0f}: {'met' if par['met'] else 'missed'}."
-        )
+        met = "met" if par["met"] else "missed"
+        text += (f"\n\nParity (stagejax mean balanced accuracy - torch's): "
+                 f"{par['stagejax_minus_torch_points']:+.1f} points; target >= "
+                 f"-{par['tolerance_points']:.0f}: {met}.")  # fmt: skip
     return text
 
 
@@ -205,9 +181,8 @@ def validate(args) -> tuple[list[int], list[str]]:
 def run(args) -> None:
     seeds, names = validate(args)
     warning = common.warn_slow_xla_cpu_shape(args.model, args.crop_size, log)
-    root = common.simulated_root(
-        args.num_images, args.image_size, args.data_seed, args.cache_dir, split_by=args.split_by
-    )
+    root = common.simulated_root(args.num_images, args.image_size, args.data_seed,
+                                 args.cache_dir, split_by=args.split_by)  # fmt: skip
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stagejax-accuracy-"))
     keys = ("model", "crop_size", "crop_range", "batch", "eval_batch", "epochs")
     base = {k: getattr(args, k) for k in keys}
@@ -221,9 +196,8 @@ def run(args) -> None:
             if run_dir.exists():  # stagejax would resume it: not a fresh, timed run
                 raise ValueError(f"{run_dir}: exists; pass an empty --workdir")
             job = {**base, "framework": fw, "seed": seed, "workdir": str(run_dir)}
-            runs.append(
-                {"framework": fw, "seed": seed, **common.run_child(MODULE, job, args.timeout)}
-            )
+            out = common.run_child(MODULE, job, args.timeout)
+            runs.append({"framework": fw, "seed": seed, **out})
     agg = aggregate(runs)
     par = parity(agg)
     setting = {**base, **{k: getattr(args, k) for k in ("num_images", "image_size",

@@ -1,17 +1,16 @@
 """What every benchmark shares: its command line, its child processes, its report.
 
-* Command line: absl flags, declared as a `Flags` dict (name -> default and help)
-  and parsed by `main` into private flag values, so that several benchmarks run
-  in one test process without clashing in absl's global flags.
-* Child processes: `Child` / `run_child` run ``python -m MODULE --child JOB`` and
-  read back the one JSON line it `emit`s. Why: JAX and PyTorch each size their
-  thread pools to the whole machine, and peak memory (RSS on a CPU) is per
-  process, so each measurement runs in a fresh process and the parent collects.
-  ``--in_process`` (every benchmark has it) runs each job's ``MODULE.child`` in
-  this process instead: a check that the code runs (the tests), whose timings and
-  peaks mean little; a job given its own environment still gets a process.
-* Report: `finish` prints the markdown (`markdown_table`) and writes the JSON
-  (machine, command, results), by convention under ``benchmarks/results/``.
+* Command line: absl flags declared as a `Flags` dict (name -> default and help),
+  parsed by `main` into private flag values, so that several benchmarks run in one
+  process (the tests, the GPU suite) without clashing in absl's global flags.
+* Child processes: `run_child` runs ``python -m MODULE --child JOB`` and reads back
+  the one JSON line it `emit`s. Why: JAX and PyTorch each size their thread pools to
+  the whole machine, and peak memory is per process, so each measurement runs in a
+  fresh process. ``--in_process`` runs each job's ``MODULE.child`` here instead (a
+  check that the code runs; its timings mean little). `DEADLINE` (the GPU suite's)
+  holds every child to one end time.
+* Report: `finish` prints the markdown (`markdown_table`, `results_table`) and writes
+  the JSON (machine, command, results), by convention under ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -57,6 +56,9 @@ CHILD_FLAGS: Flags = {  # a benchmark with child processes
     "in_process": (False, "Run the jobs in this process (a quick check: timings mix)."),
 }
 IN_PROCESS = False  # set by --in_process for the run of one `main`
+ARGV: list[str] | None = None  # that run's arguments (the command line the JSON records)
+DEADLINE: float | None = None  # time.monotonic() by which every child must have ended
+GIB = 2**30
 
 
 # --- the command line --------------------------------------------------------------------
@@ -94,34 +96,33 @@ def parse(
     return args, rest[1:]
 
 
-def main(
-    spec: Flags,
-    run: Callable[[types.SimpleNamespace], None],
-    argv: Sequence[str] | None,
-    child: Callable[[dict], dict] | None = None,
-    positional: int = 0,
-) -> None:
+def main(spec: Flags, run: Callable[[types.SimpleNamespace], dict | None],
+         argv: Sequence[str] | None, child: Callable[[dict], dict] | None = None,
+         positional: int = 0) -> dict | None:  # fmt: skip
     """A benchmark's ``main``: parse ``argv`` (default ``sys.argv``); as a child
     (``--child JOB``) print ``child(job)`` for `run_child`; else log at INFO and
     ``run(args)``, a ``ValueError`` from which is the ``error:`` exit line.
-    ``positional``: how many positional arguments it takes (``args.positional``)."""
-    global IN_PROCESS
-    args, rest = parse(spec, sys.argv if argv is None else ["benchmark", *argv], bool(child))
+    ``positional``: how many positional arguments it takes (``args.positional``).
+    Returns what ``run`` returns (`finish`'s report): the GPU suite runs benchmarks so."""
+    global IN_PROCESS, ARGV
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = parse(spec, ["benchmark", *argv], bool(child))
     if getattr(args, "child", ""):
         emit(child(json.loads(args.child)))
-        return
+        return None
     if len(rest) > positional:
         raise SystemExit(f"error: unexpected arguments: {' '.join(rest[positional:])}")
     args.positional = rest
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)
-    IN_PROCESS = getattr(args, "in_process", False)
+    saved = IN_PROCESS, ARGV
+    IN_PROCESS, ARGV = IN_PROCESS or getattr(args, "in_process", False), argv
     try:
-        run(args)
+        return run(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     finally:
-        IN_PROCESS = False
+        IN_PROCESS, ARGV = saved
 
 
 def names(text: str | list[str], flag: str, allowed: Sequence[str] = ()) -> list[str]:
@@ -159,10 +160,8 @@ def check_image_size(size: int) -> None:
 
 def check_batch(batch: int, flag: str) -> None:
     if batch < 12 or batch % 12:
-        raise ValueError(
-            f"--{flag}: {batch} is not a positive multiple of 12 (the study's sampler "
-            "takes batch / 12 images of every stage)"
-        )
+        raise ValueError(f"--{flag}: {batch} is not a positive multiple of 12 (the study's "
+                         "sampler takes batch / 12 images of every stage)")  # fmt: skip
 
 
 # --- the machine ---------------------------------------------------------------------------
@@ -188,13 +187,8 @@ def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
 
 def machine_info() -> dict:
     """CPU, core count, load and package versions; the accelerator is added by callers."""
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
-        "platform": platform.platform(),
-        "versions": versions(),
-    }
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "load_avg_1min": round(os.getloadavg()[0], 2), "versions": versions()}  # fmt: skip
 
 
 def device_of_jax() -> str:
@@ -228,9 +222,8 @@ def peak_flops(device: str) -> tuple[float | None, str]:
             flags_text = Path("/proc/cpuinfo").read_text()
         per_cycle = 64 if " avx512f" in flags_text else 32  # float32 FMA, two units
         cores = os.cpu_count() or 1
-        return cores * 3.0e9 * per_cycle, (
-            f"nominal CPU peak, an estimate: {cores} cores x 3 GHz x {per_cycle} float32 FLOP/cycle"
-        )
+        why = f"{cores} cores x 3 GHz x {per_cycle} float32 FLOP/cycle"
+        return cores * 3.0e9 * per_cycle, f"nominal CPU peak, an estimate: {why}"
     return None, f"no known peak for {device!r}"
 
 
@@ -251,8 +244,7 @@ def resnet_final_map(image_size: int) -> int:
     """Side of a ResNet's layer4 feature map for ``image_size`` px input (torch's
     padding: 7x7/2 conv, 3x3/2 max pool, three stride-2 stages)."""
     s = (image_size + 2 * 3 - 7) // 2 + 1
-    s = (s + 2 - 3) // 2 + 1
-    for _ in range(3):
+    for _ in range(4):  # the max pool, then three stride-2 stages
         s = (s + 2 - 3) // 2 + 1
     return s
 
@@ -265,23 +257,16 @@ def warn_slow_xla_cpu_shape(model: str, image_size: int, log) -> str | None:
     final = resnet_final_map(image_size)
     if not (model.startswith(("resnet", "resnext", "wide_resnet")) and final <= 2):
         return None
-    msg = (
-        f"{model} at {image_size} px has a {final}-px layer4 map: XLA:CPU's 3x3 conv is "
-        "very slow there, so stagejax CPU numbers are not representative; use >= 65 px"
-    )
+    msg = (f"{model} at {image_size} px has a {final}-px layer4 map: XLA:CPU's 3x3 conv is "
+           "very slow there, so stagejax CPU numbers are not representative; "
+           "use >= 65 px")  # fmt: skip
     log.warning(msg)
     return msg
 
 
-def simulated_root(
-    num_images: int,
-    image_size: int,
-    seed: int = 0,
-    cache_dir: str = DEFAULT_CACHE,
-    split_by: str = "slide",
-    num_workers: int | None = None,
-    **params,
-) -> Path:
+def simulated_root(num_images: int, image_size: int, seed: int = 0,
+                   cache_dir: str = DEFAULT_CACHE, split_by: str = "slide",
+                   num_workers: int | None = None, **params) -> Path:  # fmt: skip
     """The SIMULATED layout folder (generated once, then reused from the cache).
 
     ``split_by='slide'`` holds whole slides (stainings) out for validation and
@@ -292,16 +277,10 @@ def simulated_root(
 
     if num_workers is None and num_images < 100:
         num_workers = 1
-
-    return simulate.default_dataset(
-        Path(cache_dir).expanduser() / "simulated",
-        num_images,
-        image_size,
-        seed,
-        split_by=split_by,
-        num_workers=num_workers,
-        **({"params": simulate.SceneParams(**params)} if params else {}),
-    )
+    extra = {"params": simulate.SceneParams(**params)} if params else {}
+    return simulate.default_dataset(Path(cache_dir).expanduser() / "simulated", num_images,
+                                    image_size, seed, split_by=split_by,
+                                    num_workers=num_workers, **extra)  # fmt: skip
 
 
 def stagejax_config(variant: str | None = None, **fields):
@@ -332,12 +311,6 @@ def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def child_pythonpath() -> str:
-    """The repository first, then whatever PYTHONPATH already holds (on the GPU
-    machine: the wheels installed into /tmp/site)."""
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-
-
 class Child:
     """``python -m module --child JOB_JSON``, started now, in its own process group
     (so that a kill takes its loader workers too). Its log goes to this process's
@@ -345,16 +318,13 @@ class Child:
     with the last lines of that log, so that one failure does not lose the others."""
 
     def __init__(self, module: str, job: dict, env: dict[str, str] | None = None):
-        self.started = time.monotonic()
+        # The repository first on its path, then what PYTHONPATH holds (on the GPU
+        # machine: the wheels installed into /tmp/site).
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--child", json.dumps(job)],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": child_pythonpath(), **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            process_group=0,
-        )
+            [sys.executable, "-m", module, "--child", json.dumps(job)], cwd=REPO, text=True,
+            env={**os.environ, "PYTHONPATH": path, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, process_group=0)  # fmt: skip
         self.out: collections.deque = collections.deque()
         self.err: collections.deque = collections.deque(maxlen=3)
         self.pumps = [_pump(self.proc.stdout, self.out), _pump(self.proc.stderr, self.err, True)]
@@ -397,12 +367,18 @@ def _pump(stream, keep: collections.deque, echo: bool = False) -> threading.Thre
     return thread
 
 
-def run_child(
-    module: str, job: dict, timeout: float | None = None, env: dict[str, str] | None = None
-) -> dict:
-    """Run one child to its end (see `Child`) and return what it emitted; with
-    ``--in_process`` and no ``env``, ``module.child(job)`` here (no time limit), an
-    exception as ``{"error": ...}`` with its last lines as a child's would be."""
+def run_child(module: str, job: dict, timeout: float | None = None,
+              env: dict[str, str] | None = None, min_s: float = 5.0) -> dict:  # fmt: skip
+    """Run one child to its end (see `Child`) within ``timeout`` and `DEADLINE` and
+    return what it emitted; with less than ``min_s`` left before `DEADLINE` it does
+    not start (``{"error": "not run: ..."}``). With ``--in_process`` and no ``env``,
+    ``module.child(job)`` here (no time limit), an exception as ``{"error": ...}``
+    with its last lines, as a crashed child's would be."""
+    left = time_left(DEADLINE)
+    if left < min_s:
+        return {"error": f"not run: time budget: {max(left, 0):.0f} s left, {min_s:.0f} s needed"}
+    if DEADLINE is not None:
+        timeout = min(timeout or math.inf, left)
     if not IN_PROCESS or env:
         return Child(module, job, env).wait(timeout)
     try:
@@ -417,35 +393,12 @@ def time_left(deadline: float | None) -> float:
     return math.inf if deadline is None else deadline - time.monotonic()
 
 
-def run_child_capped(
-    module: str,
-    job: dict,
-    cap_s: float,
-    deadline: float | None = None,
-    min_s: float = 5.0,
-    env: dict[str, str] | None = None,
-) -> dict:
-    """`run_child` for at most ``cap_s`` and never past ``deadline``; with less
-    than ``min_s`` left it does not start and says so (``{"skipped": ...}``).
-    The child's wall time is added as ``wall_s``."""
-    left = time_left(deadline)
-    if left < min_s:
-        return {"skipped": f"time budget: {max(left, 0):.0f} s left, {min_s:.0f} s needed"}
-    t0 = time.monotonic()
-    out = run_child(module, job, timeout=min(cap_s, left), env=env)
-    out["wall_s"] = time.monotonic() - t0
-    return out
-
-
 # --- the report ----------------------------------------------------------------------------
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "median": float(statistics.median(values)),
-        "min": float(min(values)),
-        "max": float(max(values)),
-    }
+    return {"median": float(statistics.median(values)), "min": float(min(values)),
+            "max": float(max(values))}  # fmt: skip
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -456,12 +409,31 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def gib(n: float | None, digits: int = 2) -> str:
+    return "n/a" if n is None else f"{n / GIB:.{digits}f}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     """The one table renderer: strings as they are, numbers through `fmt`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(v if isinstance(v, str) else fmt(v) for v in row) + " |"
               for row in rows]  # fmt: skip
     return "\n".join(lines)
+
+
+def results_table(
+    results: dict[str, dict], columns: dict[str, Callable[[dict], object]], first: str
+) -> str:
+    """One row per result: its name, then each column's value of it (a header ->
+    function dict); a failed result (``error``) shows its error instead."""
+    blank = [""] * (len(columns) - 1)
+    rows = [[k, f"error: {r['error']}", *blank] if "error" in r
+            else [k, *(f(r) for f in columns.values())] for k, r in results.items()]  # fmt: skip
+    return markdown_table([first, *columns], rows)
 
 
 def ratio_table(ratio: dict[str, float]) -> str:
@@ -474,21 +446,18 @@ def ratio_table(ratio: dict[str, float]) -> str:
 
 def command_line(module: str) -> str:
     """This invocation as a user would type it (``python -m module ...``)."""
-    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if ARGV is None else ARGV)])
 
 
 def finish(module: str, report: dict, table: str, json_path: str | Path | None) -> dict:
     """The one result writer: print ``table`` (markdown) and write ``report`` with
-    the command, date and machine to ``json_path`` (none when empty); returns it."""
-    full = {
-        "command": command_line(module),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        **report,
-    }
+    the command, date and machine to ``json_path`` (none when empty); returns it, with
+    the table as ``markdown``."""
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    full = {"command": command_line(module), "date": date, "machine": machine_info(), **report}
     if table:
         print("\n" + table.strip() + "\n", flush=True)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(full, indent=1) + "\n")
-    return full
+    return {**full, "markdown": table}

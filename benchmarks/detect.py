@@ -1,12 +1,10 @@
 """Tubule detection accuracy and time on held-out SIMULATED sections (stagejax.detect).
 
-Renders sections with seeds the detector's defaults were not fitted on (the
-defaults were fitted on seeds 0 and 1, stain_shift 0), at the usual staining and at
-a held-out one, detects their tubules, and scores them against ground_truth.geojson:
-precision, recall and F1 at IoU >= 0.5 and the mean IoU of matched tubules, for all,
-stageable and non-stageable ground-truth tubules (pooled over the seeds). Then times
-the detection of one study-scale section (4.4 x 3.5 mm at the default pixel size,
-about 20,000 x 16,000 px), reading included.
+Sections of seeds the detector was not fitted on (seeds 0 and 1, stain_shift 0), at the
+usual and a held-out staining, scored against their ground truth: precision, recall, F1
+at IoU >= 0.5 and mean IoU of matched tubules, for all, stageable and non-stageable
+tubules (pooled over the seeds); then the detection of one study-scale section (4.4 x
+3.5 mm, about 20,000 x 16,000 px) timed, reading included.
 
     python -m benchmarks.detect [--method unet|classical] [--seeds 100,101,102] \
         [--stain_shift 1.0] [--weights W.npz | --params PARAMS.json] [--json FILE]
@@ -14,13 +12,11 @@ about 20,000 x 16,000 px), reading included.
 
 `--real`: REAL sections (H&E, downsampled figure images; `benchmarks.real_sections`):
 section A scored against the experts' outlines, overlays of A, B and D written outside
-the repository (default /tmp/stagejax_real_overlays), and with `--finetune_steps` the
-fine-tuning curve (10, 30 and all tubules of A's top part; scored on the bottom part).
-Skips with a message when the folder is absent. JSON: detect_real_cpu.json.
-
-(default JSON: benchmarks/results/detect_unet_cpu.json for the U-Net, detect_cpu.json
-for the classical detector). The U-Net's jit compilation happens on the first accuracy
-section (its time is in that section's `seconds`), so the study-scale timing is warm.
+the repository, and with `--finetune_steps` the fine-tuning curve (10, 30 and all
+tubules of A's top part; scored on the bottom part); skipped when the folder is absent.
+JSON by default: benchmarks/results/detect_unet_cpu.json (U-Net), detect_cpu.json
+(classical), detect_real_cpu.json (--real). The U-Net compiles on the first accuracy
+section (in its `seconds`), so the study-scale timing is warm.
 
 Targets (issue 13): F1 >= 0.95 and mean IoU >= 0.85, on the held-out staining too.
 Times move with the machine's load, which the JSON records.
@@ -88,21 +84,12 @@ def run(args) -> None:
     root.mkdir(parents=True, exist_ok=True)
     size_mm = section.parse_size_mm(args.size_mm)
     seeds = common.integers(args.seeds, "seeds")
-    result = {
-        "simulated": True,
-        "method": "classical" if classical else "unet",
-        "device": str(jax.devices()[0]),
-        "load_avg_1min_before": round(os.getloadavg()[0], 2),
-        **({"params": detector.__dict__} if classical else {"weights": detector.meta}),
-        "held_out": {
-            "seeds": seeds,
-            "fitted_on_seeds": trained_on,
-            "mpp": args.mpp,
-            "size_mm": list(size_mm),
-        },  # fmt: skip
-        "accuracy": {},
-        "per_section": [],
-    }
+    held_out = {"seeds": seeds, "fitted_on_seeds": trained_on, "mpp": args.mpp,
+                "size_mm": list(size_mm)}  # fmt: skip
+    result = {"simulated": True, "method": "classical" if classical else "unet",
+              "device": str(jax.devices()[0]), "load_avg_1min_before": round(os.getloadavg()[0], 2),
+              **({"params": detector.__dict__} if classical else {"weights": detector.meta}),
+              "held_out": held_out, "accuracy": {}, "per_section": []}  # fmt: skip
     for shift in sorted({0.0, args.stain_shift}):
         scores = []
         for seed in seeds:
@@ -141,13 +128,10 @@ def real_main(args, detector) -> None:
         print(f"skipped: {real} has no {real_sections.TRUTH} (the real images are not here)")
         return
     classical = isinstance(detector, DetectParams)
-    result = {
-        "data": "REAL, H&E, downsampled figure image (shared/real); not simulated",
-        "method": "classical" if classical else "unet",
-        "weights": None if classical else detector.source,
-        "device": str(jax.devices()[0]),
-        "load_avg_1min_before": round(os.getloadavg()[0], 2),
-    }
+    result = {"data": "REAL, H&E, downsampled figure image (shared/real); not simulated",
+              "method": "classical" if classical else "unet",
+              "weights": None if classical else detector.source, "device": str(jax.devices()[0]),
+              "load_avg_1min_before": round(os.getloadavg()[0], 2)}  # fmt: skip
     scores = real_sections.score_section_a(detector, real, ("all", "bottom"))
     result.update(section_A=scores["all"], section_A_bottom=scores["bottom"])
     result["overlays"] = [

@@ -3,10 +3,9 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR [--smoke] [more benchmarks.gpu_suite options]
 #
-# From the repository root of the GPU machine (its own python3, jax and torch; the
-# project's CPU pins are not installed there). Packages the image lacks come as the
-# wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh downloads them elsewhere) and are
-# installed into /tmp/site only when they are not importable already (CI, a venv).
+# From the repository root of the GPU machine (its own python3, jax and torch). Packages
+# the image lacks come as the wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh downloads
+# them elsewhere), installed into /tmp/site only when they do not import already.
 # Writes OUT_DIR/gpu_suite.json, gpu_suite.md (rewritten as each part finishes) and
 # gpu_suite.log. Set PYTHON to use another interpreter.
 set -uo pipefail
@@ -40,4 +39,4 @@ if ! "$py" -c "$needed" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-"$py" -m benchmarks.gpu_suite "$out" --started_at "$start" "$@" 2>&1 | tee "$out/gpu_suite.log"
+"$py" -m benchmarks.gpu_suite "$out" --started_at="$start" "$@" 2>&1 | tee "$out/gpu_suite.log"

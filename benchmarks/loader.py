@@ -1,25 +1,19 @@
 """Host loader throughput: what it costs to feed 896 px crops from 1152 px PNGs.
 
-Decides what runs where (augment.py): it times each host step on one image in
-this process (PNG decode, uint8 crop + rot90 + flip, and, as the alternative to
-device-side normalisation, float32 conversion + min-max in numpy), the jitted
-`device_preprocess` on the local JAX backend, and the whole grain train loader
-(`input_pipeline.train_batches`) for several worker counts. Images are PNGs of
-the tubule simulator (one per stage).
+Decides what runs where (augment.py): each host step on one image in this process (PNG
+decode, uint8 crop + rot90 + flip, and, the alternative to device-side normalisation,
+float32 min-max in numpy), the jitted `device_preprocess`, and the Grain train loader
+for several worker counts, on PNGs of the tubule simulator (one per stage):
 
     python -m benchmarks.loader --workers 0,1,2 [--num_batches 4 --trials 3] [--json out.json]
 
-``--train_paths``: instead, train a model (``--model``) on those images through
-both training feeds in one run, the Grain loader and the split kept on the
-devices (`stagejax.data.on_device`), interleaved over ``--trials`` rounds, and
-report images/s and the share of the step spent waiting for the next batch
-(`compare_feeds`; the GPU suite's ``data_on_device`` part calls it with a time cap):
+``--train_paths``: instead, train a model (``--model``) on those images through both
+training feeds, Grain and the split kept on the devices (`stagejax.data.on_device`),
+interleaved over ``--trials`` rounds: images/s and the share of the step spent waiting
+for a batch (`compare_feeds`; the GPU suite calls it with a time cap):
 
     python -m benchmarks.loader --train_paths --model resnet18 --image_size 304 \
         --crop_size 256 --num_images 48 --global_batch 12 --num_batches 6 --trials 3
-
-Prints markdown tables (and writes the JSON with ``--json``). On a shared machine the
-numbers move with the load; the load average is recorded with them.
 """
 
 from __future__ import annotations
@@ -89,9 +83,8 @@ def component_timings(data: bytes, crop: int, crop_range: int, repeats: int) -> 
     crop_t = augment.TrainCrop(crop, crop_range)
     rng = np.random.default_rng(0)
     cropped = crop_t.random_map({"image": image}, rng)["image"]
-    aug = ml_collections.ConfigDict(
-        dict(rot90=True, flip=True, stain_jitter=0.05, brightness=0.1, contrast=0.1)
-    )
+    aug = ml_collections.ConfigDict(dict(rot90=True, flip=True, stain_jitter=0.05,
+                                         brightness=0.1, contrast=0.1))  # fmt: skip
     batch = jnp.asarray(np.stack([cropped] * 12))
     device_fn = jax.jit(lambda im, k: augment.device_preprocess(im, k, aug, True, False))
     key = jax.random.key(0)
@@ -135,8 +128,7 @@ def _feed_round(run, initial, batches, num_batches: int, warmup: int) -> dict:
     for _ in range(warmup):  # the first call of a round also compiles (first round only)
         state, _ = run.train_step(state, next(batches))
     jax.block_until_ready(state)
-    waited = 0.0
-    t0 = time.perf_counter()
+    waited, t0 = 0.0, time.perf_counter()
     for _ in range(num_batches):
         t = time.perf_counter()
         batch = next(batches)
@@ -174,10 +166,8 @@ def compare_feeds(
     t0 = time.perf_counter()
     resident = on_device.load(split, config, run.parallel, run.data_on_device.sizes)
     load_s = time.perf_counter() - t0
-    feeds = {
-        "grain": lambda: run.parallel.prefetch(input_pipeline.train_batches(split, config)),
-        "on_device": resident.batches,
-    }
+    feeds = {"grain": lambda: run.parallel.prefetch(input_pipeline.train_batches(split, config)),
+             "on_device": resident.batches}  # fmt: skip
     rounds: dict[str, list[dict]] = {name: [] for name in feeds}
     last = dict.fromkeys(feeds, 0.0)
     for _ in range(trials):
@@ -187,30 +177,22 @@ def compare_feeds(
             t = time.perf_counter()
             rounds[name].append(_feed_round(run, initial, feed(), num_batches, warmup))
             last[name] = time.perf_counter() - t
-    summary = {
-        name: {
-            k: float(np.median([r[k] for r in rs]))
-            for k in ("images_per_s", "loader_wait_fraction")
-        }
-        | {"rounds": rs}
-        for name, rs in rounds.items()
-        if rs
-    }
-    return {
-        "decode_and_upload_s": load_s,
-        "num_workers": config.num_workers,
-        "rounds_done": min(len(rs) for rs in rounds.values()),
-        "paths": summary,
-    }
+    keys = ("images_per_s", "loader_wait_fraction")
+    summary = {name: {**{k: float(np.median([r[k] for r in rs])) for k in keys}, "rounds": rs}
+               for name, rs in rounds.items() if rs}  # fmt: skip
+    return {"decode_and_upload_s": load_s, "num_workers": config.num_workers,
+            "rounds_done": min(len(rs) for rs in rounds.values()), "paths": summary}  # fmt: skip
+
+
+FEED_COLUMNS = {"images/s (median)": lambda r: f"{r['images_per_s']:.2f}",
+                "loader wait, share of step time": lambda r: common.pct(r["loader_wait_fraction"]),
+                "rounds": lambda r: str(len(r["rounds"]))}  # fmt: skip
 
 
 def train_paths_table(t: dict) -> str:
-    rows = [[name, f"{r['images_per_s']:.2f}", f"{100 * r['loader_wait_fraction']:.1f}%"]
-            for name, r in t["paths"].items()]  # fmt: skip
-    note = (f"{t['num_workers']} Grain workers; decode + upload once: "
-            f"{t['decode_and_upload_s']:.1f} s")  # fmt: skip
-    header = ["training feed", "images/s (median)", "loader wait, share of step time"]
-    return note + "\n\n" + common.markdown_table(header, rows)
+    return (f"{t['num_workers']} Grain workers; decode + upload once: "
+            f"{t['decode_and_upload_s']:.1f} s\n\n"
+            + common.results_table(t["paths"], FEED_COLUMNS, "training feed"))  # fmt: skip
 
 
 def loader_table(result: dict) -> str:
@@ -249,10 +231,9 @@ def run(args) -> None:
                                               args.repeats)  # fmt: skip
     result["loader"] = []
     for w in workers:
-        config = ml_collections.ConfigDict(
-            dict(crop_size=args.crop_size, crop_range=128, global_batch_size=12, seed=0,
-                 num_workers=w, augment=dict(rot90=True, flip=True))
-        )  # fmt: skip
+        config = ml_collections.ConfigDict(dict(
+            crop_size=args.crop_size, crop_range=128, global_batch_size=12, seed=0, num_workers=w,
+            augment=dict(rot90=True, flip=True)))  # fmt: skip
         rates = loader_images_per_s(split, config, args.num_batches, args.trials)
         rate = float(np.median(rates))
         result["loader"].append({"workers": w, "images_per_s": rate,

@@ -4,21 +4,15 @@
         [--sizes 224,448,896] [--precisions float32,bfloat16] [--batch 12] \\
         [--time_steps 10] [--json benchmarks/results/memory-DATE.json]
 
-For each model, crop size and precision the trainer's step is built as training
-builds it (`stagejax.train.loop.Run` on ``configs/default.py``, with a stand-in
-dataset of the right size) with remat off and on, lowered and compiled for a
-uint8 batch, and XLA's memory analysis of the executable is recorded: the
-temporaries, the arguments, the outputs and the outputs aliased to the donated
-state (what the memory pre-flight, `stagejax.train.memory`, adds up). With
-``--time_steps N`` the step then runs once (warm-up) and N more times; the
-median seconds per step is recorded, on an accelerator with the device's peak
-memory. Each configuration runs in its own process (`common.run_child`), so one
-that runs out of memory loses only its own numbers.
-
-The table gives the temporaries off and on, their ratio, the step times and the
-slowdown. On XLA:CPU remat saves nothing unless XLA_FLAGS holds
-``memory.CPU_REMAT_XLA_FLAG``: ``--xla_keep_remat`` adds it to the children's
-XLA_FLAGS (on a CPU; the results record the flags used).
+For each model, crop size and precision the trainer's step is built as training builds
+it (``stagejax.train.loop.Run`` on the recipe, a stand-in dataset of the right size)
+with remat off and on, compiled for a uint8 batch, and XLA's memory analysis recorded:
+temporaries, arguments, outputs and outputs aliased to the donated state (what the
+memory pre-flight, `stagejax.train.memory`, adds up). ``--time_steps N`` then times N
+steps after a warm-up (the median, and on an accelerator the device's peak memory).
+Each configuration runs in its own process, so one that runs out of memory loses only
+its own numbers. On XLA:CPU before jaxlib 0.12 remat saves nothing unless XLA_FLAGS holds
+``memory.CPU_REMAT_XLA_FLAG``; ``--xla_keep_remat`` adds it to the children's.
 """
 
 from __future__ import annotations
@@ -34,7 +28,6 @@ from benchmarks import common
 
 MODULE = "benchmarks.memory"
 PRECISIONS = ("float32", "bfloat16")
-GIB = 2**30
 log = logging.getLogger("memory")
 
 FLAGS: common.Flags = {
@@ -134,10 +127,6 @@ def key(job: dict) -> str:
     return f"{job['model']}@{job['size']}px/{job['precision']}/remat={remat}"
 
 
-def _gib(n) -> str:
-    return "n/a" if n is None else f"{n / GIB:.3f}"
-
-
 def _ratio(a, b, digits: int = 2) -> str:
     return "n/a" if not a or not b else f"{a / b:.{digits}f}x"
 
@@ -155,9 +144,9 @@ def rows(results: list[dict]) -> list[list[str]]:
         off_s = r.get("step_s", {}).get("median")
         on_s = on.get("step_s", {}).get("median")
         errors = "; ".join(x["error"][:60] for x in (r, on) if "error" in x)
-        out.append([job["model"], str(job["size"]), job["precision"], _gib(off_t), _gib(on_t),
-                    _ratio(off_t, on_t), common.fmt(off_s, 3), common.fmt(on_s, 3),
-                    _ratio(on_s, off_s), errors])  # fmt: skip
+        out.append([job["model"], str(job["size"]), job["precision"], common.gib(off_t, 3),
+                    common.gib(on_t, 3), _ratio(off_t, on_t), common.fmt(off_s, 3),
+                    common.fmt(on_s, 3), _ratio(on_s, off_s), errors])  # fmt: skip
     return out
 
 
@@ -195,22 +184,21 @@ def child_env(keep_remat: bool) -> dict[str, str] | None:
     return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {CPU_REMAT_XLA_FLAG}".strip()}
 
 
-def run(args) -> None:
+def run(args) -> dict:
     jobs = validate(args)
     path = args.json or f"benchmarks/results/memory-{datetime.date.today():%Y-%m-%d}.json"
     env = child_env(args.xla_keep_remat)
-    setting = {k: getattr(args, k) for k in FLAGS if k != "json"}
-    results: list[dict] = []
+    report = {"args": {k: getattr(args, k) for k in FLAGS if k != "json"}, "results": []}
     for job in jobs:  # the JSON after each child: a run cut short keeps what it has
         log.info("measuring %s", key(job))
-        results.append({"job": job, **common.run_child(MODULE, job, args.timeout, env)})
-        common.finish(MODULE, {"args": setting, "results": results}, "", path)
+        report["results"].append({"job": job, **common.run_child(MODULE, job, args.timeout, env)})
+        common.finish(MODULE, report, "", path)
     log.info("load average at the end: %.2f; wrote %s", os.getloadavg()[0], path)
-    print("\n" + markdown(results, args.batch) + "\n")
+    return common.finish(MODULE, report, markdown(report["results"], args.batch), path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    common.main(FLAGS, run, argv, child)
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    return common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,12 @@
 """Step-1 gradients against float64 on the branch each float32 forward pass took.
 
-Why: a ResNet is piecewise linear. Its gradient jumps wherever a ReLU input
-crosses zero or a max pool's largest input changes, and float32 rounding moves
-the activations by about 1e-5 against float64 (absolute, at 40 px). A ReLU input
-closer to zero than that lands on either side, at random. On the CI batch of
-`benchmarks.parity --tiny` one does (layer2.1's second ReLU, 7e-7 in float32,
-<= 0 in float64) in torch float32 and in stagejax alike: both then differ from
-float64's gradient by 4e-3 to 5e-2 in every tensor before that layer, although
-each backward pass is exact to ~1e-5. Which elements flip depends on the
-kernels' rounding (another jaxlib flips others), so an error against float64's
-own branch measures luck. Against float64 forced onto the float32 run's branch
-(its ReLU masks and max-pool choices) it measures the backward pass itself.
-
-ResNets only: their nonlinearities are ReLUs (``nnx.relu``) and one max pool.
+Why: a ResNet is piecewise linear; its gradient jumps where a ReLU input crosses zero or
+a max pool's largest input changes, and float32 rounding moves activations by ~1e-5
+against float64, so a ReLU input nearer zero lands on either side by luck (on the CI
+batch of ``benchmarks.parity --tiny`` one does, in torch float32 and stagejax alike,
+and both then differ from float64's gradient by 4e-3 to 5e-2 although each backward
+pass is exact to ~1e-5). Against float64 forced onto the float32 pass's ReLU masks and
+max-pool choices the error measures the backward pass itself. ResNets only.
 """
 
 from __future__ import annotations

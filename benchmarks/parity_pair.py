@@ -1,13 +1,12 @@
 """The two halves of `benchmarks.parity`: one torchvision init in both frameworks, the
 shared batches, the paired training loop, and torch float64 as the noise floor.
 
-Why a float64 reference: a float32 training run is chaotic (Adam's first steps move
-every weight by about ``lr`` in the direction of its gradient's sign, and the signs
-of the smallest gradients are set by rounding), so two correct float32
-implementations part after a few steps. The same torch model trained in float64 on
-the same batches shows how far float32 itself is from the exact trajectory, for
-torch and for stagejax alike; a stagejax defect would show as stagejax being much
-farther from it than torch float32 is.
+Why a float64 reference: float32 training is chaotic (Adam's first steps move every
+weight by about ``lr`` along its gradient's sign, and rounding sets the smallest
+gradients' signs), so two correct float32 implementations part after a few steps. The
+torch model trained in float64 on the same batches shows how far float32 itself is
+from the exact trajectory; a stagejax defect would show as stagejax much farther from
+it than torch float32.
 """
 
 from __future__ import annotations
@@ -171,8 +170,7 @@ def _torch_logits(model, images: np.ndarray, train: bool, dtype) -> np.ndarray:
 
 def stagejax_first_batch(pair: Pair, images: np.ndarray, labels: np.ndarray) -> dict:
     """stagejax's untrained network on the first batch, from one compiled function:
-    train- and eval-mode logits, the step-1 loss gradient (by torch name) and the
-    branches its train-mode forward took (`parity_branches`)."""
+    train- and eval-mode logits, the step-1 gradient (by torch name), its branches."""
     import optax
 
     from benchmarks import parity_branches as pb
@@ -203,14 +201,10 @@ def initial_logits(
     pair: Pair, images: np.ndarray, labels: np.ndarray, tolerance: float
 ) -> tuple[dict, dict]:
     """Both untrained networks on the first batch: (the logit report, `stagejax_first_batch`).
-
-    ParityError unless the weights are bitwise equal and stagejax's logits agree
-    with torch's *float64* forward pass to ``tolerance`` (train mode: absolute; eval
-    mode, whose logits grow with depth under the initial running statistics:
-    relative to the largest). Why float64: torch's float32 CPU BatchNorm statistics
-    are themselves off by up to ~4e-5 relative (measured at 96 px, batch 24), so
-    float32 torch is not the yardstick; its differences are reported beside.
-    """
+    ParityError unless the weights are bitwise equal and stagejax's logits agree with
+    torch's float64 forward to ``tolerance`` (eval mode, whose logits grow with depth:
+    relative to the largest). Why float64: torch's float32 CPU BatchNorm statistics are
+    themselves off by up to ~4e-5 relative (96 px, batch 24)."""
     import torch
 
     weight_diff = tensor_rel_diffs(by_torch_name(pair.model.params), pair.initial)["max"]
@@ -240,10 +234,8 @@ def initial_logits(
 
 
 def train_paired(pair: Pair, images: np.ndarray, labels: np.ndarray, window: int) -> tuple:
-    """Both frameworks step by step over the same batches (never re-synchronised).
-
-    Returns (per-step losses, checks of the state after step 1 and step ``window``,
-    seconds per framework)."""
+    """Both frameworks step by step over the same batches (never re-synchronised):
+    (per-step losses, checks of the state after step 1 and ``window``, seconds each)."""
     import torch
 
     trainer, parallel = pair.trainer, pair.model.parallel
@@ -262,12 +254,11 @@ def train_paired(pair: Pair, images: np.ndarray, labels: np.ndarray, window: int
         rel = abs(loss_jax - loss_torch) / abs(loss_torch)
         steps.append({"step": i + 1, "loss_jax": loss_jax, "loss_torch": loss_torch,
                       "rel_diff": rel})  # fmt: skip
-        if i == 0:
-            named = by_torch_name(pair.state.batch_stats)
-            checks["batch_stats_after_step_1_rel_diff"] = tensor_rel_diffs(named, trainer.model)
-        if i + 1 == window:
-            named = by_torch_name(pair.state.params)
-            checks[f"params_after_step_{window}_rel_diff"] = tensor_rel_diffs(named, trainer.model)
+        for step, what, tree in ((1, "batch_stats", pair.state.batch_stats),
+                                 (window, "params", pair.state.params)):  # fmt: skip
+            if i + 1 == step:
+                key = f"{what}_after_step_{step}_rel_diff"
+                checks[key] = tensor_rel_diffs(by_torch_name(tree), trainer.model)
         if (i + 1) % 10 == 0 or i + 1 == len(images):
             log.info("step %d/%d: loss stagejax %.6f torch %.6f (rel. diff %.2e)", i + 1,
                      len(images), loss_jax, loss_torch, rel)  # fmt: skip
@@ -276,16 +267,14 @@ def train_paired(pair: Pair, images: np.ndarray, labels: np.ndarray, window: int
 
 def float64_losses(pair: Pair, images: np.ndarray, labels: np.ndarray, lr: float, wd: float):
     """Per-step losses of the untrained torch model trained in float64 on the same
-    batches with the same optimiser. Not `torch_baseline.Trainer`, which computes its
-    loss on float32 logits."""
+    batches and optimiser (not `torch_baseline.Trainer`: its loss is on float32 logits)."""
     import torch
     import torch.nn.functional as F
 
     from benchmarks import torch_baseline as tb
 
     model = copy.deepcopy(pair.initial).double().train()
-    optimizer, _ = tb.create_optimizer(model.parameters(), lr, wd)
-    losses = []
+    optimizer, losses = tb.create_optimizer(model.parameters(), lr, wd)[0], []
     for x, y in zip(images, labels, strict=True):
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(torch_input(x).double()), torch.from_numpy(y.astype(np.int64)))
@@ -310,16 +299,11 @@ def _tensor_errors(g: dict, ref: dict, weights: dict, wd: float) -> dict:
 def gradient_check(
     pair: Pair, first: dict, images: np.ndarray, labels: np.ndarray, wd: float
 ) -> dict:
-    """How far each float32 step-1 gradient (plus the L2 term: what Adam's first step
-    takes the sign of) is from float64's: the median and max over tensors of
-    max|g - g64| / max|g64|, and the share of components whose sign differs (Adam's
-    first step moves those weights by +lr instead of -lr). ``first``: the output of
-    `stagejax_first_batch` on the same batch.
-
-    Twice per side: against float64 on its own branch (the top-level keys), and,
-    under ``branch_matched``, against float64 forced onto that side's ReLU masks and
-    max-pool choices (`benchmarks.parity_branches`: why only the latter measures the
-    backward pass), with how many of those choices float64 made otherwise."""
+    """How far each float32 step-1 gradient (plus the L2 term: Adam's first step takes
+    its sign) is from float64's (`_tensor_errors`; ``first``: `stagejax_first_batch`),
+    against float64 on its own branch and, as ``branch_matched``, forced onto that
+    side's ReLU masks and max-pool choices (`parity_branches`: why only the latter
+    measures the backward pass), with how many choices float64 made otherwise."""
     import torch
 
     from benchmarks import parity_branches as pb

@@ -4,29 +4,17 @@
         --steps 5 --warmup 1 [--frameworks stagejax,stagejax_tta,torch,torch_channels_last] \\
         [--precision auto] [--json out.json]
 
-What is timed is what `--mode=predict` does per batch once the images are
-decoded and centre-cropped: uint8 NHWC batch -> float in [0, 1] -> per-image
-min-max -> model in eval mode (BatchNorm running statistics) -> softmax. Both
-frameworks get the same uint8 batch (random, seeded) and the same
-architecture with fresh weights (speed does not depend on the weights).
-
-* ``stagejax``: the eval step exactly as ``--mode=predict`` compiles it
-  (``train.make_eval_step``: preprocessing, the model in eval mode, softmax
-  and the penultimate features), in ``--precision`` (auto: float32 on a CPU,
-  bfloat16 on an accelerator).
-* ``stagejax_tta``: the same with test-time augmentation (``--config.tta``):
-  the 8 rotations/flips of every image averaged; images/s counts images, not
-  views.
-* ``torch``: the same torchvision architecture, ``model.eval()`` under
-  ``torch.inference_mode``, NCHW float32 -- how the study's code predicts.
-* ``torch_channels_last``: the same with channels_last memory format, the
-  first thing a PyTorch user tunes for CPU convolutions.
-
-Each framework runs in its own process (see `common`): ``--warmup`` batches
-are discarded (they include jit compilation), then ``--steps`` batches are
-timed one by one; images/s is batch / median seconds per batch. The ratios
-are stagejax's median images/s over each torch variant's, from the same
-invocation.
+What is timed is what ``--mode=predict`` does per batch once the images are decoded
+and centre-cropped: uint8 NHWC -> [0, 1] -> per-image min-max -> the model in eval mode
+-> softmax, on the same random uint8 batch and fresh weights for every framework:
+``stagejax`` (the eval step as ``--mode=predict`` compiles it, in ``--precision``;
+auto: float32 on a CPU, bfloat16 on an accelerator), ``stagejax_tta`` (the 8
+rotations/flips averaged; images/s counts images), ``torch`` (``model.eval()`` under
+``torch.inference_mode``, NCHW float32: how the study predicts) and
+``torch_channels_last`` (the first thing a PyTorch user tunes on a CPU). Each runs in
+its own process: ``--warmup`` batches (compilation) are discarded, then ``--steps``
+batches timed one by one; images/s is batch / median seconds per batch, and the ratios
+are stagejax's over each torch variant's from the same invocation.
 """
 
 from __future__ import annotations
@@ -65,11 +53,8 @@ def input_batch(batch: int, image_size: int, seed: int) -> np.ndarray:
 
 
 def time_batches(predict: Callable[[], object], warmup: int, steps: int) -> dict:
-    """Seconds of the first call, then of each of ``steps`` calls after ``warmup``.
-
-    ``predict`` must return only when its result is computed (the callers
-    block on it), so each timing is one whole batch.
-    """
+    """Seconds of the first call, then of each of ``steps`` calls after ``warmup``
+    (``predict`` returns only when its result is computed: each timing is one batch)."""
     t0 = time.perf_counter()
     predict()
     first = time.perf_counter() - t0
@@ -124,8 +109,7 @@ def bench_torch(job: dict, channels_last: bool) -> dict:
     device = tb.default_device()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = tb.create_model(job["model"]).to(device).to(memory_format=fmt).eval()
-    images = torch.from_numpy(input_batch(job["batch"], job["image_size"], job["seed"]))
-    images = images.to(device)
+    images = torch.from_numpy(input_batch(job["batch"], job["image_size"], job["seed"])).to(device)
     out = {"probs": None}
 
     @torch.inference_mode()
@@ -154,47 +138,35 @@ def child(job: dict) -> dict:
 def ratios(results: dict[str, dict]) -> dict[str, float]:
     """stagejax's median images/s over each torch variant's (only those that ran)."""
     sj = results.get("stagejax", {}).get("images_per_s")
-    out = {}
-    for name, r in results.items():
-        if name.startswith("torch") and sj and r.get("images_per_s"):
-            out[f"stagejax/{name}"] = sj / r["images_per_s"]
-    return out
+    return {f"stagejax/{name}": sj / r["images_per_s"] for name, r in results.items()
+            if name.startswith("torch") and sj and r.get("images_per_s")}  # fmt: skip
 
 
-def measure(
-    names: list[str],
-    job: dict,
-    cap_s: float,
-    deadline: float | None = None,
-    on_result: Callable[[str, dict], None] | None = None,
-) -> dict[str, dict]:
+def measure(names: list[str], job: dict, cap_s: float) -> dict[str, dict]:
     """Each framework in its own process, one after the other, each for at most
-    ``cap_s`` seconds and never past ``deadline`` (later ones are then not run)."""
+    ``cap_s`` seconds and never past `common.DEADLINE` (later ones are then not run)."""
     results = {}
     for name in names:
         log.info("measuring %s", name)
-        out = common.run_child_capped(MODULE, {**job, "framework": name}, cap_s, deadline)
-        results[name] = {"error": f"not run: {out['skipped']}"} if "skipped" in out else out
-        if on_result:
-            on_result(name, results[name])
+        t0 = time.monotonic()
+        results[name] = common.run_child(MODULE, {**job, "framework": name}, cap_s)
+        results[name].setdefault("wall_s", time.monotonic() - t0)
     return results
 
 
+COLUMNS = {
+    "precision": lambda r: r.get("precision", ""),
+    "images/s (median batch)": lambda r: f"{r['images_per_s']:.3f}",
+    "images/s range": lambda r: f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
+    "s/batch (median)": lambda r: f"{r['batch_s']['median']:.2f}",
+    "first batch s (incl. compile)": lambda r: f"{r['first_batch_s']:.1f}",
+    "peak RSS MB": lambda r: f"{r['peak_rss_mb']:.0f}",
+}
+
+
 def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
-    rows = []
-    for name, r in results.items():
-        if "error" in r:
-            rows.append([name, f"error: {r['error']}", "", "", "", "", ""])
-            continue
-        rows.append([name, r.get("precision", ""), f"{r['images_per_s']:.3f}",
-                     f"{r['images_per_s_min']:.3f}-{r['images_per_s_max']:.3f}",
-                     f"{r['batch_s']['median']:.2f}", f"{r['first_batch_s']:.1f}",
-                     f"{r['peak_rss_mb']:.0f}"])  # fmt: skip
-    header = ["framework", "precision", "images/s (median batch)", "images/s range",
-              "s/batch (median)", "first batch s (incl. compile)", "peak RSS MB"]  # fmt: skip
-    return common.markdown_table(header, rows) + (
-        "\n\n" + common.ratio_table(ratio) if ratio else ""
-    )
+    table = common.results_table(results, COLUMNS, "framework")
+    return table + ("\n\n" + common.ratio_table(ratio) if ratio else "")
 
 
 def validate(args) -> list[str]:
@@ -207,19 +179,19 @@ def validate(args) -> list[str]:
     return common.names(args.frameworks, "frameworks", FRAMEWORKS)
 
 
-def run(args) -> None:
+def run(args) -> dict:
     names = validate(args)
     warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
     keys = ("model", "image_size", "batch", "steps", "warmup", "seed", "precision")
     job = {k: getattr(args, k) for k in keys}
     results = measure(names, job, args.timeout)
     ratio = ratios(results)
-    common.finish(MODULE, {"warning": warning, "job": job, "results": results, "ratios": ratio},
-                  markdown(results, ratio), args.json)  # fmt: skip
+    report = {"warning": warning, "job": job, "results": results, "ratios": ratio}
+    return common.finish(MODULE, report, markdown(results, ratio), args.json)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    common.main(FLAGS, run, argv, child)
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    return common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

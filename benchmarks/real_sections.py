@@ -1,16 +1,11 @@
 """Tubule detection on REAL sections: ../shared/real (H&E, downsampled figure images).
 
-Section A has the experts' hand-traced outlines, split into instances
-(`section_A_tubule_instances.png`, 16-bit, 0 = background, k = tubule k); a
-detection counts when it is matched one to one with a tubule at IoU >= 0.5
-(`stagejax.detect.metrics`, the same rule as the simulated benchmark). The pixel
-IoU compares the union of all detections with the experts' mask. Sections B and D
-have no outlines: their overlays are written for a person to look at.
-
-The real images are never committed: overlays go to `--overlays` (default a folder
-outside the repository), and the figures are reported as "real, H&E, downsampled
-figure image", apart from the simulated ones. Section A is an evaluation set: no
-default is tuned to it (see ../shared/real/README.md).
+Section A has the experts' hand-traced outlines as instances (16-bit PNG, 0 =
+background); a detection counts when matched one to one with a tubule at IoU >= 0.5
+(`stagejax.detect.metrics`, as on simulated sections); the pixel IoU compares the union
+of the detections with the experts' mask. B and D have no outlines: their overlays are
+for a person to look at. The images are never committed (overlays go outside the
+repository) and section A is an evaluation set: no default is tuned to it.
 """
 
 from __future__ import annotations

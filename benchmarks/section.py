@@ -36,7 +36,7 @@ from stagejax.detect import choose
 from stagejax.model import saved
 from stagejax.runtime import workdir as workdir_lib
 from stagejax.section import outputs
-from stagejax.section import run as run_lib
+from stagejax.section import pipeline as section_pipeline
 from stagejax.section import truth as truth_lib
 from stagejax.section.crops import cut_tubule
 from stagejax.section.model import StageModel, load_stage_model
@@ -88,7 +88,7 @@ def accuracy(sm: StageModel, opts: SectionOptions, args) -> dict:
         rows = []
         for seed in map(int, args.seeds):
             path = render(args.out, seed, sm.mpp, shift, size_mm) / "section.tif"
-            result, _ = run_lib.stage_slide(path, sm, detector, opts)
+            result, _ = section_pipeline.stage_slide(path, sm, detector, opts)
             auto = truth_lib.compare(result, truth_lib.truth_file(path))
             gt = _truth_cut_scores(path, auto, sm)
             auto.pop("pairs")
@@ -132,7 +132,7 @@ def time_section(path: Path, sm: StageModel, opts: SectionOptions | None = None)
     load = os.getloadavg()[0]
     t = time.perf_counter()
     detector = choose.from_config(opts.detector)
-    result, times = run_lib.stage_slide(path, sm, detector, opts)
+    result, times = section_pipeline.stage_slide(path, sm, detector, opts)
     with tempfile.TemporaryDirectory() as tmp:
         t_write = time.perf_counter()
         outputs.write_section_outputs(Path(tmp), result)
@@ -164,13 +164,18 @@ def study_model(
     by default ResNet-50 at the study's 896 px crop of 1152 px images. Its pixel size
     keeps a 1152 px image's field of view (the study's estimate) whatever
     ``image_size``; ``fields`` are further recipe fields (e.g. ``precision``)."""
+    return load_stage_model(study_config(tmp, model, crop_size, image_size, **fields), tmp / "none")
+
+
+def study_config(tmp: Path, model: str, crop_size: int, image_size: int, **fields):
+    """The recipe of `study_model`, its random weights saved under ``tmp``: what
+    ``--mode=section`` loads the model from."""
     model_dir = saved.save_model_weights(
         tmp / model, models.create(model), model,
         mpp=section_sim.DEFAULT_MPP * 1152 / image_size, image_size=image_size,
     )  # fmt: skip
-    config = common.stagejax_config(init_from=str(model_dir), model=model, crop_size=crop_size,
-                                    mpp=0.0, **fields)  # mpp 0: the model's own  # fmt: skip
-    return load_stage_model(config, tmp / "none")
+    return common.stagejax_config(init_from=str(model_dir), model=model, crop_size=crop_size,
+                                  mpp=0.0, **fields)  # mpp 0: the model's own  # fmt: skip
 
 
 def run(args) -> None:

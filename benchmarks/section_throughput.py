@@ -10,9 +10,12 @@ End to end: ``benchmarks.section.time_section`` with a random-weights model
 default, at its pixel size): seconds per part, and the share of staging time the
 model waited for crops (``device_wait_share``; on a CPU the model and the threads
 share the cores). Detection is timed once and left out of the host-side rate.
+A folder (``--folder=N``): N copies of the section through ``--mode=section``,
+where the next slide is detected and the last one written while one is staged,
+against a folder of one: the seconds each further slide adds.
 
     python -m benchmarks.section_throughput [--workers=1,2] [--model=resnet18] \
-        [--image_size=1152 --crop_size=896] [--size_mm=4.4,3.5] [--json=...]
+        [--image_size=1152 --crop_size=896] [--size_mm=4.4,3.5] [--folder=3] [--json=...]
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from benchmarks import section as section_bench
 from stagejax.data.augment import CenterCrop
 from stagejax.detect import choose
 from stagejax.detect import pipeline as detect_lib
+from stagejax.section import run as section_run
 from stagejax.section.crops import cut_tubules, default_workers
+from stagejax.section.model import load_stage_model
 from stagejax.section.options import SectionOptions
 from stagejax.simulate import section as section_sim
 from stagejax.slides import open_slide
@@ -40,6 +45,7 @@ FLAGS: common.Flags = {
     "image_size": (1152, "The model's image side (the study's 1152 px cut)."),
     "crop_size": (896, "The model's centre crop (the study's 896 px)."),
     "size_mm": ("4.4,3.5", "Section width,height in mm (the study's scale: 4.4,3.5)."),
+    "folder": (3, "Slides in the timed folder run (copies of the section); 0: none."),
     "out": ("/tmp/stagejax_section_bench", "Render cache."),
     "json": ("benchmarks/results/section_throughput_cpu.json", "Where to write results."),
 }  # fmt: skip
@@ -73,6 +79,32 @@ def host_side(path: Path, mpp: float, image: int, crop: int, workers: list[int])
     return {"tubules": len(outlines), "detect_seconds": round(detect_s, 2), "by_workers": rows}
 
 
+def folder_run(path: Path, config, slides: int, workers: int, tmp: Path) -> dict:
+    """Folders of one and of ``slides`` copies of the section through ``--mode=section``
+    (each run loads and compiles its model once): the seconds each further slide adds,
+    with its detection and writing beside the staging of another."""
+
+    def timed(n: int) -> float:
+        folder = tmp / f"folder{n}"
+        folder.mkdir()
+        for k in range(n):
+            (folder / f"s{k}.tif").symlink_to(path)
+        opts = SectionOptions(slides=str(folder), cut_workers=workers)
+        t = time.perf_counter()
+        section_run.stage_sections(config, tmp / f"w{n}", opts)
+        return time.perf_counter() - t
+
+    load = os.getloadavg()[0]
+    one, many = timed(1), timed(slides)
+    return {
+        "slides": slides,
+        "one_slide_seconds": round(one, 2),
+        "folder_seconds": round(many, 2),
+        "seconds_per_further_slide": round((many - one) / max(slides - 1, 1), 2),
+        "load_avg_1min_before": load,
+    }
+
+
 def run(args) -> None:
     workers = common.integers(args.workers, "workers", low=1)
     size_mm = tuple(float(v) for v in args.size_mm.split(","))
@@ -85,19 +117,30 @@ def run(args) -> None:
     result["host_side"] = host_side(path, mpp, args.image_size, args.crop_size, workers)
     if args.model != "none":
         with tempfile.TemporaryDirectory() as tmp:
-            sm = section_bench.study_model(Path(tmp), args.model, args.crop_size, args.image_size)
+            config = section_bench.study_config(
+                Path(tmp), args.model, args.crop_size, args.image_size
+            )
+            sm = load_stage_model(config, Path(tmp) / "none")
             end = section_bench.time_section(path, sm, SectionOptions(cut_workers=max(workers)))
-        result["end_to_end"] = {"model": args.model, "cut_workers": max(workers), **end}
+            result["end_to_end"] = {"model": args.model, "cut_workers": max(workers), **end}
+            if args.folder > 1:
+                result["folder"] = folder_run(path, config, args.folder, max(workers), Path(tmp))
+    common.finish(MODULE, result, _table(result, args.model), args.json)
+
+
+def _table(result: dict, model: str) -> str:
     rows = [[f"host side, {w} thread(s)", r["tubules_per_second"], r["per_core"], r["seconds"]]
             for w, r in result["host_side"]["by_workers"].items()]  # fmt: skip
     if "end_to_end" in result:
         e = result["end_to_end"]
         waited = f"device waited {100 * e['device_wait_share']:.0f}%"
-        rows.append(
-            [f"end to end, {args.model}", e["tubules_per_second"], waited, e["total_seconds"]]
-        )
-    table = common.markdown_table(["", "tubules/s", "per core (or wait)", "seconds"], rows)
-    common.finish(MODULE, result, table, args.json)
+        rows.append([f"end to end, {model}", e["tubules_per_second"], waited, e["total_seconds"]])
+    if "folder" in result:
+        f = result["folder"]
+        per = f["seconds_per_further_slide"]
+        rate = round(result["end_to_end"]["tubules"] / max(per, 1e-9), 1)
+        rows.append([f"folder of {f['slides']}, each further slide", rate, "", per])
+    return common.markdown_table(["", "tubules/s", "per core (or wait)", "seconds"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

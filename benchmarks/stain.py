@@ -1,14 +1,12 @@
 """Held-out stainings (issue 16, point 2): does augmentation, normalisation or both
 keep accuracy when the staining changes? On SIMULATED data.
 
-Every model trains on the demo's simulated dataset at its usual staining; its
-test tubules are then rendered again, the same tubules (same seed, same
-split), with the simulator's ``stain_shift`` at each strength (hematoxylin
-and PAS hues moved, hematoxylin stronger, PAS weaker, another background),
-and each model is evaluated on every one. For each option (none,
-augmentation, normalisation, both) and seed: balanced and +/-1-stage
-accuracy per staining, and the drop from the usual staining to the
-strongest shift. Finished runs are kept in ``--out`` and reused.
+Every model trains on the demo's simulated dataset at its usual staining; the same test
+tubules are rendered again with the simulator's ``stain_shift`` at each strength (hues
+moved, hematoxylin stronger, PAS weaker, another background) and each model evaluated on
+every one. Per option (none, augmentation, normalisation, both) and seed: balanced and
++/-1-stage accuracy per staining, and the drop to the strongest shift. Finished runs
+are kept in ``--out`` and reused.
 
     python -m benchmarks.stain [--model=resnet18] [--seeds=0,1,2] \
         [--shifts=0.5,1.0,1.5] [--out=/tmp/stagejax_stain_bench]

@@ -4,37 +4,18 @@
         --study_batch 12 --steps 50 --frameworks stagejax,torch,torch_tuned \\
         [--rounds 2] [--profile] [--flops] [--json out.json]
 
-``--study_batch`` sets the batch of the ``torch`` variant alone (the study
-trained with 12), so that "stagejax against the study's recipe" compares
-each as it would be run; ``torch_tuned`` uses ``--global_batch`` like stagejax.
-A framework may name its own batch, ``NAME@BATCH``, and appear once per batch:
-``--frameworks stagejax@48,stagejax@12,torch@12,torch_tuned@48``.
-
-Each framework runs in its own process on the same device (JAX's default
-backend; CUDA for torch when present) and trains for ``--warmup`` then
-``--steps`` steps twice:
-
-* model-only: one batch kept on the device, so only the step is timed;
-* end to end: the real loader on the simulated dataset (PNG decode, crop,
-  rot90, flip, batching, host->device copy), so the loader's cost shows as
-  the difference, and directly as the time the loop waits for the next batch.
-
-Steps are timed in windows of ``--window`` steps (synchronised at the end of
-each window); images/s is reported as the median and range over windows. The
-first step (trace + compile + run) is reported separately. Peak memory is
-the device's peak (GPU) or the process's peak RSS (CPU; main process only).
-``--profile`` adds a breakdown of the stagejax step (`throughput_report.profile`).
-``--flops`` adds each step's FLOPs (stagejax: XLA's cost analysis of the
-compiled step; torch: ``torch.utils.flop_counter`` over one forward and
-backward) and the model FLOP utilisation against the device's peak.
-``--rounds N`` measures every framework N times, interleaved (stagejax,
-torch, torch_tuned, stagejax, ...), and pools the windows of all rounds: on
-a shared machine, load that comes and goes then hits every framework alike.
-
-stagejax is built exactly as training builds it: ``stagejax.train.loop.Run`` on
-``stagejax.recipe`` (``--precision auto`` = bfloat16 on an accelerator, float32 on
-a CPU). The simulated images are ``image_size + 2 * crop_range`` px, the study's
-1152 px for 896 px crops.
+``--study_batch`` is the batch of ``torch`` (the study's recipe: 12) alone;
+``NAME@BATCH`` gives a framework its own batch. Each framework runs in its own process
+and trains ``--warmup`` then ``--steps`` steps, model only (one batch kept on the
+device) and end to end (the real loader on the simulated dataset: its cost shows as the
+difference and as the time the loop waits for a batch), timed in windows of
+``--window`` (images/s: median and range over windows; the first step apart).
+``--rounds N`` interleaves N measurements of every framework and pools their windows,
+so that load that comes and goes on a shared machine hits all alike. ``--flops`` adds
+each step's FLOPs and the model FLOP utilisation, ``--profile`` a breakdown of the
+stagejax step (`benchmarks.step_profile`). stagejax is built as training builds it
+(``train.loop.Run`` on the recipe; ``--precision auto``: bfloat16 on an accelerator) on
+SIMULATED ``image_size + 2 * crop_range`` px images (1152 px for 896 px crops).
 """
 
 from __future__ import annotations
@@ -45,8 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks import common
-from benchmarks import throughput_report as report
+from benchmarks import common, step_profile
 
 MODULE = "benchmarks.throughput"
 FRAMEWORKS = ("stagejax", "torch", "torch_tuned")
@@ -84,8 +64,7 @@ def timed_windows(
     step: Callable[[], object], sync: Callable[[object], None], steps: int, window: int, batch: int
 ) -> tuple[list[float], list[float]]:
     """Run ``steps`` steps in windows; returns (images/s per window, s/step per window)."""
-    rates, step_times = [], []
-    done = 0
+    rates, step_times, done = [], [], 0
     while done < steps:
         n = min(window, steps - done)
         t0 = time.perf_counter()
@@ -108,9 +87,8 @@ def phase_result(rates: list[float], step_times: list[float]) -> dict:
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
-    """One framework's results from several rounds (processes) as one: every
-    window of every round pooled into the summaries, first-step time and
-    loader wait as medians. Rounds that failed are counted and dropped."""
+    """One framework's rounds (processes) as one: every window pooled into the
+    summaries, first-step time and loader wait as medians; failed rounds dropped."""
     ok = [r for r in rounds if "error" not in r]
     if not ok:
         return rounds[0]
@@ -128,37 +106,47 @@ def pool_rounds(rounds: list[dict]) -> dict:
     return out
 
 
-class WaitClock:
-    """Wraps a batch iterator and adds up the time spent waiting in ``next``."""
-
-    def __init__(self, it):
-        self.it, self.waited = it, 0.0
-
-    def __next__(self):
-        t0 = time.perf_counter()
-        item = next(self.it)
-        self.waited += time.perf_counter() - t0
-        return item
-
-
 def two_phases(job: dict, train_step, resident, batches, sync) -> dict:
-    """First step, then model only (``resident`` batch) and end to end (``batches``)."""
-    b, w = job["global_batch"], job["window"]
+    """First step, then model only (``resident`` batch) and end to end (``batches``,
+    the time spent waiting in ``next`` added up)."""
+    b, w, waited = job["global_batch"], job["window"], [0.0]
+
+    def fed():
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited[0] += time.perf_counter() - t0
+        return train_step(batch)
+
     t0 = time.perf_counter()
     sync(train_step(resident))
     out = {"first_step_s": time.perf_counter() - t0}
     timed_windows(lambda: train_step(resident), sync, job["warmup"], w, b)
     out["model_only"] = phase_result(*timed_windows(lambda: train_step(resident), sync,
                                                     job["steps"], w, b))  # fmt: skip
-    clock = WaitClock(batches)
-    timed_windows(lambda: train_step(next(clock)), sync, job["warmup"], w, b)
-    clock.waited, t0 = 0.0, time.perf_counter()
-    e2e = phase_result(*timed_windows(lambda: train_step(next(clock)), sync, job["steps"], w, b))
-    e2e["loader_wait_fraction"] = clock.waited / (time.perf_counter() - t0)
+    timed_windows(fed, sync, job["warmup"], w, b)
+    waited[0], t0 = 0.0, time.perf_counter()
+    e2e = phase_result(*timed_windows(fed, sync, job["steps"], w, b))
+    e2e["loader_wait_fraction"] = waited[0] / (time.perf_counter() - t0)
     return {**out, "end_to_end": e2e}
 
 
 # --- the children ------------------------------------------------------------------------
+
+
+def build_run(job: dict):
+    """The config (``--precision auto`` resolved for this backend) and the trainer's
+    ``Run`` (`stagejax.train.loop.Run`: training's public entry to its steps)."""
+    from stagejax.data import input_pipeline
+    from stagejax.train import loop as trainer
+
+    input_pipeline.ensure_absl_flags_parsed()
+    config = common.stagejax_config(
+        model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
+        crop_size=job["image_size"], crop_range=job["crop_range"],
+        global_batch_size=job["global_batch"], eval_batch_size=job["global_batch"],
+        num_workers=job["num_workers"], precision=common.resolve_precision(job["precision"]),
+        seed=job["seed"])  # fmt: skip
+    return config, trainer.Run(config)
 
 
 def bench_stagejax(job: dict) -> dict:
@@ -166,7 +154,7 @@ def bench_stagejax(job: dict) -> dict:
 
     from stagejax.data import input_pipeline
 
-    config, run = report.build_run(job)
+    config, run = build_run(job)
     par = run.parallel
     raw = input_pipeline.train_batches(run.dataset.splits["train"], config)
     holder = {"state": par.put_state(run.initial_state)}
@@ -177,9 +165,10 @@ def bench_stagejax(job: dict) -> dict:
 
     resident = par.put_batch(next(raw))
     out = two_phases(job, step, resident, par.prefetch(raw), jax.block_until_ready)
-    flops = report.xla_flops(run.train_step, holder["state"], resident) if job["flops"] else {}
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
+    flops = (
+        step_profile.xla_flops(run.train_step, holder["state"], resident) if job["flops"] else {}
+    )
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return {"framework": "stagejax", "device": common.device_of_jax(),
             "precision": config.precision, "batch": job["global_batch"],
             "num_workers": config.num_workers, **out, **flops,
@@ -194,8 +183,8 @@ def bench_torch(job: dict, variant: str) -> dict:
 
     device = tb.default_device()
     cuda = device.type == "cuda"
-    tuned = tb.tuned(device, job["num_workers"], job["torch_compile"])
-    tuning = tb.STUDY if variant == "torch" else tuned
+    tuning = tb.STUDY if variant == "torch" else tb.tuned(device, job["num_workers"],
+                                                          job["torch_compile"])  # fmt: skip
     split = tb.read_split(job["data_dir"], "train")
     trainer = tb.Trainer(job["model"], tuning, device, seed=job["seed"])
     trainer.model.train()
@@ -208,19 +197,15 @@ def bench_torch(job: dict, variant: str) -> dict:
     x, y = trainer.to_device(*next(loader))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-
-    def sync(_):
-        if cuda:
-            torch.cuda.synchronize()
-
+    sync = torch.cuda.synchronize if cuda else lambda: None
     batches = iter(lambda: trainer.to_device(*next(loader)), None)
-    out = two_phases(job, lambda batch: trainer.train_step(*batch), (x, y), batches, sync)
-    flops = {}
+    out = two_phases(job, lambda batch: trainer.train_step(*batch), (x, y), batches,
+                     lambda _: sync())  # fmt: skip
     if job["flops"]:
-        source = "torch.utils.flop_counter, one eager forward + backward"
-        flops = {"step_flops": tb.train_step_flops(trainer, x, y), "flops_source": source}
+        out["step_flops"] = tb.train_step_flops(trainer, x, y)
+        out["flops_source"] = "torch.utils.flop_counter, one eager forward + backward"
     dev = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
-    return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b, **flops,
+    return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b,
             "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
             "num_workers": tuning.num_workers, **out,
             "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -236,8 +221,86 @@ def child(job: dict) -> dict:
         return {**bench_stagejax(job), "xla_flags": xla}
     if fw == "stagejax_profile":
         xla = common.stagejax_xla_defaults()
-        return {**report.profile(job), "xla_flags": xla}
+        return {**step_profile.profile(job), "xla_flags": xla}
     return bench_torch(job, fw)
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def framework_of(key: str) -> str:
+    """``stagejax@48`` -> ``stagejax``."""
+    return key.split("@", 1)[0]
+
+
+def _rate(r: dict, phase: str) -> float | None:
+    return r.get(phase, {}).get("images_per_s", {}).get("median")
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """Each stagejax result's images/s over each torch result's, from this run."""
+    out = {}
+    for sj in (k for k in results if framework_of(k) == "stagejax"):
+        for other in (k for k in results if framework_of(k) in ("torch", "torch_tuned")):
+            for phase in ("end_to_end", "model_only"):
+                a, b = _rate(results[sj], phase), _rate(results[other], phase)
+                if a and b:
+                    out[f"{sj}/{other} {phase}"] = a / b
+    return out
+
+
+def _range(s: dict) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def _peak(r: dict) -> str:
+    mem = r["peak_device_memory_mb"]
+    return f"{mem:.0f} (device)" if mem is not None else f"{r['peak_rss_mb']:.0f} (RSS)"
+
+
+def _notes(name: str, r: dict) -> str:
+    """What each framework actually ran with (rounds, torch.compile, bf16, Adam)."""
+    parts = [f"{r.get('rounds', 1)} round(s)"]
+    if r.get("skipped_rounds"):
+        parts.append(f"{r['skipped_rounds']} more skipped (time budget)")
+    if "torch_compile" in r:
+        parts.append(f"torch.compile {r['torch_compile']}")
+    return f"- {name}: " + "; ".join(parts + list(r.get("notes", [])))
+
+
+COLUMNS = {
+    "batch": lambda r: str(r.get("batch", "")), "precision": lambda r: r["precision"],
+    "loader workers": lambda r: str(r["num_workers"]),
+    "end-to-end images/s (min-max)": lambda r: _range(r["end_to_end"]["images_per_s"]),
+    "model-only images/s (min-max)": lambda r: _range(r["model_only"]["images_per_s"]),
+    "e2e step ms": lambda r: r["end_to_end"]["step_time_ms"]["median"],
+    "model step ms": lambda r: r["model_only"]["step_time_ms"]["median"],
+    "loader wait": lambda r: common.pct(r["end_to_end"]["loader_wait_fraction"]),
+    "first step s": lambda r: r["first_step_s"], "peak MB": _peak,
+}  # fmt: skip
+MFU_COLUMNS = {
+    "GFLOP per step": lambda r: f"{r['mfu']['step_flops'] / 1e9:.1f}",
+    "MFU model only": lambda r: common.pct(r["mfu"]["model_only"]),
+    "MFU end to end": lambda r: common.pct(r["mfu"]["end_to_end"]),
+    "FLOPs from": lambda r: r["mfu"]["flops_source"], "peak": lambda r: r["mfu"]["peak_source"],
+}  # fmt: skip
+
+
+def markdown(results: dict[str, dict], ratio: dict[str, float]) -> str:
+    runs = {k: r for k, r in results.items() if k != "stagejax_profile"}
+    with_mfu = {k: r for k, r in runs.items() if "mfu" in r}
+    tables = [common.results_table(runs, COLUMNS, "framework"), common.ratio_table(ratio),
+              common.results_table(with_mfu, MFU_COLUMNS, "framework") if with_mfu else "",
+              "\n".join(_notes(k, r) for k, r in runs.items() if "error" not in r)]  # fmt: skip
+    prof = results.get("stagejax_profile", {})
+    if "parts_ms" in prof:
+        rows = [[k, v] for k, v in prof["parts_ms"].items()]
+        tables.append(common.markdown_table(["stagejax step part (timed alone)", "ms (median)"],
+                                            rows))  # fmt: skip
+        if isinstance(prof.get("step_gflops"), float):
+            tables.append(f"XLA cost analysis: {prof['step_gflops']:.1f} GFLOP per step, "
+                          f"{prof['achieved_gflops_per_s']:.1f} GFLOP/s achieved.")  # fmt: skip
+    return "\n\n".join(t for t in tables if t)
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -261,42 +324,30 @@ def parse_specs(
         b = int(batch) if batch else default
         common.check_batch(b, f"frameworks: {item!r}: batch")
         specs.append((item, name, b))
-    keys = [k for k, _, _ in specs]
-    if len(set(keys)) != len(keys):
+    if len({k for k, _, _ in specs}) != len(specs):
         raise ValueError(f"--frameworks: {text!r} names a framework twice")
     return specs
 
 
-def measure(
-    specs: list[tuple[str, str, int]],
-    job: dict,
-    rounds: int,
-    cap_s: Callable[[str], float],
-    deadline: float | None = None,
-    on_result: Callable[[str, int, dict], None] | None = None,
-) -> dict[str, dict]:
+def measure(specs: list[tuple[str, str, int]], job: dict, rounds: int, cap_s: float) -> dict:
     """Every spec ``rounds`` times, interleaved (spec 1, spec 2, ..., spec 1, ...), each
-    child in a fresh process for at most ``cap_s(key)`` seconds and never past
-    ``deadline``; the rounds of each spec pooled. A later round is left out (and
+    child in a fresh process for at most ``cap_s`` seconds and never past
+    `common.DEADLINE`; the rounds of each spec pooled. A later round is left out (and
     counted in ``skipped_rounds``) when less time is left than its first round took."""
     per_round: dict[str, list[dict]] = {key: [] for key, _, _ in specs}
     skipped = dict.fromkeys(per_round, 0)
     for r in range(rounds):
         for key, name, batch in specs:
             done = per_round[key]
-            need = done[0].get("wall_s", 5.0) if done else 5.0
             log.info("measuring %s (round %d/%d)", key, r + 1, rounds)
-            sub = {**job, "framework": name, "global_batch": batch}
-            out = common.run_child_capped(MODULE, sub, cap_s(key), deadline, min_s=need)
-            if "skipped" in out:
-                if not done:
-                    done.append({"error": f"not run: {out['skipped']}"})
-                else:
-                    skipped[key] += 1
-                continue
-            done.append(out)
-            if on_result:
-                on_result(key, r + 1, out)
+            t0 = time.monotonic()
+            out = common.run_child(MODULE, {**job, "framework": name, "global_batch": batch},
+                                   cap_s, min_s=done[0]["wall_s"] if done else 5.0)  # fmt: skip
+            out.setdefault("wall_s", time.monotonic() - t0)
+            if done and out.get("error", "").startswith("not run"):
+                skipped[key] += 1
+            else:
+                done.append(out)
     results = {key: pool_rounds(rs) for key, rs in per_round.items()}
     for key, n in skipped.items():
         if n and "error" not in results[key]:
@@ -326,7 +377,7 @@ def validate(args) -> list[tuple[str, str, int]]:
     return specs
 
 
-def run(args) -> None:
+def run(args) -> dict:
     specs = validate(args)
     warning = common.warn_slow_xla_cpu_shape(args.model, args.image_size, log)
     crop_range = args.crop_range
@@ -343,19 +394,19 @@ def run(args) -> None:
     job = {k: getattr(args, k) for k in keys}
     job.update(crop_range=crop_range, data_dir=str(root),
                cache_dir=str(os.path.expanduser(args.cache_dir)))  # fmt: skip
-    results = measure(specs, job, args.rounds, lambda _: args.timeout)
+    results = measure(specs, job, args.rounds, args.timeout)
     if args.profile:
         log.info("measuring stagejax_profile")
         prof = {**job, "framework": "stagejax_profile"}
         results["stagejax_profile"] = common.run_child(MODULE, prof, args.timeout)
-    report.add_mfu(results)
-    ratio = report.ratios(results)
-    common.finish(MODULE, {"warning": warning, "job": job, "results": results, "ratios": ratio},
-                  report.markdown(results, ratio), args.json)  # fmt: skip
+    step_profile.add_mfu(results)
+    ratio = ratios(results)
+    report = {"warning": warning, "job": job, "results": results, "ratios": ratio}
+    return common.finish(MODULE, report, markdown(results, ratio), args.json)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    common.main(FLAGS, run, argv, child)
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    return common.main(FLAGS, run, argv, child)
 
 
 if __name__ == "__main__":

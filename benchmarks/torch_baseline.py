@@ -1,26 +1,16 @@
 """The study's training recipe in PyTorch: the baseline stagejax is measured against.
 
-Written from the recipe (shared/reference/reference-recipe.md), not from the
-study's code. Two variants of the same maths on the same files:
-
-* ``study``, as the study ran it: a torchvision model from scratch (12
-  outputs), float32, channels-first, per-image min-max on the host, a
-  DataLoader without worker processes, batches of 12 x ``n`` images (``n``
-  per stage), ``torch.optim.Adam(lr=1e-3, weight_decay=5e-4)`` (the L2 term
-  is added to the gradient before the moments).
-* ``tuned``, what a careful PyTorch user changes without touching the recipe:
-  bf16 autocast where the device computes bf16 natively, channels_last,
-  ``torch.compile`` where it works (it falls back to eager with the reason
-  logged), fused Adam, uint8 batches through DataLoader workers and pinned
-  memory, min-max on the device.
-
-Images are read with PIL from the layout folder (``images/``,
-``split_list/{train,validation,test}.txt``, ``label_list.txt``) -- the same
-files stagejax's cache is built from. The label of ``..._{stage}-{n}.png`` is
-the line of label_list.txt that equals ``{stage}``.
+Written from the recipe (shared/reference/reference-recipe.md), not from the study's
+code, in two variants of the same maths on the same layout folder (the files
+stagejax's cache is built from): ``study`` as the study ran it (a torchvision model
+from scratch, float32, NCHW, host min-max, no loader workers, batches of ``n`` images
+of each stage, ``Adam(lr=1e-3, weight_decay=5e-4)``: L2 added to the gradient), and
+``tuned``, what a careful PyTorch user changes without touching the recipe (bf16
+autocast where native, channels_last, ``torch.compile`` where it works, fused Adam,
+uint8 batches through loader workers, min-max on the device).
 
     python -m benchmarks.torch_baseline --data_dir DIR --model resnet18 --crop_size 64 \\
-        --crop_range 8 --batch_size 24 --epochs 8 --variant study
+        --crop_range 8 --batch_size 24 --num_epochs 8 --variant study
 """
 
 from __future__ import annotations
@@ -44,9 +34,7 @@ from benchmarks import common
 log = logging.getLogger("torch_baseline")
 MODULE = "benchmarks.torch_baseline"
 METRICS = ("balanced_accuracy", "accuracy", "within1_accuracy")
-
-NUM_STAGES = 12
-FLIP_PROBABILITY = 2.0 / 3.0
+NUM_STAGES, FLIP_PROBABILITY = 12, 2.0 / 3.0
 
 
 # --- data ------------------------------------------------------------------------------
@@ -61,9 +49,8 @@ class Split:
 def read_split(root: str | Path, split: str) -> Split:
     """One split of a study-layout folder; labels from the file names."""
     root = Path(root)
-    names = [s.strip() for s in (root / "label_list.txt").read_text().splitlines() if s.strip()]
-    text = (root / "split_list" / f"{split}.txt").read_text()
-    files = [s.strip() for s in text.splitlines() if s.strip()]
+    names, files = ([x.strip() for x in (root / f).read_text().splitlines() if x.strip()]
+                    for f in ("label_list.txt", f"split_list/{split}.txt"))  # fmt: skip
     labels = []
     for f in files:
         stage = f[f.rfind("_") + 1 : f.rfind("-")]
@@ -108,10 +95,9 @@ def center_view(image: np.ndarray, crop_size: int) -> np.ndarray:
 def min_max(x: torch.Tensor) -> torch.Tensor:
     """Per image ([C,H,W] or [B,C,H,W]) over all channels to [0, 1]; constant -> 0."""
     flat = x.reshape(x.shape[0], -1) if x.dim() == 4 else x.reshape(1, -1)
-    lo = flat.min(dim=1).values
-    span = flat.max(dim=1).values - lo
     shape = (-1, 1, 1, 1) if x.dim() == 4 else ()
-    lo, span = lo.reshape(shape), span.reshape(shape)
+    lo = flat.min(dim=1).values.reshape(shape)
+    span = flat.max(dim=1).values.reshape(shape) - lo
     return torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), torch.zeros_like(x))
 
 
@@ -130,19 +116,15 @@ class TubuleImages(torch.utils.data.Dataset):
         return len(self.split.paths)
 
     def __getitem__(self, item):
+        record, position = item if self.train else (item, 0)
+        image = decode(self.split.paths[record])
         if self.train:
-            record, position = item
             rng = np.random.default_rng((self.seed, position))
-            image = decode(self.split.paths[record])
             image = train_view(image, self.crop_size, self.crop_range, rng)
         else:
-            record = item
-            image = center_view(decode(self.split.paths[record]), self.crop_size)
-        label = int(self.split.labels[record])
-        x = torch.from_numpy(image)
-        if not self.host_normalize:
-            return x, label
-        return min_max(x.permute(2, 0, 1).float()), label
+            image = center_view(image, self.crop_size)
+        x, label = torch.from_numpy(image), int(self.split.labels[record])
+        return (min_max(x.permute(2, 0, 1).float()) if self.host_normalize else x), label
 
 
 class BalancedBatches(torch.utils.data.Sampler):
@@ -155,16 +137,14 @@ class BalancedBatches(torch.utils.data.Sampler):
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int, num_batches: int):
         if batch_size % NUM_STAGES:
             raise ValueError(f"batch_size: {batch_size} is not a multiple of {NUM_STAGES}")
-        self.per_stage = batch_size // NUM_STAGES
-        self.num_batches = num_batches
+        self.per_stage, self.num_batches = batch_size // NUM_STAGES, num_batches
         self._rng = np.random.default_rng(seed)
         members = [np.flatnonzero(np.asarray(labels) == s) for s in range(NUM_STAGES)]
         for s, m in enumerate(members):
             if m.size == 0:
                 raise ValueError(f"labels: stage {s + 1} has no training images")
         self._pools = [self._rng.permutation(m) for m in members]
-        self._next = [0] * NUM_STAGES
-        self._position = 0
+        self._next, self._position = [0] * NUM_STAGES, 0
 
     def __len__(self) -> int:
         return self.num_batches
@@ -196,8 +176,7 @@ class StagejaxBatches(torch.utils.data.Sampler):
         from stagejax.data.sampler import StageBalancedSampler
 
         self._sampler = StageBalancedSampler(np.asarray(labels, np.int32), batch_size, seed)
-        self.batch_size, self.num_batches = batch_size, num_batches
-        self._batch = 0
+        self.batch_size, self.num_batches, self._batch = batch_size, num_batches, 0
 
     def __len__(self) -> int:
         return self.num_batches
@@ -212,11 +191,10 @@ class StagejaxBatches(torch.utils.data.Sampler):
 def make_sampler(
     kind: str, labels: np.ndarray, batch_size: int, seed: int, num_batches: int
 ) -> torch.utils.data.Sampler:
-    if kind == "reference":
-        return BalancedBatches(labels, batch_size, seed, num_batches)
-    if kind == "stagejax":
-        return StagejaxBatches(labels, batch_size, seed, num_batches)
-    raise ValueError(f"sampler: {kind!r} is not one of 'reference', 'stagejax'")
+    samplers = {"reference": BalancedBatches, "stagejax": StagejaxBatches}
+    if kind not in samplers:
+        raise ValueError(f"sampler: {kind!r} is not one of 'reference', 'stagejax'")
+    return samplers[kind](labels, batch_size, seed, num_batches)
 
 
 # --- variants --------------------------------------------------------------------------
@@ -247,10 +225,9 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return ok, f"{torch.cuda.get_device_name(device)}: bf16 {'yes' if ok else 'no'}"
-    try:
+    flags = ""
+    with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
     for flag in ("amx_bf16", "avx512_bf16"):
         if f" {flag}" in flags:
             return True, f"CPU has {flag}"
@@ -262,15 +239,10 @@ def tuned(device: torch.device, num_workers: int = 2, compile_mode: str = "auto"
     CUDA; off on a CPU, where inductor compiles a ResNet train step for minutes)."""
     bf16, why = native_bf16(device)
     notes = [f"bf16 autocast {'on' if bf16 else 'off'} ({why})"]
-    if compile_mode == "auto":
-        do_compile = device.type == "cuda"
-        if not do_compile:
-            notes.append(
-                "torch.compile off: auto mode skips it on a CPU "
-                "(compile time, see RESULTS.md); --torch_compile on to force"
-            )
-    else:
-        do_compile = compile_mode == "on"
+    do_compile = compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
+    if compile_mode == "auto" and not do_compile:
+        notes.append("torch.compile off: auto mode skips it on a CPU (compile time, see "
+                     "RESULTS.md); --torch_compile on to force")  # fmt: skip
     return Tuning(name="tuned", bf16=bf16, channels_last=True, compile=do_compile,
                   fused_adam=True, num_workers=num_workers, pin_memory=device.type == "cuda",
                   device_normalize=True, notes=tuple(notes))  # fmt: skip
@@ -300,12 +272,10 @@ class Trainer:
     def __init__(self, model_name: str, tuning: Tuning, device: torch.device, *,
                  lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 109):  # fmt: skip
         torch.manual_seed(seed)
-        self.tuning, self.device = tuning, device
-        self.notes = list(tuning.notes)
-        model = create_model(model_name).to(device)
+        self.tuning, self.device, self.notes = tuning, device, list(tuning.notes)
+        self.model = model = create_model(model_name).to(device)
         if tuning.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+            model.to(memory_format=torch.channels_last)
         self.optimizer, kind = create_optimizer(model.parameters(), lr, weight_decay,
                                                 tuning.fused_adam)  # fmt: skip
         if tuning.fused_adam:
@@ -384,11 +354,10 @@ def train_loader(
     split: Split, crop_size: int, crop_range: int, sampler, tuning: Tuning, seed: int
 ) -> torch.utils.data.DataLoader:
     ds = TubuleImages(split, crop_size, crop_range, True, seed, not tuning.device_normalize)
-    workers = tuning.num_workers
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
-                                       pin_memory=tuning.pin_memory,
-                                       persistent_workers=workers > 0,
-                                       prefetch_factor=2 if workers else None)  # fmt: skip
+    w = tuning.num_workers
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=w,
+                                       pin_memory=tuning.pin_memory, persistent_workers=w > 0,
+                                       prefetch_factor=2 if w else None)  # fmt: skip
 
 
 def eval_loader(
@@ -414,10 +383,8 @@ def stage_metrics(labels: Sequence[int], preds: Sequence[int]) -> dict:
 
 def evaluate(trainer: Trainer, split: Split, crop_size: int, batch_size: int) -> dict:
     trainer.model.eval()
-    preds = []
-    for images, labels in eval_loader(split, crop_size, batch_size, trainer.tuning):
-        x, _ = trainer.to_device(images, labels)
-        preds.append(trainer.predict(x).argmax(-1).cpu().numpy())
+    preds = [trainer.predict(trainer.to_device(*b)[0]).argmax(-1).cpu().numpy()
+             for b in eval_loader(split, crop_size, batch_size, trainer.tuning)]  # fmt: skip
     trainer.model.train()
     return stage_metrics(split.labels, np.concatenate(preds))
 
@@ -455,9 +422,7 @@ def train_and_evaluate(
     best, best_epoch, best_state, history = -1.0, 0, None, []
     trainer.model.train()
     for epoch in range(1, recipe.num_epochs + 1):
-        losses = []
-        for images, labels in loader:
-            losses.append(trainer.train_step(*trainer.to_device(images, labels)))
+        losses = [trainer.train_step(*trainer.to_device(*batch)) for batch in loader]
         val_metrics = evaluate(trainer, val, recipe.crop_size, recipe.eval_batch_size)
         history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).mean()),
                         **{f"val_{k}": v for k, v in val_metrics.items()}})  # fmt: skip
@@ -490,9 +455,8 @@ def run(args) -> None:
         raise ValueError("--data_dir: a study-layout folder is required")
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     device = default_device()
-    tuning = STUDY
-    if args.variant == "tuned":
-        tuning = tuned(device, args.num_workers, args.torch_compile)
+    tuned_ = args.variant == "tuned"
+    tuning = tuned(device, args.num_workers, args.torch_compile) if tuned_ else STUDY
     result = train_and_evaluate(args.data_dir, recipe, tuning, device)
     table = common.markdown_table(["variant", *METRICS, "best epoch", "wall s"],
                                   [[tuning.name, *(result[k] for k in METRICS),

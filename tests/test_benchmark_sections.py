@@ -96,7 +96,8 @@ def test_section_command_scores_and_times_nothing_it_was_not_asked_to(
 def test_section_throughput_command_times_the_host_side_and_end_to_end(tmp_path, capsys):
     out = tmp_path / "t.json"
     argv = ["--workers=1,2", "--model=resnet18", "--image_size=96", "--crop_size=64",
-            "--size_mm=0.6,0.5", f"--out={tmp_path / 'renders'}", f"--json={out}"]  # fmt: skip
+            "--size_mm=0.6,0.5", "--folder=2", f"--out={tmp_path / 'renders'}",
+            f"--json={out}"]  # fmt: skip
     _flags_used(section_throughput, argv)
     section_throughput.main(argv)
     result = json.loads(out.read_text())
@@ -107,4 +108,7 @@ def test_section_throughput_command_times_the_host_side_and_end_to_end(tmp_path,
     end = result["end_to_end"]
     assert end["tubules"] == host["tubules"] and end["cut_workers"] == 2
     assert 0 <= end["device_wait_share"] <= 1
-    assert "| host side, 2 thread(s) |" in capsys.readouterr().out
+    folder = result["folder"]
+    assert folder["slides"] == 2 and folder["folder_seconds"] > folder["seconds_per_further_slide"]
+    text = capsys.readouterr().out
+    assert "| host side, 2 thread(s) |" in text and "| folder of 2, each further slide |" in text

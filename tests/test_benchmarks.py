@@ -21,7 +21,7 @@ from tests.conftest import require_torch
 # The benchmarks compare with the PyTorch baseline: their modules import torch.
 torch, _ = require_torch()
 
-from benchmarks import accuracy, common, predict_speed, throughput, throughput_report  # noqa: E402
+from benchmarks import accuracy, common, predict_speed, step_profile, throughput  # noqa: E402
 from benchmarks import memory as memory_bench  # noqa: E402
 from benchmarks import torch_baseline as tb  # noqa: E402
 
@@ -209,13 +209,13 @@ def test_run_child_without_a_result_is_an_error_not_an_exception():
 
 
 def test_run_child_reports_the_end_of_a_crash():
-    out = common.run_child("benchmarks.gpu_suite", {"part": "prepare"}, timeout=120)
+    out = common.run_child("benchmarks.gpu_suite", {"part": "render"}, timeout=120)
     assert "exit code 1" in out["error"] and "KeyError" in out["error"]
 
 
 def test_an_in_process_job_runs_here_and_its_crash_is_an_error(monkeypatch):
     monkeypatch.setattr(common, "IN_PROCESS", True)
-    out = common.run_child("benchmarks.gpu_suite", {"part": "prepare"})
+    out = common.run_child("benchmarks.gpu_suite", {"part": "render"})
     assert out["error"].startswith("in process:") and "KeyError" in out["error"]
     assert "error" in common.run_child("benchmarks.common", {}, env={"X": "1"})  # a process
 
@@ -254,12 +254,12 @@ def test_throughput_ratios_and_table():
         "torch": fake_throughput(10, 20),
         "torch_tuned": {"error": "timed out after 5 s"},
     }
-    ratio = throughput_report.ratios(results)
+    ratio = throughput.ratios(results)
     assert ratio == {
         "stagejax/torch end_to_end": pytest.approx(3.0),
         "stagejax/torch model_only": pytest.approx(3.0),
     }
-    text = throughput_report.markdown(results, ratio)
+    text = throughput.markdown(results, ratio)
     assert "| torch_tuned | error: timed out after 5 s |" in text
     assert "3.00x" in text
     header, rule, *rows = text.split("\n\n")[0].splitlines()
@@ -268,7 +268,7 @@ def test_throughput_ratios_and_table():
 
 def test_throughput_table_says_what_torch_compile_did():
     r = {**fake_throughput(10, 20), "torch_compile": "failed, eager", "notes": ["Adam: fused"]}
-    text = throughput_report.markdown({"torch_tuned": r}, {})
+    text = throughput.markdown({"torch_tuned": r}, {})
     assert "- torch_tuned: 1 round(s); torch.compile failed, eager; Adam: fused" in text
 
 
@@ -328,35 +328,37 @@ def test_throughput_frameworks_may_name_their_batch():
             throughput.parse_specs(bad, 12)
 
 
-def test_throughput_measure_interleaves_and_skips_rounds_that_do_not_fit(monkeypatch):
+class FakeChild:
+    """`common.Child` as a child that takes 20 s and reports 10 images/s per image of
+    its batch; records (framework, batch, timeout) of each."""
+
+    calls: list = []
     clock = {"t": 0.0}
-    calls = []
 
-    def fake_child(module, job, timeout=None, env=None):  # each child takes 20 s
-        calls.append((job["framework"], job["global_batch"], timeout))
-        clock["t"] += 20.0
-        return fake_throughput(10.0 * job["global_batch"], 20.0)
+    def __init__(self, module, job, env=None):
+        self.job = job
 
-    monkeypatch.setattr(common, "run_child", fake_child)
-    monkeypatch.setattr(common.time, "monotonic", lambda: clock["t"])
+    def wait(self, timeout=None):
+        FakeChild.calls.append((self.job.get("framework"), self.job.get("global_batch"), timeout))
+        FakeChild.clock["t"] += 20.0
+        return fake_throughput(10.0 * self.job.get("global_batch", 1), 20.0)
+
+
+def test_throughput_measure_interleaves_and_skips_rounds_that_do_not_fit(monkeypatch):
+    FakeChild.calls, FakeChild.clock["t"] = [], 0.0
+    monkeypatch.setattr(common, "Child", FakeChild)
+    monkeypatch.setattr(common.time, "monotonic", lambda: FakeChild.clock["t"])
+    monkeypatch.setattr(common, "DEADLINE", 70.0)
     specs = throughput.parse_specs("stagejax@24,torch@12", 12)
-    seen = []
-    results = throughput.measure(
-        specs,
-        {"x": 1},
-        rounds=2,
-        cap_s=lambda key: 50.0,
-        deadline=70.0,
-        on_result=lambda k, r, out: seen.append((k, r)),
-    )
+    results = throughput.measure(specs, {"x": 1}, rounds=2, cap_s=50.0)
     # Interleaved; each child capped by its cap and by the deadline; round 2 of torch
     # is left out: 10 s are left and its first round took 20.
-    assert calls == [("stagejax", 24, 50.0), ("torch", 12, 50.0), ("stagejax", 24, 30.0)]
-    assert seen == [("stagejax@24", 1), ("torch@12", 1), ("stagejax@24", 2)]
+    assert FakeChild.calls == [("stagejax", 24, 50.0), ("torch", 12, 50.0), ("stagejax", 24, 30.0)]
     assert results["stagejax@24"]["rounds"] == 2 and "skipped_rounds" not in results["stagejax@24"]
     assert results["torch@12"]["rounds"] == 1 and results["torch@12"]["skipped_rounds"] == 1
     assert results["stagejax@24"]["end_to_end"]["images_per_s"]["median"] == 240.0
-    late = throughput.measure(specs, {}, 1, lambda key: 30.0, deadline=clock["t"] + 1)
+    monkeypatch.setattr(common, "DEADLINE", FakeChild.clock["t"] + 1)
+    late = throughput.measure(specs, {}, 1, 30.0)
     assert all(r["error"].startswith("not run: time budget") for r in late.values())
 
 
@@ -378,7 +380,7 @@ def test_add_mfu_uses_the_compiled_count_unless_it_is_implausible():
         "cpu": result(1e9, None, "cpu: cpu"),
         "none": fake_throughput(1, 1),
     }
-    throughput_report.add_mfu(results)
+    step_profile.add_mfu(results)
     m = results["stagejax@48"]["mfu"]
     # 96 images/s at batch 48 = 2 steps/s of 1e13 FLOPs over the H200's 790 TFLOP/s.
     assert m["model_only"] == pytest.approx(2e13 / 790e12)
@@ -388,7 +390,7 @@ def test_add_mfu_uses_the_compiled_count_unless_it_is_implausible():
     assert "before optimisation" in results["odd"]["mfu"]["flops_source"]
     assert 0 < results["cpu"]["mfu"]["model_only"] < 1
     assert "mfu" not in results["none"]
-    assert "GFLOP per step" in throughput_report.markdown(results, {})
+    assert "GFLOP per step" in throughput.markdown(results, {})
 
 
 def test_peak_flops_by_device():
@@ -401,7 +403,7 @@ def test_peak_flops_by_device():
 def test_xla_flops_counts_a_matmul():
     import jax
 
-    from benchmarks.throughput_report import xla_flops
+    from benchmarks.step_profile import xla_flops
 
     f = jax.jit(lambda a, b: a @ b)
     a = jnp.ones((32, 64))
@@ -450,17 +452,13 @@ def test_predict_speed_ratios_leave_tta_out_and_measure_stops_at_the_deadline(mo
         "torch": {"images_per_s": 4.0},
     }
     assert predict_speed.ratios(results) == {"stagejax/torch": pytest.approx(2.0)}
-    monkeypatch.setattr(
-        common,
-        "run_child",
-        lambda module, job, timeout=None, env=None: {
-            "framework": job["framework"],
-            "images_per_s": 1.0,
-        },
-    )
-    out = predict_speed.measure(["stagejax", "torch"], {}, cap_s=10, deadline=None)
-    assert out["torch"]["framework"] == "torch" and out["torch"]["wall_s"] >= 0
-    out = predict_speed.measure(["stagejax"], {}, cap_s=10, deadline=common.time.monotonic())
+    FakeChild.calls = []
+    monkeypatch.setattr(common, "Child", FakeChild)
+    out = predict_speed.measure(["stagejax", "torch"], {}, cap_s=10)
+    assert [c[0] for c in FakeChild.calls] == ["stagejax", "torch"]
+    assert out["torch"]["wall_s"] >= 0 and FakeChild.calls[0][2] == 10
+    monkeypatch.setattr(common, "DEADLINE", common.time.monotonic())
+    out = predict_speed.measure(["stagejax"], {}, cap_s=10)
     assert out["stagejax"]["error"].startswith("not run: time budget")
 
 
@@ -523,7 +521,7 @@ def test_memory_refuses_bad_arguments(argv, match):
 
 def test_memory_table_compares_remat_off_and_on():
     job = {"model": "resnet50", "size": 224, "precision": "float32", "batch": 12}
-    gib = memory_bench.GIB
+    gib = common.GIB
     results = [
         {"job": {**job, "remat": False}, "temp_bytes": 3 * gib, "step_s": {"median": 1.0}},
         {"job": {**job, "remat": True}, "temp_bytes": gib, "step_s": {"median": 1.5}},

@@ -123,12 +123,12 @@ def test_merge_refuses_a_slide_of_two_jobs_and_two_models(tmp_path):
 def test_progress_gives_the_rate_and_the_time_left():
     now = [0.0]
     p = Progress(4, clock=lambda: now[0])
-    assert p.where() == "1/4"
     p.passed(failed=False)  # staged by an earlier run: no cost, no time estimate from it
-    assert p.where() == "2/4"
     now[0] = 20.0
+    assert p.lap() == 20.0
     assert p.staged_one(40, 20.0) == "2.0 tubules/s; 2 slide(s) to go, about 40.0 s left"
     now[0] = 80.0
+    assert p.lap() == 60.0  # since the last slide ended, not since the start
     assert p.staged_one(30, 60.0) == "0.5 tubules/s; 1 slide(s) to go, about 40.0 s left"
     p.passed(failed=True)
     assert p.totals() == (

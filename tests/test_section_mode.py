@@ -295,20 +295,22 @@ def test_a_stopped_folder_run_resumes_at_the_first_unfinished_slide(
     config.update(overrides)
     opts = SectionOptions(slides=str(slides))
     w = tmp_path / "w"
-    real, calls = run_lib.stage_slide, []
+    real, calls = run_lib.stage_detected, []
 
-    def stop_at_second(path, *args):
+    def stop_at_second(path, detected, *args):
         calls.append(path.name)
-        if len(calls) == 2:
+        if len(calls) == 2:  # the first slide's outputs are being written behind
+            detected[0].close()
             raise interrupts.Interrupted(signal.SIGINT)
-        return real(path, *args)
+        return real(path, detected, *args)
 
-    monkeypatch.setattr(run_lib, "stage_slide", stop_at_second)
+    monkeypatch.setattr(run_lib, "stage_detected", stop_at_second)
     with pytest.raises(interrupts.Interrupted) as e:
         run_lib.stage_sections(config, w, opts)
     assert e.value.final and "after 1 of 2 slide(s)" in str(e.value)
     assert sorted(p.name for p in (w / "sections").iterdir()) == ["s3"]  # no partial s4
-    monkeypatch.setattr(run_lib, "stage_slide", real)
+    assert (w / "sections" / "s3" / "section.json").is_file()  # s3 written before the stop
+    monkeypatch.setattr(run_lib, "stage_detected", real)
     calls.clear()
     with caplog.at_level("INFO"):
         run_lib.stage_sections(config, w, opts)

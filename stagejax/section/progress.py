@@ -9,6 +9,7 @@ staged by an earlier run are skipped at no cost and do not count).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -24,37 +25,45 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts of one process's slides as they are staged, skipped or fail."""
+    """Counts of one process's slides as they are staged, skipped or fail (counted
+    from the staging thread and the writing one, hence the lock)."""
 
     def __init__(self, slides: int, clock: Callable[[], float] = time.perf_counter):
         self.slides, self.clock, self.start = slides, clock, clock()
+        self.last, self.lock = self.start, threading.Lock()
         self.visited = self.staged = self.skipped = self.failed = 0
         self.tubules, self.seconds = 0, 0.0
 
-    def where(self) -> str:
-        """The next slide's place, ``3/10``."""
-        return f"{self.visited + 1}/{self.slides}"
+    def lap(self) -> float:
+        """Seconds since the last staged slide ended (or the start): a slide's time
+        when slides overlap (one detected while another is staged, one written)."""
+        with self.lock:
+            now = self.clock()
+            seconds, self.last = now - self.last, now
+            return seconds
 
     def staged_one(self, tubules: int, seconds: float) -> str:
         """Count a staged slide; its rate and the folder's time left, for its log line."""
-        self.visited += 1
-        self.staged += 1
-        self.tubules += tubules
-        self.seconds += seconds
+        with self.lock:
+            self.visited += 1
+            self.staged += 1
+            self.tubules += tubules
+            self.seconds += seconds
+            left, mean = self.slides - self.visited, self.seconds / self.staged
         text = f"{tubules / max(seconds, 1e-9):.1f} tubules/s"
-        left = self.slides - self.visited
         if left:
-            eta = duration(self.seconds / self.staged * left)
+            eta = duration(mean * left)
             text += f"; {left} slide(s) to go, about {eta} left"
         return text
 
     def passed(self, failed: bool) -> None:
         """Count a slide skipped (staged by an earlier run) or one that failed."""
-        self.visited += 1
-        if failed:
-            self.failed += 1
-        else:
-            self.skipped += 1
+        with self.lock:
+            self.visited += 1
+            if failed:
+                self.failed += 1
+            else:
+                self.skipped += 1
 
     def totals(self) -> str:
         """The run's last line: what was done, how fast."""

@@ -19,29 +19,26 @@ are done.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 from jax.experimental import multihost_utils
 
 from stagejax import stages
 from stagejax.detect import choose
-from stagejax.detect import pipeline as detect_lib
 from stagejax.errors import ConfigError, DatasetError, ResourceError
 from stagejax.runtime import files
 from stagejax.section import folder as folder_lib
-from stagejax.section import outputs, record, truth
-from stagejax.section.crops import cut_tubule, cut_tubules, default_workers
+from stagejax.section import outputs, overlap, record, truth
 from stagejax.section.model import StageModel, load_stage_model
 from stagejax.section.options import FLAG, SectionOptions
+from stagejax.section.pipeline import SLIDE_MPP_FIELD, detect_one, slide_name, stage_detected
 from stagejax.section.progress import Progress
-from stagejax.section.stage import SLIDE_STAIN_SAMPLE, slide_stain, stage_crops
 from stagejax.slides import open_slide
 from stagejax.slides.reader import OPENSLIDE_SUFFIXES, PLAIN_SUFFIXES, TIFF_SUFFIXES
 from stagejax.train import interrupts
@@ -54,7 +51,6 @@ SUMMARY = folder_lib.SUMMARY
 FAILED = folder_lib.FAILED
 SLIDE_ERRORS = (DatasetError, ResourceError)  # a slide's own problem: skip it, go on
 SLIDE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + OPENSLIDE_SUFFIXES
-SLIDE_MPP_FIELD = FLAG["slide_mpp"]
 
 
 def list_slides(path: str | Path) -> list[Path]:
@@ -72,15 +68,6 @@ def list_slides(path: str | Path) -> list[Path]:
     if not found:
         raise DatasetError(f"{p}: no slide files ({'/'.join(SLIDE_SUFFIXES)})")
     return found
-
-
-def slide_name(path: Path) -> str:
-    """Output folder name of a slide: its file name without the (double) suffix."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def check_slides(paths: list[Path], slide_mpp: float | None) -> dict[Path, str]:
@@ -103,78 +90,6 @@ def check_slides(paths: list[Path], slide_mpp: float | None) -> dict[Path, str]:
 def _detector(opts: SectionOptions):
     """DetectParams (classical) or a UNetDetector, from ``--detector``."""
     return choose.from_config(opts.detector, FLAG["detector"])
-
-
-def _stain_sample(slide, objects, sm: StageModel) -> Iterator[np.ndarray]:
-    """Up to SLIDE_STAIN_SAMPLE tubules spread over the slide, cut as for staging
-    (lazily: nothing is cut when the model does not normalise stain)."""
-    picks = np.unique(np.linspace(0, len(objects) - 1, min(len(objects), SLIDE_STAIN_SAMPLE)))
-    for k in picks.round().astype(int):
-        yield cut_tubule(slide, objects[k].geometry, sm.mpp, sm.image_size)
-
-
-def _waited(items: Iterator, seconds: list[float]) -> Iterator:
-    """``items``, adding to ``seconds[0]`` the time spent waiting for each (how long
-    staging waited for the cutting threads)."""
-    items = iter(items)
-    while True:
-        t = time.perf_counter()
-        item = next(items, None)
-        seconds[0] += time.perf_counter() - t
-        if item is None:
-            return
-        yield item
-
-
-def stage_slide(
-    path: Path, sm: StageModel, params, opts: SectionOptions
-) -> tuple[outputs.SectionResult, dict[str, float]]:
-    """Detect, cut and stage one slide; (its result, seconds per part)."""
-    times: dict[str, float] = {}
-    slide_mpp = opts.slide_mpp or None
-    with open_slide(path, slide_mpp, mpp_flag=SLIDE_MPP_FIELD) as slide:
-        t = time.perf_counter()
-        try:
-            det = detect_lib.detect_slide(slide, params)
-        except DatasetError as e:  # its hint names detect's flag; here the field is another
-            raise DatasetError(str(e).replace("(--mpp)", f"({SLIDE_MPP_FIELD})")) from None
-        times["read_and_detect"] = time.perf_counter() - t
-        cut_s = [0.0]
-        t = time.perf_counter()
-        source = slide_stain(sm.model, _stain_sample(slide, det.objects, sm), path.name)
-        times["stain"] = time.perf_counter() - t
-
-        workers = opts.cut_workers or default_workers()
-        cuts = cut_tubules(slide, (o.geometry for o in det.objects), sm.mpp, sm.image_size, workers)
-        t = time.perf_counter()
-        probs = stage_crops(
-            sm.model,
-            _waited(cuts, cut_s),
-            len(det.objects),
-            sm.batch_size,
-            opts.tta,
-            desc=path.name,
-            stain_source=source,
-        )
-        times["cut"] = cut_s[0]
-        times["stage"] = time.perf_counter() - t - cut_s[0]
-        mpp = slide.mpp
-    tubules = [
-        outputs.StagedTubule(i + 1, o.geometry, bool(o.properties.get("stageable", True)), p)
-        for i, (o, p) in enumerate(zip(det.objects, probs, strict=True))
-    ]
-    result = outputs.SectionResult(
-        slide_name=slide_name(path),
-        slide_path=str(path),
-        mpp=mpp,
-        label_names=sm.label_names,
-        stage_ranks=sm.stage_ranks,
-        tubules=tubules,
-        thumbnail=det.rgb,
-        thumbnail_scale=det.scale,
-        review_below=float(opts.review_below),
-    )
-    return result, times
 
 
 def _write_slide(out_dir: Path, result, times, sm: StageModel, truth_path, key: dict) -> dict:
@@ -301,13 +216,21 @@ def stage_sections(
 
 
 def _stage_mine(mine: list[Path], root: Path, plan: tuple, claim) -> Progress:
-    """This process's slides in turn; a stop after some are done says how to resume."""
+    """This process's slides in turn, the next one detected and the last one written
+    beside the current one's staging (`overlap`); a stop after some are done says how
+    to resume."""
+    sm, params, opts, keys, plans, bad, folder = plan
     progress = Progress(len(mine))
+    todo = [p for p in mine if p not in bad and plans[p] == record.STAGE]
+    detect = functools.partial(detect_one, params=params, opts=opts)
+    ahead = overlap.Ahead(detect, todo, lambda d: d[0].close())
+    behind = overlap.Behind()
     try:
-        for path in mine:
-            if _stage_one(path, root, *plan, progress) and claim is not None:
-                claim.keep()  # a later failure keeps the slides already finished
+        for k, path in enumerate(mine):
+            _stage_one(path, f"{k + 1}/{len(mine)}", root, plan, progress, (ahead, behind, claim))
+        behind.wait()
     except interrupts.Interrupted as e:
+        behind.close()  # a slide staged before the stop is written and counted
         finished = progress.staged + progress.skipped
         if not finished:
             raise
@@ -316,51 +239,62 @@ def _stage_mine(mine: list[Path], root: Path, plan: tuple, claim) -> Progress:
             f"stopped by {e.name} after {finished} of {len(mine)} slide(s) (outputs in {root}); "
             "rerun the same command to resume at the first unfinished slide",
         ) from None
+    finally:
+        behind.close()
+        ahead.close()
     return progress
 
 
-def _stage_one(path, root, sm, params, opts, keys, plans, bad, folder, progress) -> bool:
-    """Stage ``path`` as planned; in a folder run a slide that fails is skipped and
-    recorded (one bad slide does not stop a folder). Returns whether it is done."""
-    failure = root / FAILED / f"{slide_name(path)}.txt"
-    failure.unlink(missing_ok=True)
-    where = progress.where()
+def _stage_one(path, where: str, root, plan, progress, lanes) -> None:
+    """Stage ``path`` as planned, its outputs written behind; in a folder run a slide
+    that fails is skipped and recorded (one bad slide does not stop a folder)."""
+    sm, params, opts, keys, plans, bad, folder = plan
+    ahead, behind, claim = lanes
+    root.joinpath(FAILED, f"{slide_name(path)}.txt").unlink(missing_ok=True)
     try:
         if path in bad:
             raise DatasetError(bad[path])
         if plans[path] == record.SKIP:
             progress.passed(failed=False)
-            return True
-        _stage(path, root / slide_name(path), sm, params, opts, keys[path], progress)
-        return True
+            if claim is not None:
+                claim.keep()
+            return
+        result, times = stage_detected(path, ahead.take(path), sm, opts)
     except SLIDE_ERRORS as e:
-        if not folder:
-            raise
-        progress.passed(failed=True)
-        why = str(e).removeprefix(f"{path}: ")
-        if path not in bad:  # unreadable ones were named before any work
-            log.warning("%s (%s): skipped: %s", path.name, where, why)
-        failure.parent.mkdir(exist_ok=True)
-        failure.write_text(why + "\n")
-        return False
+        _failed(path, where, e, root, folder, progress, reported=path in bad)
+        return
+    out_dir = root / slide_name(path)
+
+    def write() -> None:  # on the writing thread, while the next slide is staged
+        try:
+            done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), keys[path])
+        except SLIDE_ERRORS as e:
+            _failed(path, where, e, root, folder, progress, reported=False)
+            return
+        seconds = progress.lap()
+        rate = progress.staged_one(done["tubules"], seconds)
+        log.info(
+            "%s (%s): %d tubules (%d stageable) in %.1f s, %s -> %s",
+            *(path.name, where, done["tubules"], done["stageable"], seconds, rate, out_dir),
+        )
+        if claim is not None:
+            claim.keep()  # a later failure keeps the slides already finished
+
+    behind.submit(write)
 
 
-def _stage(path: Path, out_dir: Path, sm, params, opts, key: dict, progress: Progress) -> None:
-    t = time.perf_counter()
-    where = progress.where()
-    result, times = stage_slide(path, sm, params, opts)
-    done = _write_slide(out_dir, result, times, sm, truth.truth_file(path), key)
-    seconds = time.perf_counter() - t
-    log.info(
-        "%s (%s): %d tubules (%d stageable) in %.1f s, %s -> %s",
-        path.name,
-        where,
-        done["tubules"],
-        done["stageable"],
-        seconds,
-        progress.staged_one(done["tubules"], seconds),
-        out_dir,
-    )
+def _failed(path, where, e, root, folder, progress, reported) -> None:
+    """A slide of a folder that cannot be staged: warned about (unless ``reported``
+    already), recorded under FAILED, counted; a lone slide's error stops the run."""
+    if not folder:
+        raise e
+    progress.passed(failed=True)
+    why = str(e).removeprefix(f"{path}: ")
+    if not reported:  # unreadable ones were named before any work
+        log.warning("%s (%s): skipped: %s", path.name, where, why)
+    failure = root / FAILED / f"{slide_name(path)}.txt"
+    failure.parent.mkdir(exist_ok=True)
+    failure.write_text(why + "\n")
 
 
 def _finish_folder(root: Path, slides, sm: StageModel, failed: dict, shard) -> None:
