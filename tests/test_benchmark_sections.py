@@ -19,8 +19,10 @@ from stagejax.detect.params import save_params
 from stagejax.detect.weights import shipped_path
 from stagejax.model import saved
 from stagejax.runtime import workdir as workdir_lib
+from stagejax.simulate import tubules
 
-MPP, IMAGE, CROP = 4.0, 56, 48  # as tests/test_section_mode.py: a coarse, quick scale
+IMAGE, CROP = 64, 48  # a coarse, quick scale (3.9 um/px), as tests/test_section_mode.py
+MPP = tubules.image_mpp(IMAGE)  # the tubule simulator's at that size: a reference is drawn
 
 
 def _flags_used(module, *argvs: list[str]) -> None:
@@ -68,7 +70,7 @@ def test_section_command_scores_and_times_nothing_it_was_not_asked_to(
     out = tmp_path / "s.json"
     argv = [f"--workdir={random_workdir}", f"--out={tmp_path / 'renders'}", "--seeds=3",
             "--stain_shift=1.0", "--size_mm=1.4,1.1", "--notiming", "--detector=classical",
-            f"--json={out}"]  # fmt: skip
+            "--reference_images=17", f"--json={out}"]  # fmt: skip
     _flags_used(section, argv)
     section.main(argv)
     result = json.loads(out.read_text())
@@ -85,9 +87,14 @@ def test_section_command_scores_and_times_nothing_it_was_not_asked_to(
         assert np.trace(confusion) == round(row["auto_cut"]["accuracy"] * confusion.sum())
         mean = result["accuracy"][shift]["mean"]
         assert mean["auto_cut_confusion"] == confusion.tolist()
+        ref = result["accuracy"][shift]["reference_tubules"]  # fresh tubule images beside
+        assert ref["images"] == 17 == np.sum(ref["confusion"])
+        lo, hi = ref["balanced_accuracy_95"]
+        assert 0 <= lo <= ref["balanced_accuracy"] <= hi <= 1
     assert result["timing"] == {}
     out = capsys.readouterr().out
     assert "| stain_shift=1 |" in out and "| recall (auto cut) | I | II |" in out
+    assert "| stain_shift=1, 17 fresh tubule images |" in out
     with pytest.raises(SystemExit, match="error: --workdir"):
         section.main([])
 
