@@ -13,7 +13,7 @@ mode's detector (``--detector``, as section mode's; default the U-Net, recorded 
 Time (point 7): one study-scale section (4.4 x 3.5 mm at the default pixel
 size, about 20,000 x 16,000 px) staged end to end; seconds per part and
 tubules/s, peak RSS. ResNet-50 at the study's 896 px crop (random weights) on
-such a section is the GPU suite's ``section`` part (`study_model`).
+such a section is the GPU suite's ``section`` part (`study_config`).
 
     python -m benchmarks.section --workdir=runs/demo [--seeds=100,101,102] \
         [--stain_shift=1.0] [--json=benchmarks/results/section_cpu.json]
@@ -191,19 +191,14 @@ def time_section(path: Path, sm: StageModel, opts: SectionOptions | None = None)
     }
 
 
-def study_model(
+def study_config(
     tmp: Path, model: str = "resnet50", crop_size: int = 896, image_size: int = 1152, **fields
-) -> StageModel:
-    """A stage model of random weights (time only) saved to and loaded from ``tmp``:
-    by default ResNet-50 at the study's 896 px crop of 1152 px images. Its pixel size
-    keeps a 1152 px image's field of view (the study's estimate) whatever
-    ``image_size``; ``fields`` are further recipe fields (e.g. ``precision``)."""
-    return load_stage_model(study_config(tmp, model, crop_size, image_size, **fields), tmp / "none")
-
-
-def study_config(tmp: Path, model: str, crop_size: int, image_size: int, **fields):
-    """The recipe of `study_model`, its random weights saved under ``tmp``: what
-    ``--mode=section`` loads the model from."""
+):
+    """A stage model of random weights (time only) saved under ``tmp``, and the recipe
+    ``--mode=section`` (or `load_stage_model`) loads it by: by default ResNet-50 at the
+    study's 896 px crop of 1152 px images. Its pixel size keeps a 1152 px image's field
+    of view (the study's estimate) whatever ``image_size``; ``fields`` are further
+    recipe fields (e.g. ``precision``)."""
     model_dir = saved.save_model_weights(
         tmp / model, models.create(model), model,
         mpp=section_sim.DEFAULT_MPP * 1152 / image_size, image_size=image_size,

@@ -19,27 +19,24 @@ from typing import Any
 
 
 class Ahead:
-    """``fn(item)`` for each of ``items`` in their order, the next one started on a
-    thread as soon as the current one is taken."""
+    """``fn(item)`` for each of ``items``, taken in their order, the next one started
+    on a thread as soon as the current one is taken."""
 
     def __init__(self, fn: Callable, items: Sequence, discard: Callable[[Any], None]):
-        self._fn, self._items, self._discard = fn, list(items), discard
+        self._fn, self._discard = fn, discard
+        self._next = dict(zip(items[:-1], items[1:], strict=True))  # item -> the one after
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="stagejax-ahead")
         self._futures: dict[Any, Future] = {}
-        if self._items:
-            self._start(self._items[0])
-
-    def _start(self, item) -> None:
-        if item not in self._futures:
-            self._futures[item] = self._pool.submit(self._fn, item)
+        if items:
+            self._futures[items[0]] = self._pool.submit(fn, items[0])
 
     def take(self, item):
         """``fn(item)`` (or its exception), once the next item's work has been started."""
-        future = self._futures.pop(item, None)
-        k = self._items.index(item) if item in self._items else -1
-        if 0 <= k < len(self._items) - 1:
-            self._start(self._items[k + 1])
-        return future.result() if future is not None else self._fn(item)
+        future = self._futures.pop(item)  # started when the one before it was taken
+        if item in self._next:
+            after = self._next[item]
+            self._futures[after] = self._pool.submit(self._fn, after)
+        return future.result()
 
     def close(self) -> None:
         """Drop work not taken: cancelled if not started, else its result discarded."""
