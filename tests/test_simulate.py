@@ -22,6 +22,7 @@ from stagejax.simulate import (
     section,
     sheet,
     spermatids,
+    tubule_draw,
     tubules,
 )
 from stagejax.stages import NUM_STAGES, stage_frequencies
@@ -223,8 +224,8 @@ def _cut_render(monkeypatch, seed: int, size: int = 64, **params):
     seen = {}
     outline = scene.hand_outline
 
-    def spy(tub, rs, rng):
-        seen.update(tub=tub, rs=rs, poly=outline(tub, rs, rng))
+    def spy(tub, rs, rng, traced):
+        seen.update(tub=tub, rs=rs, traced=traced, poly=outline(tub, rs, rng, traced))
         return seen["poly"]
 
     p = simulate.SceneParams(min_render_size=128, **params)
@@ -249,17 +250,19 @@ def _inside_and_distance(poly: np.ndarray, size: int, k: int):
     return inside.reshape(size, size), dist.reshape(size, size)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_hand_cut_whites_out_everything_outside_the_outline(monkeypatch, seed):
+@pytest.mark.parametrize("seed,traced", [(0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0)])
+def test_hand_cut_whites_out_everything_outside_the_outline(monkeypatch, seed, traced):
     size = 64
-    img, seen = _cut_render(monkeypatch, seed, size)
+    img, seen = _cut_render(monkeypatch, seed, size, traced_fraction=traced)
     tub, rs, poly = seen["tub"], seen["rs"], seen["poly"]
     k = rs // size
-    # A hand-drawn polygon a few um outside the basement membrane (rho = 1).
-    assert 20 <= len(poly) <= 40
-    rho, _ = scene._rho_phi(tub, poly[:, 0], poly[:, 1])
+    assert 20 <= len(poly) <= 40 and seen["traced"] == bool(traced)
+    rho, _ = tubule_draw.rho_phi(tub, poly[:, 0], poly[:, 1])
     out = (rho - 1) * tub.mean_radius / rs
-    assert out.min() > -0.01 and out.max() < 0.06 and 0.005 < out.mean() < 0.04, out
+    if traced:  # Along the basement membrane (rho = 1), as a detector's outline.
+        assert np.abs(out).max() < 0.012 and abs(out.mean()) < 0.003, out
+    else:  # A hand-drawn polygon a few um outside it, as the study cut its images.
+        assert out.min() > -0.01 and out.max() < 0.06 and 0.005 < out.mean() < 0.04, out
     inside, dist = _inside_and_distance(poly, size, k)
     white = (img == 255).all(-1)
     outside = ~inside & (dist > k)  # One output pixel from the edge: no rounding doubt.
@@ -281,6 +284,13 @@ def test_hand_cut_only_adds_white_and_is_deterministic(monkeypatch):
     assert changed.mean() > 0.1 and (cut[changed] == 255).all()
     other, _ = _cut_render(monkeypatch, 6)
     assert not np.array_equal((other == 255).all(-1), (cut == 255).all(-1))
+
+
+def test_half_the_images_are_cut_along_the_membrane(monkeypatch):
+    """SceneParams.traced_fraction: section mode cuts along the detected outline, so the
+    simulated images are cut that way as often as the study's loose way."""
+    traced = [_cut_render(monkeypatch, seed, 32)[1]["traced"] for seed in range(40)]
+    assert 10 <= sum(traced) <= 30, sum(traced)
 
 
 def test_outline_mask_is_sharp_and_clipped_by_the_border():

@@ -6,18 +6,20 @@ import sys
 import numpy as np
 import pytest
 import shapely
+from numpy.random import SeedSequence
 from PIL import Image
 from scipy import ndimage
+from skimage.color import hpx_from_rgb, separate_stains
 
 from stagejax import simulate
 from stagejax.errors import ConfigError
 from stagejax.section.crops import cut_tubule
-from stagejax.simulate import section, section_blocks, section_layout
+from stagejax.simulate import scene, section, section_blocks, section_layout
 from stagejax.simulate.scene import SceneParams
 from stagejax.simulate.section_render import sample_look
 from stagejax.slides import open_slide
 from stagejax.slides.writer import pyramid_sizes
-from stagejax.stages import NUM_STAGES, STAGES, stage_frequencies
+from stagejax.stages import NUM_STAGES, STAGES, parse_stage, stage_frequencies
 
 SMALL = (1.5, 1.2)  # mm: ~19 tubules; at 1 um/px 1,500 x 1,200 px, rendered in ~2 s.
 
@@ -200,13 +202,37 @@ def test_a_coarse_section_is_drawn_finer_and_reduced_as_the_tubule_images_are(tm
     assert sample_look(0, mpp, 0.0, params).supersampling == 3  # ceil(256 / 112)
     assert sample_look(0, section.DEFAULT_MPP, 0.0, params).supersampling == 1
     sec = section.render_section(tmp_path / "s", 100, mpp=mpp, size_mm=SMALL, num_workers=1)
+    stageable = [o for o in section.read_ground_truth(sec) if o.properties["stageable"]]
     with open_slide(sec / "section.tif") as slide:
-        crops = [
-            cut_tubule(slide, o.geometry, mpp, 112)
-            for o in section.read_ground_truth(sec)
-            if o.properties["stageable"]
-        ]
+        crops = [cut_tubule(slide, o.geometry, mpp, 112) for o in stageable]
     data = simulate.generate(tmp_path / "t", num_images=36, image_size=112, seed=0)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.rglob("*.png"))]
     ratio = np.median([_sharpness(c) for c in crops]) / np.median([_sharpness(i) for i in images])
     assert len(crops) >= 5 and 0.75 < ratio < 1.33, (len(crops), ratio)
+    # One drawing for both (simulate.tubule_draw): with the section's own stain, tubule
+    # images of the same stages carry the same hematoxylin, PAS and grey level.
+    stain = sample_look(100, mpp, 0.0, params).stain
+    same = [
+        scene.render_image(parse_stage(o.classification), stain, 112, SeedSequence([7, i]), params)
+        for i, o in enumerate(stageable)
+    ]
+    sec_h, sec_p, sec_grey = _densities(crops)
+    img_h, img_p, img_grey = _densities(same)
+    assert abs(sec_h / img_h - 1) < 0.15 and abs(sec_p / img_p - 1) < 0.15, (
+        sec_h,
+        img_h,
+        sec_p,
+        img_p,
+    )
+    assert abs(sec_grey - img_grey) < 6, (sec_grey, img_grey)
+
+
+def _densities(rgbs: list[np.ndarray]) -> tuple[float, float, float]:
+    """Medians over images of the median hematoxylin and PAS optical density (scikit-image's
+    H-PAS space) and grey level over the tissue."""
+    rows = []
+    for rgb in rgbs:
+        tissue = rgb.min(axis=2) < 235
+        od = separate_stains(rgb, hpx_from_rgb)[tissue]
+        rows.append((np.median(od[:, 0]), np.median(od[:, 1]), np.median(rgb.mean(2)[tissue])))
+    return tuple(float(v) for v in np.median(rows, axis=0))

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from stagejax.simulate import cells, epithelium, render
+from stagejax.simulate import cells, epithelium, render, tubule_draw
 from stagejax.simulate.cells import smoothstep
 from stagejax.stages import NUM_STAGES
 
@@ -41,6 +41,11 @@ class SceneParams:
     min_render_size: int = 256  # Smaller images are rendered at least this large, then reduced.
     # White outside a hand-drawn outline of the main tubule, as the study cut its images.
     hand_cut: bool = True
+    # Of those, the share cut along the membrane itself, as section mode cuts a section's
+    # tubules (the detector's outline): a model that saw only the study's loose cuts
+    # stages section tubules worse than its own images (benchmarks/RESULTS.md, "One
+    # drawing for both").
+    traced_fraction: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,74 +112,80 @@ def _render(
     k = max(1, math.ceil(params.min_render_size / size))
     rs = size * k  # Render size.
     r = params.cell_scale * rs * rng.uniform(0.93, 1.07)
+    main = _random_tubule(
+        rng,
+        rs * rng.uniform(*params.tubule_radius),
+        centre=rs / 2 + rng.normal(0, 0.04 * rs, 2),
+        **tubule_draw.lumen_shape(t, rng),
+    )
+    neighbours = _neighbours(main, rs, r, rng)
+    # Optical blur (render px) enters as soft nucleus outlines and blurred textures.
+    blur = rng.uniform(*params.blur_range) * rs / 1152.0
+    # The tubule as a section's tubule is drawn (one drawing for both: issue 25) ...
+    drawn = tubule_draw.draw_tubule(main, t, r, blur, rs, rng, params)
+    # ... laid over its neighbours and the interstitium.
+    h_od, p_od, n_od = _surroundings(main, neighbours, rs, r, blur, rng, params)
+    keep = 1.0 - drawn.cover
+    h_od = h_od * keep + drawn.h_od
+    p_od = p_od * keep + drawn.p_od
+    stain = render.Stain(
+        h_vec=slide.h_vec,
+        p_vec=slide.p_vec,
+        h_scale=slide.h_scale,
+        p_scale=slide.p_scale,
+        tint_od=slide.tint_od + rng.normal(0, 0.006 * params.stain_jitter, 3),
+        noise=rng.uniform(*params.noise_range),
+    )
+    if rs == size:
+        img = render.compose(h_od, p_od, n_od, stain, rng)
+    else:
+        img = render.reduce(render.compose(h_od, p_od, n_od, stain), size, stain.noise, rng)
+    if params.hand_cut:  # Drawn last: the uncut image is the same with or without it.
+        traced = bool(rng.random() < params.traced_fraction)
+        img[~outline_mask(hand_outline(main, rs, rng, traced), size, k)] = 255
+    return img
+
+
+def _surroundings(main, neighbours, rs, r, blur, rng, params):
+    """H, PAS and neutral densities [rs, rs] of the neighbours and the interstitium."""
+    lo = rs // 2 if rs >= 256 else rs
+    h_lo, p_lo, n_lo, tissue = _tissue_fields(neighbours, rs, lo, r, rng, params)
     cp = epithelium.CellParams(
         cell_phase_sd=params.cell_phase_sd,
         acrosome_contrast=params.acrosome_contrast,
         density=rng.uniform(*params.density_range),
     )
-
-    # Lumen opens wider around spermiation (VII-VIII).
-    open_lumen = float(smoothstep(t, 5.5, 6.5) * (1 - smoothstep(t, 8.5, 9.5)))
-    main = _random_tubule(
-        rng,
-        rs,
-        rs * rng.uniform(*params.tubule_radius),
-        lumen=rng.uniform(0.08, 0.2) + 0.07 * open_lumen,
-        centre=rs / 2 + rng.normal(0, 0.04 * rs, 2),
-    )
-    neighbours = _neighbours(main, rs, r, rng)
-    # Optical blur (render px) enters as soft nucleus outlines and blurred textures.
-    blur = rng.uniform(*params.blur_range) * rs / 1152.0
-    tiles = render.texture_tiles(r, rng, blur=blur)
-
-    lo = rs // 2 if rs >= 256 else rs
-    h_lo, p_lo, n_lo, tissue = _tissue_fields(main, neighbours, t, rs, lo, r, rng, params)
-
-    groups = epithelium.tubule_nuclei(main, t, r, rng, cp, frame=rs)
+    groups = []
     for nb in neighbours:
         groups += epithelium.tubule_nuclei(
             nb, rng.uniform(0, NUM_STAGES), r, rng, cp, main=False, frame=rs
         )
     groups += _interstitial(main, neighbours, tissue, rs, r, rng)
+    tiles = render.texture_tiles(r, rng, blur=blur)
     h_sp, p_sp = render.splat_nuclei(groups, rs, tiles, edge=max(0.8, 2.2 * blur))
-
-    h_od = render.upsample(h_lo, rs)
-    h_od += h_sp
-    p_od = render.upsample(p_lo, rs)
-    p_od += p_sp
-    np.maximum(p_od, 0.0, out=p_od)
-    n_od = render.upsample(n_lo, rs)
-    j = params.stain_jitter
-    noise = rng.uniform(*params.noise_range)
-    stain = render.Stain(
-        h_vec=slide.h_vec,
-        p_vec=slide.p_vec,
-        h_scale=slide.h_scale * float(np.exp(rng.normal(0, 0.06 * j))),
-        p_scale=slide.p_scale * float(np.exp(rng.normal(0, 0.06 * j))),
-        tint_od=slide.tint_od + rng.normal(0, 0.006 * j, 3),
-        noise=noise,
-    )
-    if rs == size:
-        img = render.compose(h_od, p_od, n_od, stain, rng)
-    else:
-        img = render.reduce(render.compose(h_od, p_od, n_od, stain), size, noise, rng)
-    if params.hand_cut:  # Drawn last: the uncut image is the same with or without it.
-        img[~outline_mask(hand_outline(main, rs, rng), size, k)] = 255
-    return img
+    h_od = render.upsample(h_lo, rs) + h_sp
+    p_od = np.maximum(render.upsample(p_lo, rs) + p_sp, 0.0)
+    return h_od, p_od, render.upsample(n_lo, rs)
 
 
-def hand_outline(tub: cells.Tubule, rs: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 2) vertices (x, y), in render px, of a hand-drawn cut around ``tub``.
+def hand_outline(
+    tub: cells.Tubule, rs: int, rng: np.random.Generator, traced: bool = False
+) -> np.ndarray:
+    """(n, 2) vertices (x, y), in render px, of a cut around ``tub``: 20-40 straight strokes.
 
-    Like the study's cut-outs: 20-40 straight strokes drawn loosely a few um (1-3% of
-    the image side) outside the basement membrane, now and then clipping it.
+    Like the study's cut-outs, loosely a few um (1-3% of the image side) outside the
+    basement membrane, now and then clipping it; ``traced``: along the membrane itself,
+    as a QuPath trace or the section detector's outline cuts a section's tubule.
     """
     n = int(rng.integers(20, 41))
-    margin = rng.uniform(0.01, 0.03) * rs
     start = rng.uniform(0, cells.TWO_PI)
     phi = start + (np.arange(n) + rng.uniform(-0.3, 0.3, n)) * (cells.TWO_PI / n)
     x, y, nx, ny = tub.point_rho(phi, 1.0)
-    off = np.maximum(margin + rng.normal(0, 0.006 * rs, n), -0.004 * rs)
+    if traced:
+        off = rng.normal(0, 0.003 * rs, n)
+    else:
+        margin = rng.uniform(0.01, 0.03) * rs
+        off = np.maximum(margin + rng.normal(0, 0.006 * rs, n), -0.004 * rs)
     return np.stack([x + off * nx, y + off * ny], axis=-1)
 
 
@@ -197,18 +208,15 @@ def outline_mask(poly: np.ndarray, size: int, k: int = 1) -> np.ndarray:
     return np.cumsum(flips[:, :size], axis=1) % 2 == 1
 
 
-def _random_tubule(rng, rs, radius, lumen, centre) -> cells.Tubule:
+def _random_tubule(rng, radius, centre, **lumen) -> cells.Tubule:
     aspect = rng.uniform(0.72, 1.0)
-    n_harm = 7
     return cells.Tubule(
         cx=float(centre[0]),
         cy=float(centre[1]),
         ra=radius / math.sqrt(aspect),
         rb=radius * math.sqrt(aspect),
         theta=rng.uniform(0, math.pi),
-        lumen=lumen,
-        lumen_amp=rng.normal(0, 0.22, n_harm) / np.arange(1, n_harm + 1),
-        lumen_phase=rng.uniform(0, 2 * math.pi, n_harm),
+        **lumen,
     )
 
 
@@ -227,20 +235,13 @@ def _neighbours(main: cells.Tubule, rs: int, r: float, rng) -> list[cells.Tubule
             continue
         if any(math.hypot(cx - o.cx, cy - o.cy) < rad + o.mean_radius + 2 * r for o in out):
             continue
-        out.append(_random_tubule(rng, rs, rad, rng.uniform(0.1, 0.25), (cx, cy)))
+        lumen = tubule_draw.lumen_shape(rng.uniform(0, NUM_STAGES), rng)
+        out.append(_random_tubule(rng, rad, (cx, cy), **lumen))
     return out
 
 
-def _rho_phi(tub: cells.Tubule, x, y):
-    c, s = math.cos(tub.theta), math.sin(tub.theta)
-    dx, dy = x - tub.cx, y - tub.cy
-    lu = (dx * c + dy * s) / tub.ra
-    lv = (dy * c - dx * s) / tub.rb
-    return np.hypot(lu, lv), np.arctan2(lv, lu)
-
-
-def _tissue_fields(main, neighbours, t, rs, lo, r, rng, params):
-    """Low-resolution H, PAS and neutral densities of everything but the nuclei."""
+def _tissue_fields(neighbours, rs, lo, r, rng, params):
+    """Low-resolution H, PAS and neutral densities of the interstitium and neighbours."""
     scale = rs / lo
     coords = (np.arange(lo, dtype=np.float32) + 0.5) * scale - 0.5
     x, y = coords[None, :], coords[:, None]
@@ -253,17 +254,10 @@ def _tissue_fields(main, neighbours, t, rs, lo, r, rng, params):
     p = (tissue * (0.2 + 0.07 * fibres) + 0.015).astype(np.float32)
     h = (tissue * (0.05 + 0.02 * fibres) + 0.005).astype(np.float32)
     membrane = np.zeros(shape, np.float32)
-
-    # Epithelium and lumen textures, feature sizes in nucleus radii.
-    tex = {
-        name: render.smooth_noise(shape, f * rl, rng)
-        for name, f in (("grain", 0.5), ("mottle", 1.2), ("speckle", 0.3), ("floc", 1.2))
-    }
-    content = rng.uniform(0.3, 1.0) * (
-        1.0 - 0.5 * smoothstep(t, 8.0, 9.0) * (1 - smoothstep(t, 10.5, 11.5))
-    )
-    for tub in [*neighbours, main]:
-        _paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng)
+    tex = tubule_draw.tissue_textures(shape, rl, rng)
+    for tub in neighbours:
+        content = tubule_draw.lumen_content(rng.uniform(0, NUM_STAGES), rng)
+        tubule_draw.paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng)
     p += 0.75 * membrane
     h += 0.12 * membrane
 
@@ -280,55 +274,13 @@ def _tissue_fields(main, neighbours, t, rs, lo, r, rng, params):
     )
 
 
-def _paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng) -> None:
-    """Epithelium, lumen and basement membrane of one tubule, into h, p and membrane."""
-    lo = x.shape[1]
-    # Work on the tubule's bounding box only (neighbours are mostly out of frame).
-    ext = max(tub.ra, tub.rb) + 3 * r
-    x0, x1 = (
-        int(np.clip((c + d) / scale, 0, lo)) for c, d in ((tub.cx, -ext), (tub.cx, ext + scale))
-    )
-    y0, y1 = (
-        int(np.clip((c + d) / scale, 0, lo)) for c, d in ((tub.cy, -ext), (tub.cy, ext + scale))
-    )
-    if x1 <= x0 or y1 <= y0:
-        return
-    box = (slice(y0, y1), slice(x0, x1))
-    grain, mottle, speckle, floc = (tex[k][box] for k in ("grain", "mottle", "speckle", "floc"))
-    rho, phi = _rho_phi(tub, x[:, x0:x1], y[y0:y1])
-    mr = tub.mean_radius
-    cover = np.clip((1.0 - rho) * mr / scale + 0.5, 0.0, 1.0)
-    lum_rho = tub.lumen_rho(phi)
-    lumen = np.clip((lum_rho - rho) * mr / (0.25 * r) + 0.5, 0.0, 1.0)
-    depth = np.clip((1.0 - rho) / (1.0 - lum_rho), 0.0, 1.0)
-    # Sertoli cytoplasm: radial streaks, stronger towards the lumen.
-    streak = render.polar_noise(
-        phi, rho, int(2 * math.pi * mr / (0.3 * r)), int(mr / (3 * r)) + 1, rng
-    )
-    amp = 0.01 + 0.025 * depth**2
-    p_epi = 0.25 + amp * streak + 0.03 * grain + 0.025 * mottle + 0.03 * speckle
-    h_epi = 0.11 + 0.4 * amp * streak + 0.015 * grain + 0.01 * mottle
-    stuff = content * np.clip(floc + 0.2 * speckle, 0, None)
-    p_lum = 0.03 + 0.2 * stuff
-    h_lum = 0.01 + 0.05 * stuff
-    p_t = lumen * p_lum + (1 - lumen) * p_epi
-    h_t = lumen * h_lum + (1 - lumen) * h_epi
-    p[box] = cover * p_t + (1 - cover) * p[box]
-    h[box] = cover * h_t + (1 - cover) * h[box]
-    # Basement membrane (PAS) and a fainter outer lamina with the myoid layer.
-    out = (rho - 1.0) * mr
-    membrane[box] += np.exp(-((out / (0.28 * r)) ** 2)) + 0.45 * np.exp(
-        -(((out - 1.4 * r) / (0.3 * r)) ** 2)
-    )
-
-
 def _interstitial(main, neighbours, tissue, rs, r, rng) -> list[cells.Nuclei]:
     """Leydig and fibroblast nuclei in interstitial tissue, outside every tubule."""
     n = int((rs / (3.0 * r)) ** 2 * 0.25)
     x, y = rng.uniform(0, rs, n), rng.uniform(0, rs, n)
     keep = np.ones(n, bool)
     for tub in [main, *neighbours]:
-        rho, _ = _rho_phi(tub, x, y)
+        rho, _ = tubule_draw.rho_phi(tub, x, y)
         keep &= rho > 1.0 + 2.2 * r / tub.mean_radius
     lo = tissue.shape[0]
     ti = tissue[

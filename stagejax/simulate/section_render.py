@@ -7,10 +7,9 @@ own seeded noise, so blocks can be rendered in any order and the result does not
 on the writer's tiles. Fields that cross blocks (interstitial texture, illumination,
 nuclei, tubules) are functions of global coordinates, so there are no seams.
 
-Tubules, the expensive part, are rendered once each into their bounding box (the tubule
-simulator's stage biology and nuclei at the section's render pixel size, finer than
-level 0 for a coarse section, ``Look.supersampling``: ``epithelium``,
-``render.splat_nuclei``, ``scene._paint_tubule``), as premultiplied H/PAS densities
+Tubules, the expensive part, are rendered once each into their bounding box (``tubule_draw``,
+the tubule images' own drawing, at the section's render pixel size, finer than
+level 0 for a coarse section, ``Look.supersampling``), as premultiplied H/PAS densities
 plus a coverage map, by worker processes ahead of the block rows that need them, and
 composited into each block they overlap.
 """
@@ -22,8 +21,7 @@ import math
 
 import numpy as np
 
-from stagejax.simulate import cells, epithelium, render, scene
-from stagejax.simulate.cells import smoothstep
+from stagejax.simulate import cells, scene, tubule_draw
 from stagejax.simulate.scene import SceneParams
 from stagejax.simulate.section_layout import NUCLEUS_UM, TUBULE_STREAM, TubuleCut
 
@@ -108,66 +106,20 @@ def patch_box(cut: TubuleCut, look: Look) -> tuple[int, int, int, int]:
 def render_patch(cut: TubuleCut, look: Look) -> Patch:
     """The tubule simulator's tubule (stage ``cut.stage``) at the section's pixel size."""
     rng = np.random.default_rng(np.random.SeedSequence([look.seed, TUBULE_STREAM, cut.index]))
-    params = look.params
     x0, y0, w, h = patch_box(cut, look)
-    size = max(w, h)
     r = look.r_px * rng.uniform(0.97, 1.03)
-    t = scene.phase_of(cut.stage, rng, params)
-    open_lumen = float(smoothstep(t, 5.5, 6.5) * (1 - smoothstep(t, 8.5, 9.5)))
-    lumen = 0.0 if cut.grazing else rng.uniform(0.08, 0.2) + 0.07 * open_lumen
+    t = scene.phase_of(cut.stage, rng, look.params)
     tub = cells.Tubule(
         cx=cut.cx / look.mpp - 0.5 - x0,
         cy=cut.cy / look.mpp - 0.5 - y0,
         ra=cut.a / look.mpp,
         rb=cut.b / look.mpp,
         theta=cut.theta,
-        lumen=lumen,
-        lumen_amp=rng.normal(0, 0.22, 7) / np.arange(1, 8),
-        lumen_phase=rng.uniform(0, 2 * math.pi, 7),
+        **tubule_draw.lumen_shape(t, rng, open_lumen=not cut.grazing),
     )
-    cp = epithelium.CellParams(
-        cell_phase_sd=params.cell_phase_sd,
-        acrosome_contrast=params.acrosome_contrast,
-        density=rng.uniform(*params.density_range),
-    )
-    blur = look.blur_um / look.mpp
-    groups = epithelium.tubule_nuclei(tub, t, r, rng, cp, main=True)
-    tiles = render.texture_tiles(r, rng, blur=blur)
-    h_sp, p_sp = render.splat_nuclei(groups, size, tiles, edge=max(0.8, 2.2 * blur))
-    h_lo, p_lo, cov_lo = _tubule_tissue(tub, t, size, r, rng)
-    h_od = render.upsample(h_lo, size)[:h, :w] + h_sp[:h, :w]
-    p_od = np.maximum(render.upsample(p_lo, size)[:h, :w] + p_sp[:h, :w], 0.0)
-    cover = render.upsample(cov_lo, size)[:h, :w]
-    j = params.stain_jitter  # Tubule-to-tubule staining differences, as between images.
-    h_od *= np.float32(np.exp(rng.normal(0, 0.05 * j)))
-    p_od *= np.float32(np.exp(rng.normal(0, 0.05 * j)))
-    f16 = np.float16
-    return Patch(cut.index, x0, y0, h_od.astype(f16), p_od.astype(f16), cover.astype(f16))
-
-
-def _tubule_tissue(tub: cells.Tubule, t: float, size: int, r: float, rng):
-    """Low-resolution epithelium, lumen and membrane densities (premultiplied) + coverage."""
-    lo = size // 2 if r >= 5 else size
-    scale = size / lo
-    coords = (np.arange(lo, dtype=np.float32) + 0.5) * scale - 0.5
-    x, y = coords[None, :], coords[:, None]
-    rl = r / scale
-    tex = {
-        name: render.smooth_noise((lo, lo), f * rl, rng)
-        for name, f in (("grain", 0.5), ("mottle", 1.2), ("speckle", 0.3), ("floc", 1.2))
-    }
-    content = rng.uniform(0.3, 1.0) * (
-        1.0 - 0.5 * smoothstep(t, 8.0, 9.0) * (1 - smoothstep(t, 10.5, 11.5))
-    )
-    h = np.zeros((lo, lo), np.float32)
-    p = np.zeros((lo, lo), np.float32)
-    membrane = np.zeros((lo, lo), np.float32)
-    scene._paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng)
-    p += 0.75 * membrane
-    h += 0.12 * membrane
-    rho, _ = scene._rho_phi(tub, x, y)
-    cover = np.clip((1.0 - rho) * tub.mean_radius / scale + 0.5, 0.0, 1.0)
-    return h, p, cover.astype(np.float32)
+    d = tubule_draw.draw_tubule(tub, t, r, look.blur_um / look.mpp, max(w, h), rng, look.params)
+    h_od, p_od, cover = (a[:h, :w].astype(np.float16) for a in (d.h_od, d.p_od, d.cover))
+    return Patch(cut.index, x0, y0, h_od, p_od, cover)
 
 
 class LatticeNoise:

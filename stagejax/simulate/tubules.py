@@ -35,7 +35,10 @@ from stagejax.stages import NUM_STAGES, STAGES, stage_frequencies
 log = logging.getLogger(__name__)
 
 # Bump when the images a given set of arguments produces change (invalidates caches).
-GENERATOR_VERSION = 2  # 2: images cut out by hand (SceneParams.hand_cut).
+# 2: images cut out by hand (SceneParams.hand_cut); 3: the tubule drawn as a section's tubule
+# is (simulate.tubule_draw), laid over its neighbours and interstitium; half the images
+# cut along the membrane (SceneParams.traced_fraction).
+GENERATOR_VERSION = 3
 # Stage names in file names and label_list.txt: 1..12 like the study (1 = stage I).
 LABEL_NAMES: tuple[str, ...] = tuple(str(i + 1) for i in range(NUM_STAGES))
 SPLITS = ("train", "validation", "test")
