@@ -16,13 +16,18 @@ from tests.conftest import PROBE, run_probe
 # Data-parallel layouts sum the batch in another order: the same steps up to float32
 # rounding. A ReLU input within rounding of zero can then land on the other side (the
 # mechanism measured by benchmarks/parity_branches.py), which moves that step's
-# gradients by 1e-3..5e-2 and the next losses by up to ~3e-4 relative: seen at step 3
-# on an AVX2 CPU (jax 0.10.2, 2026-12-07) where AVX-512 CPUs stayed below 1e-4. So:
-# the first two losses to 1e-4 (a wrong gradient reduction moves the second by more),
-# the third and the parameters after it to what a flip allows.
+# gradients by 1e-3..5e-2 and the next losses by up to ~1e-3 relative. How often depends
+# on the data: on the tiny simulated sets of seeds 0, 1, 2 (tubule generator version 3,
+# 2026-12-07) two processes of 2 devices left one process of 4 by 1.2e-4, 2.9e-5, 9e-8
+# at step 2 and 1.1e-3, 7.2e-4, 1.7e-5 at step 3, while one process with 1, 2 or 4
+# devices stayed within 2e-7 at step 2. So: the first loss (forward only) to 1e-6, the
+# second to 3e-4 and the third to 2e-3 (gradients halved, as a reduction that dropped one
+# of two processes' would be, move the second by 2.5e-3, measured), and the parameters
+# after it to what a flip allows.
 def _assert_same_steps(losses, ref_losses):
-    np.testing.assert_allclose(losses[:2], ref_losses[:2], rtol=1e-4)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
+    np.testing.assert_allclose(losses[0], ref_losses[0], rtol=1e-6)
+    np.testing.assert_allclose(losses[1], ref_losses[1], rtol=3e-4)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)
 
 
 def _assert_same(a, b, rtol=2e-3, atol=1e-3):

