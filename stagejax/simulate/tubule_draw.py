@@ -40,7 +40,8 @@ class Drawn:
 
 
 def lumen_shape(t: float, rng: np.random.Generator, open_lumen: bool = True) -> dict:
-    """Tubule keyword arguments of the lumen at phase t: wider around spermiation (VII-VIII)."""
+    """Tubule keyword arguments of the lumen at phase t: wider around spermiation (VII-VIII);
+    none where ``open_lumen`` is false (a grazing cut)."""
     wide = float(smoothstep(t, 5.5, 6.5) * (1 - smoothstep(t, 8.5, 9.5)))
     lumen = rng.uniform(0.08, 0.2) + 0.07 * wide if open_lumen else 0.0
     k = np.arange(1, LUMEN_HARMONICS + 1)
