@@ -43,8 +43,8 @@ from stagejax.section.crops import cut_tubule
 from stagejax.section.model import StageModel, load_stage_model
 from stagejax.section.options import SectionOptions
 from stagejax.section.stage import stage_crops
+from stagejax.simulate import cache, tubules
 from stagejax.simulate import section as section_sim
-from stagejax.simulate import tubules
 from stagejax.slides import open_slide
 from stagejax.stages import STAGES, parse_stage
 
@@ -93,10 +93,7 @@ def reference(sm: StageModel, out: str, shift: float, n: int) -> dict:
     accuracy uncertain by about +/-12 points."""
     if abs(tubules.image_mpp(sm.image_size) - sm.mpp) > 0.01 * sm.mpp:
         return {"skipped": f"the model's {sm.mpp:.3f} um/px is not the tubule simulator's"}
-    name = f"v{tubules.GENERATOR_VERSION}_tubules_seed{REFERENCE_SEED}_{n}x{sm.image_size}"
-    folder = Path(out) / f"{name}_shift{shift:g}"
-    if not (folder / "SIMULATED.json").exists():
-        tubules.generate(folder, n, sm.image_size, REFERENCE_SEED, stain_shift=shift)
+    folder = cache.default_dataset(out, n, sm.image_size, REFERENCE_SEED, stain_shift=shift)
     lay = layout.read_layout(folder, check_images=False)
     examples = [ex for split in lay.splits.values() for ex in split]
     crops = (images.decode_image(ex.path.read_bytes(), str(ex.path)) for ex in examples)

@@ -150,11 +150,7 @@ def _surroundings(main, neighbours, rs, r, blur, rng, params):
     """H, PAS and neutral densities [rs, rs] of the neighbours and the interstitium."""
     lo = rs // 2 if rs >= 256 else rs
     h_lo, p_lo, n_lo, tissue = _tissue_fields(neighbours, rs, lo, r, rng, params)
-    cp = epithelium.CellParams(
-        cell_phase_sd=params.cell_phase_sd,
-        acrosome_contrast=params.acrosome_contrast,
-        density=rng.uniform(*params.density_range),
-    )
+    cp = tubule_draw.cell_params(params, rng)
     groups = []
     for nb in neighbours:
         groups += epithelium.tubule_nuclei(
@@ -258,8 +254,7 @@ def _tissue_fields(neighbours, rs, lo, r, rng, params):
     for tub in neighbours:
         content = tubule_draw.lumen_content(rng.uniform(0, NUM_STAGES), rng)
         tubule_draw.paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, content, rng)
-    p += 0.75 * membrane
-    h += 0.12 * membrane
+    tubule_draw.add_membrane(h, p, membrane)
 
     # Uneven illumination as a neutral density: vignetting around an off-centre point.
     vig = rng.uniform(*params.vignette_range)

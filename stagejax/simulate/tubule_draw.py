@@ -65,12 +65,7 @@ def draw_tubule(
 
     ``r``: round-spermatid nucleus radius, ``blur``: optical blur sigma, both render px.
     """
-    cp = epithelium.CellParams(
-        cell_phase_sd=params.cell_phase_sd,
-        acrosome_contrast=params.acrosome_contrast,
-        density=rng.uniform(*params.density_range),
-    )
-    groups = epithelium.tubule_nuclei(tub, t, r, rng, cp, main=True)
+    groups = epithelium.tubule_nuclei(tub, t, r, rng, cell_params(params, rng), main=True)
     tiles = render.texture_tiles(r, rng, blur=blur)
     h_sp, p_sp = render.splat_nuclei(groups, size, tiles, edge=max(0.8, 2.2 * blur))
     h_lo, p_lo, cov_lo = _tissue(tub, t, size, r, rng)
@@ -93,11 +88,25 @@ def _tissue(tub: cells.Tubule, t: float, size: int, r: float, rng):
     p = np.zeros((lo, lo), np.float32)
     membrane = np.zeros((lo, lo), np.float32)
     paint_tubule(tub, h, p, membrane, x, y, scale, r, tex, lumen_content(t, rng), rng)
-    p += 0.75 * membrane
-    h += 0.12 * membrane
+    add_membrane(h, p, membrane)
     rho, _ = rho_phi(tub, x, y)
     cover = np.clip((1.0 - rho) * tub.mean_radius / scale + 0.5, 0.0, 1.0)
     return h, p, cover.astype(np.float32)
+
+
+def cell_params(params: SceneParams, rng: np.random.Generator) -> epithelium.CellParams:
+    """One tubule's (or one field's) cell randomness: the scene's knobs, a drawn density."""
+    return epithelium.CellParams(
+        cell_phase_sd=params.cell_phase_sd,
+        acrosome_contrast=params.acrosome_contrast,
+        density=rng.uniform(*params.density_range),
+    )
+
+
+def add_membrane(h: np.ndarray, p: np.ndarray, membrane: np.ndarray) -> None:
+    """Basement membrane and myoid layer (``paint_tubule``'s map) into h and p: mostly PAS."""
+    p += 0.75 * membrane
+    h += 0.12 * membrane
 
 
 def tissue_textures(shape: tuple[int, int], rl: float, rng: np.random.Generator) -> dict:
