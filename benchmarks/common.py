@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import platform
-import resource
 import shlex
 import signal
 import statistics
@@ -35,18 +33,15 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 
 from absl import flags
 
+from benchmarks import machine
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = "~/.cache/stagejax"
 RESULT_PREFIX = "BENCHMARK_RESULT "
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "grain", "torch", "torchvision", "numpy", "pillow")
-# bf16 dense matrix rate measured on this project's H200 (8192^3 bf16 matmul,
-# random data: 769-798 TFLOP/s); the datasheet's ~990 is not reached in practice.
-H200_BF16_PEAK_FLOPS = 790e12
 
 # name -> (default, help) or (default, help, type or choices): see `define`.
 Flags = dict[str, tuple]
@@ -164,74 +159,6 @@ def check_batch(batch: int, flag: str) -> None:
                          "sampler takes batch / 12 images of every stage)")  # fmt: skip
 
 
-# --- the machine ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def machine_info() -> dict:
-    """CPU, core count, load and package versions; the accelerator is added by callers."""
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "load_avg_1min": round(os.getloadavg()[0], 2), "versions": versions()}  # fmt: skip
-
-
-def device_of_jax() -> str:
-    import jax
-
-    return f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
-
-
-def stagejax_xla_defaults() -> str:
-    """Give a stagejax child the XLA:CPU flags ``python -m stagejax.main`` sets
-    (`stagejax.runtime.xla_flags`), before it imports JAX, so that a benchmark
-    times what a user runs; returns the ``XLA_FLAGS`` the child runs with. Not
-    in process (``--in_process``): JAX has started there, and the compilation
-    cache would file the executable under flags it was not compiled with."""
-    from stagejax.runtime import xla_flags
-
-    if not IN_PROCESS:
-        xla_flags.apply_cpu_defaults()
-    return os.environ.get("XLA_FLAGS", "")
-
-
-def peak_flops(device: str) -> tuple[float | None, str]:
-    """The FLOP/s that model FLOP utilisation is measured against, for a child's
-    ``device`` string ("gpu: NVIDIA H200", "cuda: NVIDIA H200", "cpu: ..."), and
-    where the number comes from. None for an accelerator with no known peak."""
-    if "H200" in device or "H100" in device:
-        return H200_BF16_PEAK_FLOPS, "bf16 matmul rate measured on an H200 here (790 TFLOP/s)"
-    if device.startswith("cpu"):
-        flags_text = ""
-        with contextlib.suppress(OSError):
-            flags_text = Path("/proc/cpuinfo").read_text()
-        per_cycle = 64 if " avx512f" in flags_text else 32  # float32 FMA, two units
-        cores = os.cpu_count() or 1
-        why = f"{cores} cores x 3 GHz x {per_cycle} float32 FLOP/cycle"
-        return cores * 3.0e9 * per_cycle, f"nominal CPU peak, an estimate: {why}"
-    return None, f"no known peak for {device!r}"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # --- the study's setting ---------------------------------------------------------------------
 
 
@@ -264,6 +191,19 @@ def warn_slow_xla_cpu_shape(model: str, image_size: int, log) -> str | None:
     return msg
 
 
+def stagejax_xla_defaults() -> str:
+    """Give a stagejax child the XLA:CPU flags ``python -m stagejax.main`` sets
+    (`stagejax.runtime.xla_flags`), before it imports JAX, so that a benchmark
+    times what a user runs; returns the ``XLA_FLAGS`` the child runs with. Not
+    in process (``--in_process``): JAX has started there, and the compilation
+    cache would file the executable under flags it was not compiled with."""
+    from stagejax.runtime import xla_flags
+
+    if not IN_PROCESS:
+        xla_flags.apply_cpu_defaults()
+    return os.environ.get("XLA_FLAGS", "")
+
+
 def simulated_root(num_images: int, image_size: int, seed: int = 0,
                    cache_dir: str = DEFAULT_CACHE, split_by: str = "slide",
                    num_workers: int | None = None, **params) -> Path:  # fmt: skip
@@ -292,15 +232,6 @@ def stagejax_config(variant: str | None = None, **fields):
     config = recipe.get_config(variant)
     config.update_from_flattened_dict(fields)
     return config
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto``: float32 on a CPU, bfloat16 on an accelerator (as training does)."""
-    import jax
-
-    if precision != "auto":
-        return precision
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 # --- child processes ---------------------------------------------------------------------------
@@ -454,7 +385,12 @@ def finish(module: str, report: dict, table: str, json_path: str | Path | None) 
     the command, date and machine to ``json_path`` (none when empty); returns it, with
     the table as ``markdown``."""
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    full = {"command": command_line(module), "date": date, "machine": machine_info(), **report}
+    full = {
+        "command": command_line(module),
+        "date": date,
+        "machine": machine.machine_info(),
+        **report,
+    }
     if table:
         print("\n" + table.strip() + "\n", flush=True)
     if json_path:

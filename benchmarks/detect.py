@@ -32,7 +32,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks import common, real_sections
+from benchmarks import common, machine, real_sections
 from stagejax.detect import DetectParams, choose, detect_slide, evaluate, pooled
 from stagejax.simulate import section
 from stagejax.slides import open_slide, read_geojson
@@ -108,7 +108,7 @@ def run(args) -> None:
             size = slide.dimensions
         result["timing"] = {"section_px": list(size), "mpp": section.DEFAULT_MPP,
                             "detect_seconds": round(seconds, 2), "detections": n,
-                            "peak_rss_mb": round(common.peak_rss_mb()), "accuracy": s,
+                            "peak_rss_mb": round(machine.peak_rss_mb()), "accuracy": s,
                             "load_avg_1min_after": round(os.getloadavg()[0], 2)}  # fmt: skip
     rows = [
         [k, *(common.fmt(a["all"][f], 3) for f in SCORES)] for k, a in result["accuracy"].items()

@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import common, memory, predict_speed, throughput
+from benchmarks import common, machine, memory, predict_speed, throughput
 from benchmarks import gpu_suite_report as gpu_report
 
 MODULE = "benchmarks.gpu_suite"
@@ -277,7 +277,7 @@ def feeds_child(job: dict) -> dict:
             "train_images": len(split.labels), "timed_steps_per_round": steps,
             "resident_bytes": on_device.resident_bytes(run.data_on_device.sizes),
             "decision": run.data_on_device.reason, "xla_flags": xla,
-            "device": common.device_of_jax()}  # fmt: skip
+            "device": machine.device_of_jax()}  # fmt: skip
 
 
 def render_child(job: dict) -> dict:
@@ -316,7 +316,7 @@ def stage_child(job: dict) -> dict:
             "eval_batch": sm.batch_size,
             "xla_flags": xla,
             "model_setup_s": time.perf_counter() - t0,
-            "device": common.device_of_jax(),
+            "device": machine.device_of_jax(),
         }
         first = bench.time_section(path, sm)
         out["results"] = {"first_pass": first}
@@ -360,12 +360,12 @@ def new_suite(args) -> Suite:
     if workers is None:
         workers = 0 if args.smoke else max(1, (os.cpu_count() or 2) - 2)
     words = [a for a in common.ARGV or [] if not a.startswith("--started_at")]
-    machine = {**common.machine_info(), "gpu": gpu_info(),
-               "versions": common.versions(common.PACKAGES + MORE_PACKAGES)}  # fmt: skip
+    host = {**machine.machine_info(), "gpu": gpu_info(),
+            "versions": machine.versions(machine.PACKAGES + MORE_PACKAGES)}  # fmt: skip
     report = {"suite": MODULE, "mode": mode,
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "command": shlex.join(["bash", "benchmarks/gpu_suite.sh", *words]),
-              "machine": machine, "budget_s": budget, "setup_s": spent, "num_workers": workers,
+              "machine": host, "budget_s": budget, "setup_s": spent, "num_workers": workers,
               "sizes": s, "parts": {p[0]: {"status": "waiting"} for p in PARTS}}  # fmt: skip
     deadline = time.monotonic() + budget - spent
     return Suite(s, Path(args.positional[0]), args.cache_dir, workers, deadline, report)

@@ -24,7 +24,7 @@ import time
 import types
 from collections.abc import Sequence
 
-from benchmarks import common
+from benchmarks import common, machine
 
 MODULE = "benchmarks.memory"
 PRECISIONS = ("float32", "bfloat16")
@@ -100,7 +100,7 @@ def child(job: dict) -> dict:
     batch = _batch(run, job["size"], job["batch"])
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, batch).compile()  # as loop.compile_train_step
-    out: dict = {"device": common.device_of_jax(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    out: dict = {"device": machine.device_of_jax(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "compile_s": time.perf_counter() - t0}  # fmt: skip
     stats = compiled.memory_analysis()
     if stats is None:

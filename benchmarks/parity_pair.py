@@ -83,10 +83,10 @@ def torch_input(images: np.ndarray):
     """uint8 NHWC -> float32 NCHW /255, per-image min-max: stagejax's maths."""
     import torch
 
-    from benchmarks import torch_baseline as tb
+    from benchmarks import torch_data as td
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return tb.min_max(x)
+    return td.min_max(x)
 
 
 def by_torch_name(tree) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, machine
 
 MODULE = "benchmarks.predict_speed"
 FRAMEWORKS = ("stagejax", "stagejax_tta", "torch", "torch_channels_last")
@@ -80,7 +80,7 @@ def bench_stagejax(job: dict, tta: bool) -> dict:
 
     from stagejax.model import Model
 
-    precision = common.resolve_precision(job["precision"])
+    precision = machine.resolve_precision(job["precision"])
     config = common.stagejax_config(model=job["model"], crop_size=job["image_size"],
                                     eval_batch_size=job["batch"], precision=precision,
                                     seed=job["seed"])  # fmt: skip
@@ -94,16 +94,17 @@ def bench_stagejax(job: dict, tta: bool) -> dict:
         out["probs"] = jax.block_until_ready(step(state, batch))["probs"]
 
     timing = time_batches(run, job["warmup"], job["steps"])
-    return {"framework": "stagejax_tta" if tta else "stagejax", "device": common.device_of_jax(),
+    return {"framework": "stagejax_tta" if tta else "stagejax", "device": machine.device_of_jax(),
             "precision": precision, "views": 8 if tta else 1, **timing,
             **rate_summary(timing["batch_s"], job["batch"]),
-            "peak_rss_mb": common.peak_rss_mb()}  # fmt: skip
+            "peak_rss_mb": machine.peak_rss_mb()}  # fmt: skip
 
 
 def bench_torch(job: dict, channels_last: bool) -> dict:
     import torch
 
     from benchmarks import torch_baseline as tb
+    from benchmarks import torch_data as td
 
     torch.manual_seed(job["seed"])
     device = tb.default_device()
@@ -114,17 +115,17 @@ def bench_torch(job: dict, channels_last: bool) -> dict:
 
     @torch.inference_mode()
     def run() -> None:
-        x = tb.min_max(images.permute(0, 3, 1, 2).float() / 255.0)
+        x = td.min_max(images.permute(0, 3, 1, 2).float() / 255.0)
         x = x.contiguous(memory_format=fmt)
         out["probs"] = torch.softmax(model(x).float(), dim=-1)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     timing = time_batches(run, job["warmup"], job["steps"])
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else common.cpu_model()
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else machine.cpu_model()
     return {"framework": "torch_channels_last" if channels_last else "torch",
             "device": f"{device.type}: {dev}", "precision": "float32", **timing,
-            **rate_summary(timing["batch_s"], job["batch"]), "peak_rss_mb": common.peak_rss_mb(),
+            **rate_summary(timing["batch_s"], job["batch"]), "peak_rss_mb": machine.peak_rss_mb(),
             "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 

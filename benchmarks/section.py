@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, machine
 from stagejax import images, models
 from stagejax.data import layout
 from stagejax.detect import choose
@@ -182,7 +182,7 @@ def time_section(path: Path, sm: StageModel, opts: SectionOptions | None = None)
         # The share of the staging loop spent waiting for crops ("cut": time blocked on
         # the cutting threads); the model waits for the host that long.
         "device_wait_share": round(times["cut"] / max(times["cut"] + times["stage"], 1e-9), 3),
-        "peak_rss_mb": round(common.peak_rss_mb()),
+        "peak_rss_mb": round(machine.peak_rss_mb()),
         "load_avg_1min_before": round(load, 2),
         "load_avg_1min_after": round(os.getloadavg()[0], 2),
     }

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import machine
 
 
 def xla_flops(jitted, *args) -> dict:
@@ -40,7 +40,7 @@ def xla_flops(jitted, *args) -> dict:
 
 def add_mfu(results: dict[str, dict]) -> None:
     """Model FLOP utilisation of every result with a FLOP count: FLOPs times steps/s
-    over the device's peak (`common.peak_flops`), per phase. Where XLA's count of the
+    over the device's peak (`machine.peak_flops`), per phase. Where XLA's count of the
     compiled step is missing or under half its count of the HLO before optimisation,
     the latter is used and the result says so."""
     for r in results.values():
@@ -52,7 +52,7 @@ def add_mfu(results: dict[str, dict]) -> None:
             source = (f"XLA cost analysis of the step's HLO before optimisation (the "
                       f"compiled step counted {flops or 0:.3g})")  # fmt: skip
             flops = hlo
-        peak, peak_source = common.peak_flops(r.get("device", ""))
+        peak, peak_source = machine.peak_flops(r.get("device", ""))
         mfu = {"step_flops": flops, "flops_source": source, "peak_flops": peak,
                "peak_source": peak_source}  # fmt: skip
         for phase in ("model_only", "end_to_end"):

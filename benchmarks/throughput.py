@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks import common, step_profile
+from benchmarks import common, machine, step_profile
 
 MODULE = "benchmarks.throughput"
 FRAMEWORKS = ("stagejax", "torch", "torch_tuned")
@@ -144,7 +144,7 @@ def build_run(job: dict):
         model=job["model"], data_dir=job["data_dir"], cache_dir=job["cache_dir"],
         crop_size=job["image_size"], crop_range=job["crop_range"],
         global_batch_size=job["global_batch"], eval_batch_size=job["global_batch"],
-        num_workers=job["num_workers"], precision=common.resolve_precision(job["precision"]),
+        num_workers=job["num_workers"], precision=machine.resolve_precision(job["precision"]),
         seed=job["seed"])  # fmt: skip
     return config, trainer.Run(config)
 
@@ -169,28 +169,29 @@ def bench_stagejax(job: dict) -> dict:
         step_profile.xla_flops(run.train_step, holder["state"], resident) if job["flops"] else {}
     )
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    return {"framework": "stagejax", "device": common.device_of_jax(),
+    return {"framework": "stagejax", "device": machine.device_of_jax(),
             "precision": config.precision, "batch": job["global_batch"],
             "num_workers": config.num_workers, **out, **flops,
             "peak_device_memory_mb": None if peak is None else peak / 2**20,
-            "peak_rss_mb": common.peak_rss_mb()}  # fmt: skip
+            "peak_rss_mb": machine.peak_rss_mb()}  # fmt: skip
 
 
 def bench_torch(job: dict, variant: str) -> dict:
     import torch
 
     from benchmarks import torch_baseline as tb
+    from benchmarks import torch_data as td
 
     device = tb.default_device()
     cuda = device.type == "cuda"
     tuning = tb.STUDY if variant == "torch" else tb.tuned(device, job["num_workers"],
                                                           job["torch_compile"])  # fmt: skip
-    split = tb.read_split(job["data_dir"], "train")
+    split = td.read_split(job["data_dir"], "train")
     trainer = tb.Trainer(job["model"], tuning, device, seed=job["seed"])
     trainer.model.train()
     b = job["global_batch"]
     total = 1 + 2 * job["warmup"] + job["steps"] + 1
-    sampler = tb.make_sampler("reference", split.labels, b, job["seed"], total)
+    sampler = td.make_sampler("reference", split.labels, b, job["seed"], total)
     loader = iter(
         tb.train_loader(split, job["image_size"], job["crop_range"], sampler, tuning, job["seed"])
     )
@@ -204,12 +205,12 @@ def bench_torch(job: dict, variant: str) -> dict:
     if job["flops"]:
         out["step_flops"] = tb.train_step_flops(trainer, x, y)
         out["flops_source"] = "torch.utils.flop_counter, one eager forward + backward"
-    dev = torch.cuda.get_device_name(device) if cuda else common.cpu_model()
+    dev = torch.cuda.get_device_name(device) if cuda else machine.cpu_model()
     return {"framework": variant, "device": f"{device.type}: {dev}", "batch": b,
             "precision": "bfloat16 autocast" if tuning.bf16 else "float32",
             "num_workers": tuning.num_workers, **out,
             "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            "peak_rss_mb": common.peak_rss_mb(), "notes": trainer.notes,
+            "peak_rss_mb": machine.peak_rss_mb(), "notes": trainer.notes,
             "torch_compile": trainer.compile_status,
             "torch_threads": torch.get_num_threads()}  # fmt: skip
 

@@ -20,181 +20,20 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 from benchmarks import common
+from benchmarks import torch_data as td
 
 log = logging.getLogger("torch_baseline")
 MODULE = "benchmarks.torch_baseline"
 METRICS = ("balanced_accuracy", "accuracy", "within1_accuracy")
-NUM_STAGES, FLIP_PROBABILITY = 12, 2.0 / 3.0
-
-
-# --- data ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    paths: tuple[Path, ...]
-    labels: np.ndarray  # int64 class ids, aligned with paths
-
-
-def read_split(root: str | Path, split: str) -> Split:
-    """One split of a study-layout folder; labels from the file names."""
-    root = Path(root)
-    names, files = ([x.strip() for x in (root / f).read_text().splitlines() if x.strip()]
-                    for f in ("label_list.txt", f"split_list/{split}.txt"))  # fmt: skip
-    labels = []
-    for f in files:
-        stage = f[f.rfind("_") + 1 : f.rfind("-")]
-        if stage not in names:
-            raise ValueError(f"{root / 'images' / f}: stage {stage!r} is not in label_list.txt")
-        labels.append(names.index(stage))
-    return Split(tuple(root / "images" / f for f in files), np.asarray(labels, np.int64))
-
-
-def decode(path: Path) -> np.ndarray:
-    """uint8 HxWx3."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def crop_origin(size: int, crop_size: int, shift: int) -> int:
-    """Centred start shifted by ``shift``; 0 when that crop would leave the image."""
-    start = (size - crop_size) // 2 + shift
-    return start if 0 <= start <= size - crop_size else 0
-
-
-def train_view(
-    image: np.ndarray, crop_size: int, crop_range: int, rng: np.random.Generator
-) -> np.ndarray:
-    """The study's train augmentation on uint8 HWC: shifted crop, rot90 by k in
-    {0..4} (4 = none, so no rotation is twice as likely), vertical flip p=2/3."""
-    h, w = image.shape[:2]
-    dy, dx = rng.integers(-crop_range, crop_range + 1, size=2)
-    top, left = crop_origin(h, crop_size, int(dy)), crop_origin(w, crop_size, int(dx))
-    out = image[top : top + crop_size, left : left + crop_size]
-    out = np.rot90(out, int(rng.integers(0, 5)) % 4)
-    if rng.random() < FLIP_PROBABILITY:
-        out = out[::-1]
-    return np.ascontiguousarray(out)
-
-
-def center_view(image: np.ndarray, crop_size: int) -> np.ndarray:
-    top, left = (image.shape[0] - crop_size) // 2, (image.shape[1] - crop_size) // 2
-    return np.ascontiguousarray(image[top : top + crop_size, left : left + crop_size])
-
-
-def min_max(x: torch.Tensor) -> torch.Tensor:
-    """Per image ([C,H,W] or [B,C,H,W]) over all channels to [0, 1]; constant -> 0."""
-    flat = x.reshape(x.shape[0], -1) if x.dim() == 4 else x.reshape(1, -1)
-    shape = (-1, 1, 1, 1) if x.dim() == 4 else ()
-    lo = flat.min(dim=1).values.reshape(shape)
-    span = flat.max(dim=1).values.reshape(shape) - lo
-    return torch.where(span > 0, (x - lo) / span.clamp_min(1e-12), torch.zeros_like(x))
-
-
-class TubuleImages(torch.utils.data.Dataset):
-    """Train items are ``(record, position)``: the position in the sample stream
-    seeds that sample's crop, so the data do not depend on the worker count.
-    Eval items are record indices. Yields float32 CHW in [0, 1] (host min-max,
-    as the study) or, with ``host_normalize=False``, the uint8 HWC crop."""
-
-    def __init__(self, split: Split, crop_size: int, crop_range: int, train: bool, seed: int,
-                 host_normalize: bool = True):  # fmt: skip
-        self.split, self.crop_size, self.crop_range = split, crop_size, crop_range
-        self.train, self.seed, self.host_normalize = train, seed, host_normalize
-
-    def __len__(self) -> int:
-        return len(self.split.paths)
-
-    def __getitem__(self, item):
-        record, position = item if self.train else (item, 0)
-        image = decode(self.split.paths[record])
-        if self.train:
-            rng = np.random.default_rng((self.seed, position))
-            image = train_view(image, self.crop_size, self.crop_range, rng)
-        else:
-            image = center_view(image, self.crop_size)
-        x, label = torch.from_numpy(image), int(self.split.labels[record])
-        return (min_max(x.permute(2, 0, 1).float()) if self.host_normalize else x), label
-
-
-class BalancedBatches(torch.utils.data.Sampler):
-    """The study's balanced batches: ``n = batch_size / 12`` images of each stage,
-    each stage's images taken from its own shuffled list without replacement;
-    when fewer than ``n`` remain the list is reshuffled and restarts (a stage
-    with fewer than ``n`` images repeats some within the batch). The state
-    carries over between epochs. Yields lists of ``(record, position)``."""
-
-    def __init__(self, labels: np.ndarray, batch_size: int, seed: int, num_batches: int):
-        if batch_size % NUM_STAGES:
-            raise ValueError(f"batch_size: {batch_size} is not a multiple of {NUM_STAGES}")
-        self.per_stage, self.num_batches = batch_size // NUM_STAGES, num_batches
-        self._rng = np.random.default_rng(seed)
-        members = [np.flatnonzero(np.asarray(labels) == s) for s in range(NUM_STAGES)]
-        for s, m in enumerate(members):
-            if m.size == 0:
-                raise ValueError(f"labels: stage {s + 1} has no training images")
-        self._pools = [self._rng.permutation(m) for m in members]
-        self._next, self._position = [0] * NUM_STAGES, 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def _take(self, s: int) -> list[int]:
-        taken: list[int] = []
-        while len(taken) < self.per_stage:
-            pool = self._pools[s]
-            want = min(self.per_stage - len(taken), pool.size)
-            if self._next[s] + want > pool.size:
-                self._pools[s] = pool = self._rng.permutation(pool)
-                self._next[s] = 0
-            taken += pool[self._next[s] : self._next[s] + want].tolist()
-            self._next[s] += want
-        return taken
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for _ in range(self.num_batches):
-            records = [r for s in range(NUM_STAGES) for r in self._take(s)]
-            yield [(r, self._position + j) for j, r in enumerate(records)]
-            self._position += len(records)
-
-
-class StagejaxBatches(torch.utils.data.Sampler):
-    """stagejax's `StageBalancedSampler` order, so both frameworks see the same
-    images in the same batches (the crops still come from this module)."""
-
-    def __init__(self, labels: np.ndarray, batch_size: int, seed: int, num_batches: int):
-        from stagejax.data.sampler import StageBalancedSampler
-
-        self._sampler = StageBalancedSampler(np.asarray(labels, np.int32), batch_size, seed)
-        self.batch_size, self.num_batches, self._batch = batch_size, num_batches, 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for _ in range(self.num_batches):
-            g, b = self.batch_size, self._batch
-            yield [(self._sampler.record_key(i), i) for i in range(b * g, (b + 1) * g)]
-            self._batch += 1
-
-
-def make_sampler(
-    kind: str, labels: np.ndarray, batch_size: int, seed: int, num_batches: int
-) -> torch.utils.data.Sampler:
-    samplers = {"reference": BalancedBatches, "stagejax": StagejaxBatches}
-    if kind not in samplers:
-        raise ValueError(f"sampler: {kind!r} is not one of 'reference', 'stagejax'")
-    return samplers[kind](labels, batch_size, seed, num_batches)
 
 
 # --- variants --------------------------------------------------------------------------
@@ -248,7 +87,7 @@ def tuned(device: torch.device, num_workers: int = 2, compile_mode: str = "auto"
                   device_normalize=True, notes=tuple(notes))  # fmt: skip
 
 
-def create_model(name: str, num_classes: int = NUM_STAGES) -> torch.nn.Module:
+def create_model(name: str, num_classes: int = td.NUM_STAGES) -> torch.nn.Module:
     """A torchvision architecture from scratch (torchvision's own initialisation)."""
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
@@ -294,7 +133,7 @@ class Trainer:
         nb = self.tuning.pin_memory
         x = images.to(self.device, non_blocking=nb)
         if self.tuning.device_normalize:  # uint8 NHWC -> float NCHW view (channels_last)
-            x = min_max(x.permute(0, 3, 1, 2).float())
+            x = td.min_max(x.permute(0, 3, 1, 2).float())
         if self.tuning.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, labels.to(self.device, non_blocking=nb)
@@ -351,9 +190,9 @@ def train_step_flops(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> floa
 
 
 def train_loader(
-    split: Split, crop_size: int, crop_range: int, sampler, tuning: Tuning, seed: int
+    split: td.Split, crop_size: int, crop_range: int, sampler, tuning: Tuning, seed: int
 ) -> torch.utils.data.DataLoader:
-    ds = TubuleImages(split, crop_size, crop_range, True, seed, not tuning.device_normalize)
+    ds = td.TubuleImages(split, crop_size, crop_range, True, seed, not tuning.device_normalize)
     w = tuning.num_workers
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=w,
                                        pin_memory=tuning.pin_memory, persistent_workers=w > 0,
@@ -361,9 +200,9 @@ def train_loader(
 
 
 def eval_loader(
-    split: Split, crop_size: int, batch_size: int, tuning: Tuning
+    split: td.Split, crop_size: int, batch_size: int, tuning: Tuning
 ) -> torch.utils.data.DataLoader:
-    ds = TubuleImages(split, crop_size, 0, False, 0, not tuning.device_normalize)
+    ds = td.TubuleImages(split, crop_size, 0, False, 0, not tuning.device_normalize)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=tuning.num_workers,
                                        pin_memory=tuning.pin_memory)  # fmt: skip
 
@@ -381,7 +220,7 @@ def stage_metrics(labels: Sequence[int], preds: Sequence[int]) -> dict:
             "within1_accuracy": float(np.mean(np.abs(preds - labels) <= 1))}  # fmt: skip
 
 
-def evaluate(trainer: Trainer, split: Split, crop_size: int, batch_size: int) -> dict:
+def evaluate(trainer: Trainer, split: td.Split, crop_size: int, batch_size: int) -> dict:
     trainer.model.eval()
     preds = [trainer.predict(trainer.to_device(*b)[0]).argmax(-1).cpu().numpy()
              for b in eval_loader(split, crop_size, batch_size, trainer.tuning)]  # fmt: skip
@@ -413,11 +252,11 @@ def train_and_evaluate(
     later epoch), and return its test metrics with the wall time."""
     device = device or default_device()
     t0 = time.perf_counter()
-    train, val, test = (read_split(data_dir, s) for s in ("train", "validation", "test"))
+    train, val, test = (td.read_split(data_dir, s) for s in ("train", "validation", "test"))
     trainer = Trainer(recipe.model, tuning, device, lr=recipe.learning_rate,
                       weight_decay=recipe.weight_decay, seed=recipe.seed)  # fmt: skip
     steps = max(1, len(train.labels) // recipe.batch_size)
-    sampler = make_sampler(recipe.sampler, train.labels, recipe.batch_size, recipe.seed, steps)
+    sampler = td.make_sampler(recipe.sampler, train.labels, recipe.batch_size, recipe.seed, steps)
     loader = train_loader(train, recipe.crop_size, recipe.crop_range, sampler, tuning, recipe.seed)
     best, best_epoch, best_state, history = -1.0, 0, None, []
     trainer.model.train()

@@ -21,9 +21,10 @@ from tests.conftest import require_torch
 # The benchmarks compare with the PyTorch baseline: their modules import torch.
 torch, _ = require_torch()
 
-from benchmarks import accuracy, common, predict_speed, step_profile, throughput  # noqa: E402
+from benchmarks import accuracy, common, machine, predict_speed, step_profile, throughput  # noqa: E402
 from benchmarks import memory as memory_bench  # noqa: E402
 from benchmarks import torch_baseline as tb  # noqa: E402
+from benchmarks import torch_data as td  # noqa: E402
 
 # --- the baseline's recipe pieces equal stagejax's ---------------------------------------
 
@@ -34,7 +35,7 @@ def test_crop_origin_equals_stagejax_crop_start():
             if crop > size:
                 continue
             for shift in range(-140, 141, 7):
-                assert tb.crop_origin(size, crop, shift) == augment.crop_start(size, crop, shift)
+                assert td.crop_origin(size, crop, shift) == augment.crop_start(size, crop, shift)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,7 @@ def test_train_view_equals_stagejax_train_crop_for_the_same_rng(shape, crop, cro
     image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     stagejax_crop = augment.TrainCrop(crop, crop_range)
     for seed in range(60):
-        ours = tb.train_view(image, crop, crop_range, np.random.default_rng(seed))
+        ours = td.train_view(image, crop, crop_range, np.random.default_rng(seed))
         theirs = stagejax_crop.random_map({"image": image}, np.random.default_rng(seed))["image"]
         assert ours.shape == (crop, crop, 3)
         np.testing.assert_array_equal(ours, theirs)
@@ -54,7 +55,7 @@ def test_train_view_equals_stagejax_train_crop_for_the_same_rng(shape, crop, cro
 def test_center_view_equals_stagejax_center_crop():
     image = np.random.default_rng(1).integers(0, 256, (45, 52, 3), dtype=np.uint8)
     np.testing.assert_array_equal(
-        tb.center_view(image, 31), augment.CenterCrop(31).map({"image": image})["image"]
+        td.center_view(image, 31), augment.CenterCrop(31).map({"image": image})["image"]
     )
 
 
@@ -64,10 +65,10 @@ def test_min_max_equals_stagejax_min_max():
     images[1] = 0.5  # constant image -> zeros in both
     images[2] = images[2] * 0.1 + 0.3  # narrow range
     theirs = np.asarray(augment.min_max(jnp.asarray(images)))
-    batch = tb.min_max(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    batch = td.min_max(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     np.testing.assert_allclose(batch.numpy(), theirs, atol=1e-6)
     assert not theirs[1].any()
-    single = tb.min_max(torch.from_numpy(images[3]).permute(2, 0, 1)).permute(1, 2, 0)
+    single = td.min_max(torch.from_numpy(images[3]).permute(2, 0, 1)).permute(1, 2, 0)
     np.testing.assert_allclose(single.numpy(), theirs[3], atol=1e-6)
 
 
@@ -87,12 +88,12 @@ def test_read_split_labels_from_file_names(tmp_path):
     (tmp_path / "split_list").mkdir()
     (tmp_path / "label_list.txt").write_text("\n".join(str(i) for i in range(1, 13)) + "\n")
     (tmp_path / "split_list" / "train.txt").write_text("a_b_7-12.png\nx_1-3.png\n\n")
-    split = tb.read_split(tmp_path, "train")
+    split = td.read_split(tmp_path, "train")
     assert split.labels.tolist() == [6, 0]
     assert split.paths[0] == tmp_path / "images" / "a_b_7-12.png"
     (tmp_path / "split_list" / "test.txt").write_text("x_13-1.png\n")
     with pytest.raises(ValueError, match="13"):
-        tb.read_split(tmp_path, "test")
+        td.read_split(tmp_path, "test")
 
 
 # --- the baseline's balanced sampler ----------------------------------------------------
@@ -106,7 +107,7 @@ def uneven_labels() -> np.ndarray:
 @pytest.mark.parametrize("batch", [12, 24, 36])
 def test_balanced_batches_hold_every_stage_equally(batch):
     labels = uneven_labels()
-    sampler = tb.BalancedBatches(labels, batch, seed=5, num_batches=40)
+    sampler = td.BalancedBatches(labels, batch, seed=5, num_batches=40)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 40
     positions = [p for b in batches for _, p in b]
@@ -120,7 +121,7 @@ def test_balanced_batches_draw_each_stage_without_replacement_until_reshuffle():
     labels = uneven_labels()
     per_stage = 2
     draws: dict[int, list[int]] = {s: [] for s in range(12)}
-    for b in tb.BalancedBatches(labels, 12 * per_stage, seed=0, num_batches=30):
+    for b in td.BalancedBatches(labels, 12 * per_stage, seed=0, num_batches=30):
         for r, _ in b:
             draws[int(labels[r])].append(r)
     for s, seq in draws.items():
@@ -135,16 +136,16 @@ def test_balanced_batches_draw_each_stage_without_replacement_until_reshuffle():
 
 def test_balanced_batches_refuse_bad_inputs():
     with pytest.raises(ValueError, match="multiple of 12"):
-        tb.BalancedBatches(uneven_labels(), 18, 0, 1)
+        td.BalancedBatches(uneven_labels(), 18, 0, 1)
     with pytest.raises(ValueError, match="stage 12"):
-        tb.BalancedBatches(np.arange(11), 12, 0, 1)
+        td.BalancedBatches(np.arange(11), 12, 0, 1)
     with pytest.raises(ValueError, match="sampler"):
-        tb.make_sampler("random", uneven_labels(), 12, 0, 1)
+        td.make_sampler("random", uneven_labels(), 12, 0, 1)
 
 
 def test_stagejax_batches_follow_stagejax_sampler():
     labels = uneven_labels()
-    batches = list(tb.make_sampler("stagejax", labels, 24, 7, 3))
+    batches = list(td.make_sampler("stagejax", labels, 24, 7, 3))
     ref = StageBalancedSampler(labels.astype(np.int32), 24, 7)
     assert [r for b in batches for r, _ in b] == [ref.record_key(i) for i in range(72)]
 
@@ -394,10 +395,10 @@ def test_add_mfu_uses_the_compiled_count_unless_it_is_implausible():
 
 
 def test_peak_flops_by_device():
-    assert common.peak_flops("gpu: NVIDIA H200")[0] == 790e12
-    assert common.peak_flops("cuda: NVIDIA H200")[0] == 790e12
-    assert common.peak_flops("cpu: cpu")[0] > 0
-    assert common.peak_flops("gpu: Some GPU")[0] is None
+    assert machine.peak_flops("gpu: NVIDIA H200")[0] == 790e12
+    assert machine.peak_flops("cuda: NVIDIA H200")[0] == 790e12
+    assert machine.peak_flops("cpu: cpu")[0] > 0
+    assert machine.peak_flops("gpu: Some GPU")[0] is None
 
 
 def test_xla_flops_counts_a_matmul():

@@ -3,8 +3,8 @@
 In this process (one CPU device): the assembled uint8 batches equal
 ``input_pipeline.train_batches``' for several steps, from a resumed step, for
 each of two processes, with images of several sizes, with rot90/flip off.
-In subprocesses (tests/train_probe.py --compare_paths): 8 devices under jit
-and pmap and 2 processes x 2 devices train to the same bits on both paths.
+(8 devices under jit and pmap and 2 processes x 2 devices train to the same bits
+on both paths: tests/test_parallel.py, which runs those probes once for both checks.)
 """
 
 import types
@@ -16,7 +16,6 @@ import pytest
 from stagejax import config as config_lib
 from stagejax.data import input_pipeline, on_device
 from stagejax.errors import ConfigError
-from tests.conftest import run_probe
 from tests.test_input_pipeline import SPLIT, make_config, png_bytes, take
 
 STEPS = 3
@@ -116,29 +115,6 @@ def test_bad_values_are_refused_naming_the_field(field, value, must):
     with pytest.raises(ConfigError) as err:
         config_lib.validate(config, num_devices=1)
     assert str(err.value) == f"config.{field}: {value!r}; must be {must}"
-
-
-def _compare(tmp_path, tiny_sim_dir, name, *extra, procs=1):
-    """Probe both paths in one process; the numbers the assertions need."""
-    leaves, losses, _ = run_probe(
-        tmp_path, name, tiny_sim_dir, "--compare_paths", *extra, procs=procs
-    )
-    z = np.load(tmp_path / f"{name}.npz")
-    assert bool(z["batches_equal"]) and bool(z["params_equal"]), name
-    np.testing.assert_array_equal(losses, z["grain_losses"])
-    # The resident pass (first) traced the train step and the assembly once each.
-    assert int(z["resident_traces"]) == 1 and int(z["assembly_traces"]) == 1, name
-    assert losses[0] != losses[-1]  # training moved: not two initial states compared
-    return leaves, losses
-
-
-def test_jit_mesh_and_pmap_on_8_devices_train_identically(tmp_path, tiny_sim_dir):
-    for mode in ("jit", "pmap"):
-        _compare(tmp_path, tiny_sim_dir, mode, "--devices", "8", "--mode", mode)
-
-
-def test_two_processes_of_two_devices_train_identically(tmp_path, tiny_sim_dir):
-    _compare(tmp_path, tiny_sim_dir, "p2", "--devices", "2", procs=2)
 
 
 def test_loader_benchmark_times_both_training_feeds():

@@ -1,7 +1,10 @@
 """Data parallelism: jit over a mesh, pmap, and several processes give one result.
 
 Each configuration runs in its own process (tests/train_probe.py) because the
-number of fake CPU devices and the distributed runtime are fixed at JAX start.
+number of fake CPU devices and the distributed runtime are fixed at JAX start. The
+parallel probes train twice through one compiled step (``--compare_paths``): from the
+split kept on the devices (data/on_device.py), then from Grain's batches, which must
+be equal bit for bit; one probe per layout checks both things.
 """
 
 import subprocess
@@ -42,23 +45,33 @@ def single(tmp_path_factory, tiny_sim_dir):
     return run_probe(tmp, "one", tiny_sim_dir, "--devices", "1")
 
 
-def test_jit_mesh_and_pmap_match_one_device(tmp_path, tiny_sim_dir, single):
+def _both_feeds(tmp_path, tiny_sim_dir, name, *extra, procs=1):
+    """(leaves, losses) of a ``--compare_paths`` probe, whose two feeds gave the same
+    batches, parameters and losses, each tracing the step and the assembly once."""
+    leaves, losses, _ = run_probe(
+        tmp_path, name, tiny_sim_dir, "--compare_paths", *extra, procs=procs
+    )
+    z = np.load(tmp_path / f"{name}.npz")
+    assert bool(z["batches_equal"]) and bool(z["params_equal"]), name
+    np.testing.assert_array_equal(losses, z["grain_losses"])
+    assert int(z["resident_traces"]) == 1 and int(z["assembly_traces"]) == 1, name
+    return leaves, losses
+
+
+def test_jit_mesh_and_pmap_match_one_device_on_both_feeds(tmp_path, tiny_sim_dir, single):
     ref_leaves, ref_losses, traces = single
     assert traces == 1, "the jitted train step was traced more than once"
     for mode in ("jit", "pmap"):
-        leaves, losses, traces = run_probe(
-            tmp_path, mode, tiny_sim_dir, "--devices", "8", "--mode", mode
-        )
-        assert traces == 1, f"{mode}: the train step was traced more than once"
+        leaves, losses = _both_feeds(tmp_path, tiny_sim_dir, mode, "--devices", "8", "--mode", mode)
         _assert_same_steps(losses, ref_losses)
         _assert_same(leaves, ref_leaves)
     # Training moved the parameters: the comparison is not between two initial states.
     assert ref_losses[0] != ref_losses[-1]
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_sim_dir):
+def test_two_processes_match_one_process_on_both_feeds(tmp_path, tiny_sim_dir):
     one, losses1, _ = run_probe(tmp_path, "p1", tiny_sim_dir, "--devices", "4")
-    two, losses2, _ = run_probe(tmp_path, "p2", tiny_sim_dir, "--devices", "2", procs=2)
+    two, losses2 = _both_feeds(tmp_path, tiny_sim_dir, "p2", "--devices", "2", procs=2)
     _assert_same_steps(losses2, losses1)
     _assert_same(two, one)
 
