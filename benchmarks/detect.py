@@ -8,7 +8,8 @@ tubules (pooled over the seeds); then the detection of one study-scale section (
 
     python -m benchmarks.detect [--method unet|classical] [--seeds 100,101,102] \
         [--stain_shift 1.0] [--weights W.npz | --params PARAMS.json] [--json FILE]
-    python -m benchmarks.detect --real ../shared/real [--overlays DIR] [--finetune_steps N]
+    python -m benchmarks.detect --real ../shared/real [--overlays DIR] [--finetune_steps N] \
+        [--finetune_tubules 10,30,all]
 
 `--real`: REAL sections (H&E, downsampled figure images; `benchmarks.real_sections`):
 section A scored against the experts' outlines, overlays of A, B and D written outside
@@ -53,6 +54,8 @@ FLAGS: common.Flags = {
     "real": (None, "Folder of the REAL images (shared/real).", str),
     "overlays": ("/tmp/stagejax_real_overlays", "--real: where the overlays go."),
     "finetune_steps": (0, "--real: the fine-tuning curve's steps."),
+    "finetune_tubules": ("10,30,all", "--real: the curve's points: how many of the top "
+                         "part's tubules each run is given (all: every one)."),
 }  # fmt: skip
 
 
@@ -121,9 +124,18 @@ def run(args) -> None:
 SCORES = ("precision", "recall", "f1", "mean_iou")
 
 
+def _curve_points(text: str) -> list[str]:
+    """``--finetune_tubules``' points: positive integers or ``all``."""
+    points = common.names(text, "finetune_tubules")
+    if not all(p == "all" or (p.isdigit() and int(p) > 0) for p in points):
+        raise ValueError(f"--finetune_tubules: {text!r}: positive integers or 'all'")
+    return points
+
+
 def real_main(args, detector) -> None:
     """The REAL-section benchmark (see the module docstring)."""
     real = Path(args.real)
+    counts = [None if n == "all" else int(n) for n in _curve_points(args.finetune_tubules)]
     if not (real / real_sections.TRUTH).exists():
         print(f"skipped: {real} has no {real_sections.TRUTH} (the real images are not here)")
         return
@@ -139,7 +151,7 @@ def real_main(args, detector) -> None:
     ]
     if args.finetune_steps:
         result["finetune"] = real_sections.finetune_curve(
-            real, Path(args.overlays) / "finetune", (10, 30, None), args.finetune_steps
+            real, Path(args.overlays) / "finetune", counts, args.finetune_steps
         )
     result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     path = args.json or "benchmarks/results/detect_real_cpu.json"

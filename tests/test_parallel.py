@@ -69,8 +69,8 @@ def test_jit_mesh_and_pmap_match_one_device_on_both_feeds(tmp_path, tiny_sim_dir
     assert ref_losses[0] != ref_losses[-1]
 
 
-def test_two_processes_match_one_process_on_both_feeds(tmp_path, tiny_sim_dir):
-    one, losses1, _ = run_probe(tmp_path, "p1", tiny_sim_dir, "--devices", "4")
+def test_two_processes_match_one_process_on_both_feeds(tmp_path, tiny_sim_dir, single):
+    one, losses1, _ = single
     two, losses2 = _both_feeds(tmp_path, tiny_sim_dir, "p2", "--devices", "2", procs=2)
     _assert_same_steps(losses2, losses1)
     _assert_same(two, one)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import detect
 from benchmarks import real_sections as rs
 from stagejax.detect import weights
 from stagejax.simulate import packed
@@ -79,7 +80,8 @@ def test_benchmark_command_scores_the_stand_in_and_skips_without_images(stand_in
     root, _ = stand_in
     out = tmp_path / "r.json"
     cmd = [sys.executable, "-m", "benchmarks.detect", "--real", str(root), "--json", str(out),
-           "--overlays", str(tmp_path / "ov"), "--finetune_steps=1"]  # fmt: skip
+           "--overlays", str(tmp_path / "ov"), "--finetune_steps=1",
+           "--finetune_tubules=10,all"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -88,16 +90,18 @@ def test_benchmark_command_scores_the_stand_in_and_skips_without_images(stand_in
     assert a["num_truth"] > 20 and a["f1"] >= 0.8 and a["pixel_iou"] >= 0.8, a
     assert "REAL" in result["data"]
     assert (tmp_path / "ov" / "section_A_detections.png").exists()
-    # The fine-tuning curve: 10, 30, then every top tubule, one step each, each new
-    # model scored on the bottom half.
+    # The fine-tuning curve: 10, then every top tubule, one step each, each new model
+    # scored on the bottom half.
     curve = result["finetune"]
     top = len(rs.split_top_bottom(rs.read_truth(root))[0])
-    assert [r["tubules"] for r in curve] == [min(10, top), min(30, top), top]
+    assert [r["tubules"] for r in curve] == [min(10, top), top]
     assert all(r["steps"] == 1 and 0 <= r["bottom"]["f1"] <= 1 for r in curve), curve
     assert (tmp_path / "ov" / "finetune").is_dir()
     proc = subprocess.run(cmd[:3] + ["--real", str(tmp_path / "none")], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0 and "skipped" in proc.stdout
+    with pytest.raises(SystemExit, match="error: --finetune_tubules: '10,0': positive"):
+        detect.main(["--real", str(root), "--finetune_tubules=10,0", "--finetune_steps=1"])
 
 
 @pytest.mark.skipif(not (REAL / rs.TRUTH).exists(), reason="../shared/real is not here")

@@ -37,7 +37,7 @@ from tests.conftest import (
 EPOCHS = 5
 STEPS_PER_EPOCH = 4  # 50 train images of tiny_sim_dir // global batch 12
 TOTAL = EPOCHS * STEPS_PER_EPOCH
-NUM_KILLS = 5
+NUM_KILLS = 4
 LAUNCH_TIMEOUT = 180  # s, one process from start to exit
 
 
