@@ -205,6 +205,19 @@ def test_shipped_weights_detect_a_held_out_simulated_section(shipped, sim):
     assert scores["mean_iou"] >= 0.8, scores
 
 
+def test_a_pale_stain_is_detected_like_the_usual_one(shipped, sim):
+    """The study's pale H-PAS: a simulated section at the pale end (whole image grey
+    231) once made the classical guard find no stain contrast, and the U-Net was never
+    asked; its stain normalisation brings such a section to the usual density."""
+    path, _ = sim
+    with open_slide(path) as slide:
+        rgb, mpp = slide.read_level(0), slide.mpp
+    pale = np.round(255.0 * (rgb / 255.0) ** 0.2).astype(np.uint8)  # a fifth of the density
+    assert not learned._stain_contrast(pale, mpp)[1]  # the case: the guard alone says none
+    usual, pale_found = (int(shipped.segment(x, mpp)[0].max()) for x in (rgb, pale))
+    assert usual >= 15 and abs(pale_found - usual) <= 0.15 * usual, (usual, pale_found)
+
+
 def test_cli_unet_writes_geojson_and_bad_weights_is_one_line(sim, tmp_path):
     path, truth = sim
     out = tmp_path / "out"

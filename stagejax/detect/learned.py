@@ -133,6 +133,16 @@ def normalise_stain(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.round(lut), 0, 255).astype(np.uint8)[rgb]
 
 
+def _stain_contrast(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, bool]:
+    """(tissue mask, whether any tissue stands out by its stain): the classical
+    detector's test for an image with no tubule to find (glass, one flat colour)."""
+    od = segment.optical_density(rgb)
+    params = DetectParams()
+    tissue = segment.tissue_mask(od, mpp, params)
+    _, stained = segment.foreground(segment.stain_channel(od, "od"), tissue, mpp, params)
+    return tissue, bool(stained.any())
+
+
 def _resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of float (H, W, C) maps to `shape`."""
     size = (shape[1], shape[0])
@@ -223,13 +233,12 @@ class UNetDetector:
 
         An image coarser than the U-Net's resolution is enlarged to it for the network
         (tubules keep the size it learnt) and its maps brought back to `mpp`."""
-        od = segment.optical_density(rgb)
-        params = DetectParams()
-        tissue = segment.tissue_mask(od, mpp, params)
-        _, stained = segment.foreground(segment.stain_channel(od, "od"), tissue, mpp, params)
-        if not stained.any():  # no stain contrast in the tissue (the classical guard): none
-            return np.zeros(rgb.shape[:2], np.int32), tissue
         x = normalise_stain(rgb) if self.normalise else rgb
+        tissue, stained = _stain_contrast(rgb, mpp)
+        if not stained and x is not rgb:  # a pale stain: asked again at the reference density
+            tissue, stained = _stain_contrast(x, mpp)
+        if not stained:  # no stain contrast in the tissue (the classical guard): none
+            return np.zeros(rgb.shape[:2], np.int32), tissue
         factor = mpp / self.work_mpp
         if factor > 1.1:
             size = (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor))
