@@ -38,9 +38,9 @@ def test_detect_command_scores_held_out_sections(tmp_path, capsys):
             "--size_mm=0.8,0.6", "--no_timing", f"--json={out}"]  # fmt: skip
     classical = [*base, "--method=classical", f"--params={params}"]
     unet = [*base, f"--weights={shipped_path()}"]
-    # --real, --overlays and --finetune_steps: tests/test_real_sections.py.
+    # --real, --overlays and the fine-tuning curve's flags: tests/test_real_sections.py.
     used = {a.split("=")[0][2:] for a in [*classical, *unet, "--real", "--overlays"]}
-    assert set(detect.FLAGS) - used == {"finetune_steps"}
+    assert set(detect.FLAGS) - used == {"finetune_steps", "finetune_tubules"}
     for argv, method in ((classical, "classical"), (unet, "unet")):
         detect.main(argv)
         result = json.loads(out.read_text())

@@ -29,7 +29,9 @@ def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_suite")
     out = tmp / "out"
     env = {**os.environ, "PYTHON": sys.executable}
-    cache = tmp_path_factory.getbasetemp() / "benchmark_cache"  # as tests/test_benchmarks.py
+    cache = (
+        tmp_path_factory.getbasetemp() / "benchmark_cache"
+    )  # as tests/test_benchmark_commands.py
     args = ["--smoke", "--in_process", "--cache_dir", str(cache), "--num_workers", "0",
             "--budget_s", "1500"]  # fmt: skip
     proc = subprocess.run(["bash", str(SCRIPT), str(out), *args], cwd=tmp, env=env,

@@ -133,13 +133,19 @@ def normalise_stain(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.round(lut), 0, 255).astype(np.uint8)[rgb]
 
 
-def _stain_contrast(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, bool]:
+def _stain_contrast(rgb: np.ndarray, mpp: float, inner: bool = False) -> tuple[np.ndarray, bool]:
     """(tissue mask, whether any tissue stands out by its stain): the classical
-    detector's test for an image with no tubule to find (glass, one flat colour)."""
+    detector's test for an image with no tubule to find (glass, one flat colour).
+    ``inner``: looked for away from the tissue's edge (three times the mask's smoothing),
+    where a density-scaled image's step from glass to tissue would pass for stain."""
     od = segment.optical_density(rgb)
     params = DetectParams()
     tissue = segment.tissue_mask(od, mpp, params)
-    _, stained = segment.foreground(segment.stain_channel(od, "od"), tissue, mpp, params)
+    probe = tissue
+    if inner:
+        depth = math.ceil(3 * segment.tissue_smoothing_px(mpp))
+        probe = ndimage.binary_erosion(tissue, iterations=depth)
+    _, stained = segment.foreground(segment.stain_channel(od, "od"), probe, mpp, params)
     return tissue, bool(stained.any())
 
 
@@ -236,7 +242,7 @@ class UNetDetector:
         x = normalise_stain(rgb) if self.normalise else rgb
         tissue, stained = _stain_contrast(rgb, mpp)
         if not stained and x is not rgb:  # a pale stain: asked again at the reference density
-            tissue, stained = _stain_contrast(x, mpp)
+            tissue, stained = _stain_contrast(x, mpp, inner=True)
         if not stained:  # no stain contrast in the tissue (the classical guard): none
             return np.zeros(rgb.shape[:2], np.int32), tissue
         factor = mpp / self.work_mpp

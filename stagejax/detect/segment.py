@@ -36,9 +36,14 @@ def stain_channel(od: np.ndarray, feature: str) -> np.ndarray:
     return np.maximum(od @ color.hpx_from_rgb[:, column].astype(np.float32), 0.0)
 
 
+def tissue_smoothing_px(mpp: float) -> float:
+    """The Gaussian sigma `tissue_mask` smooths with (8 um): its edge blurs this far."""
+    return max(0.5, 8.0 / mpp)
+
+
 def tissue_mask(od: np.ndarray, mpp: float, params: DetectParams) -> np.ndarray:
     """Tissue vs glass: smoothed mean OD over `tissue_od`, holes filled, specks dropped."""
-    mean = ndimage.gaussian_filter(od.mean(-1), sigma=max(0.5, 8.0 / mpp))
+    mean = ndimage.gaussian_filter(od.mean(-1), sigma=tissue_smoothing_px(mpp))
     tissue = ndimage.binary_fill_holes(mean > params.tissue_od)
     return morphology.remove_small_objects(tissue, max_size=max(1, int(0.02e6 / mpp**2)))
 
