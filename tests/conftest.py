@@ -254,6 +254,15 @@ def draw_section(rng, radius_um=95.0, size_um=(1400, 1100), stain=(0.30, 0.55, 0
 PROBE = str(REPO / "tests" / "train_probe.py")
 
 
+def tree_bytes(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its bytes (None for folders): equal before and
+    after a command that must leave the folder as it found it."""
+    return {
+        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for a JAX coordinator."""
     import socket

@@ -1,10 +1,8 @@
-"""Simulator: dataset layout, determinism, label frequencies, colour, stage biology, and
-the command line (bad arguments, a non-empty --out, interrupted renders)."""
+"""Simulator: dataset layout, determinism, label frequencies, colour, the hand cut and
+the image scale (tests/test_simulate_cli.py: the command line; tests/test_stage_biology.py:
+the stage biology)."""
 
 import json
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -12,21 +10,16 @@ from PIL import Image
 
 from stagejax import simulate
 from stagejax.errors import ConfigError
-from stagejax.runtime.files import TMP_PREFIX
 from stagejax.simulate import (
     cache,
-    cells,
-    epithelium,
-    render,
     scene,
     section,
     sheet,
-    spermatids,
     tubule_draw,
     tubules,
 )
 from stagejax.stages import NUM_STAGES, stage_frequencies
-from tests.conftest import REPO, cli_command, run_cli
+from tests.conftest import tree_bytes
 
 # Cheap rendering for layout tests: appearance does not matter there.
 FAST = simulate.SceneParams(min_render_size=64)
@@ -40,14 +33,6 @@ def _read_layout(root):
     labels = (root / "label_list.txt").read_text().split()
     splits = {s: (root / "split_list" / f"{s}.txt").read_text().split() for s in tubules.SPLITS}
     return labels, splits
-
-
-def _snapshot(folder):
-    """Every path under ``folder`` with its bytes (None for folders)."""
-    return {
-        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 @pytest.mark.parametrize("split_by", ["slide", "random"])
@@ -102,10 +87,10 @@ def test_bad_arguments(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was written
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
-    before = _snapshot(tmp_path)
+    before = tree_bytes(tmp_path)
     with pytest.raises(ConfigError, match="not empty"):
         tubules.generate(tmp_path / "full", 24, 32, seed=0, params=FAST, num_workers=1)
-    assert _snapshot(tmp_path) == before
+    assert tree_bytes(tmp_path) == before
 
 
 def test_generate_layout_determinism_and_seeds(tmp_path):
@@ -321,268 +306,3 @@ def test_image_mpp_from_tubule_anatomy():
     assert tubules.image_mpp(200, wide) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="image_size"):
         tubules.image_mpp(0)
-
-
-# --- command line --------------------------------------------------------------------
-
-
-def test_cli_writes_dataset(tmp_path):
-    res = run_cli(
-        "stagejax.simulate",
-        "tubules",
-        "--out",
-        str(tmp_path / "d"),
-        "--num_images",
-        "18",
-        "--image_size",
-        "32",
-        "--seed",
-        "5",
-        "--num_workers",
-        "1",
-        "--num_slides",
-        "3",
-        "--phase_jitter",
-        "0.5",
-        "--acrosome_contrast",
-        "0.7",
-    )
-    assert res.returncode == 0, res.stderr
-    meta = json.loads((tmp_path / "d" / "SIMULATED.json").read_text())
-    assert meta["scene_params"]["phase_jitter"] == 0.5 and meta["num_slides"] == 3
-    assert meta["scene_params"]["acrosome_contrast"] == 0.7 and meta["seed"] == 5
-    assert meta["scene_params"]["hand_cut"] is True
-    assert len(list((tmp_path / "d" / "images").iterdir())) == 18
-    assert "Traceback" not in res.stderr
-
-
-def test_cli_hand_cut_flag_reaches_the_files(tmp_path):
-    args = ["--num_images", "24", "--image_size", "32", "--seed", "3", "--num_workers", "1"]
-    res = run_cli(
-        "stagejax.simulate", "tubules", "--out", str(tmp_path / "uncut"), "--hand_cut=false", *args
-    )
-    assert res.returncode == 0, res.stderr
-    meta = json.loads((tmp_path / "uncut" / "SIMULATED.json").read_text())
-    assert meta["scene_params"]["hand_cut"] is False
-    cut = tubules.generate(tmp_path / "cut", 24, 32, seed=3, num_workers=1)
-    names = sorted(p.name for p in (cut / "images").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "uncut" / "images").iterdir())
-    white = {}
-    for kind in ("cut", "uncut"):
-        imgs = [np.asarray(Image.open(tmp_path / kind / "images" / n)) for n in names]
-        white[kind] = np.mean([(im == 255).all(-1).mean() for im in imgs])
-    assert white["cut"] > 0.2 and white["uncut"] < 0.02, white
-
-
-def test_cli_help_lists_the_commands():
-    res = run_cli("stagejax.simulate", "--help")
-    assert "tubules" in res.stdout + res.stderr and "--num_images" in res.stdout + res.stderr
-
-
-@pytest.mark.parametrize(
-    "args, names",
-    [
-        (["--num_images", "0"], "num_images"),
-        (["--image_size", "8"], "image_size"),
-        (["--num_slides", "2"], "num_slides"),
-        (["--num_workers", "0"], "--num_workers"),
-        (["--split_by", "mouse"], "--split_by"),
-        (["--num_images", "many"], "--num_images"),
-        (["--colour", "1"], "colour"),
-        (["--reference", "{tmp}/nowhere.png", "--contact_sheet", "{tmp}/s.png"], "--reference"),
-        (["--reference", "{tmp}/nowhere.png"], "--reference"),
-        (["--hand_cut=maybe"], "--hand_cut"),
-    ],
-)
-def test_cli_bad_arguments_are_one_line(tmp_path, args, names):
-    args = [a.format(tmp=tmp_path) for a in args]
-    res = run_cli(
-        "stagejax.simulate", "tubules", "--out", str(tmp_path / "d"), "--image_size", "32", *args
-    )
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ") and names in lines[0], lines
-    assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-@pytest.mark.parametrize(
-    "args, says",
-    [
-        (["tubules"], "--out"),  # no --out (and no --contact_sheet)
-        ([], "name a command"),
-        (["tubule", "--out", "{tmp}/d"], "unknown command"),
-        (["tubules", "extra", "--out", "{tmp}/d"], "unexpected"),
-    ],
-)
-def test_cli_usage_errors_are_one_line(tmp_path, args, says):
-    res = run_cli("stagejax.simulate", *[a.format(tmp=tmp_path) for a in args])
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and says in lines[0], res.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_cli_refuses_a_non_empty_out_and_leaves_it_untouched(tmp_path):
-    out = tmp_path / "mine"
-    (out / "images").mkdir(parents=True)
-    (out / "notes.txt").write_text("keep me")
-    before = _snapshot(tmp_path)
-    args = ("tubules", "--out", out, "--num_images", "18", "--image_size", "32")
-    for _ in range(2):  # the retry gets the same answer, not another one
-        res = run_cli("stagejax.simulate", *args)
-        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-            f"error: out: {out} is not empty; name a new or empty folder"
-        ], res.stderr
-    assert _snapshot(tmp_path) == before
-
-
-def test_cli_sigterm_mid_render_leaves_no_partial_dataset(tmp_path):
-    out = tmp_path / "d"
-    proc = subprocess.Popen(
-        cli_command(
-            "stagejax.simulate",
-            "tubules",
-            "--out",
-            str(out),
-            "--num_images",
-            "400",
-            "--image_size",
-            "32",
-            "--num_workers",
-            "2",
-        ),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while not any(
-            len(list((p / "images").glob("*.png"))) >= 4
-            for p in tmp_path.glob(f"{TMP_PREFIX}d.*")
-            if (p / "images").is_dir()
-        ):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("interrupted: no partial dataset"), err
-    assert "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
-
-
-# --- stage biology (no rendering) ------------------------------------------------------
-
-
-def _tubule(lumen=0.15):
-    return cells.Tubule(
-        cx=500.0,
-        cy=500.0,
-        ra=420.0,
-        rb=380.0,
-        theta=0.3,
-        lumen=lumen,
-        lumen_amp=np.zeros(3),
-        lumen_phase=np.zeros(3),
-    )
-
-
-def _counts(t, seed=0):
-    groups = epithelium.tubule_nuclei(_tubule(), t, 15.0, np.random.default_rng(seed))
-    out: dict[str, int] = {}
-    for g in groups:
-        out[g.name] = out.get(g.name, 0) + len(g)
-    return out, {g.name: g for g in groups}
-
-
-def test_acrosome_grows_from_granule_to_cap():
-    t = np.linspace(0.0, 7.99, 200)
-    cap = spermatids.cap_halfwidth_deg(t)
-    assert np.all(np.diff(cap) >= 0)
-    assert cap[t < 3.0].max() == 0.0  # I-III: granule only
-    assert 5 < spermatids.cap_halfwidth_deg(4.5) <= 20  # V: up to ~40 degrees in total
-    assert spermatids.cap_halfwidth_deg(7.5) > 60  # VIII: > 120 degrees
-    assert spermatids.granule_radius(0.2) == 0 and spermatids.granule_radius(2.0) > 0.1
-
-
-def test_spermatid_generations_follow_the_cycle():
-    for stage in range(NUM_STAGES):
-        counts, groups = _counts(stage + 0.5)
-        round_ = counts.get("round_spermatid", 0)
-        elongating = counts.get("elongating_spermatid", 0)
-        if stage < 8:  # I-VIII: round spermatids (+ elongated of the previous cycle)
-            assert round_ > 100 and elongating == 0, (stage, counts)
-        else:  # IX-XII: no round spermatids, one generation of elongating ones
-            assert round_ == 0 and elongating > 50, (stage, counts)
-    # Elongating heads get longer relative to width and darker from IX to XII.
-    g9, g12 = _counts(8.5)[1]["elongating_spermatid"], _counts(11.5)[1]["elongating_spermatid"]
-    ratio = lambda g: np.median(g.fields["a"] / g.fields["b"])
-    assert ratio(g12) > 1.8 * ratio(g9)
-    assert np.median(g12.fields["h"]) > np.median(g9.fields["h"]) + 0.4
-
-
-def test_spermiation_moves_heads_into_the_lumen():
-    tub = _tubule()
-
-    def lumen_fraction(t):
-        g = _counts(t, seed=1)[1]["elongated_spermatid"]
-        c, s = np.cos(tub.theta), np.sin(tub.theta)
-        dx, dy = g.x - tub.cx, g.y - tub.cy
-        rho = np.hypot((dx * c + dy * s) / tub.ra, (dy * c - dx * s) / tub.rb)
-        return np.mean(rho < tub.lumen * 1.05), np.median(rho)
-
-    frac_iii, rho_iii = lumen_fraction(2.5)
-    frac_vii, rho_vii = lumen_fraction(6.5)
-    frac_viii, _ = lumen_fraction(7.9)
-    assert frac_iii == 0 and frac_vii < 0.1 and frac_viii > 0.5
-    assert rho_vii < rho_iii - 0.1  # bundles moved from deep to the lumen
-    assert "elongated_spermatid" not in _counts(10.5)[1]  # gone after IX
-
-
-def test_meiosis_and_spermatocyte_sizes():
-    assert "metaphase" in _counts(11.6)[1]
-    assert "metaphase" not in _counts(6.5)[1]
-    assert "preleptotene" in _counts(6.7)[1] and "preleptotene" not in _counts(3.5)[1]
-    sizes = epithelium.pachytene_radius(np.array([3.0, 8.0, 12.0, 16.0]))  # lepto -> pachy
-    assert np.all(np.diff(sizes) > 0)
-
-
-def test_neighbouring_phases_look_alike_more_than_distant_ones():
-    """Continuity, cyclic included: XII (t=11.9) is closer to I (t=0.1) than to VI."""
-    size = 128
-    params = simulate.SceneParams(min_render_size=size, noise_range=(0.0, 0.0))
-    stain = tubules.slide_stains(1, seed=0, stain_shift=0.0, params=params)[0]
-    yy, xx = np.mgrid[:size, :size] + 0.5 - size / 2
-    ring = np.minimum(np.hypot(yy, xx) / (size / 2) * 10, 10).astype(int)
-
-    def profile(t, seed):
-        # Same seed -> same tubule geometry; mean colour in rings around the centre
-        # summarises the layers independently of where single nuclei fall.
-        img = scene.render_image_at_phase(t, stain, size, np.random.SeedSequence(seed), params)
-        return np.stack([img[ring == k].mean(0) for k in range(10)])
-
-    dist = {t: 0.0 for t in (0.1, 11.0, 5.5)}
-    for seed in range(4):
-        xii = profile(11.9, seed)
-        for t in dist:
-            dist[t] += np.abs(profile(t, seed) - xii).mean() / 4
-    assert dist[0.1] < 0.8 * dist[5.5], dist
-    assert dist[11.0] < 0.8 * dist[5.5], dist
-
-
-def test_nuclei_at_the_border_are_clipped_not_wrapped():
-    tiles = np.zeros((4, render.TILE, render.TILE), np.float32)
-    size, r = 64, 6.0
-
-    def splat(x, y):
-        g = cells.nuclei("test", cells.TEX_FINE, np.array([x]), np.array([y]), a=r, b=r, h=1.0)
-        return render.splat_nuclei([g], size, tiles)[0]
-
-    inside, edge = splat(32.0, 32.0), splat(-2.0, 0.5)
-    assert inside.sum() == pytest.approx(np.pi * r * r, rel=0.1)
-    assert 0 < edge.sum() < 0.35 * inside.sum()  # about a quarter is in the frame
-    assert edge[:, size // 2 :].sum() == 0 and edge[size // 2 :, :].sum() == 0
-    assert splat(-3 * r, 10.0).sum() == 0
