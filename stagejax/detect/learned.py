@@ -241,7 +241,7 @@ class UNetDetector:
         (tubules keep the size it learnt) and its maps brought back to `mpp`."""
         x = normalise_stain(rgb) if self.normalise else rgb
         tissue, stained = _stain_contrast(rgb, mpp)
-        if not stained and x is not rgb:  # a pale stain: asked again at the reference density
+        if not stained and self.normalise:  # a pale stain: asked again at the reference density
             tissue, stained = _stain_contrast(x, mpp, inner=True)
         if not stained:  # no stain contrast in the tissue (the classical guard): none
             return np.zeros(rgb.shape[:2], np.int32), tissue
